@@ -1,0 +1,1 @@
+"""Cerberus: speculative decoding with Cerberus heads and an entropy gate."""

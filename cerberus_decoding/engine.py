@@ -1,0 +1,274 @@
+"""One decoding loop for every method: auto-regressive, Medusa, Cerberus (gated or not).
+
+Every step is exactly one forward of the unmodified base model over our KV cache:
+  - AR step:   feed the pending token, read the next one.
+  - SPEC step: heads draft a tree from the last hidden state, feed pending token + tree (4D mask,
+               explicit positions), keep the longest path the base model agrees with, plus the
+               bonus token, and compact the cache to that path.
+The gate picks the mode per step from the entropy of the last step's output.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import gate as gating
+from .cache import KVCache
+from .models import CerberusError, LoadedModel
+from .sampling import sample
+from .tree import Tree
+from .verify import accept_greedy, accept_typical
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy (lossless with every method)
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise CerberusError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens}).")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise CerberusError(f"temperature must be a finite number >= 0 (got {self.temperature}).")
+        if not 0 < self.top_p <= 1:
+            raise CerberusError(f"top_p must be in (0, 1] (got {self.top_p}).")
+
+
+@dataclass
+class Step:
+    mode: str  # "ar" or "spec"
+    hidden_entropy: float  # entropy of the hidden state this step's decision read
+    logits_entropy: float  # entropy of the next-token distribution at that state
+    candidates: int  # tree nodes verified (0 on an AR step)
+    accepted: int  # tokens this step produced (1 + accepted draft tokens)
+    seconds: float
+
+
+@dataclass
+class Result:
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    seconds: float
+    steps: list[Step]
+    finish_reason: str  # "stop" (EOS or stop string), "length" or "cancelled"
+    method: str
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        return self.new_tokens / len(self.steps) if self.steps else 0.0
+
+    @property
+    def speculative_steps(self) -> int:
+        return sum(s.mode == "spec" for s in self.steps)
+
+    def summary(self) -> dict:
+        return {
+            "text": self.text, "token_ids": self.token_ids, "new_tokens": self.new_tokens,
+            "seconds": round(self.seconds, 4), "tokens_per_second": round(self.tokens_per_second, 3),
+            "steps": len(self.steps), "mean_accepted": round(self.mean_accepted, 4),
+            "speculative_steps": self.speculative_steps, "method": self.method,
+            "finish_reason": self.finish_reason, "prompt_tokens": self.prompt_tokens,
+        }
+
+    def trace(self) -> list[dict]:
+        return [asdict(s) for s in self.steps]
+
+
+class Decoder:
+    """Generates from a loaded model with optional draft heads; owns one KV cache (one sequence)."""
+
+    def __init__(self, lm: LoadedModel, heads=None, tree: Tree | None = None, gate: str = "off",
+                 threshold: float = math.inf, method: str | None = None, drafter=None):
+        if heads is not None and tree is None:
+            raise CerberusError("Draft heads need a tree.")
+        if gate not in gating.GATES:
+            raise CerberusError(f"Unknown gate {gate!r}; use one of {', '.join(gating.GATES)}.")
+        self.lm, self.heads, self.gate, self.threshold = lm, heads, gate, threshold
+        self.tree = tree.to(lm.device) if tree is not None else None
+        self.method = method or ("ar" if heads is None else heads.config.head_type)
+        self.drafter = drafter  # optional extra draft source (prompt lookup), see lookup.py
+        self.model = lm.model
+        self.tokenizer = lm.tokenizer
+        self.eos_ids = _eos_ids(lm)
+        self.cache: KVCache | None = None
+        self.cached_ids: list[int] = []  # tokens whose K/V the cache holds, in order
+        self.heads_calls = 0  # counts draft-head invocations (the gate must skip them on AR steps)
+
+    # ---- prompts -------------------------------------------------------------------------
+    def encode(self, prompt: str | list[dict], raw: bool = False) -> list[int]:
+        """A chat prompt (str or messages) through the chat template, or raw text as is."""
+        tok = self.tokenizer
+        if raw:
+            if not isinstance(prompt, str):
+                raise CerberusError("A raw prompt must be a string.")
+            return tok(prompt, add_special_tokens=False)["input_ids"]
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if getattr(tok, "chat_template", None) is None:
+            text = "\n".join(m["content"] for m in messages)
+            return tok(text, add_special_tokens=False)["input_ids"]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def check_fits(self, prompt_len: int) -> None:
+        if prompt_len + 1 >= self.lm.context_length:
+            raise CerberusError(
+                f"The prompt is {prompt_len} tokens, but the model's context is {self.lm.context_length} "
+                "tokens (and at least one must be left to generate). Shorten the prompt."
+            )
+
+    # ---- the model call --------------------------------------------------------------------
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, tree_mask=None) -> torch.Tensor:
+        """ids, positions [q] -> last hidden states [q, H]; K/V appended to the cache."""
+        mask = None
+        if tree_mask is not None:  # [q, q] tree part; every node also sees the whole context
+            past = self.cache.length
+            mask = torch.ones(1, 1, ids.numel(), past + ids.numel(), dtype=torch.bool, device=ids.device)
+            mask[0, 0, :, past:] = tree_mask
+        out = self.model.model(
+            input_ids=ids.view(1, -1), position_ids=positions.view(1, -1), attention_mask=mask,
+            cache=self.cache, use_cache=True,
+        )
+        return out.last_hidden_state[0]
+
+    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
+
+    def _prefill(self, prompt_ids: list[int], capacity: int, reuse: bool) -> torch.Tensor:
+        """Feed the prompt (reusing the cached prefix if allowed) -> hidden state at its last token."""
+        device = self.lm.device
+        keep = 0
+        if reuse and self.cache is not None and self.cache.max_len >= capacity:
+            while keep < min(len(self.cached_ids), len(prompt_ids) - 1) and self.cached_ids[keep] == prompt_ids[keep]:
+                keep += 1
+            self.cache.truncate(keep)
+        else:
+            self.cache = KVCache.for_model(self.model, capacity)
+        new = torch.tensor(prompt_ids[keep:], device=device)
+        hidden = self._forward(new, torch.arange(keep, len(prompt_ids), device=device))
+        self.cached_ids = list(prompt_ids)
+        return hidden[-1]
+
+    # ---- generation ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], config: SamplingConfig | None = None,
+                 on_text: Callable[[str], bool | None] | None = None, reuse_cache: bool = False) -> Result:
+        """Generate after ``prompt_ids``. ``on_text`` gets each new piece of text; returning False
+        stops generation. ``reuse_cache`` keeps the K/V of a shared prefix from the last call (chat)."""
+        cfg = config or SamplingConfig()
+        cfg.validate()
+        self.check_fits(len(prompt_ids))
+        max_new = min(cfg.max_new_tokens, self.lm.context_length - len(prompt_ids))  # clamp to context
+        draft_room = (self.tree.size if self.tree is not None else 0) + (self.drafter.max_nodes if self.drafter else 0)
+        generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+        start = time.perf_counter()
+        hidden = self._prefill(prompt_ids, len(prompt_ids) + max_new + draft_room + 2, reuse_cache)
+        logits = self._lm_head(hidden)
+        root = sample(logits, cfg.temperature, cfg.top_p, generator)  # pending token, not yet in cache
+        if self.drafter is not None:
+            self.drafter.reset(prompt_ids)
+
+        out: list[int] = []
+        steps: list[Step] = []
+        text, finish = "", None
+        while finish is None:
+            t0 = time.perf_counter()
+            h_ent, l_ent = gating.entropy(hidden), gating.entropy(logits)
+            pos = self.cache.length
+            drafts = self._draft(hidden, root, h_ent, l_ent)
+            if drafts is None:  # AR step
+                hidden = self._forward(root, torch.tensor([pos], device=root.device))[0]
+                logits = self._lm_head(hidden)
+                new = root
+                root = sample(logits, cfg.temperature, cfg.top_p, generator)
+                candidates = 0
+            else:
+                tree, tokens = drafts
+                hiddens = self._forward(tokens, pos + tree.depth, tree.mask)  # [N+1, H]
+                all_logits = self._lm_head(hiddens)  # [N+1, V]
+                if cfg.temperature <= 0:
+                    accepted, bonus = accept_greedy(tree, tokens, all_logits)
+                else:
+                    accepted, bonus = accept_typical(tree, tokens, all_logits, cfg.temperature, cfg.top_p, generator)
+                path = torch.cat([accepted.new_zeros(1), accepted])  # root + accepted nodes
+                self.cache.compact(pos, path)
+                last = int(path[-1])
+                hidden, logits = hiddens[last], all_logits[last]
+                new = tokens[path]
+                root = bonus
+                candidates = tree.size - 1
+            new_ids = new.tolist()
+            self.cached_ids.extend(new_ids)
+            # stop conditions, in order: EOS, token budget, stop strings
+            for i, t in enumerate(new_ids):
+                if t in self.eos_ids:
+                    new_ids, finish = new_ids[: i + 1], "stop"
+                    break
+            if len(out) + len(new_ids) >= max_new:
+                new_ids, finish = new_ids[: max_new - len(out)], finish or "length"
+            out.extend(new_ids)
+            if self.drafter is not None:
+                self.drafter.extend(new_ids)
+            steps.append(Step("ar" if candidates == 0 else "spec", h_ent, l_ent, candidates, len(new_ids),
+                              time.perf_counter() - t0))
+            full = self.tokenizer.decode(out, skip_special_tokens=True)
+            cut = _find_stop(full, cfg.stop, len(text))
+            if cut is not None:
+                full, finish = full[:cut], "stop"
+            elif finish is None and full.endswith("\ufffd"):
+                continue  # an incomplete UTF-8 character: wait for the rest before showing it
+            delta, text = full[len(text):], full
+            if on_text is not None and delta and on_text(delta) is False and finish is None:
+                finish = "cancelled"
+        # the last pending token(s) were never fed; keep cached_ids in step with the cache
+        self.cached_ids = self.cached_ids[: self.cache.length]
+        return Result(out, text, len(prompt_ids), time.perf_counter() - start, steps, finish, self.method)
+
+    def _draft(self, hidden, root, h_ent, l_ent):
+        """The tree of this step and its tokens, or None for a plain AR step."""
+        heads_on = self.heads is not None and gating.speculate(self.gate, self.threshold, h_ent, l_ent)
+        topk = None
+        if heads_on:
+            self.heads_calls += 1
+            topk = self.heads.topk_tokens(hidden, self.tree.top_k)  # [K, k] token ids
+        if self.drafter is not None:
+            return self.drafter.draft(root, self.tree if heads_on else None, topk)
+        if not heads_on:
+            return None
+        return self.tree, self.tree.candidates(root, topk)
+
+
+def _eos_ids(lm: LoadedModel) -> set[int]:
+    ids = set()
+    for src in (lm.model.generation_config.eos_token_id, lm.tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(src)
+    return ids
+
+
+def _find_stop(text: str, stops: list[str], searched: int) -> int | None:
+    """Index where the earliest stop string starts, looking only near the new text."""
+    best = None
+    for s in stops:
+        i = text.find(s, max(0, searched - len(s) + 1))
+        if i >= 0 and (best is None or i < best):
+            best = i
+    return best

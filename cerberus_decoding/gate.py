@@ -1,0 +1,25 @@
+"""The entropy gate: speculate only on steps where the model is confident enough to pay off.
+
+Two readings of "the entropy of the last hidden state" are offered: ``hidden`` (softmax over the
+hidden vector itself, the paper's wording) and ``logits`` (the next-token distribution's entropy).
+"""
+
+from __future__ import annotations
+
+import torch
+
+GATES = ("hidden", "logits", "off")
+
+
+def entropy(x: torch.Tensor) -> float:
+    """Entropy (nats) of softmax(x) for a 1-D tensor."""
+    logp = torch.log_softmax(x.float(), dim=-1)
+    return float(-(logp.exp() * logp).sum())
+
+
+def speculate(gate: str, threshold: float, hidden_entropy: float, logits_entropy: float) -> bool:
+    """True: run heads + tree this step. False: a plain one-token step."""
+    if gate == "off":
+        return True
+    value = hidden_entropy if gate == "hidden" else logits_entropy
+    return value < threshold  # +inf: always speculate, -inf: never

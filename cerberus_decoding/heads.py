@@ -1,0 +1,247 @@
+"""Draft heads on the base model's last hidden state: Medusa heads and Cerberus heads.
+
+Head k (0-based) reads the hidden state at position t and predicts the token at t + k + 2 (the base
+LM head predicts t + 1). All heads run in one call; their logits come from one matmul against the
+(shared, frozen) LM head, optionally restricted to a reduced vocabulary of frequent tokens.
+
+A checkpoint is a directory with ``config.json`` and ``model.safetensors``. The config records the
+base model's fingerprint so that heads are never run on a model they were not trained for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import CerberusError
+
+HEAD_TYPES = ("medusa", "cerberus")
+
+
+def model_fingerprint(model, name: str) -> dict:
+    """Identity of a base model: name, sizes and a hash of (a strided sample of) its LM head."""
+    weight = model.get_output_embeddings().weight  # [V, H]
+    sample = weight[::64].detach().to("cpu", torch.bfloat16).contiguous()  # bf16: same for fp32 and bf16 loads
+    digest = hashlib.sha256(sample.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
+    return {
+        "name": name,
+        "hidden_size": int(weight.shape[1]),
+        "vocab_size": int(weight.shape[0]),
+        "lm_head_sha": digest,
+    }
+
+
+@dataclass
+class HeadsConfig:
+    head_type: str = "cerberus"
+    num_heads: int = 4
+    num_layers: int = 1
+    hidden_size: int = 0
+    vocab_size: int = 0
+    head_vocab_size: int = 0  # 0 = full vocabulary
+    own_lm_head: bool = False
+    base_model: dict = field(default_factory=dict)
+    gate: str = "logits"  # default gate for this checkpoint: hidden | logits | off
+    gate_threshold: float = float("inf")
+    tree: list | None = None  # default tree for this checkpoint (Medusa choices notation)
+    training: dict = field(default_factory=dict)  # recipe and held-out accuracy, for the record
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HeadsConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class ResBlock(nn.Module):
+    """``x + SiLU(W x)`` with W zero-initialised, so an untrained block is the identity."""
+
+    def __init__(self, width_in: int, width_out: int):
+        super().__init__()
+        self.linear = nn.Linear(width_in, width_out)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return (x if residual is None else residual) + F.silu(self.linear(x))
+
+
+class DraftHeads(nn.Module):
+    """K heads mapping a hidden state ``[..., H]`` to head states ``[..., K, H]`` and logits."""
+
+    def __init__(self, config: HeadsConfig, lm_head_weight: torch.Tensor | None = None):
+        super().__init__()
+        if config.head_type not in HEAD_TYPES:
+            raise CerberusError(f"Unknown head type {config.head_type!r}; use one of {HEAD_TYPES}.")
+        self.config = config
+        H, K, L = config.hidden_size, config.num_heads, config.num_layers
+        sequential = config.head_type == "cerberus"
+        # Cerberus: the first block of head k reads Concat(h, z_{k-1}) (2H -> H) and adds it to h.
+        self.blocks = nn.ModuleList(
+            nn.ModuleList(
+                ResBlock(2 * H if (sequential and layer == 0) else H, H) for layer in range(L)
+            )
+            for _ in range(K)
+        )
+        v_head = config.head_vocab_size or config.vocab_size
+        self.register_buffer("vocab_ids", torch.arange(v_head), persistent=True)  # [V'] token ids
+        if config.own_lm_head:
+            self.lm_heads = nn.ModuleList(nn.Linear(H, v_head, bias=False) for _ in range(K))
+        self.register_buffer("shared_weight", torch.empty(0), persistent=False)  # [V', H]
+        if lm_head_weight is not None:
+            self.attach_lm_head(lm_head_weight)
+
+    def attach_lm_head(self, lm_head_weight: torch.Tensor) -> None:
+        """Take the base LM head rows of the head vocabulary (frozen, not saved with the heads)."""
+        rows = lm_head_weight.detach()[self.vocab_ids.to(lm_head_weight.device)]
+        self.shared_weight = rows.to(self.blocks[0][0].linear.weight.dtype).contiguous()
+
+    def set_vocab(self, vocab_ids: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
+        self.vocab_ids = vocab_ids.to(torch.long).clone()
+        self.config.head_vocab_size = int(vocab_ids.numel())
+        self.attach_lm_head(lm_head_weight)
+        if self.config.own_lm_head:
+            for head in self.lm_heads:
+                head.weight.data = self.shared_weight.clone()
+
+    def init_own_lm_heads(self) -> None:
+        for head in self.lm_heads:
+            head.weight.data.copy_(self.shared_weight)
+
+    def states(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [..., K, H]"""
+        outs, prev = [], h
+        for blocks in self.blocks:
+            if self.config.head_type == "cerberus":
+                z = blocks[0](torch.cat([h, prev], dim=-1), residual=h)
+            else:
+                z = blocks[0](h)
+            for block in blocks[1:]:
+                z = block(z)
+            outs.append(z)
+            prev = z
+        return torch.stack(outs, dim=-2)
+
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """[..., K, H] -> [..., K, V'] (indices into ``vocab_ids``)"""
+        if self.config.own_lm_head:
+            return torch.stack([head(states[..., k, :]) for k, head in enumerate(self.lm_heads)], -2)
+        return states @ self.shared_weight.T  # one matmul for all heads
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.states(h))
+
+    def topk_tokens(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        """[H] -> [K, k] token ids, best first."""
+        idx = self.forward(h).topk(k, dim=-1).indices
+        return self.vocab_ids[idx]
+
+
+def new_heads(lm, head_type: str = "cerberus", num_heads: int = 4, num_layers: int = 1,
+              own_lm_head: bool = False, seed: int | None = None) -> DraftHeads:
+    """Untrained heads for a loaded base model (identity blocks; predictions = base LM head's)."""
+    weight = lm.model.get_output_embeddings().weight
+    config = HeadsConfig(
+        head_type=head_type, num_heads=num_heads, num_layers=num_layers,
+        hidden_size=int(weight.shape[1]), vocab_size=int(weight.shape[0]),
+        own_lm_head=own_lm_head, base_model=model_fingerprint(lm.model, lm.name),
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    heads = DraftHeads(config, weight)
+    if own_lm_head:
+        heads.init_own_lm_heads()
+    return heads.to(weight.device)
+
+
+def random_heads(lm, head_type: str, seed: int = 0, scale: float = 0.02, **kw) -> DraftHeads:
+    """Heads with random (non-zero) block weights: a stand-in for badly trained heads in tests."""
+    heads = new_heads(lm, head_type, **kw)
+    g = torch.Generator().manual_seed(seed)
+    for p in heads.blocks.parameters():
+        p.data = (torch.randn(p.shape, generator=g) * scale).to(p)
+    return heads
+
+
+def save_heads(heads: DraftHeads, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write ``config.json`` + ``model.safetensors`` atomically (temp files + rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu()
+             for k, v in heads.state_dict().items()}
+    _atomic_write(path / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+    cfg = asdict(heads.config)
+    cfg["model_type"] = f"{heads.config.head_type}_heads"
+    _atomic_write(path / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_heads_config(path: str | Path) -> HeadsConfig:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CerberusError(f"Heads directory {path} has no config.json (expected config.json + model.safetensors).")
+    try:
+        return HeadsConfig.from_dict(json.loads(cfg_file.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CerberusError(f"Heads config {cfg_file} is corrupt: {e}") from e
+
+
+def load_heads(path: str | Path, lm) -> DraftHeads:
+    """Load heads for a loaded base model; refuses heads trained for another model."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config = read_heads_config(path)
+    expected = model_fingerprint(lm.model, lm.name)
+    got = config.base_model
+    if {k: got.get(k) for k in ("hidden_size", "vocab_size", "lm_head_sha")} != {
+        k: expected[k] for k in ("hidden_size", "vocab_size", "lm_head_sha")
+    }:
+        raise CerberusError(
+            f"Heads in {path} were trained for base model {got.get('name')!r} "
+            f"(hidden {got.get('hidden_size')}, vocab {got.get('vocab_size')}, lm_head {got.get('lm_head_sha')}), "
+            f"but the loaded model is {expected['name']!r} (hidden {expected['hidden_size']}, vocab "
+            f"{expected['vocab_size']}, lm_head {expected['lm_head_sha']}). Train heads for this model "
+            "with `cerberus train`, or pass --heads for the right model."
+        )
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise CerberusError(f"Heads directory {path} has no model.safetensors.")
+    try:
+        state = load_file(weights)
+    except Exception as e:
+        raise CerberusError(f"Heads weights {weights} are corrupt or unreadable: {e}") from e
+    heads = DraftHeads(config)
+    if "vocab_ids" in state:
+        heads.vocab_ids = torch.empty_like(state["vocab_ids"])
+        if heads.config.own_lm_head:
+            for head in heads.lm_heads:
+                head.weight.data = torch.empty(state["vocab_ids"].numel(), config.hidden_size)
+    try:
+        heads.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CerberusError(f"Heads weights {weights} do not match {path / 'config.json'}: {e}") from e
+    heads.to(device=lm.device, dtype=lm.dtype)
+    heads.attach_lm_head(lm.model.get_output_embeddings().weight)
+    heads.vocab_ids = heads.vocab_ids.to(torch.long)
+    return heads.eval().requires_grad_(False)

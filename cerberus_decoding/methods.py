@@ -1,0 +1,70 @@
+"""Build a Decoder for a method name: the one place that turns CLI/server/bench options into an engine."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .engine import Decoder
+from .heads import load_heads, random_heads
+from .models import CerberusError, LoadedModel
+from .tree import DEFAULT_TREE, build_tree, load_tree
+
+METHODS = ("ar", "medusa", "cerberus", "cerberus-nogate")
+ASSETS = Path(__file__).parent / "assets" / "heads"
+
+
+def default_heads_dir(lm: LoadedModel, head_type: str) -> Path:
+    path = ASSETS / lm.name / head_type
+    if not (path / "config.json").is_file():
+        raise CerberusError(
+            f"No shipped {head_type} heads for model {lm.name!r}. Train some with `cerberus train` and pass "
+            "--heads DIR, or use --heads none (untrained heads: same output, slower)."
+        )
+    return path
+
+
+def head_type_for(method: str) -> str | None:
+    if method == "ar":
+        return None
+    if method == "medusa":
+        return "medusa"
+    if method in ("cerberus", "cerberus-nogate"):
+        return "cerberus"
+    raise CerberusError(f"Unknown method {method!r}; use one of {', '.join(METHODS)}.")
+
+
+def build_decoder(lm: LoadedModel, method: str = "ar", heads: str | None = "default", gate: str | None = None,
+                  threshold: float | None = None, tree: str | list | None = None) -> Decoder:
+    """``heads``: a checkpoint directory, ``default`` (shipped for the model) or ``none`` (untrained).
+
+    Gate and threshold default to the checkpoint's values for ``cerberus``, to off for ``medusa``
+    (pass --gate to measure the gate on Medusa heads) and always off for ``cerberus-nogate``.
+    """
+    head_type = head_type_for(method)
+    if head_type is None:
+        return Decoder(lm, method="ar")
+    if heads in (None, "none"):
+        draft = random_heads(lm, head_type)
+    else:
+        path = default_heads_dir(lm, head_type) if heads == "default" else Path(heads)
+        draft = load_heads(path, lm)
+        if draft.config.head_type != head_type:
+            raise CerberusError(
+                f"--method {method} needs {head_type} heads, but {path} holds {draft.config.head_type} heads."
+            )
+    cfg = draft.config
+    if method == "cerberus-nogate":
+        gate = "off"
+    elif gate is None:
+        gate = cfg.gate if method == "cerberus" else "off"
+    if threshold is None:
+        threshold = cfg.gate_threshold if gate != "off" else math.inf
+    if isinstance(tree, str):
+        choices = load_tree(tree)
+    else:
+        choices = tree or cfg.tree or DEFAULT_TREE
+    built = build_tree(choices)
+    if built.num_heads > cfg.num_heads:
+        raise CerberusError(f"The tree is {built.num_heads} deep but the heads have only {cfg.num_heads} heads.")
+    return Decoder(lm, draft, built, gate=gate, threshold=threshold, method=method)

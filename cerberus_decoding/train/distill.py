@@ -1,0 +1,113 @@
+"""Self-distillation: the base model's own greedy answers, with the hidden states that produced them.
+
+Output directory:
+  settings.json          what was run (model, dtype, prompts, batch size, ...)
+  shard-00000.safetensors, ...   one per batch, written atomically:
+      tokens  [T] int32   generated tokens of every answer, concatenated
+      lengths [R] int32   tokens per answer
+      hidden  [T, H] bf16 (optional) last hidden state that predicted each token
+A killed run loses at most the batch in flight; running the same command again continues.
+
+Answers are generated greedily in float32, the dtype that verifies on CPU, so the targets are the
+base model's own float32 greedy choices (a bfloat16 run recomputes them, see ``teacher_forced``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..heads import _atomic_write
+from ..models import CerberusError, LoadedModel
+
+
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@torch.inference_mode()
+def generate_batch(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: int, eos: int, pad: int):
+    """Greedy answers for a batch of prompts (left-padded) -> list of (tokens [n], hidden [n, H])."""
+    from transformers import DynamicCache
+
+    model, device = lm.model, lm.device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    cache = DynamicCache(config=model.config)
+    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                         use_cache=True).last_hidden_state[:, -1]  # [B, H]
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    tokens, hiddens = [], []
+    last_pos = positions[:, -1]
+    for _ in range(max_new_tokens):
+        nxt = model.lm_head(hidden).argmax(-1)  # [B]
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        tokens.append(nxt)
+        hiddens.append(hidden.to(torch.bfloat16))
+        done |= nxt == eos
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        last_pos = last_pos + 1
+        hidden = model.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                             cache=cache, use_cache=True).last_hidden_state[:, -1]
+    toks = torch.stack(tokens, 1).cpu()  # [B, n]
+    hids = torch.stack(hiddens, 1).cpu()  # [B, n, H]
+    out = []
+    for i in range(len(prompts)):
+        row = toks[i]
+        ends = (row == eos).nonzero()
+        n = int(ends[0]) + 1 if len(ends) else row.numel()
+        out.append((row[:n].clone(), hids[i, :n].clone()))
+    return out
+
+
+def distill(lm: LoadedModel, prompts: list[str], out_dir: str | Path, batch_size: int = 16,
+            max_new_tokens: int = 256, keep_hidden: bool = True, source: str = "") -> dict:
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"model": lm.name, "dtype": str(lm.dtype).replace("torch.", ""), "prompts": len(prompts),
+                "source": source, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                "keep_hidden": keep_hidden, "hidden_size": lm.model.config.hidden_size}
+    settings_file = out / "settings.json"
+    if settings_file.exists():
+        old = json.loads(settings_file.read_text())
+        changed = {k for k in ("model", "dtype", "batch_size", "max_new_tokens", "source") if old.get(k) != settings[k]}
+        if changed:
+            raise CerberusError(f"{out} was distilled with other settings ({', '.join(sorted(changed))}); "
+                                "use a new --out directory or the same settings to resume.")
+    _atomic_write(settings_file, lambda p: Path(p).write_text(json.dumps(settings, indent=2)))
+    tok = lm.tokenizer
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    todo = [b for b in range(len(batches)) if not (out / f"shard-{b:05d}.safetensors").exists()]
+    total_tokens, t0 = 0, time.perf_counter()
+    bar = tqdm(todo, desc="distilling", unit="batch", initial=len(batches) - len(todo), total=len(batches))
+    for b in bar:
+        encoded = [chat_ids(tok, p)[-1024:] for p in batches[b]]
+        rows = generate_batch(lm, encoded, max_new_tokens, eos, pad)
+        tensors = {
+            "tokens": torch.cat([r[0] for r in rows]).to(torch.int32),
+            "lengths": torch.tensor([len(r[0]) for r in rows], dtype=torch.int32),
+        }
+        if keep_hidden:
+            tensors["hidden"] = torch.cat([r[1] for r in rows]).contiguous()
+        _atomic_write(out / f"shard-{b:05d}.safetensors", lambda p, t=tensors: save_file(t, p))
+        total_tokens += int(tensors["lengths"].sum())
+        bar.set_postfix(tok_s=f"{total_tokens / (time.perf_counter() - t0):.0f}")
+    return {"shards": len(batches), "new_tokens": total_tokens, "seconds": time.perf_counter() - t0}
