@@ -77,6 +77,7 @@ class KVCache(Cache):
         for layer in self.layers:
             layer.length = min(layer.length, length)
 
+    @torch.inference_mode()
     def compact(self, start: int, keep: torch.Tensor) -> None:
         """Keep entries ``[0, start)`` plus ``start + keep`` (ascending offsets), moved to follow them.
 

@@ -20,6 +20,8 @@ class Method(str, Enum):
     medusa = "medusa"
     cerberus = "cerberus"
     cerberus_nogate = "cerberus-nogate"
+    pld = "pld"
+    cerberus_lookup = "cerberus+lookup"
 
 
 class DType(str, Enum):
@@ -154,6 +156,161 @@ def chat(
         print()
         typer.secho(_stats_line(result), fg=typer.colors.CYAN, err=True)
         history.append({"role": "assistant", "content": result.text})
+
+
+@app.command()
+def serve(
+    model: str = ModelOpt, dtype: DType = DTypeOpt, device: Device = DeviceOpt, method: Method = MethodOpt,
+    heads: str = HeadsOpt, gate: Gate = GateOpt, gate_threshold: float = ThresholdOpt, tree: Path = TreeOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: all interfaces)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    api_key: str = typer.Option(None, "--api-key", envvar="CERBERUS_API_KEY",
+                                help="Require 'Authorization: Bearer KEY' on /v1 routes."),
+    model_name: str = typer.Option(None, "--model-name", help="Served model id (default: the model's name)."),
+):
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
+    from .server import serve as run_server
+
+    decoder = make_decoder(model, dtype, device, method, heads, gate, gate_threshold, tree)
+    run_server(decoder, host, port, model_name or decoder.lm.name, api_key or None)
+
+
+@app.command()
+def bench(
+    questions: str = typer.Option("builtin", "--questions", "-q",
+                                  help="'builtin' or a Spec-Bench/MT-Bench question.jsonl."),
+    methods: str = typer.Option(None, "--methods",
+                                help="Comma list: ar, hf, hf-pld, pld and our methods; ar is always run "
+                                     "[default: ar,hf,pld,medusa,cerberus,cerberus-nogate (+ hf-pld)]"),
+    model: str = ModelOpt, dtype: DType = DTypeOpt, device: Device = DeviceOpt,
+    heads: str = HeadsOpt, gate: Gate = GateOpt, gate_threshold: float = ThresholdOpt, tree: Path = TreeOpt,
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Per turn."),
+    limit: int = typer.Option(None, "--limit", min=1, help="First N questions of each category."),
+    categories: str = typer.Option(None, "--categories", help="Comma list of categories (default: all)."),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed generations per method first."),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="Times each question is timed (median kept)."),
+    out: Path = typer.Option(Path("bench-out"), "--out", "-o", help="Writes results.json, report.md, PNGs."),
+):
+    """Benchmark methods side by side (same questions, same model, greedy): speed, acceptance, exactness."""
+    import shlex
+
+    from .bench import benchmark, load_questions, results_dict, select_questions
+    from .bench.report import print_table, write_all
+    from .bench.run import default_methods
+    from .models import load_model
+
+    cats = [c.strip() for c in categories.split(",") if c.strip()] if categories else None
+    chosen = select_questions(load_questions(questions), cats, limit)
+    if not chosen:
+        fail("no questions selected")
+    methods = methods or default_methods()
+    lm = load_model(model, dtype.value, device.value)
+    run = benchmark(lm, chosen, methods, max_new_tokens, heads, gate.value if gate else None, gate_threshold,
+                    str(tree) if tree else None, warmup, repeats)
+    if run.interrupted:
+        typer.secho("interrupted: reporting the questions every method finished", fg=typer.colors.YELLOW,
+                    err=True)
+    args = ["cerberus", "bench", "--questions", questions, "--methods", methods, "--model", model,
+            "--dtype", dtype.value, "--device", device.value, "--heads", heads,
+            "--max-new-tokens", str(max_new_tokens), "--warmup", str(warmup),
+            "--repeats", str(repeats), "--out", str(out)]
+    args += ["--limit", str(limit)] if limit else []
+    args += ["--categories", ",".join(cats)] if cats else []
+    args += ["--gate", gate.value] if gate else []
+    args += ["--gate-threshold", str(gate_threshold)] if gate_threshold is not None else []
+    args += ["--tree", str(tree)] if tree else []
+    results = results_dict(lm, run, max_new_tokens, dtype.value, command=shlex.join(args), heads=heads,
+                           warmup=warmup, repeats=repeats, questions_source=questions)
+    print_table(results)
+    paths = write_all(results, out)
+    typer.secho("wrote " + ", ".join(str(p) for p in paths), err=True)
+    if run.interrupted:
+        raise typer.Exit(130)
+
+
+@app.command()
+def distill(
+    prompts: str = typer.Option("builtin", "--prompts", help="'builtin' or a ShareGPT / Alpaca / question.jsonl file."),
+    out: Path = typer.Option(..., "--out", help="Output directory (re-run the same command to resume)."),
+    num_prompts: int = typer.Option(4000, "--num-prompts", min=1, help="How many prompts to use."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    max_new_tokens: int = typer.Option(192, "--max-new-tokens", min=1),
+    model: str = ModelOpt, dtype: DType = DTypeOpt, device: Device = DeviceOpt,
+):
+    """Self-distillation: the base model's own greedy answers and hidden states, for head training."""
+    from .models import load_model
+    from .train.distill import distill as run
+    from .train.prompts import builtin_prompts, read_prompts
+
+    if prompts == "builtin":
+        texts, source = builtin_prompts(num_prompts, 0), f"builtin:{num_prompts}:0"
+    else:
+        texts, source = read_prompts(prompts)[:num_prompts], f"{Path(prompts).resolve()}:{num_prompts}"
+    lm = load_model(model, dtype.value, device.value)
+    summary = run(lm, texts, out, batch_size, max_new_tokens, source=source)
+    typer.echo(json.dumps(summary))
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., "--data", help="A `cerberus distill` output directory."),
+    out: Path = typer.Option(..., "--out", help="Run directory: checkpoints, latest/ and heads/."),
+    heads_type: str = typer.Option("cerberus", "--heads-type", help="medusa | cerberus"),
+    num_heads: int = typer.Option(4, "--num-heads", min=1, max=16),
+    num_layers: int = typer.Option(1, "--num-layers", min=1),
+    head_vocab: int = typer.Option(8192, "--head-vocab", min=0, help="Most frequent target tokens (0 = all)."),
+    own_lm_head: bool = typer.Option(False, "--own-lm-head", help="Each head gets its own LM head (bigger)."),
+    epochs: float = typer.Option(3.0, "--epochs", min=0.01),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0),
+    eval_every: int = typer.Option(200, "--eval-every", min=1),
+    save_every: int = typer.Option(200, "--save-every", min=1),
+    max_steps: int = typer.Option(0, "--max-steps", min=0),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    model: str = ModelOpt, device: Device = DeviceOpt,
+):
+    """Train Medusa or Cerberus heads on distilled data (base model frozen)."""
+    from .models import load_model
+    from .train.train import TrainConfig
+    from .train.train import train as run
+
+    if heads_type not in ("medusa", "cerberus"):
+        fail("--heads-type must be medusa or cerberus")
+    lm = load_model(model, "float32", device.value)
+    cfg = TrainConfig(head_type=heads_type, num_heads=num_heads, num_layers=num_layers, head_vocab=head_vocab,
+                      own_lm_head=own_lm_head, epochs=epochs, batch_size=batch_size, lr=lr,
+                      eval_every=eval_every, save_every=save_every, max_steps=max_steps, seed=seed)
+    typer.echo(json.dumps(run(lm, data, out, cfg, resume=resume)))
+
+
+@app.command()
+def calibrate(
+    model: str = ModelOpt, dtype: DType = DTypeOpt, device: Device = DeviceOpt, heads: str = HeadsOpt,
+    questions: str = typer.Option("builtin", "--questions", "-q",
+                                  help="'builtin' or a question.jsonl / prompt file (first turns are used)."),
+    budget_seconds: float = typer.Option(300.0, "--budget-seconds", min=1.0, help="Time to spend measuring."),
+    gate: Gate = GateOpt,
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=8, help="Per calibration answer."),
+):
+    """Measure verification cost and head acceptance on this device, then write the best tree and gate
+    threshold to HEADS/calibration.json (used by default from then on)."""
+    from .calibrate import calibrate as run_calibration
+    from .calibrate import format_summary, load_calibration_prompts
+    from .methods import default_heads_dir
+    from .models import load_model
+
+    if heads == "none":
+        fail("calibrate needs a heads directory (--heads DIR or default)")
+    if gate is not None and gate.value == "off":
+        fail("--gate off has no threshold to calibrate; use hidden or logits")
+    prompts = load_calibration_prompts(questions)
+    lm = load_model(model, dtype.value, device.value)
+    heads_dir = default_heads_dir(lm, "cerberus") if heads == "default" else Path(heads)
+    data = run_calibration(lm, heads_dir, prompts, budget_seconds, gate.value if gate else "logits",
+                           max_new_tokens, progress=True)
+    print(format_summary(data))
+    typer.secho(f"wrote {heads_dir / 'calibration.json'}", err=True)
 
 
 # --- more commands are registered below by their modules -------------------------------------

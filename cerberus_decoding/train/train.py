@@ -1,0 +1,246 @@
+"""Train draft heads on distilled data; the base model stays frozen and is not even run.
+
+Each distilled position i of an answer gives the hidden state h_i that produced token g_i. Head k
+learns g_{i+k+1} from h_i (the base LM head already gives g_i). Loss = sum_k w^k * CE_k.
+
+Runs as one process or data-parallel under ``accelerate launch`` / ``torchrun`` (each process takes
+its slice of every global batch; gradients are averaged, so the trajectory matches one process).
+Checkpoints are atomic; ``--resume`` restores heads, optimiser, schedule and position in the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..heads import DraftHeads, HeadsConfig, _atomic_write, model_fingerprint, save_heads
+from ..models import CerberusError
+
+IGNORE = -100
+
+
+@dataclass
+class TrainConfig:
+    head_type: str = "cerberus"
+    num_heads: int = 4
+    num_layers: int = 1
+    head_vocab: int = 8192  # 0 = full vocabulary
+    own_lm_head: bool = False
+    epochs: float = 3.0
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.05  # share of steps
+    loss_decay: float = 0.8  # head k weighs decay**k
+    holdout: float = 0.05  # share of answers held out for evaluation
+    eval_every: int = 200
+    save_every: int = 200
+    seed: int = 0
+    max_steps: int = 0  # stop after this many steps (0 = run all epochs); for tests and time budgets
+
+
+def load_distilled(data_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> hidden [N, H] bf16, tokens [N] long, row [N] long (answer id of each position)."""
+    from safetensors.torch import load_file
+
+    shards = sorted(Path(data_dir).glob("shard-*.safetensors"))
+    if not shards:
+        raise CerberusError(f"No distilled shards (shard-*.safetensors) in {data_dir}; run `cerberus distill` first.")
+    hidden, tokens, rows, offset = [], [], [], 0
+    for path in shards:
+        try:
+            shard = load_file(path)
+        except Exception as e:
+            raise CerberusError(f"Distilled shard {path} is corrupt ({e}); delete it and re-run distill.") from e
+        if "hidden" not in shard:
+            raise CerberusError(f"{path} has no hidden states; distill with hidden states kept.")
+        lengths = shard["lengths"].long()
+        hidden.append(shard["hidden"])
+        tokens.append(shard["tokens"].long())
+        rows.append(torch.repeat_interleave(torch.arange(offset, offset + len(lengths)), lengths))
+        offset += len(lengths)
+    return torch.cat(hidden), torch.cat(tokens), torch.cat(rows)
+
+
+def head_labels(tokens: torch.Tensor, rows: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[N] tokens of concatenated answers -> [N, K] labels: head k at i gets token i+k+1 of the same answer."""
+    n = tokens.numel()
+    labels = torch.full((n, num_heads), IGNORE, dtype=torch.long)
+    for k in range(num_heads):
+        shift = k + 1
+        same = rows[shift:] == rows[:-shift]
+        labels[: n - shift, k] = torch.where(same, tokens[shift:], torch.full_like(tokens[shift:], IGNORE))
+    return labels
+
+
+def frequent_vocab(labels: torch.Tensor, size: int, vocab_size: int) -> tuple[torch.Tensor, float]:
+    """The ``size`` most frequent label tokens (sorted ids) and the share of labels they miss."""
+    valid = labels[labels != IGNORE]
+    counts = torch.bincount(valid, minlength=vocab_size)
+    ids = counts.topk(min(size, vocab_size)).indices.sort().values
+    missed = 1.0 - float(counts[ids].sum()) / max(1, valid.numel())
+    return ids, missed
+
+
+def to_head_vocab(labels: torch.Tensor, vocab_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Token labels -> indices into the head vocabulary (IGNORE where the token is not in it)."""
+    lookup = torch.full((vocab_size,), IGNORE, dtype=torch.long)
+    lookup[vocab_ids] = torch.arange(vocab_ids.numel())
+    out = labels.clone()
+    valid = labels != IGNORE
+    out[valid] = lookup[labels[valid]]
+    return out
+
+
+def head_loss(logits: torch.Tensor, labels: torch.Tensor, decay: float) -> tuple[torch.Tensor, list[float]]:
+    """logits [B, K, V'], labels [B, K] -> weighted loss, per-head losses."""
+    total, per_head = logits.new_zeros(()), []
+    for k in range(logits.shape[1]):
+        if (labels[:, k] != IGNORE).any():
+            loss_k = F.cross_entropy(logits[:, k].float(), labels[:, k], ignore_index=IGNORE)
+        else:
+            loss_k = logits.new_zeros(()) + 0.0 * logits[:, k].sum()
+        total = total + decay**k * loss_k
+        per_head.append(float(loss_k.detach()))
+    return total, per_head
+
+
+@torch.no_grad()
+def evaluate(heads: DraftHeads, hidden: torch.Tensor, labels: torch.Tensor, batch: int = 1024) -> dict:
+    """Per-head top-1 / top-5 on full-vocabulary labels (tokens outside the head vocabulary count as misses)."""
+    K = labels.shape[1]
+    hit1, hit5, count = torch.zeros(K), torch.zeros(K), torch.zeros(K)
+    dtype = heads.shared_weight.dtype
+    for i in range(0, hidden.shape[0], batch):
+        h = hidden[i : i + batch].to(dtype)
+        y = labels[i : i + batch]
+        top5 = heads.vocab_ids[heads(h).topk(5, dim=-1).indices]  # [B, K, 5] token ids
+        valid = y != IGNORE
+        hit1 += ((top5[..., 0] == y) & valid).sum(0)
+        hit5 += ((top5 == y[..., None]).any(-1) & valid).sum(0)
+        count += valid.sum(0)
+    count = count.clamp_min(1)
+    return {"top1": (hit1 / count).tolist(), "top5": (hit5 / count).tolist(), "positions": int(count[0])}
+
+
+def _split(rows: torch.Tensor, holdout: float, seed: int) -> torch.Tensor:
+    """Boolean [N]: True for positions of held-out answers (chosen by answer, seeded)."""
+    n_rows = int(rows.max()) + 1
+    g = torch.Generator().manual_seed(seed)
+    held = torch.randperm(n_rows, generator=g)[: max(1, int(n_rows * holdout))]
+    is_held = torch.zeros(n_rows, dtype=torch.bool)
+    is_held[held] = True
+    return is_held[rows]
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: bool = False) -> dict:
+    """Train heads for ``lm`` on distilled data; writes checkpoints and the final heads to ``out_dir``."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=lm.device.type == "cpu")
+    out = Path(out_dir)
+    state_file = out / "trainer_state.pt"
+    if state_file.exists() and not resume:
+        raise CerberusError(f"{out} already has a training run; pass --resume to continue it or use a new --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    hidden, tokens, rows = load_distilled(data_dir)
+    labels = head_labels(tokens, rows, cfg.num_heads)
+    held = _split(rows, cfg.holdout, cfg.seed)
+    train_h, train_y = hidden[~held], labels[~held]
+    eval_h, eval_y = hidden[held], labels[held]
+
+    weight = lm.model.get_output_embeddings().weight.detach().float().cpu()  # [V, H]
+    hc = HeadsConfig(head_type=cfg.head_type, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
+                     hidden_size=weight.shape[1], vocab_size=weight.shape[0], own_lm_head=cfg.own_lm_head,
+                     base_model=model_fingerprint(lm.model, lm.name))
+    heads = DraftHeads(hc, weight)
+    missed = 0.0
+    if cfg.head_vocab and cfg.head_vocab < weight.shape[0]:
+        vocab_ids, missed = frequent_vocab(train_y, cfg.head_vocab, weight.shape[0])
+        heads.set_vocab(vocab_ids, weight)
+    elif cfg.own_lm_head:
+        heads.init_own_lm_heads()
+    train_targets = to_head_vocab(train_y, heads.vocab_ids, weight.shape[0])
+
+    params = [p for p in heads.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_train = train_h.shape[0]
+    steps_per_epoch = max(1, n_train // cfg.batch_size)
+    total = int(steps_per_epoch * cfg.epochs)
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    warmup = max(1, int(total * cfg.warmup))
+    step, history = 0, {"loss": [], "eval": []}
+    if resume and state_file.exists():
+        state = torch.load(state_file, weights_only=False)
+        heads.load_state_dict(state["heads"])
+        opt.load_state_dict(state["optimizer"])
+        step, history = state["step"], state["history"]
+    heads, opt = acc.prepare(heads, opt)
+    core = acc.unwrap_model(heads)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup), last_epoch=step - 1)
+
+    def batch_indices(s: int) -> torch.Tensor:
+        epoch, offset = divmod(s, steps_per_epoch)
+        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed + 1000 + epoch))
+        idx = order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size]
+        return idx[acc.process_index :: acc.num_processes]  # this process's slice of the global batch
+
+    def checkpoint(final: bool = False) -> None:
+        if not acc.is_main_process:
+            return
+        state = {"heads": core.state_dict(), "optimizer": opt.state_dict(), "step": step, "history": history,
+                 "config": asdict(cfg)}
+        _atomic_write(state_file, lambda p: torch.save(state, p))
+        core.config.training = {"config": asdict(cfg), "step": step, "train_positions": n_train,
+                                "head_vocab_missed": round(missed, 4),
+                                "eval": history["eval"][-1] if history["eval"] else None}
+        save_heads(core, out / ("heads" if final else "latest"))
+
+    bar = tqdm(total=total, initial=step, desc=f"train {cfg.head_type}", disable=not acc.is_local_main_process)
+    t0 = time.perf_counter()
+    heads.train()
+    while step < total:
+        idx = batch_indices(step)
+        h = train_h[idx].float().to(acc.device)
+        y = train_targets[idx].to(acc.device)
+        loss, per_head = head_loss(heads(h), y, cfg.loss_decay)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        opt.step()
+        sched.step()
+        step += 1
+        history["loss"].append(round(float(loss), 5))
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3f}", h1=f"{per_head[0]:.2f}")
+        if step % cfg.eval_every == 0 or step == total:
+            heads.eval()
+            metrics = evaluate(core, eval_h, eval_y)
+            heads.train()
+            history["eval"].append({"step": step, **metrics})
+            bar.write(f"step {step}: held-out top1 " + " ".join(f"{a:.3f}" for a in metrics["top1"]))
+        if step % cfg.save_every == 0 or step == total:
+            checkpoint(final=step == total)
+    bar.close()
+    summary = {"steps": step, "seconds": round(time.perf_counter() - t0, 1), "train_positions": n_train,
+               "eval_positions": int(held.sum()), "head_vocab_missed": round(missed, 4),
+               "eval": history["eval"][-1] if history["eval"] else None}
+    if acc.is_main_process:
+        _atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
+    return summary

@@ -1,0 +1,67 @@
+"""Shared fixtures: the default model (session-wide), a tiny random Llama, and the lossless check."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from cerberus_decoding.models import LoadedModel, load_model
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+# Varied real prompts: chat, code, math, lists, extraction, a summary that repeats its input.
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain how a refrigerator works in simple terms.",
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "What is 17 multiplied by 23? Show your steps.",
+    "List five tips for staying focused while studying.",
+    "Extract the names and ages: 'Anna is 31, her brother Tom is 27 and their aunt Lisa is 58.'",
+    "Summarize: The town council met on Monday to discuss the new park. Residents asked for more trees, "
+    "a playground and benches. The council agreed to publish a plan by June.",
+    "Translate into French: 'The library opens at nine in the morning.'",
+    "Give me a recipe for a simple tomato soup.",
+    "Why is the sky blue?",
+    "Describe the plot of a heist movie in three sentences.",
+    "Fix the bug: def is_even(n): return n % 2 == 1",
+]
+
+TIE_BOUND = 1e-3  # a first divergence is only acceptable where the top-2 logits are this close
+
+
+@pytest.fixture(scope="session")
+def lm() -> LoadedModel:
+    return load_model("default", "float32", "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(lm) -> LoadedModel:
+    """A randomly initialised 2-layer Llama with the default tokenizer (fast unit tests)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(lm.tokenizer),
+                      hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                      eos_token_id=lm.tokenizer.eos_token_id, bos_token_id=1, pad_token_id=2)
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    return LoadedModel(model, lm.tokenizer, "tiny-llama", torch.device("cpu"), torch.float32)
+
+
+def top2_gap(lm: LoadedModel, prefix: list[int]) -> float:
+    with torch.inference_mode():
+        logits = lm.model(torch.tensor([prefix])).logits[0, -1]
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
+def assert_lossless(lm: LoadedModel, prompt_ids: list[int], reference: list[int], got: list[int]) -> None:
+    """``got`` must equal the greedy AR ``reference``; a divergence passes only at a proven near-tie."""
+    if got == reference:
+        return
+    i = next((k for k, (a, b) in enumerate(zip(reference, got)) if a != b), min(len(reference), len(got)))
+    assert i < min(len(reference), len(got)), f"lengths differ without a token difference at {i}"
+    gap = top2_gap(lm, prompt_ids + reference[:i])
+    assert gap < TIE_BOUND, f"outputs differ at token {i} where the top-2 logit gap is {gap:.4g} (not a tie)"

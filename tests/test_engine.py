@@ -1,0 +1,139 @@
+"""The auto-regressive loop, the KV cache and the prompt handling (issue: foundation)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cerberus_decoding.cache import KVCache
+from cerberus_decoding.engine import Decoder, SamplingConfig
+from cerberus_decoding.models import CerberusError, LoadedModel
+
+from .conftest import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def ar(lm):
+    return Decoder(lm)
+
+
+def test_greedy_ar_matches_transformers_generate(lm, ar):
+    for prompt in PROMPTS[:5]:
+        ids = ar.encode(prompt)
+        ours = ar.generate(ids, SamplingConfig(max_new_tokens=64)).token_ids
+        with torch.inference_mode():
+            theirs = lm.model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False)[0, len(ids):]
+        assert ours == theirs.tolist(), prompt
+
+
+def test_tokenizer_round_trip_and_chat_template(lm, ar):
+    text = "Hello, world! Ünïcödé and code: def f(x): return x * 2"
+    assert lm.tokenizer.decode(lm.tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    ids = ar.encode("Hi there")
+    rendered = lm.tokenizer.decode(ids)
+    assert rendered.count("<|im_start|>") == 3  # system, user, assistant header
+    assert rendered.rstrip().endswith("<|im_start|>assistant")
+    assert ar.encode("Hi there", raw=True) == lm.tokenizer("Hi there", add_special_tokens=False)["input_ids"]
+
+
+def test_sampling_is_reproducible_with_a_seed(ar):
+    ids = ar.encode("Tell me a story about a dragon.")
+    cfg = SamplingConfig(max_new_tokens=24, temperature=0.9, top_p=0.9, seed=7)
+    a, b = ar.generate(ids, cfg).token_ids, ar.generate(ids, cfg).token_ids
+    c = ar.generate(ids, SamplingConfig(max_new_tokens=24, temperature=0.9, top_p=0.9, seed=8)).token_ids
+    assert a == b
+    assert a != c
+
+
+def test_stops_on_eos_max_tokens_and_stop_strings(ar):
+    ids = ar.encode("What is 2+2? Answer in one short sentence.")
+    full = ar.generate(ids, SamplingConfig(max_new_tokens=200))
+    assert full.finish_reason == "stop" and full.token_ids[-1] in ar.eos_ids
+    short = ar.generate(ids, SamplingConfig(max_new_tokens=3))
+    assert short.finish_reason == "length" and short.token_ids == full.token_ids[:3]
+    word = full.text.split()[2]
+    cut = ar.generate(ids, SamplingConfig(max_new_tokens=200, stop=[word]))
+    assert cut.finish_reason == "stop" and word not in cut.text and full.text.startswith(cut.text)
+
+
+def test_streamed_text_equals_final_text_and_can_be_cancelled(ar):
+    ids = ar.encode("Count from one to twenty in words.")
+    pieces = []
+    result = ar.generate(ids, SamplingConfig(max_new_tokens=40), on_text=pieces.append)
+    assert "".join(pieces) == result.text
+    stopped = ar.generate(ids, SamplingConfig(max_new_tokens=40), on_text=lambda s: False)
+    assert stopped.finish_reason == "cancelled" and stopped.new_tokens < result.new_tokens
+
+
+def test_prompt_longer_than_context_is_a_clear_error(ar, lm):
+    with pytest.raises(CerberusError, match="context"):
+        ar.generate(list(range(100, 100 + lm.context_length)), SamplingConfig(max_new_tokens=4))
+
+
+def test_max_new_tokens_is_clamped_to_the_context(tiny_lm):
+    dec = Decoder(tiny_lm)
+    n = tiny_lm.context_length - 5
+    result = dec.generate(list(range(1000, 1000 + n)), SamplingConfig(max_new_tokens=100))
+    assert result.new_tokens <= 5 and result.finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_sampling_options_are_rejected(ar, bad):
+    with pytest.raises(CerberusError):
+        ar.generate(ar.encode("hi"), SamplingConfig(**bad))
+
+
+def test_chat_cache_reuse_gives_the_same_output(ar):
+    history = [{"role": "user", "content": "Name three fruits."}]
+    first = ar.generate(ar.encode(history), SamplingConfig(max_new_tokens=24), reuse_cache=True)
+    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And three vegetables?"}]
+    ids = ar.encode(history)
+    reused = ar.generate(ids, SamplingConfig(max_new_tokens=24), reuse_cache=True)
+    fresh = Decoder(ar.lm).generate(ids, SamplingConfig(max_new_tokens=24))
+    assert reused.token_ids == fresh.token_ids
+
+
+def _feed(model, cache, ids, start):
+    with torch.inference_mode():
+        out = model.model(input_ids=torch.tensor([ids]), position_ids=torch.arange(start, start + len(ids))[None],
+                          cache=cache, use_cache=True)
+    return out.last_hidden_state[0]
+
+
+def test_compaction_equals_feeding_the_accepted_tokens(tiny_lm: LoadedModel):
+    model = tiny_lm.model
+    prefix, fed, keep = [5, 9, 13, 200, 7], [42, 43, 44, 45, 46, 47], torch.tensor([0, 2, 5])
+    # feed 6 tokens as a tree where nodes 0 -> 2 -> 5 form a path, then keep that path
+    tree_cache = KVCache.for_model(model, 32)
+    _feed(model, tree_cache, prefix, 0)
+    mask = torch.zeros(1, 1, 6, 11, dtype=torch.bool)
+    mask[..., :5] = True
+    parents = {0: None, 1: 0, 2: 0, 3: 1, 4: 2, 5: 2}
+    depth = {0: 0}
+    for i in range(6):
+        j = i
+        while j is not None:
+            mask[0, 0, i, 5 + j] = True
+            j = parents[j]
+        if i:
+            depth[i] = depth[parents[i]] + 1
+    pos = torch.tensor([[5 + depth[i] for i in range(6)]])
+    with torch.inference_mode():
+        model.model(input_ids=torch.tensor([fed]), position_ids=pos, attention_mask=mask, cache=tree_cache,
+                    use_cache=True)
+    tree_cache.compact(5, keep)
+    chain_cache = KVCache.for_model(model, 32)
+    _feed(model, chain_cache, prefix + [fed[i] for i in keep.tolist()], 0)
+    assert tree_cache.length == chain_cache.length == 8
+    for a, b in zip(tree_cache.layers, chain_cache.layers):
+        torch.testing.assert_close(a.keys[:, :, :8], b.keys[:, :, :8], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.values[:, :, :8], b.values[:, :, :8], atol=1e-5, rtol=1e-4)
+    # and the next token's hidden state is the same through either cache
+    torch.testing.assert_close(_feed(model, tree_cache, [99], 8), _feed(model, chain_cache, [99], 8),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_cache_overflow_is_an_error(tiny_lm):
+    cache = KVCache.for_model(tiny_lm.model, 4)
+    with pytest.raises(RuntimeError, match="overflow"):
+        _feed(tiny_lm.model, cache, [1, 2, 3, 4, 5], 0)

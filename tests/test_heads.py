@@ -1,0 +1,92 @@
+"""Draft heads: checkpoint round trip, base-model fingerprint, the Cerberus sequential link."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cerberus_decoding.heads import DraftHeads, load_heads, new_heads, random_heads, save_heads
+from cerberus_decoding.methods import build_decoder
+from cerberus_decoding.models import CerberusError
+
+
+@pytest.mark.parametrize("head_type", ["medusa", "cerberus"])
+def test_save_load_round_trip(lm, tmp_path, head_type):
+    heads = random_heads(lm, head_type, seed=3)
+    save_heads(heads, tmp_path, dtype=torch.float32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["head_type"] == head_type and config["num_heads"] == 4
+    assert config["base_model"]["name"] == lm.name and config["base_model"]["vocab_size"] == 49152
+    loaded = load_heads(tmp_path, lm)
+    h = torch.randn(3, lm.model.config.hidden_size)
+    torch.testing.assert_close(loaded(h), heads(h))
+
+
+def test_reduced_vocabulary_round_trip(lm, tmp_path):
+    heads = random_heads(lm, "cerberus", seed=1)
+    weight = lm.model.get_output_embeddings().weight
+    heads.set_vocab(torch.tensor([5, 17, 300, 4000, 49000]), weight)
+    save_heads(heads, tmp_path, dtype=torch.float32)
+    loaded = load_heads(tmp_path, lm)
+    h = torch.randn(lm.model.config.hidden_size)
+    assert loaded(h).shape == (4, 5)
+    assert set(loaded.topk_tokens(h, 2).flatten().tolist()) <= {5, 17, 300, 4000, 49000}
+
+
+def test_heads_for_another_model_are_refused(lm, tiny_lm, tmp_path):
+    save_heads(new_heads(tiny_lm, "medusa"), tmp_path)
+    with pytest.raises(CerberusError, match="trained for base model 'tiny-llama'"):
+        load_heads(tmp_path, lm)
+
+
+def test_corrupt_or_missing_heads_files_are_clear_errors(lm, tmp_path):
+    with pytest.raises(CerberusError, match="no config.json"):
+        load_heads(tmp_path, lm)
+    save_heads(new_heads(lm, "medusa"), tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CerberusError, match="corrupt"):
+        load_heads(tmp_path, lm)
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(CerberusError, match="corrupt"):
+        load_heads(tmp_path, lm)
+
+
+def test_wrong_head_type_for_method_is_refused(lm, tmp_path):
+    save_heads(new_heads(lm, "medusa"), tmp_path)
+    with pytest.raises(CerberusError, match="needs cerberus heads"):
+        build_decoder(lm, "cerberus", heads=str(tmp_path))
+
+
+def test_untrained_cerberus_heads_behave_like_untrained_medusa_heads(lm):
+    h = torch.randn(2, lm.model.config.hidden_size)
+    torch.testing.assert_close(new_heads(lm, "cerberus")(h), new_heads(lm, "medusa")(h))
+
+
+def test_cerberus_link_carries_gradient_to_the_previous_head(tiny_lm):
+    heads = random_heads(tiny_lm, "cerberus", seed=0, scale=0.1)
+    heads.requires_grad_(True)
+    h = torch.randn(2, tiny_lm.model.config.hidden_size)
+    logits = heads(h)  # one call computes every head: [2, K, V]
+    assert logits.shape[:2] == (2, 4)
+    logits[:, 2].logsumexp(-1).sum().backward()  # a loss on head 2 only
+    assert heads.blocks[1][0].linear.weight.grad.abs().sum() > 0  # reaches head 1's block
+    assert heads.blocks[3][0].linear.weight.grad is None or heads.blocks[3][0].linear.weight.grad.abs().sum() == 0
+    # Medusa heads are independent: head 2's loss never reaches head 1
+    medusa = random_heads(tiny_lm, "medusa", seed=0, scale=0.1).requires_grad_(True)
+    medusa(h)[:, 2].logsumexp(-1).sum().backward()
+    assert medusa.blocks[1][0].linear.weight.grad is None or medusa.blocks[1][0].linear.weight.grad.abs().sum() == 0
+
+
+def test_all_heads_share_one_lm_head_matmul(tiny_lm):
+    heads = new_heads(tiny_lm, "medusa")
+    calls = []
+    orig = DraftHeads.logits
+    DraftHeads.logits = lambda self, s: calls.append(s.shape) or orig(self, s)
+    try:
+        heads(torch.randn(tiny_lm.model.config.hidden_size))
+    finally:
+        DraftHeads.logits = orig
+    assert calls == [torch.Size([4, tiny_lm.model.config.hidden_size])]

@@ -1,0 +1,99 @@
+"""Tree buffers (property tests on random trees) and the best-tree construction."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cerberus_decoding.models import CerberusError
+from cerberus_decoding.tree import DEFAULT_TREE, best_tree, build_tree, expected_length
+from cerberus_decoding.verify import accept_greedy
+
+
+@st.composite
+def trees(draw):
+    """Random valid trees: every node's parent path is in the tree."""
+    nodes = set()
+    for _ in range(draw(st.integers(1, 24))):
+        parent = draw(st.sampled_from([()] + sorted(nodes)))
+        if len(parent) < 5:
+            nodes.add(parent + (draw(st.integers(0, 5)),))
+    return [list(n) for n in nodes]
+
+
+@given(trees())
+@settings(max_examples=150, deadline=None)
+def test_tree_buffers(choices):
+    tree = build_tree(choices)
+    nodes = [()] + [tuple(c) for c in tree.choices]
+    assert sorted(nodes[1:]) == sorted(tuple(c) for c in choices)
+    for i, node in enumerate(nodes):
+        ancestors = {j for j, other in enumerate(nodes) if node[: len(other)] == other}
+        assert set(tree.mask[i].nonzero().flatten().tolist()) == ancestors  # itself, ancestors, root
+        assert int(tree.depth[i]) == len(node)
+        if i:
+            assert nodes[int(tree.parent[i])] == node[:-1]
+            assert int(tree.head[i - 1]) == len(node) - 1 and int(tree.rank[i - 1]) == node[-1]
+    # retrieved paths reproduce exactly the leaves, each path listed root-to-leaf
+    n = tree.size
+    leaves = {nd for nd in nodes[1:] if not any(o[: len(nd)] == nd and len(o) > len(nd) for o in nodes)}
+    got = set()
+    for row in tree.paths.tolist():
+        path = [nodes[j] for j in row if j != n]
+        assert all(path[d] == path[-1][: d + 1] for d in range(len(path)))
+        got.add(path[-1])
+    assert got == leaves
+
+
+@given(trees(), st.integers(0, 10_000))
+@settings(max_examples=100, deadline=None)
+def test_greedy_acceptance_is_the_longest_agreeing_path(choices, seed):
+    tree = build_tree(choices)
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 3, (tree.size,), generator=g)
+    logits = torch.randn(tree.size, 3, generator=g)
+    accepted, bonus = accept_greedy(tree, tokens, logits)
+    pred = logits.argmax(-1)
+    nodes = [()] + [tuple(c) for c in tree.choices]
+    index = {nd: i for i, nd in enumerate(nodes)}
+
+    def ok(i):  # node agrees with the base model all the way from the root
+        nd = nodes[i]
+        return all(tokens[index[nd[: d + 1]]] == pred[index[nd[:d]]] for d in range(len(nd)))
+
+    best = max((len(nodes[i]) for i in range(1, tree.size) if ok(i)), default=0)
+    assert accepted.numel() == best
+    last = int(accepted[-1]) if best else 0
+    assert ok(last) and int(bonus) == int(pred[last])
+    assert [nodes[int(a)] for a in accepted] == [nodes[last][: d + 1] for d in range(best)]
+
+
+def test_bad_trees_are_rejected():
+    with pytest.raises(CerberusError, match="parent"):
+        build_tree([[0, 1]])
+    with pytest.raises(CerberusError):
+        build_tree([])
+
+
+def test_best_tree_is_optimal_for_small_cases():
+    accuracy = [[0.6, 0.2, 0.1], [0.5, 0.15], [0.4]]
+    all_nodes = [c for d in range(1, 4) for c in itertools.product(*[range(len(accuracy[i])) for i in range(d)])]
+    for n in range(1, 6):
+        chosen = best_tree(accuracy, n)
+        assert len(chosen) == n
+        build_tree(chosen)  # valid
+        brute = max(
+            expected_length(list(map(list, subset)), accuracy)
+            for subset in itertools.combinations(all_nodes, n)
+            if all(len(c) == 1 or c[:-1] in subset for c in subset)
+        )
+        assert expected_length(chosen, accuracy) == pytest.approx(brute)
+
+
+def test_default_tree_is_valid():
+    tree = build_tree(DEFAULT_TREE)
+    assert tree.size == len(DEFAULT_TREE) + 1 and tree.num_heads <= 4
