@@ -297,6 +297,7 @@ def calibrate(
     threshold to HEADS/calibration.json (used by default from then on)."""
     from .calibrate import calibrate as run_calibration
     from .calibrate import format_summary, load_calibration_prompts
+    from .heads import read_heads_config
     from .methods import default_heads_dir
     from .models import load_model
 
@@ -307,8 +308,9 @@ def calibrate(
     prompts = load_calibration_prompts(questions)
     lm = load_model(model, dtype.value, device.value)
     heads_dir = default_heads_dir(lm, "cerberus") if heads == "default" else Path(heads)
-    data = run_calibration(lm, heads_dir, prompts, budget_seconds, gate.value if gate else "logits",
-                           max_new_tokens, progress=True)
+    own = read_heads_config(heads_dir).gate
+    kind = gate.value if gate else (own if own in ("hidden", "logits") else "logits")
+    data = run_calibration(lm, heads_dir, prompts, budget_seconds, kind, max_new_tokens, progress=True)
     print(format_summary(data))
     typer.secho(f"wrote {heads_dir / 'calibration.json'}", err=True)
 

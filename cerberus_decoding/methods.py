@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .calibrate import calibrated_config
 from .engine import Decoder
 from .heads import load_heads, random_heads
 from .models import CerberusError, LoadedModel
@@ -53,7 +54,8 @@ def build_decoder(lm: LoadedModel, method: str = "ar", heads: str | None = "defa
             raise CerberusError(
                 f"--method {method} needs {head_type} heads, but {path} holds {draft.config.head_type} heads."
             )
-    cfg = draft.config
+    # a calibration.json next to the heads (for this device and dtype) supplies tree, gate and threshold
+    cfg = draft.config if heads in (None, "none") else calibrated_config(path, lm, draft.config, gate)
     if method == "cerberus-nogate":
         gate = "off"
     elif gate is None:

@@ -1,0 +1,82 @@
+"""Verification cost curve: time of one forward of q tokens over a ~300-token cache, per dtype.
+
+Prints milliseconds and the ratio to q = 1 (what a q-token tree costs in AR steps) and saves a plot.
+The measurement is the one `cerberus calibrate` uses (calibrate.measure_costs).
+
+    python benchmarks/verify_cost.py [--model default] [--device cpu] [--dtypes float32,bfloat16]
+                                     [--repeats 5] [--context 300] [--out benchmarks/out/verify_cost.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cerberus_decoding.calibrate import COST_QS, hardware, measure_costs
+from cerberus_decoding.models import load_model
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32, bfloat16, float16")
+    ap.add_argument("--qs", default=",".join(map(str, COST_QS)), help="comma list of token counts")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds over all q (median kept)")
+    ap.add_argument("--context", type=int, default=300, help="cached tokens before the verified ones")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "verify_cost.png")
+    return ap.parse_args(argv)
+
+
+def plot(curves: dict[str, dict[int, float]], title: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ms, ax_ratio) = plt.subplots(1, 2, figsize=(10, 4))
+    for dtype, costs in curves.items():
+        qs = sorted(costs)
+        ax_ms.plot(qs, [costs[q] for q in qs], marker="o", label=dtype)
+        ax_ratio.plot(qs, [costs[q] / costs[1] for q in qs], marker="o", label=dtype)
+    ax_ms.set(xlabel="tokens verified in one forward (q)", ylabel="ms", title="forward + LM head")
+    ax_ratio.set(xlabel="tokens verified in one forward (q)", ylabel="cost / cost(q=1)",
+                 title="relative to one AR step")
+    ax_ratio.axhline(1.0, color="grey", lw=0.5)
+    for ax in (ax_ms, ax_ratio):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    qs = tuple(int(q) for q in args.qs.split(","))
+    if 1 not in qs:
+        qs = (1, *qs)  # the ratio needs the AR step
+    curves, device = {}, None
+    for dtype in args.dtypes.split(","):
+        lm = load_model(args.model, dtype.strip(), args.device)
+        device = lm.device.type
+        print(f"measuring {lm.name} {dtype} on {device} ...", file=sys.stderr, flush=True)
+        costs = measure_costs(lm, qs, args.context, args.repeats, progress=True)
+        curves[dtype.strip()] = costs
+        print(f"\n{dtype} on {device}, {args.context}-token cache")
+        print(f"{'q':>4} {'ms':>9} {'x q=1':>7}")
+        for q in qs:
+            print(f"{q:>4} {costs[q]:9.2f} {costs[q] / costs[1]:7.2f}")
+        del lm
+    title = (f"{args.model} on {device} ({hardware(device)}), {args.context}-token cache, "
+             f"median of {args.repeats}")
+    plot(curves, title, args.out)
+    args.out.with_suffix(".json").write_text(json.dumps({"title": title, "cost_ms": curves}, indent=2))
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
