@@ -315,6 +315,33 @@ def calibrate(
     typer.secho(f"wrote {heads_dir / 'calibration.json'}", err=True)
 
 
+@app.command()
+def analyze(
+    model: str = ModelOpt, dtype: DType = DTypeOpt, device: Device = DeviceOpt, heads: str = HeadsOpt,
+    heads_type: str = typer.Option("cerberus", "--heads-type", help="medusa | cerberus"),
+    questions: str = typer.Option("builtin", "--questions", help="'builtin' or a question.jsonl (first turns)."),
+    limit: int = typer.Option(2, "--limit", min=1, help="Questions per category."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+    gate: Gate = typer.Option(Gate.logits, "--gate", help="Entropy kind for the threshold sweep."),
+    out: Path = typer.Option(Path("bench-out/analysis"), "--out"),
+):
+    """Entropy vs accepted length, the zero-acceptance share and a threshold sweep (the paper's Section 3)."""
+    from .analyze import analyze as run
+    from .analyze import first_turn_prompts
+    from .bench.questions import load_questions, select_questions
+    from .models import load_model
+
+    if heads_type not in ("medusa", "cerberus"):
+        fail("--heads-type must be medusa or cerberus")
+    if gate == Gate.off:
+        fail("--gate must be hidden or logits for the sweep")
+    prompts = first_turn_prompts(select_questions(load_questions(questions), limit=limit))
+    lm = load_model(model, dtype.value, device.value)
+    report = run(lm, heads, prompts, out, max_new_tokens, heads_type, gate.value)
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"zero-accept share {report['zero_accept_share']:.3f}; best threshold {report['best_threshold']:.3f}")
+
+
 # --- more commands are registered below by their modules -------------------------------------
 
 

@@ -206,7 +206,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         if not acc.is_main_process:
             return
         state = {"heads": core.state_dict(), "optimizer": opt.state_dict(), "step": step, "history": history,
-                 "config": asdict(cfg)}
+                 "config": asdict(cfg), "processes": acc.num_processes}
         _atomic_write(state_file, lambda p: torch.save(state, p))
         core.config.training = {"config": asdict(cfg), "step": step, "train_positions": n_train,
                                 "head_vocab_missed": round(missed, 4),
@@ -226,9 +226,9 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         opt.step()
         sched.step()
         step += 1
-        history["loss"].append(round(float(loss), 5))
+        history["loss"].append(round(float(acc.reduce(loss.detach(), "mean")), 6))  # mean over processes
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}", h1=f"{per_head[0]:.2f}")
+        bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", h1=f"{per_head[0]:.2f}")
         if step % cfg.eval_every == 0 or step == total:
             heads.eval()
             metrics = evaluate(core, eval_h, eval_y)

@@ -1,0 +1,146 @@
+"""Prompt formats, distillation and head training: loss goes down, resume is exact, 2 processes match."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cerberus_decoding.models import CerberusError
+from cerberus_decoding.train import train as train_mod
+from cerberus_decoding.train.distill import distill
+from cerberus_decoding.train.prompts import builtin_prompts, read_prompts
+from cerberus_decoding.train.train import TrainConfig, train
+
+
+def test_prompt_formats_parse(tmp_path):
+    sharegpt = tmp_path / "sharegpt.json"
+    sharegpt.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello"}]}]))
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Sort these", "input": "3 1 2", "output": "1 2 3"}]))
+    spec = tmp_path / "question.jsonl"
+    spec.write_text('{"question_id": 1, "category": "writing", "turns": ["Write a haiku.", "Another?"]}\n')
+    assert read_prompts(sharegpt) == ["Hi?"]
+    assert read_prompts(alpaca) == ["Sort these\n\n3 1 2"]
+    assert read_prompts(spec) == ["Write a haiku."]
+
+
+def test_malformed_prompt_files_name_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"turns": ["ok"]}\n{"turns": ["ok"]}\n{"text": "unknown shape"}\n')
+    with pytest.raises(CerberusError, match="line 3"):
+        read_prompts(bad)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"turns": ["ok"]}\n{not json\n')
+    with pytest.raises(CerberusError, match="line 2"):
+        read_prompts(broken)
+
+
+def test_builtin_prompts_are_many_distinct_and_cover_the_categories():
+    prompts = builtin_prompts(3000)
+    assert len(set(prompts)) == 3000
+    assert any("Translate" in p for p in prompts) and any("```python" in p for p in prompts)
+    assert any("Context:" in p for p in prompts) and any("Summarize" in p for p in prompts)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_lm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distilled")
+    distill(tiny_lm, builtin_prompts(24), out, batch_size=8, max_new_tokens=32, source="test")
+    return out
+
+
+def test_distill_writes_shards_and_resumes(tiny_lm, tiny_data):
+    shards = sorted(tiny_data.glob("shard-*.safetensors"))
+    assert len(shards) == 3
+    first = shards[0].stat().st_mtime_ns
+    summary = distill(tiny_lm, builtin_prompts(24), tiny_data, batch_size=8, max_new_tokens=32, source="test")
+    assert summary["new_tokens"] == 0 and shards[0].stat().st_mtime_ns == first  # nothing redone
+    with pytest.raises(CerberusError, match="other settings"):
+        distill(tiny_lm, builtin_prompts(24), tiny_data, batch_size=4, max_new_tokens=32, source="test")
+
+
+def _cfg(**kw):
+    base = dict(head_type="cerberus", head_vocab=512, epochs=50, batch_size=64, lr=3e-3, eval_every=10,
+                save_every=5, max_steps=30, holdout=0.1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_reduces_the_loss(tiny_lm, tiny_data, tmp_path):
+    summary = train(tiny_lm, tiny_data, tmp_path, _cfg())
+    history = torch.load(tmp_path / "trainer_state.pt", weights_only=False)["history"]["loss"]
+    assert sum(history[-5:]) / 5 < 0.8 * sum(history[:5]) / 5
+    assert (tmp_path / "heads" / "config.json").is_file() and summary["steps"] == 30
+
+
+def test_resume_after_interruption_is_exact(tiny_lm, tiny_data, tmp_path, monkeypatch):
+    train(tiny_lm, tiny_data, tmp_path / "full", _cfg())
+    full = torch.load(tmp_path / "full" / "trainer_state.pt", weights_only=False)["history"]["loss"]
+
+    calls = {"n": 0}
+    real = train_mod.head_loss
+
+    def dying(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 13:  # killed during step 13; the last checkpoint is step 10
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(train_mod, "head_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_lm, tiny_data, tmp_path / "cut", _cfg())
+    monkeypatch.setattr(train_mod, "head_loss", real)
+    with pytest.raises(CerberusError, match="--resume"):
+        train(tiny_lm, tiny_data, tmp_path / "cut", _cfg())
+    train(tiny_lm, tiny_data, tmp_path / "cut", _cfg(), resume=True)
+    resumed = torch.load(tmp_path / "cut" / "trainer_state.pt", weights_only=False)["history"]["loss"]
+    assert len(resumed) == len(full) == 30
+    assert resumed == pytest.approx(full, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_process_training_matches_one_process(tiny_lm, tiny_data, tmp_path):
+    model_dir = tmp_path / "tiny-model"
+    tiny_lm.model.save_pretrained(model_dir)
+    tiny_lm.tokenizer.save_pretrained(model_dir)
+    args = ["--data", str(tiny_data), "--model", str(model_dir), "--head-vocab", "512", "--batch-size", "64",
+            "--max-steps", "12", "--epochs", "50", "--eval-every", "6", "--save-every", "6", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "cerberus_decoding.cli", "train", "--out", str(tmp_path / "one"),
+                          *args], capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29533", "-m", "cerberus_decoding.cli", "train", "--out", str(tmp_path / "two"), *args],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    s1 = torch.load(tmp_path / "one" / "trainer_state.pt", weights_only=False)
+    s2 = torch.load(tmp_path / "two" / "trainer_state.pt", weights_only=False)
+    assert (s1["processes"], s2["processes"]) == (1, 2)
+    h1, h2 = s1["history"]["loss"], s2["history"]["loss"]
+    assert len(h1) == len(h2) == 12
+    assert h2 == pytest.approx(h1, rel=1e-3, abs=1e-4)
+
+
+def test_shipped_default_heads_are_trained_for_the_default_model(lm):
+    from cerberus_decoding.engine import SamplingConfig
+    from cerberus_decoding.methods import build_decoder
+
+    from .conftest import PROMPTS
+
+    for head_type in ("medusa", "cerberus"):
+        decoder = build_decoder(lm, head_type if head_type == "medusa" else "cerberus-nogate", heads="default")
+        assert decoder.heads.config.base_model["name"] == lm.name
+        results = [decoder.generate(decoder.encode(p), SamplingConfig(max_new_tokens=48)) for p in PROMPTS[:3]]
+        tokens = sum(r.new_tokens for r in results)
+        steps = sum(len(r.steps) for r in results)
+        assert tokens / steps > 1.5, f"{head_type} heads accept only {tokens / steps:.2f} tokens per step"
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(CerberusError, match="distill"):
+        train_mod.load_distilled(tmp_path)
