@@ -39,7 +39,7 @@ def binned(entropy: np.ndarray, accepted: np.ndarray, bins: int = 8) -> list[dic
     """Equal-count bins of entropy -> mean accepted length in each."""
     edges = np.unique(np.quantile(entropy, np.linspace(0, 1, bins + 1)))
     out = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         sel = (entropy >= lo) & ((entropy < hi) | (hi == edges[-1]))
         if sel.any():
             out.append({"low": float(lo), "high": float(hi), "steps": int(sel.sum()),
@@ -68,7 +68,7 @@ def analyze(lm, heads: str, prompts: list[str], out_dir: str | Path, max_new_tok
                     "correlation": {}, "bins": {}}
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, kind in zip(axes, KINDS):
+    for ax, kind in zip(axes, KINDS, strict=True):
         ent = np.array([getattr(s, f"{kind}_entropy") for s in spec])
         rho, p = spearmanr(ent, accepted)
         report["correlation"][kind] = {"spearman": float(rho), "p_value": float(p)}

@@ -42,7 +42,9 @@ class Gate(str, Enum):
 
 
 # shared options (typer reads them from the function signatures)
-ModelOpt = typer.Option("default", "--model", "-m", help="'default' (SmolLM2-135M-Instruct), a HF model dir or a .gguf file.")
+ModelOpt = typer.Option(
+    "default", "--model", "-m", help="'default' (SmolLM2-135M-Instruct), a HF model dir or a .gguf file."
+)
 DTypeOpt = typer.Option(DType.float32, "--dtype", help="float32 is exact and fastest on CPUs without AVX-512.")
 DeviceOpt = typer.Option(Device.auto, "--device")
 MethodOpt = typer.Option(Method.ar, "--method", help="Decoding method.")

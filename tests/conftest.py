@@ -61,7 +61,7 @@ def assert_lossless(lm: LoadedModel, prompt_ids: list[int], reference: list[int]
     """``got`` must equal the greedy AR ``reference``; a divergence passes only at a proven near-tie."""
     if got == reference:
         return
-    i = next((k for k, (a, b) in enumerate(zip(reference, got)) if a != b), min(len(reference), len(got)))
+    i = next((k for k, (a, b) in enumerate(zip(reference, got, strict=False)) if a != b), min(len(reference), len(got)))
     assert i < min(len(reference), len(got)), f"lengths differ without a token difference at {i}"
     gap = top2_gap(lm, prompt_ids + reference[:i])
     assert gap < TIE_BOUND, f"outputs differ at token {i} where the top-2 logit gap is {gap:.4g} (not a tie)"

@@ -125,7 +125,7 @@ def test_compaction_equals_feeding_the_accepted_tokens(tiny_lm: LoadedModel):
     chain_cache = KVCache.for_model(model, 32)
     _feed(model, chain_cache, prefix + [fed[i] for i in keep.tolist()], 0)
     assert tree_cache.length == chain_cache.length == 8
-    for a, b in zip(tree_cache.layers, chain_cache.layers):
+    for a, b in zip(tree_cache.layers, chain_cache.layers, strict=True):
         torch.testing.assert_close(a.keys[:, :, :8], b.keys[:, :, :8], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(a.values[:, :, :8], b.values[:, :, :8], atol=1e-5, rtol=1e-4)
     # and the next token's hidden state is the same through either cache

@@ -19,7 +19,8 @@ from cerberus_decoding.train.train import TrainConfig, train
 
 def test_prompt_formats_parse(tmp_path):
     sharegpt = tmp_path / "sharegpt.json"
-    sharegpt.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello"}]}]))
+    turns = [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello"}]
+    sharegpt.write_text(json.dumps([{"conversations": turns}]))
     alpaca = tmp_path / "alpaca.json"
     alpaca.write_text(json.dumps([{"instruction": "Sort these", "input": "3 1 2", "output": "1 2 3"}]))
     spec = tmp_path / "question.jsonl"

@@ -220,7 +220,8 @@ def _prompt_from_record(r, path: Path, where: str) -> str:
     if isinstance(r, dict):
         if isinstance(r.get("conversations"), list):  # ShareGPT
             for turn in r["conversations"]:
-                if isinstance(turn, dict) and turn.get("from") in ("human", "user") and isinstance(turn.get("value"), str):
+                is_user = isinstance(turn, dict) and turn.get("from") in ("human", "user")
+                if is_user and isinstance(turn.get("value"), str):
                     return turn["value"]
         elif isinstance(r.get("instruction"), str):  # Alpaca
             extra = r.get("input") or ""
