@@ -1,0 +1,48 @@
+"""`cerberus bench`: every decoding method side by side on the same questions and the same model.
+
+questions.py reads Spec-Bench-format question files (and the builtin set), run.py generates and
+measures, report.py writes the table, results.json, report.md and charts.
+"""
+
+from __future__ import annotations
+
+from ..models import LoadedModel
+from .questions import (
+    BUILTIN,
+    BUILTIN_CATEGORIES,
+    Question,
+    load_questions,
+    parse_questions,
+    select_questions,
+)
+from .run import BenchRun, build_runners, mismatch_details, parse_methods, per_question, run_bench, summarize
+
+__all__ = ["BUILTIN", "BUILTIN_CATEGORIES", "Question", "load_questions", "parse_questions",
+           "select_questions", "BenchRun", "parse_methods", "run_bench", "summarize", "benchmark",
+           "results_dict"]
+
+
+def benchmark(lm: LoadedModel, questions: list[Question], methods: str | list[str], max_new_tokens: int = 128,
+              heads: str = "default", gate: str | None = None, threshold: float | None = None,
+              tree: str | None = None, warmup: int = 1, repeats: int = 1, progress: bool = True) -> BenchRun:
+    """Build every method on ``lm`` (ar always included) and measure them; Ctrl-C returns a partial run."""
+    names = parse_methods(methods)
+    runners, reference = build_runners(lm, names, max_new_tokens, heads, gate, threshold, tree)
+    return run_bench(runners, reference, questions, warmup, repeats, progress)
+
+
+def results_dict(lm: LoadedModel, bench: BenchRun, max_new_tokens: int, dtype: str, **extra) -> dict:
+    """The results.json object: the fixed top-level shape first, then extras (details, settings)."""
+    details = mismatch_details(lm, bench)
+    return {
+        "model": lm.name,
+        "device": str(lm.device),
+        "dtype": dtype,
+        "max_new_tokens": max_new_tokens,
+        "questions": len(bench.complete()),
+        "methods": summarize(bench, details),
+        "interrupted": bench.interrupted,
+        **extra,
+        "mismatch_details": details,
+        "per_question": per_question(bench),
+    }

@@ -1,0 +1,300 @@
+"""Run decoding methods side by side on the same questions and the same loaded model; compute metrics.
+
+Every method sees the same questions in the same process. Questions are the outer loop and methods
+the inner one, so slow drift of the machine (heat, other load) spreads over all methods alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine import SamplingConfig
+from ..methods import METHODS, build_decoder
+from ..models import LoadedModel
+from .questions import Question
+
+REFERENCE = "ar"
+HF_GREEDY, HF_PLD = "hf", "hf-pld"
+PLD_LOOKUP_TOKENS = 10  # transformers' prompt_lookup_num_tokens
+
+
+@dataclass
+class Turn:
+    """One generated answer: its prompt (for the logit-gap forward) and what came out."""
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    seconds: float
+    steps: int | None  # forwards of the base model while decoding; None where unknown
+    speculative_steps: int | None  # None where the method has no such notion
+
+
+@dataclass
+class Measurement:
+    question: Question
+    method: str
+    turns: list[Turn]  # from the first repeat
+    seconds: float  # median over repeats of the whole conversation's generation time
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(t.token_ids) for t in self.turns)
+
+
+@dataclass
+class BenchRun:
+    methods: list[str]
+    questions: list[Question]
+    measurements: dict[tuple, Measurement] = field(default_factory=dict)  # (question_id, method) -> ...
+    interrupted: bool = False
+
+    def complete(self) -> list[Question]:
+        """Questions that every method finished (an interrupted run may have a half-measured one)."""
+        return [q for q in self.questions
+                if all((q.question_id, m) in self.measurements for m in self.methods)]
+
+
+Runner = Callable[[list[int]], Turn]
+
+
+def parse_methods(spec: str | list[str]) -> list[str]:
+    """Comma list -> unique names, ``ar`` first (always run: the reference for speedup and mismatches)."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip() for n in names if n.strip()]
+    return [REFERENCE] + [n for n in dict.fromkeys(names) if n != REFERENCE]
+
+
+def hf_kind(method: str) -> str | None:
+    """Which transformers generate() a method name means, or None for our engine.
+
+    ``pld`` is our own prompt-lookup decoder once methods.py offers it; until then it is transformers'.
+    """
+    if method == HF_GREEDY:
+        return HF_GREEDY
+    if method == HF_PLD or (method == "pld" and "pld" not in METHODS):
+        return HF_PLD
+    return None
+
+
+def _sync(lm: LoadedModel) -> None:
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize(lm.device)
+
+
+def engine_runner(decoder, max_new_tokens: int) -> Runner:
+    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+
+    def run(ids: list[int]) -> Turn:
+        _sync(decoder.lm)
+        start = time.perf_counter()
+        result = decoder.generate(ids, config)
+        _sync(decoder.lm)
+        seconds = time.perf_counter() - start
+        return Turn(ids, result.token_ids, result.text, seconds, len(result.steps), result.speculative_steps)
+
+    return run
+
+
+def hf_runner(lm: LoadedModel, eos_ids: set[int], max_new_tokens: int, lookup: bool) -> Runner:
+    # the same stop tokens as our engine, so that both stop at the same place
+    pad = lm.tokenizer.pad_token_id
+    kwargs = {"do_sample": False, "eos_token_id": sorted(eos_ids),
+              "pad_token_id": min(eos_ids) if pad is None else pad}
+    if lookup:
+        kwargs["prompt_lookup_num_tokens"] = PLD_LOOKUP_TOKENS
+
+    @torch.inference_mode()
+    def run(ids: list[int]) -> Turn:
+        n = min(max_new_tokens, lm.context_length - len(ids))  # the engine clamps to the context the same way
+        x = torch.tensor([ids], device=lm.device)
+        _sync(lm)
+        start = time.perf_counter()
+        out = lm.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, **kwargs)
+        _sync(lm)
+        seconds = time.perf_counter() - start
+        new = out[0, len(ids):].tolist()
+        text = lm.tokenizer.decode(new, skip_special_tokens=True)
+        # plain greedy is one forward per token; how many forwards assisted generation made is not exposed
+        return Turn(ids, new, text, seconds, None if lookup else len(new), None)
+
+    return run
+
+
+def build_runners(lm: LoadedModel, methods: list[str], max_new_tokens: int, heads: str = "default",
+                  gate: str | None = None, threshold: float | None = None, tree: str | None = None):
+    """-> (runners by method, the reference ar decoder used to encode prompts for everyone)."""
+    reference = build_decoder(lm, REFERENCE)
+    runners: dict[str, Runner] = {}
+    for method in methods:
+        kind = hf_kind(method)
+        if method == REFERENCE:
+            runners[method] = engine_runner(reference, max_new_tokens)
+        elif kind is not None:
+            runners[method] = hf_runner(lm, reference.eos_ids, max_new_tokens, lookup=kind == HF_PLD)
+        else:  # build_decoder validates the name and the heads
+            decoder = build_decoder(lm, method, heads, gate, threshold, tree)
+            runners[method] = engine_runner(decoder, max_new_tokens)
+    return runners, reference
+
+
+def run_conversation(run: Runner, reference, question: Question) -> list[Turn]:
+    """Each turn is asked after the model's own earlier answers, through the chat template."""
+    messages, turns = [], []
+    for text in question.turns:
+        messages.append({"role": "user", "content": text})
+        ids = reference.encode(messages)
+        reference.check_fits(len(ids))
+        turn = run(ids)
+        turns.append(turn)
+        messages.append({"role": "assistant", "content": turn.text})
+    return turns
+
+
+def run_bench(runners: dict[str, Runner], reference, questions: list[Question], warmup: int = 1,
+              repeats: int = 1, progress: bool = True) -> BenchRun:
+    """Warm every method up, then time each question ``repeats`` times per method (median kept).
+
+    Ctrl-C stops early and returns what was measured so far, with ``interrupted`` set.
+    """
+    from tqdm import tqdm
+
+    methods = list(runners)
+    bench = BenchRun(methods, list(questions))
+    try:
+        if warmup and questions:
+            with tqdm(total=warmup * len(methods), desc="warm-up", unit="gen", disable=not progress,
+                      file=sys.stderr, leave=False) as bar:
+                for method in methods:
+                    for i in range(warmup):
+                        q = questions[i % len(questions)]
+                        runners[method](reference.encode(q.turns[0]))  # not timed: caches, allocator, kernels
+                        bar.update()
+        with tqdm(total=len(questions) * len(methods), desc="bench", unit="run", disable=not progress,
+                  file=sys.stderr) as bar:
+            for i, q in enumerate(questions):
+                # rotate who goes first, so that no method always runs right after another's warm caches
+                for method in methods[i % len(methods):] + methods[:i % len(methods)]:
+                    bar.set_postfix_str(f"{q.category}/{q.question_id} {method}", refresh=False)
+                    runs = [run_conversation(runners[method], reference, q) for _ in range(repeats)]
+                    seconds = statistics.median(sum(t.seconds for t in turns) for turns in runs)
+                    bench.measurements[q.question_id, method] = Measurement(q, method, runs[0], seconds)
+                    bar.update()
+    except KeyboardInterrupt:
+        bench.interrupted = True
+    return bench
+
+
+# ---- mismatches ---------------------------------------------------------------------------------
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+@torch.inference_mode()
+def logit_gap(lm: LoadedModel, prompt_ids: list[int], prefix: list[int]) -> float:
+    """Top-1 minus top-2 logit of the base model for the token after prompt + prefix (one forward).
+
+    A tiny gap means a near-tie, where rounding (bfloat16, a different kernel or batch shape) can
+    legitimately flip the greedy choice.
+    """
+    x = torch.tensor([prompt_ids + prefix], device=lm.device)
+    logits = lm.model(input_ids=x).logits[0, -1].float()
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
+def mismatch_details(lm: LoadedModel, bench: BenchRun) -> dict[str, list[dict]]:
+    """For each method, the questions whose tokens differ from ar's: where, and the logit gap there."""
+    tok = lm.tokenizer
+    details: dict[str, list[dict]] = {m: [] for m in bench.methods if m != REFERENCE}
+    for q in bench.complete():
+        ref = bench.measurements[q.question_id, REFERENCE]
+        for method in details:
+            got = bench.measurements[q.question_id, method]
+            for turn_no, (a, b) in enumerate(zip(ref.turns, got.turns, strict=True), 1):
+                pos = first_difference(a.token_ids, b.token_ids)
+                if pos is None:
+                    continue
+                ar_tok = a.token_ids[pos] if pos < len(a.token_ids) else None
+                m_tok = b.token_ids[pos] if pos < len(b.token_ids) else None
+                # earlier turns matched, so both methods saw the same prompt for this turn
+                details[method].append({
+                    "question_id": q.question_id, "category": q.category, "turn": turn_no, "position": pos,
+                    "ar_token": ar_tok, "token": m_tok,
+                    "ar_piece": None if ar_tok is None else tok.decode([ar_tok]),
+                    "piece": None if m_tok is None else tok.decode([m_tok]),
+                    "logit_gap": round(logit_gap(lm, a.prompt_ids, a.token_ids[:pos]), 6),
+                })
+                break  # one per question: later turns' prompts already differ
+    return details
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+def _total(values: list[int | None]) -> int | None:
+    """Sum, or None when any part is unknown (a partly known count would mislead)."""
+    return None if any(v is None for v in values) else sum(values)
+
+
+def _fields(rows: list[Measurement], ref_rows: list[Measurement], mismatched: set) -> dict:
+    tokens = sum(r.tokens for r in rows)
+    seconds = sum(r.seconds for r in rows)
+    tps = tokens / seconds if seconds > 0 else 0.0
+    ref_tokens, ref_seconds = sum(r.tokens for r in ref_rows), sum(r.seconds for r in ref_rows)
+    ref_tps = ref_tokens / ref_seconds if ref_seconds > 0 else 0.0
+    turns = [t for r in rows for t in r.turns]
+    steps = _total([t.steps for t in turns])
+    spec = _total([t.speculative_steps for t in turns])
+    return {
+        "tokens_per_second": round(tps, 3),
+        "speedup": round(tps / ref_tps, 4) if ref_tps > 0 else None,
+        "mean_accepted": round(tokens / steps, 4) if steps else None,
+        "speculative_share": round(spec / steps, 4) if steps and spec is not None else None,
+        "mismatches": sum(r.question.question_id in mismatched for r in rows),
+    }
+
+
+def summarize(bench: BenchRun, details: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per method: the five metrics overall and per category, over the questions every method finished.
+
+    tokens_per_second is total tokens / total (median) seconds, so long answers weigh more, as in use;
+    speedup is that against ar's on the very same questions.
+    """
+    questions = bench.complete()
+    categories = list(dict.fromkeys(q.category for q in questions))
+    out = {}
+    for method in bench.methods:
+        mismatched = {d["question_id"] for d in details.get(method, [])}
+
+        def rows(qs, m=method):
+            return [bench.measurements[q.question_id, m] for q in qs]
+
+        entry = _fields(rows(questions), rows(questions, REFERENCE), mismatched)
+        entry["categories"] = {}
+        for cat in categories:
+            qs = [q for q in questions if q.category == cat]
+            entry["categories"][cat] = _fields(rows(qs), rows(qs, REFERENCE), mismatched)
+        out[method] = entry
+    return out
+
+
+def per_question(bench: BenchRun) -> list[dict]:
+    return [{"question_id": m.question.question_id, "category": m.question.category, "method": m.method,
+             "tokens": m.tokens, "seconds": round(m.seconds, 5),
+             "steps": _total([t.steps for t in m.turns])}
+            for q in bench.complete() for m in (bench.measurements[q.question_id, k] for k in bench.methods)]
+
+
+def default_methods() -> str:
+    """The issue's list; with our own ``pld`` in methods.py, transformers' one runs as ``hf-pld`` as well."""
+    ours = "pld" in METHODS
+    return "ar,hf," + ("hf-pld," if ours else "") + "pld,medusa,cerberus,cerberus-nogate"
