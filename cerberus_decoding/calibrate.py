@@ -152,6 +152,24 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
     return {"step": _median_ms(step[1:]), "spec": _median_ms(spec[1:])}  # first round: warm-up
 
 
+def monotone_costs(costs: dict) -> dict:
+    """The least-squares non-decreasing fit of a cost curve (pool adjacent violators).
+
+    Verifying more tokens does not cost less, so a dip is timing noise; left in, it would make a
+    bigger tree look cheaper than a smaller one.
+    """
+    qs = sorted(costs)
+    blocks: list[list[float]] = []  # [sum, count] of pooled neighbours
+    for q in qs:
+        blocks.append([costs[q], 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, n = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += n
+    fitted = [total / n for total, n in blocks for _ in range(int(n))]
+    return dict(zip(qs, fitted, strict=True))
+
+
 def cost_at(costs: dict, q: float) -> float:
     """Verification cost of q tokens, linearly interpolated between measured points (ms)."""
     qs = sorted(int(k) for k in costs)
@@ -327,7 +345,8 @@ def hardware(device: torch.device | str = "cpu") -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
     cpu = f"{platform.machine()} {platform.processor() or ''}".strip()
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def calibrate(lm: LoadedModel, heads_dir: str | Path, prompts: list[str], budget_seconds: float = 300.0,
@@ -376,9 +395,9 @@ def calibrate(lm: LoadedModel, heads_dir: str | Path, prompts: list[str], budget
         raise CerberusError("No calibration prompt produced an answer (prompts too long for the context?).")
     ranks = np.concatenate(obs["ranks"])
     accuracy = accuracy_table(ranks, top_k)
-    sizes = range(1, max(int(q) for q in costs))
-    tree, tree_rows = choose_tree(accuracy, costs, overheads, sizes)
-    ar_ms, spec_ms = step_costs(costs, overheads, len(tree))
+    fit = monotone_costs(costs)
+    tree, tree_rows = choose_tree(accuracy, fit, overheads, range(1, max(fit)))
+    ar_ms, spec_ms = step_costs(fit, overheads, len(tree))
     # the gate analysis uses positions where every head has a true token (none cut by the answer's end)
     full = (ranks >= 0).all(axis=1)
     if not full.any():
@@ -412,7 +431,8 @@ def calibrate(lm: LoadedModel, heads_dir: str | Path, prompts: list[str], budget
         },
         "measured": {
             "context": context,
-            "cost_ms": {str(q): v for q, v in costs.items()},
+            "cost_ms": {str(q): v for q, v in costs.items()},  # medians as measured
+            "cost_fit_ms": {str(q): v for q, v in fit.items()},  # made non-decreasing; the choices use it
             "overhead_ms": overheads,
             "ar_step_ms": ar_ms,
             "spec_step_ms": spec_ms,

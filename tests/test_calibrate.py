@@ -54,6 +54,12 @@ def test_expensive_verification_picks_a_small_tree():
     assert len(tree) == 11
 
 
+def test_monotone_costs_remove_dips_only():
+    assert cal.monotone_costs(COSTS) == COSTS
+    fitted = cal.monotone_costs({1: 10.0, 2: 14.0, 4: 12.0, 8: 20.0, 16: 19.0, 32: 30.0})
+    assert fitted == pytest.approx({1: 10.0, 2: 13.0, 4: 13.0, 8: 19.5, 16: 19.5, 32: 30.0})
+
+
 def brute_threshold_rate(values, accepted, spec_ms, ar_ms) -> float:
     """Best tokens/s over every threshold that splits the data differently (and some that don't)."""
     points = np.sort(np.unique(values))
@@ -181,7 +187,7 @@ def test_calibrate_end_to_end(tiny_lm, heads_dir, capsys):
     saved = json.loads((heads_dir / cal.CALIBRATION_FILE).read_text())
     assert saved == json.loads(json.dumps(data))
     assert (saved["device"], saved["dtype"], saved["model"]) == ("cpu", "float32", "tiny-llama")
-    assert set(saved["measured"]["cost_ms"]) == {"1", "2", "4", "8"}
+    assert set(saved["measured"]["cost_ms"]) == set(saved["measured"]["cost_fit_ms"]) == {"1", "2", "4", "8"}
     assert len(saved["tree"]) <= 7 and saved["measured"]["prompts"] >= 1
     assert set(saved["thresholds"]) == {"hidden", "logits"}
     assert "gate logits (chosen)" in cal.format_summary(saved)
