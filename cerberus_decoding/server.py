@@ -1,0 +1,514 @@
+"""`cerberus serve`: an OpenAI-compatible HTTP server (chat/completions, completions, models, health).
+
+One Decoder owns one KV cache, so every generation runs on a single worker thread (a one-thread
+executor is a FIFO queue plus a worker): requests wait their turn and are never interleaved. The
+event loop only validates, tokenizes and relays text, so /health and bad requests stay fast while a
+long generation runs. A client that goes away sets its cancel event; the worker sees it at the next
+piece of text (on_text returns False) or skips the job if it had not started yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import Decoder, Result, SamplingConfig
+from .models import CerberusError
+
+DEFAULT_MAX_TOKENS = 256
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class APIError(Exception):
+    """An error with an HTTP status, reported in OpenAI's {"error": {...}} shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.param, self.code, self.type)
+
+
+def error_body(message: str, param=None, code=None, type="invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param=None, code=None, type="invalid_request_error"):
+    return JSONResponse(error_body(message, param, code, type), status_code=status)
+
+
+def failure(e: Exception) -> tuple[int, dict]:
+    """Status and body for an error raised while generating: the engine's own errors are the user's."""
+    if isinstance(e, CerberusError):
+        return 400, error_body(str(e), code="invalid_value")
+    return 500, error_body(f"Internal error: {type(e).__name__}: {e}", type="server_error", code="internal_error")
+
+
+def internal_error(e: Exception) -> JSONResponse:
+    return JSONResponse(failure(e)[1], status_code=500)
+
+
+# ---- request validation ------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true must not pass as 1
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def parse_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from e
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def check_model(body: dict, served: str) -> None:
+    model = body.get("model")
+    if model is None:
+        return  # lenient: there is only one model to pick
+    if not isinstance(model, str):
+        raise APIError(400, "'model' must be a string.", "model", "invalid_type")
+    if model != served:
+        raise APIError(
+            404,
+            f"The model '{model}' does not exist; this server serves '{served}'.",
+            "model",
+            "model_not_found",
+        )
+
+
+def sampling_config(body: dict) -> SamplingConfig:
+    """The shared sampling parameters of both endpoints; unknown OpenAI fields are ignored."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise APIError(400, "Only n=1 is supported.", "n", "unsupported_value")
+    max_param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(max_param)
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS  # the engine clamps it to what the context has left
+    elif not _is_int(max_tokens):
+        raise APIError(400, f"'{max_param}' must be an integer.", max_param, "invalid_type")
+    elif max_tokens < 1:
+        raise APIError(400, f"'{max_param}' must be >= 1 (got {max_tokens}).", max_param, "invalid_value")
+    # default 0 (greedy, lossless) like `cerberus generate`, not OpenAI's 1: see docs/server.md
+    temperature = body.get("temperature")
+    if temperature is None:
+        temperature = 0.0
+    elif not _is_number(temperature):
+        raise APIError(400, "'temperature' must be a number.", "temperature", "invalid_type")
+    elif not 0 <= temperature <= 2:
+        raise APIError(
+            400, f"'temperature' must be between 0 and 2 (got {temperature}).", "temperature", "invalid_value"
+        )
+    top_p = body.get("top_p")
+    if top_p is None:
+        top_p = 1.0
+    elif not _is_number(top_p):
+        raise APIError(400, "'top_p' must be a number.", "top_p", "invalid_type")
+    elif not 0 < top_p <= 1:
+        raise APIError(400, f"'top_p' must be in (0, 1] (got {top_p}).", "top_p", "invalid_value")
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise APIError(400, "'seed' must be an integer.", "seed", "invalid_type")
+    if seed is not None and not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise APIError(400, "'seed' must fit in 64 bits.", "seed", "invalid_value")
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise APIError(400, "'stop' must be a non-empty string or a list of them.", "stop", "invalid_type")
+    cfg = SamplingConfig(max_tokens, float(temperature), float(top_p), seed, stop)
+    try:
+        cfg.validate()
+    except CerberusError as e:
+        raise APIError(400, str(e), code="invalid_value") from e
+    return cfg
+
+
+def stream_flags(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage)."""
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise APIError(400, "'stream' must be a boolean.", "stream", "invalid_type")
+    options = body.get("stream_options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise APIError(400, "'stream_options' must be an object.", "stream_options", "invalid_type")
+    usage = options.get("include_usage")
+    if usage is not None and not isinstance(usage, bool):
+        raise APIError(400, "'stream_options.include_usage' must be a boolean.", "stream_options", "invalid_type")
+    return bool(stream), bool(usage)
+
+
+def chat_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if messages is None:
+        raise APIError(400, "Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list.", "messages", "invalid_type")
+    out = []
+    for i, m in enumerate(messages):
+        param = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise APIError(400, f"'{param}' must be an object.", param, "invalid_type")
+        role = m.get("role")
+        if role not in ROLES:
+            raise APIError(
+                400,
+                f"'{param}.role' must be one of {', '.join(ROLES)} (got {role!r}).",
+                f"{param}.role",
+                "invalid_value",
+            )
+        out.append({"role": ROLES[role], "content": _content_text(m.get("content"), f"{param}.content")})
+    return out
+
+
+def _content_text(content, param: str) -> str:
+    """A message's content: a string, or a list of text parts (OpenAI's multi-part form)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    raise APIError(400, f"'{param}' must be a string or a list of text parts.", param, "invalid_type")
+
+
+def completion_prompt(body: dict, vocab_size: int) -> str | list[int]:
+    """A text prompt, or token ids; OpenAI's batched forms are accepted only with one prompt."""
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise APIError(400, "Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise APIError(400, "'prompt' is empty.", "prompt", "invalid_value")
+        return prompt
+    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        if not all(0 <= t < vocab_size for t in prompt):
+            raise APIError(400, f"'prompt' has token ids outside [0, {vocab_size}).", "prompt", "invalid_value")
+        return prompt
+    raise APIError(
+        400,
+        "'prompt' must be a non-empty string, a list of token ids, or a list holding one "
+        "of those (batches are not supported).",
+        "prompt",
+        "invalid_type",
+    )
+
+
+# ---- the worker ----------------------------------------------------------------------------------
+class Worker:
+    """Runs generations one at a time, in arrival order, on the decoder's one KV cache."""
+
+    def __init__(self, decoder: Decoder):
+        self.decoder = decoder
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cerberus-decoder")
+        self.pending = 0  # requests queued or running; touched only on the event loop
+        self.active: set[threading.Event] = set()
+
+    async def run(self, ids: list[int], cfg: SamplingConfig, cancel: threading.Event, on_delta=None) -> Result:
+        """Generate on the worker thread; ``on_delta`` is called there with each piece of text."""
+
+        def job():
+            if cancel.is_set():
+                raise _Cancelled  # the client left while this request was still queued
+            return self.decoder.generate(ids, cfg, on_text=on_text)
+
+        def on_text(delta: str) -> bool:
+            if on_delta is not None:
+                on_delta(delta)
+            return not cancel.is_set()
+
+        self.pending += 1
+        self.active.add(cancel)
+        try:
+            return await asyncio.wrap_future(self.executor.submit(job))
+        finally:
+            cancel.set()  # if this coroutine was cancelled mid-run, stop the generation it started
+            self.active.discard(cancel)
+            self.pending -= 1
+
+    def shutdown(self) -> None:
+        for cancel in list(self.active):
+            cancel.set()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
+    """Set ``cancel`` when the client hangs up (the body is already read, so receive() waits for that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            cancel.set()
+            return
+
+
+# ---- responses -------------------------------------------------------------------------------------
+def usage(result: Result) -> dict:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.new_tokens,
+        "total_tokens": result.prompt_tokens + result.new_tokens,
+    }
+
+
+def stats(result: Result) -> dict:
+    return {
+        "method": result.method,
+        "steps": len(result.steps),
+        "mean_accepted": round(result.mean_accepted, 4),
+        "speculative_steps": result.speculative_steps,
+        "tokens_per_second": round(result.tokens_per_second, 3),
+    }
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def create_app(decoder: Decoder, model_name: str, api_key: str | None = None) -> FastAPI:
+    worker = Worker(decoder)
+    created = int(time.time())
+    vocab_size = int(decoder.model.config.vocab_size)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        worker.shutdown()  # stop a running generation so shutdown does not wait for it
+
+    app = FastAPI(title="Cerberus", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):  # unknown routes and methods, in the same error shape
+        return error_response(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+
+    @app.exception_handler(Exception)
+    async def any_error(request, exc):  # last resort; the endpoints catch their own errors
+        return internal_error(exc)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(
+                401, "Missing or invalid API key; send 'Authorization: Bearer <key>'.", code="invalid_api_key"
+            )
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "cerberus"}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "method": decoder.method, "pending": worker.pending}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        try:
+            check_key(request)
+        except APIError as e:
+            return e.response()
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str, request: Request):
+        try:
+            check_key(request)
+            check_model({"model": model}, model_name)
+        except APIError as e:
+            return e.response()
+        return model_card()
+
+    async def handle(request: Request, chat: bool):
+        try:
+            check_key(request)
+            body = parse_body(await request.body())
+            check_model(body, model_name)
+            if chat:
+                prompt, param = chat_messages(body), "messages"
+            else:
+                prompt, param = completion_prompt(body, vocab_size), "prompt"
+            cfg = sampling_config(body)
+            stream, include_usage = stream_flags(body)
+            if isinstance(prompt, list) and not chat:
+                ids = prompt
+            else:  # off the event loop: a long prompt takes a while to tokenize
+                try:
+                    ids = await run_in_threadpool(decoder.encode, prompt, not chat)
+                except Exception as e:  # mostly chat templates refusing a conversation (role order)
+                    raise APIError(400, f"Cannot encode the {param}: {e}", param, "invalid_value") from e
+            if not ids:
+                raise APIError(400, f"'{param}' encodes to no tokens.", param, "invalid_value")
+            try:
+                decoder.check_fits(len(ids))
+            except CerberusError as e:
+                raise APIError(400, str(e), param, "context_length_exceeded") from e
+        except APIError as e:
+            return e.response()
+        except Exception as e:
+            return internal_error(e)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        if stream:
+            events = stream_events(chat, rid, ids, cfg, include_usage)
+            return StreamingResponse(
+                events,
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        cancel = threading.Event()
+        watcher = asyncio.create_task(_watch_disconnect(request, cancel))
+        try:
+            result = await worker.run(ids, cfg, cancel)
+        except _Cancelled:
+            return error_response(499, "The client closed the request.", code="cancelled")
+        except Exception as e:
+            status, body = failure(e)
+            return JSONResponse(body, status_code=status)
+        finally:
+            watcher.cancel()
+        if chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "logprobs": None,
+                "finish_reason": result.finish_reason,
+            }
+        else:
+            choice = {
+                "index": 0,
+                "text": result.text,
+                "logprobs": None,
+                "finish_reason": result.finish_reason,
+            }
+        return {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": [choice],
+            "usage": usage(result),
+            "cerberus": stats(result),
+        }
+
+    async def stream_events(chat: bool, rid: str, ids, cfg, include_usage: bool):
+        """SSE chunks. Starlette cancels this generator when the client disconnects; `finally` then
+        sets the cancel event, which stops the generation at its next piece of text."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        cancel = threading.Event()
+        now = int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, finish: str | None = None, role: bool = False, **extra) -> dict:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            out = {"id": rid, "object": kind, "created": now, "model": model_name, "choices": [choice]}
+            if include_usage:
+                out["usage"] = None  # OpenAI sends null usage on every chunk but the last
+            return out | extra
+
+        def on_delta(delta: str) -> None:  # on the worker thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, delta)
+            except RuntimeError:  # the event loop is gone (shutting down)
+                cancel.set()
+
+        task = asyncio.ensure_future(worker.run(ids, cfg, cancel, on_delta))
+        getter = None
+        try:
+            if chat:
+                yield sse(chunk(None, role=True))
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield sse(chunk(getter.result()))
+                    continue
+                # all text is queued before the job's result arrives (both go through call_soon_threadsafe)
+                getter.cancel()
+                if queue.empty():
+                    break
+            try:
+                result = task.result()
+            except Exception as e:
+                yield sse(failure(e)[1])
+                return
+            yield sse(chunk(None, result.finish_reason, cerberus=stats(result)))
+            if include_usage:
+                yield sse(
+                    {
+                        "id": rid,
+                        "object": kind,
+                        "created": now,
+                        "model": model_name,
+                        "choices": [],
+                        "usage": usage(result),
+                        "cerberus": stats(result),
+                    }
+                )
+            yield sse("[DONE]")
+        finally:
+            cancel.set()
+            task.cancel()  # Worker.run's own finally releases its bookkeeping
+            if getter is not None:
+                getter.cancel()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, chat=False)
+
+    return app
+
+
+def serve(decoder: Decoder, host: str, port: int, model_name: str, api_key: str | None = None) -> None:
+    import uvicorn
+
+    app = create_app(decoder, model_name, api_key)
+    print(
+        f"Serving {model_name} ({decoder.method}) at http://{host}:{port}/v1"
+        + (" (API key required)" if api_key else ""),
+        flush=True,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="info")
