@@ -158,7 +158,7 @@ def new_heads(lm, head_type: str = "cerberus", num_heads: int = 4, num_layers: i
     heads = DraftHeads(config, weight)
     if own_lm_head:
         heads.init_own_lm_heads()
-    return heads.to(weight.device)
+    return heads.to(device=weight.device, dtype=weight.dtype)
 
 
 def random_heads(lm, head_type: str, seed: int = 0, scale: float = 0.02, **kw) -> DraftHeads:
@@ -167,7 +167,7 @@ def random_heads(lm, head_type: str, seed: int = 0, scale: float = 0.02, **kw) -
     g = torch.Generator().manual_seed(seed)
     for p in heads.blocks.parameters():
         p.data = (torch.randn(p.shape, generator=g) * scale).to(p)
-    return heads
+    return heads.to(lm.dtype)
 
 
 def save_heads(heads: DraftHeads, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
