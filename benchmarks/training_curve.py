@@ -1,0 +1,52 @@
+"""Held-out head accuracy vs distilled data size, Medusa vs Cerberus heads, from training runs.
+
+    .venv/bin/python benchmarks/training_curve.py runs/sub6-medusa runs/sub6-cerberus ... --out docs/training_curve.png
+
+Each run directory holds the `summary.json` that `cerberus train` writes. Prints a Markdown table
+(per-head top-1 / top-5) and plots top-1 of heads 1 and 2 against training positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, default=Path("docs/training_curve.png"))
+    args = ap.parse_args()
+    rows = []
+    for run in args.runs:
+        summary = json.loads((run / "summary.json").read_text())
+        config = json.loads((run / "heads" / "config.json").read_text())
+        rows.append((config["head_type"], summary["train_positions"], summary["eval"], summary["seconds"]))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    print("| heads | train tokens | top-1 (heads 1-4) | top-5 (heads 1-4) | train seconds |")
+    print("|---|---|---|---|---|")
+    for kind, n, ev, secs in rows:
+        top1 = " / ".join(f"{a:.3f}" for a in ev["top1"])
+        top5 = " / ".join(f"{a:.3f}" for a in ev["top5"])
+        print(f"| {kind} | {n:,} | {top1} | {top5} | {secs:.0f} |")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, style in (("medusa", "--"), ("cerberus", "-")):
+        pts = [(n, ev) for k, n, ev, _ in rows if k == kind]
+        for head in (0, 1):
+            ax.plot([n for n, _ in pts], [ev["top1"][head] for _, ev in pts], style, marker="o",
+                    label=f"{kind} head {head + 1}")
+    ax.set(xscale="log", xlabel="distilled training tokens", ylabel="held-out top-1")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"\nplot: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
