@@ -8,10 +8,11 @@ from pathlib import Path
 from .calibrate import calibrated_config
 from .engine import Decoder
 from .heads import load_heads, random_heads
+from .lookup import LookupDrafter
 from .models import CerberusError, LoadedModel
 from .tree import DEFAULT_TREE, build_tree, load_tree
 
-METHODS = ("ar", "medusa", "cerberus", "cerberus-nogate")
+METHODS = ("ar", "medusa", "cerberus", "cerberus-nogate", "pld", "cerberus+lookup")
 ASSETS = Path(__file__).parent / "assets" / "heads"
 
 
@@ -26,25 +27,28 @@ def default_heads_dir(lm: LoadedModel, head_type: str) -> Path:
 
 
 def head_type_for(method: str) -> str | None:
-    if method == "ar":
+    if method in ("ar", "pld"):
         return None
     if method == "medusa":
         return "medusa"
-    if method in ("cerberus", "cerberus-nogate"):
+    if method in ("cerberus", "cerberus-nogate", "cerberus+lookup"):
         return "cerberus"
     raise CerberusError(f"Unknown method {method!r}; use one of {', '.join(METHODS)}.")
 
 
 def build_decoder(lm: LoadedModel, method: str = "ar", heads: str | None = "default", gate: str | None = None,
-                  threshold: float | None = None, tree: str | list | None = None) -> Decoder:
+                  threshold: float | None = None, tree: str | list | None = None,
+                  lookup: dict | None = None) -> Decoder:
     """``heads``: a checkpoint directory, ``default`` (shipped for the model) or ``none`` (untrained).
 
-    Gate and threshold default to the checkpoint's values for ``cerberus``, to off for ``medusa``
-    (pass --gate to measure the gate on Medusa heads) and always off for ``cerberus-nogate``.
+    Gate and threshold default to the checkpoint's values for ``cerberus`` and ``cerberus+lookup``,
+    to off for ``medusa`` (pass --gate to measure the gate on Medusa heads) and always off for
+    ``cerberus-nogate``. ``lookup``: LookupDrafter options for ``pld`` and ``cerberus+lookup``.
     """
     head_type = head_type_for(method)
+    drafter = LookupDrafter(**(lookup or {})) if method in ("pld", "cerberus+lookup") else None
     if head_type is None:
-        return Decoder(lm, method="ar")
+        return Decoder(lm, method=method, drafter=drafter)
     if heads in (None, "none"):
         draft = random_heads(lm, head_type)
     else:
@@ -59,7 +63,7 @@ def build_decoder(lm: LoadedModel, method: str = "ar", heads: str | None = "defa
     if method == "cerberus-nogate":
         gate = "off"
     elif gate is None:
-        gate = cfg.gate if method == "cerberus" else "off"
+        gate = cfg.gate if method in ("cerberus", "cerberus+lookup") else "off"
     if threshold is None:
         threshold = cfg.gate_threshold if gate != "off" else math.inf
     if isinstance(tree, str):
@@ -69,4 +73,4 @@ def build_decoder(lm: LoadedModel, method: str = "ar", heads: str | None = "defa
     built = build_tree(choices)
     if built.num_heads > cfg.num_heads:
         raise CerberusError(f"The tree is {built.num_heads} deep but the heads have only {cfg.num_heads} heads.")
-    return Decoder(lm, draft, built, gate=gate, threshold=threshold, method=method)
+    return Decoder(lm, draft, built, gate=gate, threshold=threshold, method=method, drafter=drafter)

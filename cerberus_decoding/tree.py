@@ -25,7 +25,7 @@ DEFAULT_TREE = [
 
 @dataclass
 class Tree:
-    choices: list[tuple[int, ...]]  # sorted, node i + 1 = choices[i]
+    choices: list[tuple[int, ...]]  # node i + 1 = choices[i] (build_tree sorts them by depth)
     mask: torch.Tensor  # [N+1, N+1] bool, node attends to itself and its ancestors
     depth: torch.Tensor  # [N+1] long, root 0
     parent: torch.Tensor  # [N+1] long, root -> 0
@@ -60,22 +60,40 @@ def build_tree(choices) -> Tree:
             raise CerberusError(f"Tree node {list(c)} has a negative rank.")
         if len(c) > 1 and c[:-1] not in index:
             raise CerberusError(f"Tree node {list(c)} has no parent {list(c[:-1])} in the tree.")
-    n = len(choices) + 1
-    parent = torch.zeros(n, dtype=torch.long)
-    depth = torch.zeros(n, dtype=torch.long)
-    mask = torch.eye(n, dtype=torch.bool)
-    mask[:, 0] = True
-    for c, i in index.items():
-        depth[i] = len(c)
-        parent[i] = index.get(c[:-1], 0)
-        for d in range(1, len(c)):
-            mask[i, index[c[:d]]] = True
-    leaves = [c for c in choices if not any(o[: len(c)] == c and len(o) > len(c) for o in choices)]
-    max_depth = max(len(c) for c in choices)
-    paths = torch.full((len(leaves), max_depth), n, dtype=torch.long)
-    for p, leaf in enumerate(leaves):
-        for d in range(1, len(leaf) + 1):
-            paths[p, d - 1] = index[leaf[:d]]
+    return tree_from_parents([index.get(c[:-1], 0) for c in choices], choices)
+
+
+def tree_from_parents(parents: list[int], choices=None) -> Tree:
+    """A tree from explicit parent links: ``parents[i]`` is the parent of node i + 1 (0 = root).
+
+    Nodes keep the given order, so a caller's token list lines up with the buffers. Parents must
+    come before their children. Without ``choices``, each node's choice is its parent's plus its
+    position among its siblings, so ``head``/``rank`` read as "depth - 1" and "sibling number".
+    """
+    n = len(parents) + 1
+    if n < 2:
+        raise CerberusError("A tree needs at least one node.")
+    if any(not 0 <= p <= i for i, p in enumerate(parents)):
+        raise CerberusError("Every tree node's parent must be the root or an earlier node.")
+    if choices is None:
+        paths_of, counts = [()], [0] * n
+        for p in parents:
+            paths_of.append(paths_of[p] + (counts[p],))
+            counts[p] += 1
+        choices = paths_of[1:]
+    choices = [tuple(c) for c in choices]
+    parent = torch.tensor([0, *parents], dtype=torch.long)  # [N+1]
+    depth = torch.tensor([0] + [len(c) for c in choices], dtype=torch.long)  # [N+1]
+    mask = torch.eye(n, dtype=torch.bool)  # [N+1, N+1]
+    for i, p in enumerate(parents, start=1):
+        mask[i] |= mask[p]  # a node sees what its parent sees (parents are built first)
+    has_child = set(parents)
+    leaves = [i for i in range(1, n) if i not in has_child]
+    max_depth = int(depth.max())
+    paths = torch.full((len(leaves), max_depth), n, dtype=torch.long)  # [P, D], padded with N+1
+    for row, leaf in enumerate(leaves):
+        ids = mask[leaf, 1:].nonzero().flatten() + 1  # ancestors and itself, ascending = by depth
+        paths[row, : ids.numel()] = ids
     return Tree(
         choices=choices, mask=mask, depth=depth, parent=parent,
         head=depth[1:] - 1, rank=torch.tensor([c[-1] for c in choices], dtype=torch.long),
