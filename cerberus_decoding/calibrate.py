@@ -143,7 +143,7 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
         all_logits = dec._lm_head(dec._forward(tokens, context + tree.depth, tree.mask))  # not timed
         _sync(device)
         t3 = time.perf_counter()
-        accepted, _ = accept_greedy(tree, tokens, all_logits)
+        accepted = accept_greedy(tree, tokens, all_logits)
         dec.cache.compact(context, torch.cat([accepted.new_zeros(1), accepted]))
         _sync(device)
         t4 = time.perf_counter()

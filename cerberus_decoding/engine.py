@@ -105,6 +105,7 @@ class Decoder:
         self.method = method or ("ar" if heads is None else heads.config.head_type)
         self.drafter = drafter  # optional extra draft source (prompt lookup), see lookup.py
         self.model = lm.model
+        self.vocab_size = lm.model.get_output_embeddings().weight.shape[0]
         self.tokenizer = lm.tokenizer
         self.eos_ids = _eos_ids(lm)
         self.cache: KVCache | None = None
@@ -201,17 +202,20 @@ class Decoder:
             else:
                 tree, tokens = drafts
                 hiddens = self._forward(tokens, pos + tree.depth, tree.mask)  # [N+1, H]
-                all_logits = self._lm_head(hiddens)  # [N+1, V]
+                # the LM head runs only where verification reads it: nodes with children (+ the last one)
+                all_logits = hiddens.new_empty(tree.size, self.vocab_size)  # [N+1, V]
+                all_logits[tree.internal] = self._lm_head(hiddens[tree.internal])
                 if cfg.temperature <= 0:
-                    accepted, bonus = accept_greedy(tree, tokens, all_logits)
+                    accepted = accept_greedy(tree, tokens, all_logits)
                 else:
-                    accepted, bonus = accept_typical(tree, tokens, all_logits, cfg.temperature, cfg.top_p, generator)
+                    accepted = accept_typical(tree, tokens, all_logits, cfg.temperature)
                 path = torch.cat([accepted.new_zeros(1), accepted])  # root + accepted nodes
                 self.cache.compact(pos, path)
                 last = int(path[-1])
-                hidden, logits = hiddens[last], all_logits[last]
+                hidden = hiddens[last]
+                logits = all_logits[last] if last in tree.internal_set else self._lm_head(hidden)
                 new = tokens[path]
-                root = bonus
+                root = sample(logits, cfg.temperature, cfg.top_p, generator)
                 candidates = tree.size - 1
             new_ids = new.tolist()
             self.cached_ids.extend(new_ids)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -32,8 +33,13 @@ class Tree:
     head: torch.Tensor  # [N] which head drafts node i + 1 (depth - 1)
     rank: torch.Tensor  # [N] which of that head's top-k
     paths: torch.Tensor  # [P, D] node ids of each leaf path (depth 1..D), padded with N+1
+    internal: torch.Tensor  # [I] nodes with children: the only ones whose logits verification reads
     top_k: int  # largest rank + 1
     num_heads: int  # deepest depth
+
+    @cached_property
+    def internal_set(self) -> frozenset[int]:
+        return frozenset(self.internal.tolist())
 
     @property
     def size(self) -> int:
@@ -41,7 +47,7 @@ class Tree:
         return len(self.choices) + 1
 
     def to(self, device) -> Tree:
-        for name in ("mask", "depth", "parent", "head", "rank", "paths"):
+        for name in ("mask", "depth", "parent", "head", "rank", "paths", "internal"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -97,7 +103,8 @@ def tree_from_parents(parents: list[int], choices=None) -> Tree:
     return Tree(
         choices=choices, mask=mask, depth=depth, parent=parent,
         head=depth[1:] - 1, rank=torch.tensor([c[-1] for c in choices], dtype=torch.long),
-        paths=paths, top_k=max(c[-1] for c in choices) + 1, num_heads=max_depth,
+        paths=paths, internal=torch.tensor(sorted(has_child), dtype=torch.long),
+        top_k=max(c[-1] for c in choices) + 1, num_heads=max_depth,
     )
 
 
