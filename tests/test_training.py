@@ -130,11 +130,13 @@ def test_two_process_training_matches_one_process(tiny_lm, tiny_data, tmp_path):
 def test_shipped_default_heads_are_trained_for_the_default_model(lm):
     from cerberus_decoding.engine import SamplingConfig
     from cerberus_decoding.methods import build_decoder
+    from cerberus_decoding.tree import DEFAULT_TREE
 
     from .conftest import PROMPTS
 
     for head_type in ("medusa", "cerberus"):
-        decoder = build_decoder(lm, head_type if head_type == "medusa" else "cerberus-nogate", heads="default")
+        method = "medusa" if head_type == "medusa" else "cerberus-nogate"
+        decoder = build_decoder(lm, method, heads="default", tree=DEFAULT_TREE)  # the tree, not calibration's
         assert decoder.heads.config.base_model["name"] == lm.name
         results = [decoder.generate(decoder.encode(p), SamplingConfig(max_new_tokens=48)) for p in PROMPTS[:3]]
         tokens = sum(r.new_tokens for r in results)
