@@ -1,0 +1,76 @@
+"""The command line: user mistakes give a clear one-line error and a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "cerberus_decoding.cli"]
+
+
+def run(*args, stdin: str | None = None, timeout: int = 300):
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    return subprocess.run([*CLI, *args], input=stdin, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_missing_model_path():
+    assert_user_error(run("generate", "hi", "--model", "/no/such/model"), "does not exist")
+
+
+def test_unreadable_gguf(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"this is not a gguf file at all")
+    assert_user_error(run("generate", "hi", "--model", str(bad)), "not a GGUF file")
+
+
+def test_directory_without_config(tmp_path):
+    assert_user_error(run("generate", "hi", "--model", str(tmp_path)), "config.json")
+
+
+@pytest.mark.parametrize("args", [
+    ["--temperature", "-1"], ["--max-new-tokens", "0"], ["--dtype", "float64"], ["--method", "magic"],
+    ["--top-p", "0"],
+])
+def test_bad_option_values(args):
+    result = run("generate", "hi", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_prompt_longer_than_the_context():
+    assert_user_error(run("generate", "--raw", stdin="word " * 9000), "context")
+
+
+def test_wrong_heads_for_the_model(tmp_path, tiny_lm):
+    from cerberus_decoding.heads import new_heads, save_heads
+
+    save_heads(new_heads(tiny_lm, "cerberus"), tmp_path)
+    assert_user_error(run("generate", "hi", "--method", "cerberus", "--heads", str(tmp_path)), "trained for")
+
+
+def test_generate_json_and_stdin():
+    result = run("generate", "--json", "-n", "8", stdin="Name a fruit.")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert set(out) == {"text", "token_ids", "new_tokens", "seconds", "tokens_per_second", "steps", "mean_accepted",
+                        "speculative_steps", "method"}
+    assert out["method"] == "ar" and out["steps"] == out["new_tokens"] and out["mean_accepted"] == 1.0
+
+
+def test_chat_keeps_the_conversation():
+    result = run("chat", "-n", "12", stdin="My name is Ada.\nWhat is my name?\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("assistant>") == 2
+    second = result.stdout.split("assistant>")[2].split("you>")[0].strip()
+    alone = json.loads(run("generate", "What is my name?", "-n", "12", "--json").stdout)["text"].strip()
+    assert second and second != alone  # the second turn saw the first one
