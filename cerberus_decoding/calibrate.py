@@ -136,7 +136,7 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
         gating.entropy(logits)
         dec.tokenizer.decode(answer, skip_special_tokens=True)
         t1 = time.perf_counter()
-        tokens = tree.candidates(root, heads.topk_tokens(hidden, tree.top_k))  # [N+1]
+        tokens = tree.candidates(root, heads.topk_tokens(hidden, tree.top_k, root))  # [N+1]
         _sync(device)
         t2 = time.perf_counter()
         dec.cache.truncate(context)
@@ -208,7 +208,7 @@ def observe(lm: LoadedModel, heads, prompt_ids: list[int], answer_ids: list[int]
         h = states[a: a + chunk]  # [c, H]
         t = torch.arange(start + a, start + a + h.shape[0], device=device)  # [c] absolute positions
         target = seq[t[:, None] + torch.arange(2, num_heads + 2, device=device)]  # [c, K] token at t + d + 2
-        logits = heads(h).float()  # [c, K, V']
+        logits = heads(h, seq[t + 1]).float()  # [c, K, V']; the root is token t + 1
         idx = lookup[target.clamp_min(0)]  # [c, K]
         true_logit = logits.gather(-1, idx.clamp_min(0)[..., None])[..., 0]  # [c, K]
         rank = (logits > true_logit[..., None]).sum(-1)  # [c, K]

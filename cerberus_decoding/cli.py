@@ -262,6 +262,9 @@ def train(
     num_layers: int = typer.Option(1, "--num-layers", min=1),
     head_vocab: int = typer.Option(8192, "--head-vocab", min=0, help="Most frequent target tokens (0 = all)."),
     own_lm_head: bool = typer.Option(False, "--own-lm-head", help="Each head gets its own LM head (bigger)."),
+    root_token: bool = typer.Option(False, "--root-token/--no-root-token",
+                                    help="Cerberus: start the head chain from the embedding of the token the "
+                                         "base model just chose (docs/training.md)."),
     epochs: float = typer.Option(3.0, "--epochs", min=0.01),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     lr: float = typer.Option(1e-3, "--lr", min=0.0),
@@ -279,9 +282,11 @@ def train(
 
     if heads_type not in ("medusa", "cerberus"):
         fail("--heads-type must be medusa or cerberus")
+    if root_token and heads_type != "cerberus":
+        fail("--root-token needs --heads-type cerberus")
     lm = load_model(model, "float32", device.value)
     cfg = TrainConfig(head_type=heads_type, num_heads=num_heads, num_layers=num_layers, head_vocab=head_vocab,
-                      own_lm_head=own_lm_head, epochs=epochs, batch_size=batch_size, lr=lr,
+                      own_lm_head=own_lm_head, root_token=root_token, epochs=epochs, batch_size=batch_size, lr=lr,
                       eval_every=eval_every, save_every=save_every, max_steps=max_steps, seed=seed)
     typer.echo(json.dumps(run(lm, data, out, cfg, resume=resume)))
 

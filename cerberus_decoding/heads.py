@@ -4,6 +4,11 @@ Head k (0-based) reads the hidden state at position t and predicts the token at 
 LM head predicts t + 1). All heads run in one call; their logits come from one matmul against the
 (shared, frozen) LM head, optionally restricted to a reduced vocabulary of frequent tokens.
 
+Cerberus heads are chained: head k's block reads Concat(h, z_{k-1}). In the paper the chain starts
+from z_0 = h. With ``root_token`` it starts from the input embedding of token t + 1 instead: the
+step's root, which the base model has already chosen when the heads run, so the heads no longer
+have to guess it. Same cost (one embedding row), same sequential link.
+
 A checkpoint is a directory with ``config.json`` and ``model.safetensors``. The config records the
 base model's fingerprint so that heads are never run on a model they were not trained for.
 """
@@ -48,6 +53,7 @@ class HeadsConfig:
     vocab_size: int = 0
     head_vocab_size: int = 0  # 0 = full vocabulary
     own_lm_head: bool = False
+    root_token: bool = False  # cerberus only: the chain starts from the root token's embedding
     base_model: dict = field(default_factory=dict)
     gate: str = "logits"  # default gate for this checkpoint: hidden | logits | off
     gate_threshold: float = float("inf")
@@ -80,6 +86,8 @@ class DraftHeads(nn.Module):
         super().__init__()
         if config.head_type not in HEAD_TYPES:
             raise CerberusError(f"Unknown head type {config.head_type!r}; use one of {HEAD_TYPES}.")
+        if config.root_token and config.head_type != "cerberus":
+            raise CerberusError("root_token needs Cerberus heads (it is where their chain starts).")
         self.config = config
         H, K, L = config.hidden_size, config.num_heads, config.num_layers
         sequential = config.head_type == "cerberus"
@@ -95,8 +103,15 @@ class DraftHeads(nn.Module):
         if config.own_lm_head:
             self.lm_heads = nn.ModuleList(nn.Linear(H, v_head, bias=False) for _ in range(K))
         self.register_buffer("shared_weight", torch.empty(0), persistent=False)  # [V', H]
+        self.register_buffer("embed_weight", torch.empty(0), persistent=False)  # [V, H], root_token only
         if lm_head_weight is not None:
             self.attach_lm_head(lm_head_weight)
+
+    def attach_base(self, model) -> None:
+        """Take what the heads borrow from the base model: LM head rows and (root_token) embeddings."""
+        self.attach_lm_head(model.get_output_embeddings().weight)
+        if self.config.root_token:
+            self.embed_weight = model.get_input_embeddings().weight.detach()
 
     def attach_lm_head(self, lm_head_weight: torch.Tensor) -> None:
         """Take the base LM head rows of the head vocabulary (frozen, not saved with the heads)."""
@@ -115,9 +130,14 @@ class DraftHeads(nn.Module):
         for head in self.lm_heads:
             head.weight.data.copy_(self.shared_weight)
 
-    def states(self, h: torch.Tensor) -> torch.Tensor:
-        """[..., H] -> [..., K, H]"""
-        outs, prev = [], h
+    def states(self, h: torch.Tensor, root: torch.Tensor | None = None) -> torch.Tensor:
+        """h [..., H], root [...] token ids (root_token heads) -> [..., K, H]"""
+        prev = h
+        if self.config.root_token:
+            if root is None:
+                raise CerberusError("These heads read the root token; pass it.")
+            prev = self.embed_weight[root].to(h.dtype)  # [..., H]
+        outs = []
         for blocks in self.blocks:
             if self.config.head_type == "cerberus":
                 z = blocks[0](torch.cat([h, prev], dim=-1), residual=h)
@@ -135,27 +155,30 @@ class DraftHeads(nn.Module):
             return torch.stack([head(states[..., k, :]) for k, head in enumerate(self.lm_heads)], -2)
         return states @ self.shared_weight.T  # one matmul for all heads
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.states(h))
+    def forward(self, h: torch.Tensor, root: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits(self.states(h, root))
 
-    def topk_tokens(self, h: torch.Tensor, k: int) -> torch.Tensor:
-        """[H] -> [K, k] token ids, best first."""
-        idx = self.forward(h).topk(k, dim=-1).indices
+    def topk_tokens(self, h: torch.Tensor, k: int, root: torch.Tensor | None = None) -> torch.Tensor:
+        """h [H], root [] or [1] -> [K, k] token ids, best first."""
+        if root is not None:
+            root = root.reshape(())
+        idx = self.forward(h, root).topk(k, dim=-1).indices
         return self.vocab_ids[idx]
 
 
 def new_heads(lm, head_type: str = "cerberus", num_heads: int = 4, num_layers: int = 1,
-              own_lm_head: bool = False, seed: int | None = None) -> DraftHeads:
+              own_lm_head: bool = False, root_token: bool = False, seed: int | None = None) -> DraftHeads:
     """Untrained heads for a loaded base model (identity blocks; predictions = base LM head's)."""
     weight = lm.model.get_output_embeddings().weight
     config = HeadsConfig(
         head_type=head_type, num_heads=num_heads, num_layers=num_layers,
         hidden_size=int(weight.shape[1]), vocab_size=int(weight.shape[0]),
-        own_lm_head=own_lm_head, base_model=model_fingerprint(lm.model, lm.name),
+        own_lm_head=own_lm_head, root_token=root_token, base_model=model_fingerprint(lm.model, lm.name),
     )
     if seed is not None:
         torch.manual_seed(seed)
-    heads = DraftHeads(config, weight)
+    heads = DraftHeads(config)
+    heads.attach_base(lm.model)
     if own_lm_head:
         heads.init_own_lm_heads()
     return heads.to(device=weight.device, dtype=weight.dtype)
@@ -242,6 +265,6 @@ def load_heads(path: str | Path, lm) -> DraftHeads:
     except RuntimeError as e:
         raise CerberusError(f"Heads weights {weights} do not match {path / 'config.json'}: {e}") from e
     heads.to(device=lm.device, dtype=lm.dtype)
-    heads.attach_lm_head(lm.model.get_output_embeddings().weight)
+    heads.attach_base(lm.model)
     heads.vocab_ids = heads.vocab_ids.to(torch.long)
     return heads.eval().requires_grad_(False)

@@ -90,3 +90,38 @@ def test_all_heads_share_one_lm_head_matmul(tiny_lm):
     finally:
         DraftHeads.logits = orig
     assert calls == [torch.Size([4, tiny_lm.model.config.hidden_size])]
+
+
+def test_root_token_heads_read_the_root_and_round_trip(lm, tmp_path):
+    heads = random_heads(lm, "cerberus", seed=2, scale=0.1, root_token=True)
+    h = torch.randn(2, lm.model.config.hidden_size)
+    a, b = heads(h, torch.tensor([5, 5])), heads(h, torch.tensor([5, 900]))
+    torch.testing.assert_close(a[0], b[0])
+    assert not torch.allclose(a[1], b[1])  # the root's embedding changes every head's guess
+    with pytest.raises(CerberusError, match="root token"):
+        heads(h)
+    save_heads(heads, tmp_path, dtype=torch.float32)
+    assert json.loads((tmp_path / "config.json").read_text())["root_token"] is True
+    assert "embed_weight" not in (tmp_path / "model.safetensors").read_bytes().decode("latin-1")  # borrowed, not saved
+    loaded = load_heads(tmp_path, lm)
+    torch.testing.assert_close(loaded(h, torch.tensor([5, 900])), b)
+    assert loaded.topk_tokens(h[0], 3, torch.tensor([900])).shape == (4, 3)
+
+
+def test_root_token_needs_cerberus_heads(lm):
+    with pytest.raises(CerberusError, match="needs Cerberus heads"):
+        new_heads(lm, "medusa", root_token=True)
+
+
+def test_root_token_decoding_is_lossless(tiny_lm):
+    from cerberus_decoding.engine import Decoder, SamplingConfig
+    from cerberus_decoding.tree import DEFAULT_TREE, build_tree
+
+    from .conftest import assert_lossless
+
+    heads = random_heads(tiny_lm, "cerberus", seed=4, scale=0.5, root_token=True)
+    ids = [1, 5, 9, 14, 3, 7]
+    reference = Decoder(tiny_lm).generate(ids, SamplingConfig(max_new_tokens=40)).token_ids
+    result = Decoder(tiny_lm, heads, build_tree(DEFAULT_TREE)).generate(ids, SamplingConfig(max_new_tokens=40))
+    assert result.speculative_steps > 0
+    assert_lossless(tiny_lm, ids, reference, result.token_ids)

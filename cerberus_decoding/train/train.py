@@ -33,6 +33,7 @@ class TrainConfig:
     num_layers: int = 1
     head_vocab: int = 8192  # 0 = full vocabulary
     own_lm_head: bool = False
+    root_token: bool = False  # cerberus: start the chain from the root token's embedding
     epochs: float = 3.0
     batch_size: int = 256
     lr: float = 1e-3
@@ -113,15 +114,17 @@ def head_loss(logits: torch.Tensor, labels: torch.Tensor, decay: float) -> tuple
 
 
 @torch.no_grad()
-def evaluate(heads: DraftHeads, hidden: torch.Tensor, labels: torch.Tensor, batch: int = 1024) -> dict:
-    """Per-head top-1 / top-5 on full-vocabulary labels (tokens outside the head vocabulary count as misses)."""
+def evaluate(heads: DraftHeads, hidden: torch.Tensor, labels: torch.Tensor, roots: torch.Tensor,
+             batch: int = 1024) -> dict:
+    """Per-head top-1 / top-5 on full-vocabulary labels (tokens outside the head vocabulary count as misses).
+    ``roots`` [N]: the token the base model chose at each position (read by root_token heads)."""
     K = labels.shape[1]
     hit1, hit5, count = torch.zeros(K), torch.zeros(K), torch.zeros(K)
     dtype = heads.shared_weight.dtype
     for i in range(0, hidden.shape[0], batch):
         h = hidden[i : i + batch].to(dtype)
         y = labels[i : i + batch]
-        top5 = heads.vocab_ids[heads(h).topk(5, dim=-1).indices]  # [B, K, 5] token ids
+        top5 = heads.vocab_ids[heads(h, roots[i : i + batch]).topk(5, dim=-1).indices]  # [B, K, 5] token ids
         valid = y != IGNORE
         hit1 += ((top5[..., 0] == y) & valid).sum(0)
         hit5 += ((top5 == y[..., None]).any(-1) & valid).sum(0)
@@ -162,14 +165,16 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     hidden, tokens, rows = load_distilled(data_dir)
     labels = head_labels(tokens, rows, cfg.num_heads)
     held = _split(rows, cfg.holdout, cfg.seed)
-    train_h, train_y = hidden[~held], labels[~held]
-    eval_h, eval_y = hidden[held], labels[held]
+    train_h, train_y, train_r = hidden[~held], labels[~held], tokens[~held]
+    eval_h, eval_y, eval_r = hidden[held], labels[held], tokens[held]
 
     weight = lm.model.get_output_embeddings().weight.detach().float().cpu()  # [V, H]
     hc = HeadsConfig(head_type=cfg.head_type, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
                      hidden_size=weight.shape[1], vocab_size=weight.shape[0], own_lm_head=cfg.own_lm_head,
-                     base_model=model_fingerprint(lm.model, lm.name))
+                     root_token=cfg.root_token, base_model=model_fingerprint(lm.model, lm.name))
     heads = DraftHeads(hc, weight)
+    if cfg.root_token:
+        heads.embed_weight = lm.model.get_input_embeddings().weight.detach().float().cpu()  # [V, H]
     missed = 0.0
     if cfg.head_vocab and cfg.head_vocab < weight.shape[0]:
         vocab_ids, missed = frequent_vocab(train_y, cfg.head_vocab, weight.shape[0])
@@ -220,7 +225,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         idx = batch_indices(step)
         h = train_h[idx].float().to(acc.device)
         y = train_targets[idx].to(acc.device)
-        loss, per_head = head_loss(heads(h), y, cfg.loss_decay)
+        loss, per_head = head_loss(heads(h, train_r[idx].to(acc.device)), y, cfg.loss_decay)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         opt.step()
@@ -231,7 +236,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", h1=f"{per_head[0]:.2f}")
         if step % cfg.eval_every == 0 or step == total:
             heads.eval()
-            metrics = evaluate(core, eval_h, eval_y)
+            metrics = evaluate(core, eval_h, eval_y, eval_r)
             heads.train()
             history["eval"].append({"step": step, **metrics})
             bar.write(f"step {step}: held-out top1 " + " ".join(f"{a:.3f}" for a in metrics["top1"]))
