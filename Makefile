@@ -23,6 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check cerberus_decoding tests benchmarks
+	$(BIN)/ruff format --check cerberus_decoding tests benchmarks
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

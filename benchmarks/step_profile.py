@@ -19,8 +19,11 @@ from cerberus_decoding.engine import Decoder, SamplingConfig
 from cerberus_decoding.methods import build_decoder
 from cerberus_decoding.models import load_model
 
-PROMPTS = ["Explain how vaccines work.", "Write a Python function that merges two sorted lists.",
-           "Give me five tips for a job interview."]
+PROMPTS = [
+    "Explain how vaccines work.",
+    "Write a Python function that merges two sorted lists.",
+    "Give me five tips for a job interview.",
+]
 
 
 def timed(totals: dict, name: str, fn):
@@ -30,6 +33,7 @@ def timed(totals: dict, name: str, fn):
             return fn(*args, **kw)
         finally:
             totals[name] += time.perf_counter() - t0
+
     return wrapper
 
 
@@ -76,8 +80,12 @@ def main() -> None:
         decoder.generate(decoder.encode("Hello"), SamplingConfig(max_new_tokens=8))  # warm-up
         totals, tokens, steps, seconds = profile(decoder, cfg)
         totals["other"] = seconds - sum(totals.values())
-        table.add_row(method, f"{tokens / seconds:.1f}", f"{tokens / steps:.2f}",
-                      *(f"{1000 * totals[p] / steps:.1f}" for p in parts))
+        table.add_row(
+            method,
+            f"{tokens / seconds:.1f}",
+            f"{tokens / steps:.2f}",
+            *(f"{1000 * totals[p] / steps:.1f}" for p in parts),
+        )
     Console().print(table)
 
 

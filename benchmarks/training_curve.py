@@ -39,8 +39,13 @@ def main() -> None:
     for kind, style in (("medusa", "--"), ("cerberus", "-")):
         pts = [(n, ev) for k, n, ev, _ in rows if k == kind]
         for head in (0, 1):
-            ax.plot([n for n, _ in pts], [ev["top1"][head] for _, ev in pts], style, marker="o",
-                    label=f"{kind} head {head + 1}")
+            ax.plot(
+                [n for n, _ in pts],
+                [ev["top1"][head] for _, ev in pts],
+                style,
+                marker="o",
+                label=f"{kind} head {head + 1}",
+            )
     ax.set(xscale="log", xlabel="distilled training tokens", ylabel="held-out top-1")
     ax.legend()
     fig.tight_layout()

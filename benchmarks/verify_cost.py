@@ -42,8 +42,9 @@ def plot(curves: dict[str, dict[int, float]], title: str, out: Path) -> None:
         ax_ms.plot(qs, [costs[q] for q in qs], marker="o", label=dtype)
         ax_ratio.plot(qs, [costs[q] / costs[1] for q in qs], marker="o", label=dtype)
     ax_ms.set(xlabel="tokens verified in one forward (q)", ylabel="ms", title="forward + LM head")
-    ax_ratio.set(xlabel="tokens verified in one forward (q)", ylabel="cost / cost(q=1)",
-                 title="relative to one AR step")
+    ax_ratio.set(
+        xlabel="tokens verified in one forward (q)", ylabel="cost / cost(q=1)", title="relative to one AR step"
+    )
     ax_ratio.axhline(1.0, color="grey", lw=0.5)
     for ax in (ax_ms, ax_ratio):
         ax.grid(alpha=0.3)
@@ -71,8 +72,7 @@ def main(argv=None) -> None:
         for q in qs:
             print(f"{q:>4} {costs[q]:9.2f} {costs[q] / costs[1]:7.2f}")
         del lm
-    title = (f"{args.model} on {device} ({hardware(device)}), {args.context}-token cache, "
-             f"median of {args.repeats}")
+    title = f"{args.model} on {device} ({hardware(device)}), {args.context}-token cache, median of {args.repeats}"
     plot(curves, title, args.out)
     args.out.with_suffix(".json").write_text(json.dumps({"title": title, "cost_ms": curves}, indent=2))
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}", file=sys.stderr)

@@ -42,13 +42,27 @@ def binned(entropy: np.ndarray, accepted: np.ndarray, bins: int = 8) -> list[dic
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         sel = (entropy >= lo) & ((entropy < hi) | (hi == edges[-1]))
         if sel.any():
-            out.append({"low": float(lo), "high": float(hi), "steps": int(sel.sum()),
-                        "mean_accepted": float(accepted[sel].mean())})
+            out.append(
+                {
+                    "low": float(lo),
+                    "high": float(hi),
+                    "steps": int(sel.sum()),
+                    "mean_accepted": float(accepted[sel].mean()),
+                }
+            )
     return out
 
 
-def analyze(lm, heads: str, prompts: list[str], out_dir: str | Path, max_new_tokens: int = 128,
-            head_type: str = "cerberus", gate: str = "logits", sweep: int = 5) -> dict:
+def analyze(
+    lm,
+    heads: str,
+    prompts: list[str],
+    out_dir: str | Path,
+    max_new_tokens: int = 128,
+    head_type: str = "cerberus",
+    gate: str = "logits",
+    sweep: int = 5,
+) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,10 +76,18 @@ def analyze(lm, heads: str, prompts: list[str], out_dir: str | Path, max_new_tok
     steps, _, _ = run_all(always, prompts, max_new_tokens, "always speculate")
     spec = [s for s in steps if s.mode == "spec"]
     accepted = np.array([s.accepted for s in spec], dtype=float)
-    report: dict = {"model": lm.name, "heads": heads, "head_type": head_type, "prompts": len(prompts),
-                    "max_new_tokens": max_new_tokens, "speculative_steps": len(spec),
-                    "zero_accept_share": float((accepted == 1).mean()), "mean_accepted": float(accepted.mean()),
-                    "correlation": {}, "bins": {}}
+    report: dict = {
+        "model": lm.name,
+        "heads": heads,
+        "head_type": head_type,
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "speculative_steps": len(spec),
+        "zero_accept_share": float((accepted == 1).mean()),
+        "mean_accepted": float(accepted.mean()),
+        "correlation": {},
+        "bins": {},
+    }
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, kind in zip(axes, KINDS, strict=True):
@@ -85,11 +107,18 @@ def analyze(lm, heads: str, prompts: list[str], out_dir: str | Path, max_new_tok
     thresholds = [-math.inf] + [float(np.quantile(ent, q)) for q in np.linspace(0.2, 0.8, sweep - 2)] + [math.inf]
     rows = []
     for t in tqdm(thresholds, desc="threshold sweep"):
-        gated = build_decoder(lm, "cerberus" if head_type == "cerberus" else "medusa", heads=heads, gate=gate,
-                              threshold=t)
+        gated = build_decoder(
+            lm, "cerberus" if head_type == "cerberus" else "medusa", heads=heads, gate=gate, threshold=t
+        )
         s, tokens, seconds = run_all(gated, prompts, max_new_tokens, f"threshold {t:.3g}")
-        rows.append({"threshold": t, "tokens_per_second": tokens / seconds, "mean_accepted": tokens / len(s),
-                     "speculative_share": sum(x.mode == "spec" for x in s) / len(s)})
+        rows.append(
+            {
+                "threshold": t,
+                "tokens_per_second": tokens / seconds,
+                "mean_accepted": tokens / len(s),
+                "speculative_share": sum(x.mode == "spec" for x in s) / len(s),
+            }
+        )
     report["sweep"] = {"gate": gate, "rows": rows}
     report["best_threshold"] = max(rows, key=lambda r: r["tokens_per_second"])["threshold"]
 
@@ -111,23 +140,39 @@ def analyze(lm, heads: str, prompts: list[str], out_dir: str | Path, max_new_tok
 
 def markdown(r: dict) -> str:
     lines = [
-        f"# Entropy analysis: {r['model']}, {r['head_type']} heads ({r['heads']})", "",
+        f"# Entropy analysis: {r['model']}, {r['head_type']} heads ({r['heads']})",
+        "",
         f"{r['prompts']} prompts x {r['max_new_tokens']} new tokens, always speculating: "
-        f"{r['speculative_steps']} speculative steps, {r['mean_accepted']:.2f} tokens per step.", "",
+        f"{r['speculative_steps']} speculative steps, {r['mean_accepted']:.2f} tokens per step.",
+        "",
         f"**Speculative steps that accept no extra token: {100 * r['zero_accept_share']:.1f}%** "
-        "(the paper reports 18.38% for Medusa on Vicuna-7B).", "",
-        "## Accepted length vs entropy", "", "![accepted vs entropy](accepted_vs_entropy.png)", "",
-        "| entropy | Spearman rho | p-value |", "|---|---|---|",
+        "(the paper reports 18.38% for Medusa on Vicuna-7B).",
+        "",
+        "## Accepted length vs entropy",
+        "",
+        "![accepted vs entropy](accepted_vs_entropy.png)",
+        "",
+        "| entropy | Spearman rho | p-value |",
+        "|---|---|---|",
     ]
     for kind, c in r["correlation"].items():
         lines.append(f"| {kind} | {c['spearman']:.3f} | {c['p_value']:.2g} |")
     for kind, bins in r["bins"].items():
         lines += ["", f"### {kind} entropy bins", "", "| entropy range | steps | tokens/step |", "|---|---|---|"]
         lines += [f"| {b['low']:.3f} - {b['high']:.3f} | {b['steps']} | {b['mean_accepted']:.2f} |" for b in bins]
-    lines += ["", f"## Threshold sweep ({r['sweep']['gate']} entropy)", "", "![sweep](threshold_sweep.png)", "",
-              "| threshold | tokens/s | tokens/step | speculative share |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Threshold sweep ({r['sweep']['gate']} entropy)",
+        "",
+        "![sweep](threshold_sweep.png)",
+        "",
+        "| threshold | tokens/s | tokens/step | speculative share |",
+        "|---|---|---|---|",
+    ]
     for row in r["sweep"]["rows"]:
-        lines.append(f"| {row['threshold']:.3f} | {row['tokens_per_second']:.2f} | {row['mean_accepted']:.2f} | "
-                     f"{row['speculative_share']:.2f} |")
+        lines.append(
+            f"| {row['threshold']:.3f} | {row['tokens_per_second']:.2f} | {row['mean_accepted']:.2f} | "
+            f"{row['speculative_share']:.2f} |"
+        )
     lines += ["", f"Best threshold: **{r['best_threshold']:.3f}**", ""]
     return "\n".join(lines)

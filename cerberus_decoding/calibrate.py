@@ -60,9 +60,16 @@ def _median_ms(samples: list[float]) -> float:
 
 # ---- 1. what a step costs -------------------------------------------------------------------------
 
+
 @torch.inference_mode()
-def measure_costs(lm: LoadedModel, qs=COST_QS, context: int = 300, repeats: int = 5,
-                  time_limit: float | None = None, progress: bool = False) -> dict[int, float]:
+def measure_costs(
+    lm: LoadedModel,
+    qs=COST_QS,
+    context: int = 300,
+    repeats: int = 5,
+    time_limit: float | None = None,
+    progress: bool = False,
+) -> dict[int, float]:
     """Median milliseconds of one verification of q tokens (forward + LM head + argmax) over a
     ``context``-token cache, for each q. q = 1 is a plain AR step (no mask); q > 1 carries a 4D
     tree mask like a speculative step (a chain: the mask's shape, not its pattern, sets the cost).
@@ -98,8 +105,7 @@ def measure_costs(lm: LoadedModel, qs=COST_QS, context: int = 300, repeats: int 
         once(q)
     start = time.perf_counter()
     samples: dict[int, list[float]] = {q: [] for q in qs}
-    rounds = tqdm(range(repeats), desc="verification cost", unit="round", disable=not progress,
-                  file=sys.stderr)
+    rounds = tqdm(range(repeats), desc="verification cost", unit="round", disable=not progress, file=sys.stderr)
     for r in rounds:
         for q in qs:
             samples[q].append(once(q))
@@ -123,8 +129,9 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
     dec.cache = KVCache.for_model(lm.model, context + tree.size)
     g = torch.Generator().manual_seed(1)
     vocab = int(lm.model.config.vocab_size)
-    hidden = dec._forward(torch.randint(vocab, (context,), generator=g).to(device),
-                          torch.arange(context, device=device))[-1]  # [H]
+    hidden = dec._forward(
+        torch.randint(vocab, (context,), generator=g).to(device), torch.arange(context, device=device)
+    )[-1]  # [H]
     logits = dec._lm_head(hidden)  # [V]
     root = logits.argmax(-1, keepdim=True)
     answer = torch.randint(vocab, (128,), generator=g).tolist()  # a mid-length answer to detokenise
@@ -178,9 +185,11 @@ def cost_at(costs: dict, q: float) -> float:
 
 # ---- 2. how often the heads are right ---------------------------------------------------------------
 
+
 @torch.inference_mode()
-def observe(lm: LoadedModel, heads, prompt_ids: list[int], answer_ids: list[int], top_k: int,
-            chunk: int = 64) -> dict[str, np.ndarray]:
+def observe(
+    lm: LoadedModel, heads, prompt_ids: list[int], answer_ids: list[int], top_k: int, chunk: int = 64
+) -> dict[str, np.ndarray]:
     """Teacher-force prompt + the model's own greedy answer and read, at every answer position t
     (the state whose LM head chose token t + 1, i.e. a step's root):
 
@@ -205,7 +214,7 @@ def observe(lm: LoadedModel, heads, prompt_ids: list[int], answer_ids: list[int]
     seq = torch.tensor(ids + [-1] * (num_heads + 2), device=device)  # padded: -1 past the end
     ranks, h_ent, l_ent = [], [], []
     for a in range(0, states.shape[0], chunk):
-        h = states[a: a + chunk]  # [c, H]
+        h = states[a : a + chunk]  # [c, H]
         t = torch.arange(start + a, start + a + h.shape[0], device=device)  # [c] absolute positions
         target = seq[t[:, None] + torch.arange(2, num_heads + 2, device=device)]  # [c, K] token at t + d + 2
         logits = heads(h, seq[t + 1]).float()  # [c, K, V']; the root is token t + 1
@@ -255,6 +264,7 @@ def accepted_lengths(ranks: np.ndarray, choices) -> np.ndarray:
 
 # ---- 3. and 4. the choices ----------------------------------------------------------------------
 
+
 def step_costs(costs: dict, overheads: dict, num_nodes: int) -> tuple[float, float]:
     """(AR step ms, speculative step ms with an N-node tree)."""
     ar = cost_at(costs, 1) + overheads["step"]
@@ -271,16 +281,22 @@ def choose_tree(accuracy, costs: dict, overheads: dict, sizes) -> tuple[list[lis
             break
         _, spec = step_costs(costs, overheads, n)
         length = expected_length(choices, accuracy)
-        rows.append({"nodes": n, "expected_length": length, "step_ms": spec,
-                     "tokens_per_s": 1000 * length / spec, "tree": choices})
+        rows.append(
+            {
+                "nodes": n,
+                "expected_length": length,
+                "step_ms": spec,
+                "tokens_per_s": 1000 * length / spec,
+                "tree": choices,
+            }
+        )
     if not rows:
         raise CerberusError("No tree size to choose from.")
     best = max(rows, key=lambda row: row["tokens_per_s"])
     return best["tree"], [{k: v for k, v in row.items() if k != "tree"} for row in rows]
 
 
-def gated_rate(values: np.ndarray, accepted: np.ndarray, spec_ms: float, ar_ms: float,
-               threshold: float) -> float:
+def gated_rate(values: np.ndarray, accepted: np.ndarray, spec_ms: float, ar_ms: float, threshold: float) -> float:
     """Tokens/s over the calibration positions when a step speculates iff value < threshold.
 
     Each position stands for a step that starts there: tokens/s = sum of tokens / sum of time
@@ -292,8 +308,9 @@ def gated_rate(values: np.ndarray, accepted: np.ndarray, spec_ms: float, ar_ms: 
     return 1000.0 * float(tokens / ms)
 
 
-def choose_threshold(values: np.ndarray, accepted: np.ndarray, spec_ms: float, ar_ms: float,
-                     candidates) -> tuple[float, float]:
+def choose_threshold(
+    values: np.ndarray, accepted: np.ndarray, spec_ms: float, ar_ms: float, candidates
+) -> tuple[float, float]:
     """(threshold, tokens/s): the candidate (plus +-inf) that maximises ``gated_rate``. Brute force,
     so it also holds when acceptance is not monotone in entropy."""
     best = None
@@ -304,8 +321,7 @@ def choose_threshold(values: np.ndarray, accepted: np.ndarray, spec_ms: float, a
     return best
 
 
-def entropy_bins(values: np.ndarray, accepted: np.ndarray, spec_ms: float, ar_ms: float,
-                 n_bins: int) -> list[dict]:
+def entropy_bins(values: np.ndarray, accepted: np.ndarray, spec_ms: float, ar_ms: float, n_bins: int) -> list[dict]:
     """Equal-count bins of one entropy: positions, mean accepted length, and whether speculating in
     that bin alone beats an AR step (E[accepted | bin] / spec cost > 1 / AR cost)."""
     edges = np.unique(np.quantile(values, np.linspace(0, 1, n_bins + 1)))
@@ -316,12 +332,20 @@ def entropy_bins(values: np.ndarray, accepted: np.ndarray, spec_ms: float, ar_ms
         if not inside.any():
             continue
         mean = float(accepted[inside].mean())
-        rows.append({"lo": float(lo), "hi": float(hi), "count": int(inside.sum()), "mean_accepted": mean,
-                     "pays": mean / spec_ms > 1.0 / ar_ms})
+        rows.append(
+            {
+                "lo": float(lo),
+                "hi": float(hi),
+                "count": int(inside.sum()),
+                "mean_accepted": mean,
+                "pays": mean / spec_ms > 1.0 / ar_ms,
+            }
+        )
     return rows
 
 
 # ---- the whole run ------------------------------------------------------------------------------
+
 
 def load_calibration_prompts(questions: str) -> list[str]:
     """``builtin`` or a prompt file (Spec-Bench question.jsonl, ShareGPT, Alpaca): first turns."""
@@ -329,8 +353,7 @@ def load_calibration_prompts(questions: str) -> list[str]:
 
     if questions == "builtin":
         if not BUILTIN_QUESTIONS.is_file():
-            raise CerberusError(f"The builtin questions ({BUILTIN_QUESTIONS}) are missing; "
-                                "pass --questions FILE.")
+            raise CerberusError(f"The builtin questions ({BUILTIN_QUESTIONS}) are missing; pass --questions FILE.")
         return read_prompts(BUILTIN_QUESTIONS)
     return read_prompts(questions)
 
@@ -349,10 +372,21 @@ def hardware(device: torch.device | str = "cpu") -> str:
     return f"{cpu}, {threads} thread{'s' if threads > 1 else ''}"
 
 
-def calibrate(lm: LoadedModel, heads_dir: str | Path, prompts: list[str], budget_seconds: float = 300.0,
-              gate: str = "logits", max_new_tokens: int = 128, top_k: int = 10, qs=COST_QS,
-              context: int = 300, repeats: int = 5, n_bins: int = 10, progress: bool = False,
-              write: bool = True) -> dict:
+def calibrate(
+    lm: LoadedModel,
+    heads_dir: str | Path,
+    prompts: list[str],
+    budget_seconds: float = 300.0,
+    gate: str = "logits",
+    max_new_tokens: int = 128,
+    top_k: int = 10,
+    qs=COST_QS,
+    context: int = 300,
+    repeats: int = 5,
+    n_bins: int = 10,
+    progress: bool = False,
+    write: bool = True,
+) -> dict:
     """Measure, choose, and (``write``) save ``calibration.json`` into ``heads_dir``; returns its content.
 
     The budget covers everything: the cost curve gets at most a third of it (at least two rounds), the
@@ -361,8 +395,7 @@ def calibrate(lm: LoadedModel, heads_dir: str | Path, prompts: list[str], budget
     from tqdm import tqdm
 
     if gate not in GATE_KINDS:
-        raise CerberusError(f"Calibrate a gate that reads an entropy: {' or '.join(GATE_KINDS)} "
-                            f"(got {gate!r}).")
+        raise CerberusError(f"Calibrate a gate that reads an entropy: {' or '.join(GATE_KINDS)} (got {gate!r}).")
     if not prompts:
         raise CerberusError("No calibration prompts.")
     heads_dir = Path(heads_dir)
@@ -401,8 +434,7 @@ def calibrate(lm: LoadedModel, heads_dir: str | Path, prompts: list[str], budget
     # the gate analysis uses positions where every head has a true token (none cut by the answer's end)
     full = (ranks >= 0).all(axis=1)
     if not full.any():
-        raise CerberusError("The answers were too short to calibrate on; "
-                            "raise --max-new-tokens or --budget-seconds.")
+        raise CerberusError("The answers were too short to calibrate on; raise --max-new-tokens or --budget-seconds.")
     accepted = accepted_lengths(ranks[full], tree)
     curves, thresholds = {}, {}
     for kind in GATE_KINDS:
@@ -452,6 +484,7 @@ def calibrate(lm: LoadedModel, heads_dir: str | Path, prompts: list[str], budget
 
 # ---- 5. the file, and using it ------------------------------------------------------------------
 
+
 def write_calibration(heads_dir: str | Path, data: dict) -> Path:
     """Write ``calibration.json`` atomically (a reader never sees half a file)."""
     target = Path(heads_dir) / CALIBRATION_FILE
@@ -473,8 +506,9 @@ def read_calibration(heads_dir: str | Path) -> dict | None:
         return None
 
 
-def calibrated_config(heads_dir: str | Path, lm: LoadedModel, config: HeadsConfig,
-                      gate: str | None = None) -> HeadsConfig:
+def calibrated_config(
+    heads_dir: str | Path, lm: LoadedModel, config: HeadsConfig, gate: str | None = None
+) -> HeadsConfig:
     """The heads' config with the calibrated tree, gate and threshold when ``heads_dir`` holds a
     calibration for the loaded model's device type and dtype; otherwise ``config`` unchanged.
 
@@ -488,37 +522,43 @@ def calibrated_config(heads_dir: str | Path, lm: LoadedModel, config: HeadsConfi
     here = (lm.device.type, dtype_name(lm.dtype))
     made = (data.get("device"), data.get("dtype"))
     if made != here:
-        print(f"ignoring calibration from {path}: made for {made[0]}/{made[1]}, the model runs on "
-              f"{here[0]}/{here[1]} (run `cerberus calibrate` for this setup)", file=sys.stderr)
+        print(
+            f"ignoring calibration from {path}: made for {made[0]}/{made[1]}, the model runs on "
+            f"{here[0]}/{here[1]} (run `cerberus calibrate` for this setup)",
+            file=sys.stderr,
+        )
         return config
     kind = gate if gate in GATE_KINDS else data.get("gate", config.gate)
     thresholds = data.get("thresholds") or {data.get("gate"): data["threshold"]}
     threshold = float(thresholds.get(kind, config.gate_threshold))
-    print(f"using calibration from {path} (tree of {len(data['tree'])} nodes, threshold {threshold:.4g})",
-          file=sys.stderr)
-    return replace(config, tree=[list(c) for c in data["tree"]], gate=data.get("gate", config.gate),
-                   gate_threshold=threshold)
+    print(
+        f"using calibration from {path} (tree of {len(data['tree'])} nodes, threshold {threshold:.4g})", file=sys.stderr
+    )
+    return replace(
+        config, tree=[list(c) for c in data["tree"]], gate=data.get("gate", config.gate), gate_threshold=threshold
+    )
 
 
 def format_summary(data: dict) -> str:
     """A few lines for the terminal: cost curve, chosen tree and threshold, predicted speeds."""
     m, p = data["measured"], data["predicted"]
     base = m["cost_ms"]["1"]
-    lines = [f"verification cost on {data['device']}/{data['dtype']} ({data['hardware']}), "
-             f"{m['context']}-token cache:",
-             "  q      " + " ".join(f"{q:>6}" for q in m["cost_ms"]),
-             "  ms     " + " ".join(f"{v:6.1f}" for v in m["cost_ms"].values()),
-             "  x q=1  " + " ".join(f"{v / base:6.2f}" for v in m["cost_ms"].values()),
-             f"overhead per step {m['overhead_ms']['step']:.1f} ms, per speculative step "
-             f"+{m['overhead_ms']['spec']:.1f} ms",
-             f"acceptance measured on {m['positions']} positions from {m['prompts']} prompts",
-             f"tree: {len(data['tree'])} nodes, expected {p['expected_length']:.2f} tokens/step "
-             f"(observed {p['empirical_length']:.2f})"]
+    lines = [
+        f"verification cost on {data['device']}/{data['dtype']} ({data['hardware']}), {m['context']}-token cache:",
+        "  q      " + " ".join(f"{q:>6}" for q in m["cost_ms"]),
+        "  ms     " + " ".join(f"{v:6.1f}" for v in m["cost_ms"].values()),
+        "  x q=1  " + " ".join(f"{v / base:6.2f}" for v in m["cost_ms"].values()),
+        f"overhead per step {m['overhead_ms']['step']:.1f} ms, per speculative step +{m['overhead_ms']['spec']:.1f} ms",
+        f"acceptance measured on {m['positions']} positions from {m['prompts']} prompts",
+        f"tree: {len(data['tree'])} nodes, expected {p['expected_length']:.2f} tokens/step "
+        f"(observed {p['empirical_length']:.2f})",
+    ]
     for kind in GATE_KINDS:
         curve = m["entropy"][kind]
         mark = " (chosen)" if kind == data["gate"] else ""
-        lines.append(f"gate {kind}{mark}: threshold {curve['threshold']:.4g} -> "
-                     f"{curve['tokens_per_s']:.2f} tokens/s")
-    lines.append(f"predicted tokens/s: AR {p['ar_tokens_per_s']:.2f}, always speculate "
-                 f"{p['spec_tokens_per_s']:.2f}, gated {p['gated_tokens_per_s']:.2f}")
+        lines.append(f"gate {kind}{mark}: threshold {curve['threshold']:.4g} -> {curve['tokens_per_s']:.2f} tokens/s")
+    lines.append(
+        f"predicted tokens/s: AR {p['ar_tokens_per_s']:.2f}, always speculate "
+        f"{p['spec_tokens_per_s']:.2f}, gated {p['gated_tokens_per_s']:.2f}"
+    )
     return "\n".join(lines)

@@ -11,8 +11,12 @@ import typer
 
 from .models import CerberusError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Cerberus: faster LLM decoding with draft heads, tree verification and an entropy gate.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Cerberus: faster LLM decoding with draft heads, tree verification and an entropy gate.",
+)
 
 
 class Method(str, Enum):
@@ -64,15 +68,20 @@ def make_decoder(model, dtype, device, method, heads, gate, threshold, tree):
     from .models import load_model
 
     lm = load_model(model, dtype.value, device.value)
-    return build_decoder(lm, method.value, heads, gate.value if gate else None, threshold,
-                         str(tree) if tree else None)
+    return build_decoder(lm, method.value, heads, gate.value if gate else None, threshold, str(tree) if tree else None)
 
 
 @app.command()
 def generate(
     prompt: str = typer.Argument(None, help="The prompt; read from stdin when omitted."),
-    model: str = ModelOpt, dtype: DType = DTypeOpt, device: Device = DeviceOpt, method: Method = MethodOpt,
-    heads: str = HeadsOpt, gate: Gate = GateOpt, gate_threshold: float = ThresholdOpt, tree: Path = TreeOpt,
+    model: str = ModelOpt,
+    dtype: DType = DTypeOpt,
+    device: Device = DeviceOpt,
+    method: Method = MethodOpt,
+    heads: str = HeadsOpt,
+    gate: Gate = GateOpt,
+    gate_threshold: float = ThresholdOpt,
+    tree: Path = TreeOpt,
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=1),
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy (lossless)."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
@@ -102,23 +111,47 @@ def generate(
         trace.write_text("".join(json.dumps(s) + "\n" for s in result.trace()))
     if as_json:
         summary = result.summary()
-        print(json.dumps({k: summary[k] for k in ("text", "token_ids", "new_tokens", "seconds", "tokens_per_second",
-                                                  "steps", "mean_accepted", "speculative_steps", "method")}))
+        print(
+            json.dumps(
+                {
+                    k: summary[k]
+                    for k in (
+                        "text",
+                        "token_ids",
+                        "new_tokens",
+                        "seconds",
+                        "tokens_per_second",
+                        "steps",
+                        "mean_accepted",
+                        "speculative_steps",
+                        "method",
+                    )
+                }
+            )
+        )
     else:
         print()
         typer.secho(_stats_line(result), fg=typer.colors.CYAN, err=True)
 
 
 def _stats_line(result) -> str:
-    return (f"[{result.method}] {result.new_tokens} tokens in {result.seconds:.2f}s = "
-            f"{result.tokens_per_second:.1f} tokens/s; {len(result.steps)} steps, "
-            f"{result.mean_accepted:.2f} tokens/step, {result.speculative_steps} speculative")
+    return (
+        f"[{result.method}] {result.new_tokens} tokens in {result.seconds:.2f}s = "
+        f"{result.tokens_per_second:.1f} tokens/s; {len(result.steps)} steps, "
+        f"{result.mean_accepted:.2f} tokens/step, {result.speculative_steps} speculative"
+    )
 
 
 @app.command()
 def chat(
-    model: str = ModelOpt, dtype: DType = DTypeOpt, device: Device = DeviceOpt, method: Method = MethodOpt,
-    heads: str = HeadsOpt, gate: Gate = GateOpt, gate_threshold: float = ThresholdOpt, tree: Path = TreeOpt,
+    model: str = ModelOpt,
+    dtype: DType = DTypeOpt,
+    device: Device = DeviceOpt,
+    method: Method = MethodOpt,
+    heads: str = HeadsOpt,
+    gate: Gate = GateOpt,
+    gate_threshold: float = ThresholdOpt,
+    tree: Path = TreeOpt,
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", min=1),
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
@@ -153,8 +186,12 @@ def chat(
             history.pop()
             continue
         print("assistant> ", end="", flush=True)
-        result = decoder.generate(ids, SamplingConfig(max_new_tokens, temperature, top_p, seed),
-                                  on_text=lambda s: print(s, end="", flush=True), reuse_cache=True)
+        result = decoder.generate(
+            ids,
+            SamplingConfig(max_new_tokens, temperature, top_p, seed),
+            on_text=lambda s: print(s, end="", flush=True),
+            reuse_cache=True,
+        )
         print()
         typer.secho(_stats_line(result), fg=typer.colors.CYAN, err=True)
         history.append({"role": "assistant", "content": result.text})
@@ -162,12 +199,19 @@ def chat(
 
 @app.command()
 def serve(
-    model: str = ModelOpt, dtype: DType = DTypeOpt, device: Device = DeviceOpt, method: Method = MethodOpt,
-    heads: str = HeadsOpt, gate: Gate = GateOpt, gate_threshold: float = ThresholdOpt, tree: Path = TreeOpt,
+    model: str = ModelOpt,
+    dtype: DType = DTypeOpt,
+    device: Device = DeviceOpt,
+    method: Method = MethodOpt,
+    heads: str = HeadsOpt,
+    gate: Gate = GateOpt,
+    gate_threshold: float = ThresholdOpt,
+    tree: Path = TreeOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: all interfaces)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
-    api_key: str = typer.Option(None, "--api-key", envvar="CERBERUS_API_KEY",
-                                help="Require 'Authorization: Bearer KEY' on /v1 routes."),
+    api_key: str = typer.Option(
+        None, "--api-key", envvar="CERBERUS_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 routes."
+    ),
     model_name: str = typer.Option(None, "--model-name", help="Served model id (default: the model's name)."),
 ):
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
@@ -179,13 +223,22 @@ def serve(
 
 @app.command()
 def bench(
-    questions: str = typer.Option("builtin", "--questions", "-q",
-                                  help="'builtin' or a Spec-Bench/MT-Bench question.jsonl."),
-    methods: str = typer.Option(None, "--methods",
-                                help="Comma list: ar, hf, hf-pld, pld and our methods; ar is always run "
-                                     "[default: ar,hf,pld,medusa,cerberus,cerberus-nogate (+ hf-pld)]"),
-    model: str = ModelOpt, dtype: DType = DTypeOpt, device: Device = DeviceOpt,
-    heads: str = HeadsOpt, gate: Gate = GateOpt, gate_threshold: float = ThresholdOpt, tree: Path = TreeOpt,
+    questions: str = typer.Option(
+        "builtin", "--questions", "-q", help="'builtin' or a Spec-Bench/MT-Bench question.jsonl."
+    ),
+    methods: str = typer.Option(
+        None,
+        "--methods",
+        help="Comma list: ar, hf, hf-pld, pld and our methods; ar is always run "
+        "[default: ar,hf,pld,medusa,cerberus,cerberus-nogate (+ hf-pld)]",
+    ),
+    model: str = ModelOpt,
+    dtype: DType = DTypeOpt,
+    device: Device = DeviceOpt,
+    heads: str = HeadsOpt,
+    gate: Gate = GateOpt,
+    gate_threshold: float = ThresholdOpt,
+    tree: Path = TreeOpt,
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Per turn."),
     limit: int = typer.Option(None, "--limit", min=1, help="First N questions of each category."),
     categories: str = typer.Option(None, "--categories", help="Comma list of categories (default: all)."),
@@ -207,22 +260,60 @@ def bench(
         fail("no questions selected")
     methods = methods or default_methods()
     lm = load_model(model, dtype.value, device.value)
-    run = benchmark(lm, chosen, methods, max_new_tokens, heads, gate.value if gate else None, gate_threshold,
-                    str(tree) if tree else None, warmup, repeats)
+    run = benchmark(
+        lm,
+        chosen,
+        methods,
+        max_new_tokens,
+        heads,
+        gate.value if gate else None,
+        gate_threshold,
+        str(tree) if tree else None,
+        warmup,
+        repeats,
+    )
     if run.interrupted:
-        typer.secho("interrupted: reporting the questions every method finished", fg=typer.colors.YELLOW,
-                    err=True)
-    args = ["cerberus", "bench", "--questions", questions, "--methods", methods, "--model", model,
-            "--dtype", dtype.value, "--device", device.value, "--heads", heads,
-            "--max-new-tokens", str(max_new_tokens), "--warmup", str(warmup),
-            "--repeats", str(repeats), "--out", str(out)]
+        typer.secho("interrupted: reporting the questions every method finished", fg=typer.colors.YELLOW, err=True)
+    args = [
+        "cerberus",
+        "bench",
+        "--questions",
+        questions,
+        "--methods",
+        methods,
+        "--model",
+        model,
+        "--dtype",
+        dtype.value,
+        "--device",
+        device.value,
+        "--heads",
+        heads,
+        "--max-new-tokens",
+        str(max_new_tokens),
+        "--warmup",
+        str(warmup),
+        "--repeats",
+        str(repeats),
+        "--out",
+        str(out),
+    ]
     args += ["--limit", str(limit)] if limit else []
     args += ["--categories", ",".join(cats)] if cats else []
     args += ["--gate", gate.value] if gate else []
     args += ["--gate-threshold", str(gate_threshold)] if gate_threshold is not None else []
     args += ["--tree", str(tree)] if tree else []
-    results = results_dict(lm, run, max_new_tokens, dtype.value, command=shlex.join(args), heads=heads,
-                           warmup=warmup, repeats=repeats, questions_source=questions)
+    results = results_dict(
+        lm,
+        run,
+        max_new_tokens,
+        dtype.value,
+        command=shlex.join(args),
+        heads=heads,
+        warmup=warmup,
+        repeats=repeats,
+        questions_source=questions,
+    )
     print_table(results)
     paths = write_all(results, out)
     typer.secho("wrote " + ", ".join(str(p) for p in paths), err=True)
@@ -237,7 +328,9 @@ def distill(
     num_prompts: int = typer.Option(4000, "--num-prompts", min=1, help="How many prompts to use."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     max_new_tokens: int = typer.Option(192, "--max-new-tokens", min=1),
-    model: str = ModelOpt, dtype: DType = DTypeOpt, device: Device = DeviceOpt,
+    model: str = ModelOpt,
+    dtype: DType = DTypeOpt,
+    device: Device = DeviceOpt,
 ):
     """Self-distillation: the base model's own greedy answers and hidden states, for head training."""
     from .models import load_model
@@ -262,9 +355,12 @@ def train(
     num_layers: int = typer.Option(1, "--num-layers", min=1),
     head_vocab: int = typer.Option(8192, "--head-vocab", min=0, help="Most frequent target tokens (0 = all)."),
     own_lm_head: bool = typer.Option(False, "--own-lm-head", help="Each head gets its own LM head (bigger)."),
-    root_token: bool = typer.Option(False, "--root-token/--no-root-token",
-                                    help="Cerberus: start the head chain from the embedding of the token the "
-                                         "base model just chose (docs/training.md)."),
+    root_token: bool = typer.Option(
+        False,
+        "--root-token/--no-root-token",
+        help="Cerberus: start the head chain from the embedding of the token the "
+        "base model just chose (docs/training.md).",
+    ),
     epochs: float = typer.Option(3.0, "--epochs", min=0.01),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     lr: float = typer.Option(1e-3, "--lr", min=0.0),
@@ -273,7 +369,8 @@ def train(
     max_steps: int = typer.Option(0, "--max-steps", min=0),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
-    model: str = ModelOpt, device: Device = DeviceOpt,
+    model: str = ModelOpt,
+    device: Device = DeviceOpt,
 ):
     """Train Medusa or Cerberus heads on distilled data (base model frozen)."""
     from .models import load_model
@@ -285,17 +382,33 @@ def train(
     if root_token and heads_type != "cerberus":
         fail("--root-token needs --heads-type cerberus")
     lm = load_model(model, "float32", device.value)
-    cfg = TrainConfig(head_type=heads_type, num_heads=num_heads, num_layers=num_layers, head_vocab=head_vocab,
-                      own_lm_head=own_lm_head, root_token=root_token, epochs=epochs, batch_size=batch_size, lr=lr,
-                      eval_every=eval_every, save_every=save_every, max_steps=max_steps, seed=seed)
+    cfg = TrainConfig(
+        head_type=heads_type,
+        num_heads=num_heads,
+        num_layers=num_layers,
+        head_vocab=head_vocab,
+        own_lm_head=own_lm_head,
+        root_token=root_token,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        eval_every=eval_every,
+        save_every=save_every,
+        max_steps=max_steps,
+        seed=seed,
+    )
     typer.echo(json.dumps(run(lm, data, out, cfg, resume=resume)))
 
 
 @app.command()
 def calibrate(
-    model: str = ModelOpt, dtype: DType = DTypeOpt, device: Device = DeviceOpt, heads: str = HeadsOpt,
-    questions: str = typer.Option("builtin", "--questions", "-q",
-                                  help="'builtin' or a question.jsonl / prompt file (first turns are used)."),
+    model: str = ModelOpt,
+    dtype: DType = DTypeOpt,
+    device: Device = DeviceOpt,
+    heads: str = HeadsOpt,
+    questions: str = typer.Option(
+        "builtin", "--questions", "-q", help="'builtin' or a question.jsonl / prompt file (first turns are used)."
+    ),
     budget_seconds: float = typer.Option(300.0, "--budget-seconds", min=1.0, help="Time to spend measuring."),
     gate: Gate = GateOpt,
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=8, help="Per calibration answer."),
@@ -324,7 +437,10 @@ def calibrate(
 
 @app.command()
 def analyze(
-    model: str = ModelOpt, dtype: DType = DTypeOpt, device: Device = DeviceOpt, heads: str = HeadsOpt,
+    model: str = ModelOpt,
+    dtype: DType = DTypeOpt,
+    device: Device = DeviceOpt,
+    heads: str = HeadsOpt,
     heads_type: str = typer.Option("cerberus", "--heads-type", help="medusa | cerberus"),
     questions: str = typer.Option("builtin", "--questions", help="'builtin' or a question.jsonl (first turns)."),
     limit: int = typer.Option(2, "--limit", min=1, help="Questions per category."),

@@ -80,11 +80,17 @@ class Result:
 
     def summary(self) -> dict:
         return {
-            "text": self.text, "token_ids": self.token_ids, "new_tokens": self.new_tokens,
-            "seconds": round(self.seconds, 4), "tokens_per_second": round(self.tokens_per_second, 3),
-            "steps": len(self.steps), "mean_accepted": round(self.mean_accepted, 4),
-            "speculative_steps": self.speculative_steps, "method": self.method,
-            "finish_reason": self.finish_reason, "prompt_tokens": self.prompt_tokens,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "new_tokens": self.new_tokens,
+            "seconds": round(self.seconds, 4),
+            "tokens_per_second": round(self.tokens_per_second, 3),
+            "steps": len(self.steps),
+            "mean_accepted": round(self.mean_accepted, 4),
+            "speculative_steps": self.speculative_steps,
+            "method": self.method,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
         }
 
     def trace(self) -> list[dict]:
@@ -94,8 +100,16 @@ class Result:
 class Decoder:
     """Generates from a loaded model with optional draft heads; owns one KV cache (one sequence)."""
 
-    def __init__(self, lm: LoadedModel, heads=None, tree: Tree | None = None, gate: str = "off",
-                 threshold: float = math.inf, method: str | None = None, drafter=None):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        heads=None,
+        tree: Tree | None = None,
+        gate: str = "off",
+        threshold: float = math.inf,
+        method: str | None = None,
+        drafter=None,
+    ):
         if heads is not None and tree is None:
             raise CerberusError("Draft heads need a tree.")
         if gate not in gating.GATES:
@@ -143,8 +157,11 @@ class Decoder:
             mask = torch.ones(1, 1, ids.numel(), past + ids.numel(), dtype=torch.bool, device=ids.device)
             mask[0, 0, :, past:] = tree_mask
         out = self.model.model(
-            input_ids=ids.view(1, -1), position_ids=positions.view(1, -1), attention_mask=mask,
-            cache=self.cache, use_cache=True,
+            input_ids=ids.view(1, -1),
+            position_ids=positions.view(1, -1),
+            attention_mask=mask,
+            cache=self.cache,
+            use_cache=True,
         )
         return out.last_hidden_state[0]
 
@@ -168,8 +185,13 @@ class Decoder:
 
     # ---- generation ------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], config: SamplingConfig | None = None,
-                 on_text: Callable[[str], bool | None] | None = None, reuse_cache: bool = False) -> Result:
+    def generate(
+        self,
+        prompt_ids: list[int],
+        config: SamplingConfig | None = None,
+        on_text: Callable[[str], bool | None] | None = None,
+        reuse_cache: bool = False,
+    ) -> Result:
         """Generate after ``prompt_ids``. ``on_text`` gets each new piece of text; returning False
         stops generation. ``reuse_cache`` keeps the K/V of a shared prefix from the last call (chat)."""
         cfg = config or SamplingConfig()
@@ -229,15 +251,23 @@ class Decoder:
             out.extend(new_ids)
             if self.drafter is not None:
                 self.drafter.extend(new_ids)
-            steps.append(Step("ar" if candidates == 0 else "spec", h_ent, l_ent, candidates, len(new_ids),
-                              time.perf_counter() - t0))
+            steps.append(
+                Step(
+                    "ar" if candidates == 0 else "spec",
+                    h_ent,
+                    l_ent,
+                    candidates,
+                    len(new_ids),
+                    time.perf_counter() - t0,
+                )
+            )
             full = self.tokenizer.decode(out, skip_special_tokens=True)
             cut = _find_stop(full, cfg.stop, len(text))
             if cut is not None:
                 full, finish = full[:cut], "stop"
             elif finish is None and full.endswith("\ufffd"):
                 continue  # an incomplete UTF-8 character: wait for the rest before showing it
-            delta, text = full[len(text):], full
+            delta, text = full[len(text) :], full
             if on_text is not None and delta and on_text(delta) is False and finish is None:
                 finish = "cancelled"
         # the last pending token(s) were never fed; keep cached_ids in step with the cache

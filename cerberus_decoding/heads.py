@@ -93,9 +93,7 @@ class DraftHeads(nn.Module):
         sequential = config.head_type == "cerberus"
         # Cerberus: the first block of head k reads Concat(h, z_{k-1}) (2H -> H) and adds it to h.
         self.blocks = nn.ModuleList(
-            nn.ModuleList(
-                ResBlock(2 * H if (sequential and layer == 0) else H, H) for layer in range(L)
-            )
+            nn.ModuleList(ResBlock(2 * H if (sequential and layer == 0) else H, H) for layer in range(L))
             for _ in range(K)
         )
         v_head = config.head_vocab_size or config.vocab_size
@@ -166,14 +164,26 @@ class DraftHeads(nn.Module):
         return self.vocab_ids[idx]
 
 
-def new_heads(lm, head_type: str = "cerberus", num_heads: int = 4, num_layers: int = 1,
-              own_lm_head: bool = False, root_token: bool = False, seed: int | None = None) -> DraftHeads:
+def new_heads(
+    lm,
+    head_type: str = "cerberus",
+    num_heads: int = 4,
+    num_layers: int = 1,
+    own_lm_head: bool = False,
+    root_token: bool = False,
+    seed: int | None = None,
+) -> DraftHeads:
     """Untrained heads for a loaded base model (identity blocks; predictions = base LM head's)."""
     weight = lm.model.get_output_embeddings().weight
     config = HeadsConfig(
-        head_type=head_type, num_heads=num_heads, num_layers=num_layers,
-        hidden_size=int(weight.shape[1]), vocab_size=int(weight.shape[0]),
-        own_lm_head=own_lm_head, root_token=root_token, base_model=model_fingerprint(lm.model, lm.name),
+        head_type=head_type,
+        num_heads=num_heads,
+        num_layers=num_layers,
+        hidden_size=int(weight.shape[1]),
+        vocab_size=int(weight.shape[0]),
+        own_lm_head=own_lm_head,
+        root_token=root_token,
+        base_model=model_fingerprint(lm.model, lm.name),
     )
     if seed is not None:
         torch.manual_seed(seed)
@@ -199,8 +209,7 @@ def save_heads(heads: DraftHeads, path: str | Path, dtype: torch.dtype = torch.b
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu()
-             for k, v in heads.state_dict().items()}
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu() for k, v in heads.state_dict().items()}
     _atomic_write(path / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
     cfg = asdict(heads.config)
     cfg["model_type"] = f"{heads.config.head_type}_heads"

@@ -38,7 +38,7 @@ class NgramIndex:
             toks.append(int(t))
             end = len(toks)
             for n in range(1, min(self.ngram, end) + 1):
-                last[tuple(toks[end - n:])] = end
+                last[tuple(toks[end - n :])] = end
 
     def match(self, root: int, max_len: int, min_ngram: int = 1) -> tuple[int, list[int]]:
         """-> (n, chain): the longest n-gram ending in ``root`` seen in the context, and up to
@@ -49,7 +49,7 @@ class NgramIndex:
         """
         toks = self.tokens
         for n in range(min(self.ngram, len(toks)), max(min_ngram, 1) - 1, -1):
-            end = self.last.get((*toks[len(toks) - n + 1:], root))
+            end = self.last.get((*toks[len(toks) - n + 1 :], root))
             if end is not None:
                 return n, continuation(toks, root, end, max_len)
         return 0, []
@@ -70,8 +70,9 @@ def continuation(tokens: list[int], root: int, start: int, max_len: int) -> list
     return chain
 
 
-def union_tree(parents: list[int], tokens: list[int], chain: list[int],
-               budget: int | None = None) -> tuple[list[int], list[int], int]:
+def union_tree(
+    parents: list[int], tokens: list[int], chain: list[int], budget: int | None = None
+) -> tuple[list[int], list[int], int]:
     """Merge a chain (the tokens after the root) into a token tree.
 
     ``parents[i]`` is node i + 1's parent, ``tokens`` [N+1] the node tokens (root first). The chain
@@ -123,8 +124,15 @@ class LookupDrafter:
     budget:     most nodes of a merged tree, root included (None: heads' tree + max_len).
     """
 
-    def __init__(self, max_len: int = 10, ngram: int = 3, heads: bool = True, min_ngram: int = 2,
-                 solo_ngram: int = 2, budget: int | None = None):
+    def __init__(
+        self,
+        max_len: int = 10,
+        ngram: int = 3,
+        heads: bool = True,
+        min_ngram: int = 2,
+        solo_ngram: int = 2,
+        budget: int | None = None,
+    ):
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1 (got {max_len}).")
         self.max_len, self.heads, self.budget = max_len, heads, budget

@@ -36,9 +36,15 @@ def head_type_for(method: str) -> str | None:
     raise CerberusError(f"Unknown method {method!r}; use one of {', '.join(METHODS)}.")
 
 
-def build_decoder(lm: LoadedModel, method: str = "ar", heads: str | None = "default", gate: str | None = None,
-                  threshold: float | None = None, tree: str | list | None = None,
-                  lookup: dict | None = None) -> Decoder:
+def build_decoder(
+    lm: LoadedModel,
+    method: str = "ar",
+    heads: str | None = "default",
+    gate: str | None = None,
+    threshold: float | None = None,
+    tree: str | list | None = None,
+    lookup: dict | None = None,
+) -> Decoder:
     """``heads``: a checkpoint directory, ``default`` (shipped for the model) or ``none`` (untrained).
 
     Gate and threshold default to the checkpoint's values for ``cerberus`` and ``cerberus+lookup``,

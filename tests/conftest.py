@@ -42,10 +42,19 @@ def tiny_lm(lm) -> LoadedModel:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(lm.tokenizer),
-                      hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-                      eos_token_id=lm.tokenizer.eos_token_id, bos_token_id=1, pad_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=len(lm.tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=lm.tokenizer.eos_token_id,
+        bos_token_id=1,
+        pad_token_id=2,
+    )
     model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
     return LoadedModel(model, lm.tokenizer, "tiny-llama", torch.device("cpu"), torch.float32)
 

@@ -37,27 +37,38 @@ def _write(tmp_path, lines):
 
 
 def test_parse_spec_bench_file_with_two_turn_questions(tmp_path):
-    path = _write(tmp_path, [
-        json.dumps({"question_id": 7, "category": "writing", "turns": ["First ask.", "Then follow up."],
-                    "reference": ["ignored"]}),
-        "",
-        json.dumps({"question_id": "q8", "category": "qa", "turns": ["Only one turn?"]}),
-    ])
+    path = _write(
+        tmp_path,
+        [
+            json.dumps(
+                {
+                    "question_id": 7,
+                    "category": "writing",
+                    "turns": ["First ask.", "Then follow up."],
+                    "reference": ["ignored"],
+                }
+            ),
+            "",
+            json.dumps({"question_id": "q8", "category": "qa", "turns": ["Only one turn?"]}),
+        ],
+    )
     qs = parse_questions(path)
-    assert qs == [Question(7, "writing", ("First ask.", "Then follow up.")),
-                  Question("q8", "qa", ("Only one turn?",))]
+    assert qs == [Question(7, "writing", ("First ask.", "Then follow up.")), Question("q8", "qa", ("Only one turn?",))]
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("{not json", "not valid JSON"),
-    ('["a list"]', "JSON object"),
-    ('{"question_id": 3, "category": "qa"}', "missing turns"),
-    ('{"question_id": 3, "category": "qa", "turns": []}', "turns"),
-    ('{"question_id": 3, "category": "qa", "turns": ["ok", 5]}', "turn"),
-    ('{"question_id": 3, "category": "", "turns": ["ok"]}', "category"),
-    ('{"question_id": true, "category": "qa", "turns": ["ok"]}', "question_id"),
-    ('{"question_id": 1, "category": "qa", "turns": ["again"]}', "duplicate"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('["a list"]', "JSON object"),
+        ('{"question_id": 3, "category": "qa"}', "missing turns"),
+        ('{"question_id": 3, "category": "qa", "turns": []}', "turns"),
+        ('{"question_id": 3, "category": "qa", "turns": ["ok", 5]}', "turn"),
+        ('{"question_id": 3, "category": "", "turns": ["ok"]}', "category"),
+        ('{"question_id": true, "category": "qa", "turns": ["ok"]}', "question_id"),
+        ('{"question_id": 1, "category": "qa", "turns": ["again"]}', "duplicate"),
+    ],
+)
 def test_malformed_question_files_name_the_file_and_line(tmp_path, bad, message):
     good = json.dumps({"question_id": 1, "category": "qa", "turns": ["fine"]})
     path = _write(tmp_path, [good, "", bad])
@@ -101,8 +112,10 @@ def test_parse_methods_always_runs_ar_first():
 
 
 def _measure(q, method, tokens, seconds, steps, spec, prompt=(1, 2, 3)):
-    turns = [Turn(list(prompt), list(t), "", seconds / len(tokens), s, p)
-             for t, s, p in zip(tokens, steps, spec, strict=True)]
+    turns = [
+        Turn(list(prompt), list(t), "", seconds / len(tokens), s, p)
+        for t, s, p in zip(tokens, steps, spec, strict=True)
+    ]
     return Measurement(q, method, turns, seconds)
 
 
@@ -169,8 +182,11 @@ def test_conversation_asks_turn_two_after_the_models_own_answer():
         return Turn(ids, [7], "my answer", 0.1, 1, 0)
 
     run_bench({"ar": runner}, Ref(), [Question(1, "w", ("first", "second"))], warmup=0, progress=False)
-    assert seen[-1] == [{"role": "user", "content": "first"}, {"role": "assistant", "content": "my answer"},
-                        {"role": "user", "content": "second"}]
+    assert seen[-1] == [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "my answer"},
+        {"role": "user", "content": "second"},
+    ]
 
 
 @pytest.mark.slow
@@ -180,10 +196,32 @@ def test_tiny_bench_run_writes_results_report_and_charts(tmp_path):
     from cerberus_decoding.cli import app
 
     out = tmp_path / "bench"
-    result = CliRunner().invoke(app, [
-        "bench", "--questions", "builtin", "--categories", "writing,qa", "--limit", "1",
-        "--max-new-tokens", "8", "--methods", "ar,hf,medusa", "--heads", "none", "--device", "cpu",
-        "--warmup", "0", "--repeats", "1", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--questions",
+            "builtin",
+            "--categories",
+            "writing,qa",
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "8",
+            "--methods",
+            "ar,hf,medusa",
+            "--heads",
+            "none",
+            "--device",
+            "cpu",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert {"model", "device", "dtype", "max_new_tokens", "questions", "methods"} <= set(results)

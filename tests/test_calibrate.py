@@ -134,9 +134,19 @@ def test_observe_ranks_match_the_heads_logits(tiny_lm):
 
 
 def _fake_calibration(tiny_lm, **kw) -> dict:
-    data = {"version": 1, "model": tiny_lm.name, "device": "cpu", "dtype": "float32", "hardware": "test",
-            "tree": [[0], [1], [0, 0]], "gate": "logits", "threshold": 1.25,
-            "thresholds": {"logits": 1.25, "hidden": 0.5}, "predicted": {}, "measured": {}}
+    data = {
+        "version": 1,
+        "model": tiny_lm.name,
+        "device": "cpu",
+        "dtype": "float32",
+        "hardware": "test",
+        "tree": [[0], [1], [0, 0]],
+        "gate": "logits",
+        "threshold": 1.25,
+        "thresholds": {"logits": 1.25, "hidden": 0.5},
+        "predicted": {},
+        "measured": {},
+    }
     data.update(kw)
     return data
 
@@ -182,8 +192,18 @@ def test_a_corrupt_calibration_is_ignored(tiny_lm, heads_dir, capsys):
 
 def test_calibrate_end_to_end(tiny_lm, heads_dir, capsys):
     prompts = ["Write a short poem about the sea.", "Why is the sky blue?"]
-    data = cal.calibrate(tiny_lm, heads_dir, prompts, budget_seconds=30, max_new_tokens=24, top_k=4,
-                         qs=(1, 2, 4, 8), context=32, repeats=2, n_bins=4)
+    data = cal.calibrate(
+        tiny_lm,
+        heads_dir,
+        prompts,
+        budget_seconds=30,
+        max_new_tokens=24,
+        top_k=4,
+        qs=(1, 2, 4, 8),
+        context=32,
+        repeats=2,
+        n_bins=4,
+    )
     saved = json.loads((heads_dir / cal.CALIBRATION_FILE).read_text())
     assert saved == json.loads(json.dumps(data))
     assert (saved["device"], saved["dtype"], saved["model"]) == ("cpu", "float32", "tiny-llama")

@@ -38,10 +38,16 @@ def test_directory_without_config(tmp_path):
     assert_user_error(run("generate", "hi", "--model", str(tmp_path)), "config.json")
 
 
-@pytest.mark.parametrize("args", [
-    ["--temperature", "-1"], ["--max-new-tokens", "0"], ["--dtype", "float64"], ["--method", "magic"],
-    ["--top-p", "0"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--temperature", "-1"],
+        ["--max-new-tokens", "0"],
+        ["--dtype", "float64"],
+        ["--method", "magic"],
+        ["--top-p", "0"],
+    ],
+)
 def test_bad_option_values(args):
     result = run("generate", "hi", *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -62,8 +68,17 @@ def test_generate_json_and_stdin():
     result = run("generate", "--json", "-n", "8", stdin="Name a fruit.")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert set(out) == {"text", "token_ids", "new_tokens", "seconds", "tokens_per_second", "steps", "mean_accepted",
-                        "speculative_steps", "method"}
+    assert set(out) == {
+        "text",
+        "token_ids",
+        "new_tokens",
+        "seconds",
+        "tokens_per_second",
+        "steps",
+        "mean_accepted",
+        "speculative_steps",
+        "method",
+    }
     assert out["method"] == "ar" and out["steps"] == out["new_tokens"] and out["mean_accepted"] == 1.0
 
 

@@ -22,7 +22,7 @@ def test_greedy_ar_matches_transformers_generate(lm, ar):
         ids = ar.encode(prompt)
         ours = ar.generate(ids, SamplingConfig(max_new_tokens=64)).token_ids
         with torch.inference_mode():
-            theirs = lm.model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False)[0, len(ids):]
+            theirs = lm.model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False)[0, len(ids) :]
         assert ours == theirs.tolist(), prompt
 
 
@@ -95,8 +95,12 @@ def test_chat_cache_reuse_gives_the_same_output(ar):
 
 def _feed(model, cache, ids, start):
     with torch.inference_mode():
-        out = model.model(input_ids=torch.tensor([ids]), position_ids=torch.arange(start, start + len(ids))[None],
-                          cache=cache, use_cache=True)
+        out = model.model(
+            input_ids=torch.tensor([ids]),
+            position_ids=torch.arange(start, start + len(ids))[None],
+            cache=cache,
+            use_cache=True,
+        )
     return out.last_hidden_state[0]
 
 
@@ -119,8 +123,9 @@ def test_compaction_equals_feeding_the_accepted_tokens(tiny_lm: LoadedModel):
             depth[i] = depth[parents[i]] + 1
     pos = torch.tensor([[5 + depth[i] for i in range(6)]])
     with torch.inference_mode():
-        model.model(input_ids=torch.tensor([fed]), position_ids=pos, attention_mask=mask, cache=tree_cache,
-                    use_cache=True)
+        model.model(
+            input_ids=torch.tensor([fed]), position_ids=pos, attention_mask=mask, cache=tree_cache, use_cache=True
+        )
     tree_cache.compact(5, keep)
     chain_cache = KVCache.for_model(model, 32)
     _feed(model, chain_cache, prefix + [fed[i] for i in keep.tolist()], 0)
@@ -129,8 +134,9 @@ def test_compaction_equals_feeding_the_accepted_tokens(tiny_lm: LoadedModel):
         torch.testing.assert_close(a.keys[:, :, :8], b.keys[:, :, :8], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(a.values[:, :, :8], b.values[:, :, :8], atol=1e-5, rtol=1e-4)
     # and the next token's hidden state is the same through either cache
-    torch.testing.assert_close(_feed(model, tree_cache, [99], 8), _feed(model, chain_cache, [99], 8),
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        _feed(model, tree_cache, [99], 8), _feed(model, chain_cache, [99], 8), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_cache_overflow_is_an_error(tiny_lm):

@@ -204,7 +204,7 @@ def test_drafter_chain_and_union():
     topk = torch.tensor([[4, 7, 8, 9], [5, 7, 8, 9], [0, 7, 8, 9], [0, 7, 8, 9]])
     tree, tokens = drafter.draft(torch.tensor([3]), heads, topk)
     assert tree.size == heads.size + 2  # 4, 5 shared with the heads' [0], [0, 0]; 6, 1 appended
-    assert tokens[:heads.size].tolist() == heads.candidates(torch.tensor([3]), topk).tolist()
+    assert tokens[: heads.size].tolist() == heads.candidates(torch.tensor([3]), topk).tolist()
     tree, tokens = drafter.draft(torch.tensor([9]), heads, topk)
     assert tree is heads
     solo = LookupDrafter(max_len=4, solo_ngram=2)

@@ -33,8 +33,13 @@ def references(lm):
 
 @pytest.mark.parametrize(
     "method,heads",
-    [("medusa", "none"), ("cerberus-nogate", "none"), ("medusa", "default"), ("cerberus", "default"),
-     ("cerberus-nogate", "default")],
+    [
+        ("medusa", "none"),
+        ("cerberus-nogate", "none"),
+        ("medusa", "default"),
+        ("cerberus", "default"),
+        ("cerberus-nogate", "default"),
+    ],
 )
 def test_speculative_greedy_equals_ar(lm, references, method, heads):
     decoder = build_decoder(lm, method, heads=heads)

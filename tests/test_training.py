@@ -66,8 +66,17 @@ def test_distill_writes_shards_and_resumes(tiny_lm, tiny_data):
 
 
 def _cfg(**kw):
-    base = dict(head_type="cerberus", head_vocab=512, epochs=50, batch_size=64, lr=3e-3, eval_every=10,
-                save_every=5, max_steps=30, holdout=0.1)
+    base = dict(
+        head_type="cerberus",
+        head_vocab=512,
+        epochs=50,
+        batch_size=64,
+        lr=3e-3,
+        eval_every=10,
+        save_every=5,
+        max_steps=30,
+        holdout=0.1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -109,15 +118,56 @@ def test_two_process_training_matches_one_process(tiny_lm, tiny_data, tmp_path):
     model_dir = tmp_path / "tiny-model"
     tiny_lm.model.save_pretrained(model_dir)
     tiny_lm.tokenizer.save_pretrained(model_dir)
-    args = ["--data", str(tiny_data), "--model", str(model_dir), "--head-vocab", "512", "--batch-size", "64",
-            "--max-steps", "12", "--epochs", "50", "--eval-every", "6", "--save-every", "6", "--device", "cpu"]
+    args = [
+        "--data",
+        str(tiny_data),
+        "--model",
+        str(model_dir),
+        "--head-vocab",
+        "512",
+        "--batch-size",
+        "64",
+        "--max-steps",
+        "12",
+        "--epochs",
+        "50",
+        "--eval-every",
+        "6",
+        "--save-every",
+        "6",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "cerberus_decoding.cli", "train", "--out", str(tmp_path / "one"),
-                          *args], capture_output=True, text=True, env=env, timeout=600)
+    one = subprocess.run(
+        [sys.executable, "-m", "cerberus_decoding.cli", "train", "--out", str(tmp_path / "one"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29533", "-m", "cerberus_decoding.cli", "train", "--out", str(tmp_path / "two"), *args],
-                         capture_output=True, text=True, env=env, timeout=600)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "cerberus_decoding.cli",
+            "train",
+            "--out",
+            str(tmp_path / "two"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     s1 = torch.load(tmp_path / "one" / "trainer_state.pt", weights_only=False)
     s2 = torch.load(tmp_path / "two" / "trainer_state.pt", weights_only=False)

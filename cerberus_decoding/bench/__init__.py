@@ -17,14 +17,35 @@ from .questions import (
 )
 from .run import BenchRun, build_runners, mismatch_details, parse_methods, per_question, run_bench, summarize
 
-__all__ = ["BUILTIN", "BUILTIN_CATEGORIES", "Question", "load_questions", "parse_questions",
-           "select_questions", "BenchRun", "parse_methods", "run_bench", "summarize", "benchmark",
-           "results_dict"]
+__all__ = [
+    "BUILTIN",
+    "BUILTIN_CATEGORIES",
+    "Question",
+    "load_questions",
+    "parse_questions",
+    "select_questions",
+    "BenchRun",
+    "parse_methods",
+    "run_bench",
+    "summarize",
+    "benchmark",
+    "results_dict",
+]
 
 
-def benchmark(lm: LoadedModel, questions: list[Question], methods: str | list[str], max_new_tokens: int = 128,
-              heads: str = "default", gate: str | None = None, threshold: float | None = None,
-              tree: str | None = None, warmup: int = 1, repeats: int = 1, progress: bool = True) -> BenchRun:
+def benchmark(
+    lm: LoadedModel,
+    questions: list[Question],
+    methods: str | list[str],
+    max_new_tokens: int = 128,
+    heads: str = "default",
+    gate: str | None = None,
+    threshold: float | None = None,
+    tree: str | None = None,
+    warmup: int = 1,
+    repeats: int = 1,
+    progress: bool = True,
+) -> BenchRun:
     """Build every method on ``lm`` (ar always included) and measure them; Ctrl-C returns a partial run."""
     names = parse_methods(methods)
     runners, reference = build_runners(lm, names, max_new_tokens, heads, gate, threshold, tree)

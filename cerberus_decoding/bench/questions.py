@@ -15,8 +15,21 @@ from ..models import CerberusError
 BUILTIN = "builtin"
 BUILTIN_PATH = Path(__file__).resolve().parent.parent / "data" / "builtin_questions.jsonl"
 # the builtin set covers these; the first eight are two-turn conversations
-BUILTIN_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem",
-                      "humanities", "translation", "summarization", "qa", "math_reasoning", "rag")
+BUILTIN_CATEGORIES = (
+    "writing",
+    "roleplay",
+    "reasoning",
+    "math",
+    "coding",
+    "extraction",
+    "stem",
+    "humanities",
+    "translation",
+    "summarization",
+    "qa",
+    "math_reasoning",
+    "rag",
+)
 
 
 @dataclass(frozen=True)
@@ -77,15 +90,15 @@ def load_questions(source: str | Path) -> list[Question]:
     return parse_questions(BUILTIN_PATH if str(source) == BUILTIN else source)
 
 
-def select_questions(questions: list[Question], categories: list[str] | None = None,
-                     limit: int | None = None) -> list[Question]:
+def select_questions(
+    questions: list[Question], categories: list[str] | None = None, limit: int | None = None
+) -> list[Question]:
     """Keep the given categories (all when None) and the first ``limit`` questions of each, in file order."""
     present = list(dict.fromkeys(q.category for q in questions))
     if categories:
         unknown = [c for c in categories if c not in present]
         if unknown:
-            raise CerberusError(f"No questions in categories {', '.join(unknown)}; "
-                                f"the file has: {', '.join(present)}.")
+            raise CerberusError(f"No questions in categories {', '.join(unknown)}; the file has: {', '.join(present)}.")
     wanted = set(categories or present)
     counts: dict[str, int] = {}
     chosen = []

@@ -16,8 +16,13 @@ def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
 
 
 def _row(entry: dict) -> list[str]:
-    return [_fmt(entry["tokens_per_second"], ".1f"), _fmt(entry["speedup"], ".2f", "x"),
-            _fmt(entry["mean_accepted"]), _fmt(entry["speculative_share"], ".0%"), str(entry["mismatches"])]
+    return [
+        _fmt(entry["tokens_per_second"], ".1f"),
+        _fmt(entry["speedup"], ".2f", "x"),
+        _fmt(entry["mean_accepted"]),
+        _fmt(entry["speculative_share"], ".0%"),
+        str(entry["mismatches"]),
+    ]
 
 
 def _categories(results: dict) -> list[str]:
@@ -30,8 +35,10 @@ def print_table(results: dict, console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    title = (f"{results['model']} on {results['device']} ({results['dtype']}), "
-             f"{results['questions']} questions, max {results['max_new_tokens']} new tokens")
+    title = (
+        f"{results['model']} on {results['device']} ({results['dtype']}), "
+        f"{results['questions']} questions, max {results['max_new_tokens']} new tokens"
+    )
     if results.get("interrupted"):
         title += " - INTERRUPTED"
     table = Table(title=title)
@@ -64,8 +71,9 @@ def write_results(results: dict, out: Path) -> Path:
     return path
 
 
-def _bar_chart(results: dict, field: str, methods: list[str], ylabel: str, title: str, path: Path,
-               baseline: float | None = None) -> None:
+def _bar_chart(
+    results: dict, field: str, methods: list[str], ylabel: str, title: str, path: Path, baseline: float | None = None
+) -> None:
     # Figure without pyplot: no global backend switch, no GUI; savefig renders with Agg
     from matplotlib.figure import Figure
 
@@ -96,13 +104,26 @@ def write_charts(results: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     methods = list(results["methods"])
     speed = out / SPEEDUP_PNG
-    _bar_chart(results, "speedup", [m for m in methods if m != "ar"], "speedup vs ar (x)",
-               f"Speedup per category ({results['model']}, {results['device']})", speed, baseline=1.0)
+    _bar_chart(
+        results,
+        "speedup",
+        [m for m in methods if m != "ar"],
+        "speedup vs ar (x)",
+        f"Speedup per category ({results['model']}, {results['device']})",
+        speed,
+        baseline=1.0,
+    )
     accepted = out / ACCEPTED_PNG
-    shown = [m for m in methods
-             if m not in ONE_TOKEN_METHODS and results["methods"][m]["mean_accepted"] is not None]
-    _bar_chart(results, "mean_accepted", shown, "tokens per step",
-               f"Mean accepted length per category ({results['model']})", accepted, baseline=1.0)
+    shown = [m for m in methods if m not in ONE_TOKEN_METHODS and results["methods"][m]["mean_accepted"] is not None]
+    _bar_chart(
+        results,
+        "mean_accepted",
+        shown,
+        "tokens per step",
+        f"Mean accepted length per category ({results['model']})",
+        accepted,
+        baseline=1.0,
+    )
     return [speed, accepted]
 
 
@@ -132,29 +153,57 @@ def write_markdown(results: dict, out: Path) -> Path:
         parts.append(f"- command: `{results['command']}`")
     if results.get("interrupted"):
         parts.append("- **interrupted**: only questions that every method finished are counted")
-    parts += ["", "## Overall", "",
-              _md_table(["method", "tokens/s", "speedup", "mean accepted", "speculative share", "mismatches"],
-                        [[f"`{m}`", *_row(results["methods"][m])] for m in methods])]
-    for field, label in (("speedup", "Speedup vs ar"), ("mean_accepted", "Mean accepted tokens per step"),
-                         ("tokens_per_second", "Tokens per second")):
+    parts += [
+        "",
+        "## Overall",
+        "",
+        _md_table(
+            ["method", "tokens/s", "speedup", "mean accepted", "speculative share", "mismatches"],
+            [[f"`{m}`", *_row(results["methods"][m])] for m in methods],
+        ),
+    ]
+    for field, label in (
+        ("speedup", "Speedup vs ar"),
+        ("mean_accepted", "Mean accepted tokens per step"),
+        ("tokens_per_second", "Tokens per second"),
+    ):
         rows = [[c, *(_fmt(results["methods"][m]["categories"][c][field]) for m in methods)] for c in cats]
         parts += ["", f"## {label} per category", "", _md_table(["category", *methods], rows)]
-    parts += ["", "## Charts", "", f"![speedup per category]({SPEEDUP_PNG})", "",
-              f"![mean accepted length per category]({ACCEPTED_PNG})"]
+    parts += [
+        "",
+        "## Charts",
+        "",
+        f"![speedup per category]({SPEEDUP_PNG})",
+        "",
+        f"![mean accepted length per category]({ACCEPTED_PNG})",
+    ]
     details = results.get("mismatch_details") or {}
     mismatches = [(m, d) for m, ds in details.items() for d in ds]
     parts += ["", "## Mismatches against ar", ""]
     if not mismatches:
         parts.append("None: every method produced exactly ar's tokens on every question.")
     else:
-        parts.append("Logit gap = top-1 minus top-2 logit of the base model at the first differing position, "
-                     "given ar's prefix. A gap near 0 is a near-tie that rounding may flip.")
+        parts.append(
+            "Logit gap = top-1 minus top-2 logit of the base model at the first differing position, "
+            "given ar's prefix. A gap near 0 is a near-tie that rounding may flip."
+        )
         parts.append("")
-        rows = [[f"`{m}`", str(d["question_id"]), d["category"], str(d["turn"]), str(d["position"]),
-                 _md_cell(d["ar_piece"]), _md_cell(d["piece"]), _fmt(d["logit_gap"], ".4f")]
-                for m, d in mismatches]
-        parts.append(_md_table(["method", "question", "category", "turn", "position", "ar token", "token",
-                                "logit gap"], rows))
+        rows = [
+            [
+                f"`{m}`",
+                str(d["question_id"]),
+                d["category"],
+                str(d["turn"]),
+                str(d["position"]),
+                _md_cell(d["ar_piece"]),
+                _md_cell(d["piece"]),
+                _fmt(d["logit_gap"], ".4f"),
+            ]
+            for m, d in mismatches
+        ]
+        parts.append(
+            _md_table(["method", "question", "category", "turn", "position", "ar token", "token", "logit gap"], rows)
+        )
     parts += ["", "Metrics are explained in docs/bench.md.", ""]
     path = out / "report.md"
     out.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ PLD_LOOKUP_TOKENS = 10  # transformers' prompt_lookup_num_tokens
 @dataclass
 class Turn:
     """One generated answer: its prompt (for the logit-gap forward) and what came out."""
+
     prompt_ids: list[int]
     token_ids: list[int]
     text: str
@@ -56,8 +57,7 @@ class BenchRun:
 
     def complete(self) -> list[Question]:
         """Questions that every method finished (an interrupted run may have a half-measured one)."""
-        return [q for q in self.questions
-                if all((q.question_id, m) in self.measurements for m in self.methods)]
+        return [q for q in self.questions if all((q.question_id, m) in self.measurements for m in self.methods)]
 
 
 Runner = Callable[[list[int]], Turn]
@@ -104,8 +104,7 @@ def engine_runner(decoder, max_new_tokens: int) -> Runner:
 def hf_runner(lm: LoadedModel, eos_ids: set[int], max_new_tokens: int, lookup: bool) -> Runner:
     # the same stop tokens as our engine, so that both stop at the same place
     pad = lm.tokenizer.pad_token_id
-    kwargs = {"do_sample": False, "eos_token_id": sorted(eos_ids),
-              "pad_token_id": min(eos_ids) if pad is None else pad}
+    kwargs = {"do_sample": False, "eos_token_id": sorted(eos_ids), "pad_token_id": min(eos_ids) if pad is None else pad}
     if lookup:
         kwargs["prompt_lookup_num_tokens"] = PLD_LOOKUP_TOKENS
 
@@ -118,7 +117,7 @@ def hf_runner(lm: LoadedModel, eos_ids: set[int], max_new_tokens: int, lookup: b
         out = lm.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, **kwargs)
         _sync(lm)
         seconds = time.perf_counter() - start
-        new = out[0, len(ids):].tolist()
+        new = out[0, len(ids) :].tolist()
         text = lm.tokenizer.decode(new, skip_special_tokens=True)
         # plain greedy is one forward per token; how many forwards assisted generation made is not exposed
         return Turn(ids, new, text, seconds, None if lookup else len(new), None)
@@ -126,8 +125,15 @@ def hf_runner(lm: LoadedModel, eos_ids: set[int], max_new_tokens: int, lookup: b
     return run
 
 
-def build_runners(lm: LoadedModel, methods: list[str], max_new_tokens: int, heads: str = "default",
-                  gate: str | None = None, threshold: float | None = None, tree: str | None = None):
+def build_runners(
+    lm: LoadedModel,
+    methods: list[str],
+    max_new_tokens: int,
+    heads: str = "default",
+    gate: str | None = None,
+    threshold: float | None = None,
+    tree: str | None = None,
+):
     """-> (runners by method, the reference ar decoder used to encode prompts for everyone)."""
     reference = build_decoder(lm, REFERENCE)
     runners: dict[str, Runner] = {}
@@ -156,8 +162,14 @@ def run_conversation(run: Runner, reference, question: Question) -> list[Turn]:
     return turns
 
 
-def run_bench(runners: dict[str, Runner], reference, questions: list[Question], warmup: int = 1,
-              repeats: int = 1, progress: bool = True) -> BenchRun:
+def run_bench(
+    runners: dict[str, Runner],
+    reference,
+    questions: list[Question],
+    warmup: int = 1,
+    repeats: int = 1,
+    progress: bool = True,
+) -> BenchRun:
     """Warm every method up, then time each question ``repeats`` times per method (median kept).
 
     Ctrl-C stops early and returns what was measured so far, with ``interrupted`` set.
@@ -168,18 +180,25 @@ def run_bench(runners: dict[str, Runner], reference, questions: list[Question], 
     bench = BenchRun(methods, list(questions))
     try:
         if warmup and questions:
-            with tqdm(total=warmup * len(methods), desc="warm-up", unit="gen", disable=not progress,
-                      file=sys.stderr, leave=False) as bar:
+            with tqdm(
+                total=warmup * len(methods),
+                desc="warm-up",
+                unit="gen",
+                disable=not progress,
+                file=sys.stderr,
+                leave=False,
+            ) as bar:
                 for method in methods:
                     for i in range(warmup):
                         q = questions[i % len(questions)]
                         runners[method](reference.encode(q.turns[0]))  # not timed: caches, allocator, kernels
                         bar.update()
-        with tqdm(total=len(questions) * len(methods), desc="bench", unit="run", disable=not progress,
-                  file=sys.stderr) as bar:
+        with tqdm(
+            total=len(questions) * len(methods), desc="bench", unit="run", disable=not progress, file=sys.stderr
+        ) as bar:
             for i, q in enumerate(questions):
                 # rotate who goes first, so that no method always runs right after another's warm caches
-                for method in methods[i % len(methods):] + methods[:i % len(methods)]:
+                for method in methods[i % len(methods) :] + methods[: i % len(methods)]:
                     bar.set_postfix_str(f"{q.category}/{q.question_id} {method}", refresh=False)
                     runs = [run_conversation(runners[method], reference, q) for _ in range(repeats)]
                     seconds = statistics.median(sum(t.seconds for t in turns) for turns in runs)
@@ -191,6 +210,7 @@ def run_bench(runners: dict[str, Runner], reference, questions: list[Question], 
 
 
 # ---- mismatches ---------------------------------------------------------------------------------
+
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
@@ -227,18 +247,25 @@ def mismatch_details(lm: LoadedModel, bench: BenchRun) -> dict[str, list[dict]]:
                 ar_tok = a.token_ids[pos] if pos < len(a.token_ids) else None
                 m_tok = b.token_ids[pos] if pos < len(b.token_ids) else None
                 # earlier turns matched, so both methods saw the same prompt for this turn
-                details[method].append({
-                    "question_id": q.question_id, "category": q.category, "turn": turn_no, "position": pos,
-                    "ar_token": ar_tok, "token": m_tok,
-                    "ar_piece": None if ar_tok is None else tok.decode([ar_tok]),
-                    "piece": None if m_tok is None else tok.decode([m_tok]),
-                    "logit_gap": round(logit_gap(lm, a.prompt_ids, a.token_ids[:pos]), 6),
-                })
+                details[method].append(
+                    {
+                        "question_id": q.question_id,
+                        "category": q.category,
+                        "turn": turn_no,
+                        "position": pos,
+                        "ar_token": ar_tok,
+                        "token": m_tok,
+                        "ar_piece": None if ar_tok is None else tok.decode([ar_tok]),
+                        "piece": None if m_tok is None else tok.decode([m_tok]),
+                        "logit_gap": round(logit_gap(lm, a.prompt_ids, a.token_ids[:pos]), 6),
+                    }
+                )
                 break  # one per question: later turns' prompts already differ
     return details
 
 
 # ---- metrics ------------------------------------------------------------------------------------
+
 
 def _total(values: list[int | None]) -> int | None:
     """Sum, or None when any part is unknown (a partly known count would mislead)."""
@@ -288,10 +315,18 @@ def summarize(bench: BenchRun, details: dict[str, list[dict]]) -> dict[str, dict
 
 
 def per_question(bench: BenchRun) -> list[dict]:
-    return [{"question_id": m.question.question_id, "category": m.question.category, "method": m.method,
-             "tokens": m.tokens, "seconds": round(m.seconds, 5),
-             "steps": _total([t.steps for t in m.turns])}
-            for q in bench.complete() for m in (bench.measurements[q.question_id, k] for k in bench.methods)]
+    return [
+        {
+            "question_id": m.question.question_id,
+            "category": m.question.category,
+            "method": m.method,
+            "tokens": m.tokens,
+            "seconds": round(m.seconds, 5),
+            "steps": _total([t.steps for t in m.turns]),
+        }
+        for q in bench.complete()
+        for m in (bench.measurements[q.question_id, k] for k in bench.methods)
+    ]
 
 
 def default_methods() -> str:

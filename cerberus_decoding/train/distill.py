@@ -26,8 +26,9 @@ from ..models import CerberusError, LoadedModel
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+    )
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
@@ -41,13 +42,14 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: in
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache(config=model.config)
-    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                         use_cache=True).last_hidden_state[:, -1]  # [B, H]
+    hidden = model.model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+    ).last_hidden_state[:, -1]  # [B, H]
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     tokens, hiddens = [], []
     last_pos = positions[:, -1]
@@ -61,8 +63,9 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: in
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         last_pos = last_pos + 1
-        hidden = model.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                             cache=cache, use_cache=True).last_hidden_state[:, -1]
+        hidden = model.model(
+            input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None], cache=cache, use_cache=True
+        ).last_hidden_state[:, -1]
     toks = torch.stack(tokens, 1).cpu()  # [B, n]
     hids = torch.stack(hiddens, 1).cpu()  # [B, n, H]
     out = []
@@ -74,22 +77,38 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: in
     return out
 
 
-def distill(lm: LoadedModel, prompts: list[str], out_dir: str | Path, batch_size: int = 16,
-            max_new_tokens: int = 256, keep_hidden: bool = True, source: str = "") -> dict:
+def distill(
+    lm: LoadedModel,
+    prompts: list[str],
+    out_dir: str | Path,
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+    keep_hidden: bool = True,
+    source: str = "",
+) -> dict:
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"model": lm.name, "dtype": str(lm.dtype).replace("torch.", ""), "prompts": len(prompts),
-                "source": source, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                "keep_hidden": keep_hidden, "hidden_size": lm.model.config.hidden_size}
+    settings = {
+        "model": lm.name,
+        "dtype": str(lm.dtype).replace("torch.", ""),
+        "prompts": len(prompts),
+        "source": source,
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "keep_hidden": keep_hidden,
+        "hidden_size": lm.model.config.hidden_size,
+    }
     settings_file = out / "settings.json"
     if settings_file.exists():
         old = json.loads(settings_file.read_text())
         changed = {k for k in ("model", "dtype", "batch_size", "max_new_tokens", "source") if old.get(k) != settings[k]}
         if changed:
-            raise CerberusError(f"{out} was distilled with other settings ({', '.join(sorted(changed))}); "
-                                "use a new --out directory or the same settings to resume.")
+            raise CerberusError(
+                f"{out} was distilled with other settings ({', '.join(sorted(changed))}); "
+                "use a new --out directory or the same settings to resume."
+            )
     _atomic_write(settings_file, lambda p: Path(p).write_text(json.dumps(settings, indent=2)))
     tok = lm.tokenizer
     eos = tok.eos_token_id

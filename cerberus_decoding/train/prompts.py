@@ -15,26 +15,102 @@ from pathlib import Path
 from ..models import CerberusError
 
 TOPICS = [
-    "beekeeping", "volcanoes", "the printing press", "coral reefs", "electric bicycles", "sourdough bread",
-    "the Roman aqueducts", "black holes", "urban gardening", "chess openings", "the water cycle",
-    "solar panels", "jazz improvisation", "the Silk Road", "penguins", "public libraries", "3D printing",
-    "the immune system", "medieval castles", "recycling plastics", "marathon training", "origami",
-    "the stock market", "rainforests", "lighthouses", "vaccines", "the French Revolution", "glaciers",
-    "honeybees and pollination", "remote work", "video game design", "the human heart", "tea ceremonies",
-    "wind turbines", "ancient Egypt", "photosynthesis", "smartphones", "bird migration", "cryptography",
-    "the Moon landing", "coffee farming", "earthquakes", "minimalism", "the Olympic Games", "dinosaurs",
-    "machine learning", "sleep", "the Great Barrier Reef", "bridges", "climate change", "pottery",
-    "the periodic table", "submarines", "folk music", "time management", "mushrooms", "railways",
-    "the Renaissance", "desert ecosystems", "electric cars", "volunteering", "the internet",
-    "ocean tides", "knitting", "antibiotics", "the Amazon river", "space telescopes", "board games",
-    "nutrition", "city planning", "the Industrial Revolution", "octopuses", "hiking safety", "banking",
-    "poetry", "the solar system", "robots", "composting", "the Great Wall of China", "cheese making",
+    "beekeeping",
+    "volcanoes",
+    "the printing press",
+    "coral reefs",
+    "electric bicycles",
+    "sourdough bread",
+    "the Roman aqueducts",
+    "black holes",
+    "urban gardening",
+    "chess openings",
+    "the water cycle",
+    "solar panels",
+    "jazz improvisation",
+    "the Silk Road",
+    "penguins",
+    "public libraries",
+    "3D printing",
+    "the immune system",
+    "medieval castles",
+    "recycling plastics",
+    "marathon training",
+    "origami",
+    "the stock market",
+    "rainforests",
+    "lighthouses",
+    "vaccines",
+    "the French Revolution",
+    "glaciers",
+    "honeybees and pollination",
+    "remote work",
+    "video game design",
+    "the human heart",
+    "tea ceremonies",
+    "wind turbines",
+    "ancient Egypt",
+    "photosynthesis",
+    "smartphones",
+    "bird migration",
+    "cryptography",
+    "the Moon landing",
+    "coffee farming",
+    "earthquakes",
+    "minimalism",
+    "the Olympic Games",
+    "dinosaurs",
+    "machine learning",
+    "sleep",
+    "the Great Barrier Reef",
+    "bridges",
+    "climate change",
+    "pottery",
+    "the periodic table",
+    "submarines",
+    "folk music",
+    "time management",
+    "mushrooms",
+    "railways",
+    "the Renaissance",
+    "desert ecosystems",
+    "electric cars",
+    "volunteering",
+    "the internet",
+    "ocean tides",
+    "knitting",
+    "antibiotics",
+    "the Amazon river",
+    "space telescopes",
+    "board games",
+    "nutrition",
+    "city planning",
+    "the Industrial Revolution",
+    "octopuses",
+    "hiking safety",
+    "banking",
+    "poetry",
+    "the solar system",
+    "robots",
+    "composting",
+    "the Great Wall of China",
+    "cheese making",
 ]
 
 NAMES = ["Maya", "Tomas", "Aisha", "Liam", "Chen", "Sofia", "Kwame", "Elena", "Ravi", "Noor", "Hugo", "Yuki"]
 LANGUAGES = ["French", "Spanish", "German", "Italian", "Portuguese"]
-ROLES = ["a ship captain", "a museum guide", "a medieval blacksmith", "a friendly robot", "a park ranger",
-         "a detective", "a chef", "a time traveller", "a lighthouse keeper", "a travel agent"]
+ROLES = [
+    "a ship captain",
+    "a museum guide",
+    "a medieval blacksmith",
+    "a friendly robot",
+    "a park ranger",
+    "a detective",
+    "a chef",
+    "a time traveller",
+    "a lighthouse keeper",
+    "a travel agent",
+]
 
 TEMPLATES = {
     "writing": [
@@ -73,12 +149,11 @@ TEMPLATES = {
         "Find and fix the bug in this code:\n\n```python\n{buggy}\n```",
     ],
     "extraction": [
-        "Extract the names and numbers from this text: \"{name} bought {a} tickets for the {topic} exhibition "
-        "on day {b} and paid {c} dollars.\"",
-        "List the key facts in this sentence as bullet points: \"{topic} has been studied by {name} for {a} "
-        "years, with {b} publications and {c} students.\"",
-        "Return a JSON object with the fields name, count and subject from: \"{name} wrote {a} essays about "
-        "{topic}.\"",
+        'Extract the names and numbers from this text: "{name} bought {a} tickets for the {topic} exhibition '
+        'on day {b} and paid {c} dollars."',
+        'List the key facts in this sentence as bullet points: "{topic} has been studied by {name} for {a} '
+        'years, with {b} publications and {c} students."',
+        'Return a JSON object with the fields name, count and subject from: "{name} wrote {a} essays about {topic}."',
     ],
     "stem": [
         "Explain the science behind {topic} in simple terms.",
@@ -93,9 +168,9 @@ TEMPLATES = {
         "Compare how two different cultures view {topic}.",
     ],
     "translation": [
-        "Translate into {language}: \"{sentence}\"",
-        "Translate this sentence to {language} and explain any tricky words: \"{sentence}\"",
-        "How would you say \"{sentence}\" in {language}? Give a formal and an informal version.",
+        'Translate into {language}: "{sentence}"',
+        'Translate this sentence to {language} and explain any tricky words: "{sentence}"',
+        'How would you say "{sentence}" in {language}? Give a formal and an informal version.',
     ],
     "summarization": [
         "Summarize the following text in two sentences:\n\n{passage}",
@@ -118,11 +193,18 @@ TEMPLATES = {
 }
 
 TASKS = [
-    "reverses a string", "checks whether a number is prime", "counts the vowels in a sentence",
-    "returns the largest element of a list", "merges two sorted lists", "computes the factorial of n",
-    "removes duplicates from a list while keeping order", "converts Celsius to Fahrenheit",
-    "checks whether a word is a palindrome", "returns the n-th Fibonacci number",
-    "sums the digits of an integer", "finds the most common word in a text",
+    "reverses a string",
+    "checks whether a number is prime",
+    "counts the vowels in a sentence",
+    "returns the largest element of a list",
+    "merges two sorted lists",
+    "computes the factorial of n",
+    "removes duplicates from a list while keeping order",
+    "converts Celsius to Fahrenheit",
+    "checks whether a word is a palindrome",
+    "returns the n-th Fibonacci number",
+    "sums the digits of an integer",
+    "finds the most common word in a text",
 ]
 
 CODES = [
@@ -140,15 +222,24 @@ BUGGY = [
 ]
 
 SENTENCES = [
-    "The library opens at nine in the morning.", "I would like a cup of tea, please.",
-    "The weather is beautiful today.", "Where is the nearest train station?",
-    "My brother is learning to play the guitar.", "We are going to the mountains next week.",
-    "The museum is closed on Mondays.", "Could you recommend a good restaurant nearby?",
-    "She has been reading the same book for a month.", "The children played in the garden until dark.",
-    "Please send me the report before Friday.", "Our flight was delayed by two hours.",
-    "He forgot his umbrella at the office.", "The concert starts at eight o'clock tonight.",
-    "I need to buy bread, milk and eggs.", "They painted the kitchen a bright yellow.",
-    "The river flooded the village last spring.", "This recipe needs fresh basil and garlic.",
+    "The library opens at nine in the morning.",
+    "I would like a cup of tea, please.",
+    "The weather is beautiful today.",
+    "Where is the nearest train station?",
+    "My brother is learning to play the guitar.",
+    "We are going to the mountains next week.",
+    "The museum is closed on Mondays.",
+    "Could you recommend a good restaurant nearby?",
+    "She has been reading the same book for a month.",
+    "The children played in the garden until dark.",
+    "Please send me the report before Friday.",
+    "Our flight was delayed by two hours.",
+    "He forgot his umbrella at the office.",
+    "The concert starts at eight o'clock tonight.",
+    "I need to buy bread, milk and eggs.",
+    "They painted the kitchen a bright yellow.",
+    "The river flooded the village last spring.",
+    "This recipe needs fresh basil and garlic.",
 ]
 
 
@@ -178,9 +269,18 @@ def builtin_prompts(n: int = 4000, seed: int = 0) -> list[str]:
         topic, name = rng.choice(TOPICS), rng.choice(NAMES)
         a, b, c = rng.randint(2, 60), rng.randint(2, 30), rng.randint(1, 90)
         prompt = rng.choice(TEMPLATES[category]).format(
-            topic=topic, name=name, role=rng.choice(ROLES), language=rng.choice(LANGUAGES),
-            task=rng.choice(TASKS), code=rng.choice(CODES), buggy=rng.choice(BUGGY),
-            sentence=rng.choice(SENTENCES), passage=_passage(rng, topic, name), a=a, b=b, c=c,
+            topic=topic,
+            name=name,
+            role=rng.choice(ROLES),
+            language=rng.choice(LANGUAGES),
+            task=rng.choice(TASKS),
+            code=rng.choice(CODES),
+            buggy=rng.choice(BUGGY),
+            sentence=rng.choice(SENTENCES),
+            passage=_passage(rng, topic, name),
+            a=a,
+            b=b,
+            c=c,
             p=rng.choice([10, 15, 20, 25, 30, 50]),
         )
         if prompt not in seen:
@@ -229,7 +329,7 @@ def _prompt_from_record(r, path: Path, where: str) -> str:
         elif isinstance(r.get("turns"), list) and r["turns"] and isinstance(r["turns"][0], str):  # Spec-Bench
             return r["turns"][0]
     raise CerberusError(
-        f"{path}: {where}: unrecognised prompt record. Expected ShareGPT ({{\"conversations\": [{{\"from\": "
-        "\"human\", \"value\": ...}]}), Alpaca ({\"instruction\": ..., \"input\": ...}) or Spec-Bench "
-        "({\"turns\": [...]})."
+        f'{path}: {where}: unrecognised prompt record. Expected ShareGPT ({{"conversations": [{{"from": '
+        '"human", "value": ...}]}), Alpaca ({"instruction": ..., "input": ...}) or Spec-Bench '
+        '({"turns": [...]}).'
     )

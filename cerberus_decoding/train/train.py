@@ -114,8 +114,9 @@ def head_loss(logits: torch.Tensor, labels: torch.Tensor, decay: float) -> tuple
 
 
 @torch.no_grad()
-def evaluate(heads: DraftHeads, hidden: torch.Tensor, labels: torch.Tensor, roots: torch.Tensor,
-             batch: int = 1024) -> dict:
+def evaluate(
+    heads: DraftHeads, hidden: torch.Tensor, labels: torch.Tensor, roots: torch.Tensor, batch: int = 1024
+) -> dict:
     """Per-head top-1 / top-5 on full-vocabulary labels (tokens outside the head vocabulary count as misses).
     ``roots`` [N]: the token the base model chose at each position (read by root_token heads)."""
     K = labels.shape[1]
@@ -169,9 +170,16 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     eval_h, eval_y, eval_r = hidden[held], labels[held], tokens[held]
 
     weight = lm.model.get_output_embeddings().weight.detach().float().cpu()  # [V, H]
-    hc = HeadsConfig(head_type=cfg.head_type, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
-                     hidden_size=weight.shape[1], vocab_size=weight.shape[0], own_lm_head=cfg.own_lm_head,
-                     root_token=cfg.root_token, base_model=model_fingerprint(lm.model, lm.name))
+    hc = HeadsConfig(
+        head_type=cfg.head_type,
+        num_heads=cfg.num_heads,
+        num_layers=cfg.num_layers,
+        hidden_size=weight.shape[1],
+        vocab_size=weight.shape[0],
+        own_lm_head=cfg.own_lm_head,
+        root_token=cfg.root_token,
+        base_model=model_fingerprint(lm.model, lm.name),
+    )
     heads = DraftHeads(hc, weight)
     if cfg.root_token:
         heads.embed_weight = lm.model.get_input_embeddings().weight.detach().float().cpu()  # [V, H]
@@ -210,12 +218,22 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     def checkpoint(final: bool = False) -> None:
         if not acc.is_main_process:
             return
-        state = {"heads": core.state_dict(), "optimizer": opt.state_dict(), "step": step, "history": history,
-                 "config": asdict(cfg), "processes": acc.num_processes}
+        state = {
+            "heads": core.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "history": history,
+            "config": asdict(cfg),
+            "processes": acc.num_processes,
+        }
         _atomic_write(state_file, lambda p: torch.save(state, p))
-        core.config.training = {"config": asdict(cfg), "step": step, "train_positions": n_train,
-                                "head_vocab_missed": round(missed, 4),
-                                "eval": history["eval"][-1] if history["eval"] else None}
+        core.config.training = {
+            "config": asdict(cfg),
+            "step": step,
+            "train_positions": n_train,
+            "head_vocab_missed": round(missed, 4),
+            "eval": history["eval"][-1] if history["eval"] else None,
+        }
         save_heads(core, out / ("heads" if final else "latest"))
 
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.head_type}", disable=not acc.is_local_main_process)
@@ -243,9 +261,14 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         if step % cfg.save_every == 0 or step == total:
             checkpoint(final=step == total)
     bar.close()
-    summary = {"steps": step, "seconds": round(time.perf_counter() - t0, 1), "train_positions": n_train,
-               "eval_positions": int(held.sum()), "head_vocab_missed": round(missed, 4),
-               "eval": history["eval"][-1] if history["eval"] else None}
+    summary = {
+        "steps": step,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "train_positions": n_train,
+        "eval_positions": int(held.sum()),
+        "head_vocab_missed": round(missed, 4),
+        "eval": history["eval"][-1] if history["eval"] else None,
+    }
     if acc.is_main_process:
         _atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
     return summary
