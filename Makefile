@@ -30,11 +30,19 @@ lint: $(STAMP)
 	$(BIN)/ruff check cerberus_decoding tests benchmarks
 	$(BIN)/ruff format --check cerberus_decoding tests benchmarks
 
-# Regenerate the distilled data and the shipped default heads from scratch (hours on a 2-core CPU).
+# Regenerate the distilled data and the shipped default heads from scratch (hours on a 2-core CPU;
+# docs/training.md). Distillation runs as one process per core; every step resumes if interrupted.
+HEADS_DIR := cerberus_decoding/assets/heads/SmolLM2-135M-Instruct
+HEADS_TRAIN := --num-layers 2 --epochs 2 --data data/distill-builtin
 heads: $(STAMP)
-	$(BIN)/cerberus distill --prompts builtin --num-prompts 4000 --out data/distill-builtin
-	$(BIN)/cerberus train --heads-type medusa --data data/distill-builtin --out runs/medusa
-	$(BIN)/cerberus train --heads-type cerberus --data data/distill-builtin --out runs/cerberus
+	OMP_NUM_THREADS=1 $(BIN)/cerberus distill --prompts builtin --num-prompts 4000 --out data/distill-builtin --shard 0/2 & pid=$$!; \
+	OMP_NUM_THREADS=1 $(BIN)/cerberus distill --prompts builtin --num-prompts 4000 --out data/distill-builtin --shard 1/2 \
+		&& wait $$pid
+	OMP_NUM_THREADS=1 $(BIN)/cerberus train --heads-type medusa $(HEADS_TRAIN) --out runs/medusa --resume & pid=$$!; \
+	OMP_NUM_THREADS=1 $(BIN)/cerberus train --heads-type cerberus --root-token $(HEADS_TRAIN) --out runs/cerberus --resume \
+		&& wait $$pid
+	for t in medusa cerberus; do rm -rf $(HEADS_DIR)/$$t && cp -r runs/$$t/heads $(HEADS_DIR)/$$t && \
+		$(BIN)/cerberus calibrate --heads $(HEADS_DIR)/$$t --dtype float32 --device cpu || exit 1; done
 
 bench-full: $(STAMP)
 	$(BIN)/cerberus bench --questions builtin --methods ar,hf,pld,medusa,cerberus,cerberus-nogate \

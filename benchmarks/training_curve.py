@@ -27,7 +27,7 @@ def main() -> None:
     for run in args.runs:
         summary = json.loads((run / "summary.json").read_text())
         config = json.loads((run / "heads" / "config.json").read_text())
-        rows.append((config["head_type"], summary["train_positions"], summary["eval"], summary["seconds"]))
+        rows.append((variant(config), summary["train_positions"], summary["eval"], summary["seconds"]))
     rows.sort(key=lambda r: (r[0], r[1]))
     print("| heads | train tokens | top-1 (heads 1-4) | top-5 (heads 1-4) | train seconds |")
     print("|---|---|---|---|---|")
@@ -36,21 +36,31 @@ def main() -> None:
         top5 = " / ".join(f"{a:.3f}" for a in ev["top5"])
         print(f"| {kind} | {n:,} | {top1} | {top5} | {secs:.0f} |")
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, style in (("medusa", "--"), ("cerberus", "-")):
+    for i, kind in enumerate(sorted({r[0] for r in rows})):
         pts = [(n, ev) for k, n, ev, _ in rows if k == kind]
-        for head in (0, 1):
+        for head, style in ((0, "-"), (1, "--")):
             ax.plot(
                 [n for n, _ in pts],
                 [ev["top1"][head] for _, ev in pts],
                 style,
+                color=f"C{i}",
                 marker="o",
-                label=f"{kind} head {head + 1}",
+                label=f"{kind}, head {head + 1}",
             )
     ax.set(xscale="log", xlabel="distilled training tokens", ylabel="held-out top-1")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"\nplot: {args.out}")
+
+
+def variant(config: dict) -> str:
+    """A run's head design in words: type, root-token start, blocks per head."""
+    name = config["head_type"]
+    if config.get("root_token"):
+        name += " + root token"
+    layers = config.get("num_layers", 1)
+    return name + (f", {layers} blocks" if layers > 1 else "")
 
 
 if __name__ == "__main__":

@@ -328,6 +328,9 @@ def distill(
     num_prompts: int = typer.Option(4000, "--num-prompts", min=1, help="How many prompts to use."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     max_new_tokens: int = typer.Option(192, "--max-new-tokens", min=1),
+    shard: str = typer.Option(
+        "0/1", "--shard", help="I/N: this process does batches I, I+N, ... (run N processes, one per core or GPU)."
+    ),
     model: str = ModelOpt,
     dtype: DType = DTypeOpt,
     device: Device = DeviceOpt,
@@ -337,12 +340,17 @@ def distill(
     from .train.distill import distill as run
     from .train.prompts import builtin_prompts, read_prompts
 
+    try:
+        worker, workers = (int(x) for x in shard.split("/"))
+        assert 0 <= worker < workers
+    except (ValueError, AssertionError):
+        fail(f"--shard must be I/N with 0 <= I < N (got {shard!r})")
     if prompts == "builtin":
         texts, source = builtin_prompts(num_prompts, 0), f"builtin:{num_prompts}:0"
     else:
         texts, source = read_prompts(prompts)[:num_prompts], f"{Path(prompts).resolve()}:{num_prompts}"
     lm = load_model(model, dtype.value, device.value)
-    summary = run(lm, texts, out, batch_size, max_new_tokens, source=source)
+    summary = run(lm, texts, out, batch_size, max_new_tokens, source=source, worker=worker, workers=workers)
     typer.echo(json.dumps(summary))
 
 
@@ -355,11 +363,11 @@ def train(
     num_layers: int = typer.Option(1, "--num-layers", min=1),
     head_vocab: int = typer.Option(8192, "--head-vocab", min=0, help="Most frequent target tokens (0 = all)."),
     own_lm_head: bool = typer.Option(False, "--own-lm-head", help="Each head gets its own LM head (bigger)."),
-    root_token: bool = typer.Option(
-        False,
+    root_token: bool | None = typer.Option(
+        None,
         "--root-token/--no-root-token",
-        help="Cerberus: start the head chain from the embedding of the token the "
-        "base model just chose (docs/training.md).",
+        help="Cerberus: start the head chain from the embedding of the token the base model just chose "
+        "(default for cerberus; --no-root-token is the paper's chain, docs/training.md).",
     ),
     epochs: float = typer.Option(3.0, "--epochs", min=0.01),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
@@ -381,6 +389,7 @@ def train(
         fail("--heads-type must be medusa or cerberus")
     if root_token and heads_type != "cerberus":
         fail("--root-token needs --heads-type cerberus")
+    root_token = heads_type == "cerberus" if root_token is None else root_token
     lm = load_model(model, "float32", device.value)
     cfg = TrainConfig(
         head_type=heads_type,

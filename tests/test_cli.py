@@ -34,6 +34,13 @@ def test_unreadable_gguf(tmp_path):
     assert_user_error(run("generate", "hi", "--model", str(bad)), "not a GGUF file")
 
 
+def test_root_token_with_medusa_heads_is_refused(tmp_path):
+    result = run(
+        "train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--heads-type", "medusa", "--root-token"
+    )
+    assert_user_error(result, "--root-token needs --heads-type cerberus")
+
+
 def test_directory_without_config(tmp_path):
     assert_user_error(run("generate", "hi", "--model", str(tmp_path)), "config.json")
 

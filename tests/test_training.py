@@ -65,6 +65,18 @@ def test_distill_writes_shards_and_resumes(tiny_lm, tiny_data):
         distill(tiny_lm, builtin_prompts(24), tiny_data, batch_size=4, max_new_tokens=32, source="test")
 
 
+def test_distill_split_over_workers_gives_the_same_shards(tiny_lm, tiny_data, tmp_path):
+    from safetensors.torch import load_file
+
+    for worker in (1, 0):  # either order; each worker writes only its own batches
+        distill(tiny_lm, builtin_prompts(24), tmp_path, 8, 32, source="test", worker=worker, workers=2)
+        if worker == 1:
+            assert [p.name for p in sorted(tmp_path.glob("shard-*"))] == ["shard-00001.safetensors"]
+    for name in ("shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"):
+        ours, single = load_file(tmp_path / name), load_file(tiny_data / name)
+        assert torch.equal(ours["tokens"], single["tokens"]) and torch.equal(ours["lengths"], single["lengths"])
+
+
 def _cfg(**kw):
     base = dict(
         head_type="cerberus",
@@ -81,11 +93,14 @@ def _cfg(**kw):
     return TrainConfig(**base)
 
 
-def test_training_reduces_the_loss(tiny_lm, tiny_data, tmp_path):
-    summary = train(tiny_lm, tiny_data, tmp_path, _cfg())
+@pytest.mark.parametrize("head_type,root_token", [("cerberus", False), ("cerberus", True), ("medusa", False)])
+def test_training_reduces_the_loss(tiny_lm, tiny_data, tmp_path, head_type, root_token):
+    summary = train(tiny_lm, tiny_data, tmp_path, _cfg(head_type=head_type, root_token=root_token))
     history = torch.load(tmp_path / "trainer_state.pt", weights_only=False)["history"]["loss"]
     assert sum(history[-5:]) / 5 < 0.8 * sum(history[:5]) / 5
     assert (tmp_path / "heads" / "config.json").is_file() and summary["steps"] == 30
+    config = json.loads((tmp_path / "heads" / "config.json").read_text())
+    assert config["head_type"] == head_type and config["root_token"] is root_token
 
 
 def test_resume_after_interruption_is_exact(tiny_lm, tiny_data, tmp_path, monkeypatch):

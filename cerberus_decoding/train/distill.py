@@ -85,7 +85,11 @@ def distill(
     max_new_tokens: int = 256,
     keep_hidden: bool = True,
     source: str = "",
+    worker: int = 0,
+    workers: int = 1,
 ) -> dict:
+    """Distil ``prompts`` into ``out_dir``, one shard per batch. ``worker``/``workers``: this process does
+    batches worker, worker + workers, ...; several processes can share one directory."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -114,9 +118,10 @@ def distill(
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
-    todo = [b for b in range(len(batches)) if not (out / f"shard-{b:05d}.safetensors").exists()]
+    todo = [b for b in range(worker, len(batches), workers) if not (out / f"shard-{b:05d}.safetensors").exists()]
     total_tokens, t0 = 0, time.perf_counter()
-    bar = tqdm(todo, desc="distilling", unit="batch", initial=len(batches) - len(todo), total=len(batches))
+    mine = len(range(worker, len(batches), workers))
+    bar = tqdm(todo, desc=f"distilling {worker}/{workers}", unit="batch", initial=mine - len(todo), total=mine)
     for b in bar:
         encoded = [chat_ids(tok, p)[-1024:] for p in batches[b]]
         rows = generate_batch(lm, encoded, max_new_tokens, eos, pad)
