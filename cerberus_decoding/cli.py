@@ -331,6 +331,12 @@ def distill(
     shard: str = typer.Option(
         "0/1", "--shard", help="I/N: this process does batches I, I+N, ... (run N processes, one per core or GPU)."
     ),
+    answers: Path = typer.Option(
+        None,
+        "--answers",
+        help="An answers.safetensors from an earlier run on the same prompts: rebuild the shards from it "
+        "(one teacher-forced forward per batch) instead of generating.",
+    ),
     model: str = ModelOpt,
     dtype: DType = DTypeOpt,
     device: Device = DeviceOpt,
@@ -338,6 +344,7 @@ def distill(
     """Self-distillation: the base model's own greedy answers and hidden states, for head training."""
     from .models import load_model
     from .train.distill import distill as run
+    from .train.distill import read_answers
     from .train.prompts import builtin_prompts, read_prompts
 
     try:
@@ -349,8 +356,11 @@ def distill(
         texts, source = builtin_prompts(num_prompts, 0), f"builtin:{num_prompts}:0"
     else:
         texts, source = read_prompts(prompts)[:num_prompts], f"{Path(prompts).resolve()}:{num_prompts}"
+    recorded = read_answers(answers, source) if answers else None
     lm = load_model(model, dtype.value, device.value)
-    summary = run(lm, texts, out, batch_size, max_new_tokens, source=source, worker=worker, workers=workers)
+    summary = run(
+        lm, texts, out, batch_size, max_new_tokens, source=source, worker=worker, workers=workers, answers=recorded
+    )
     typer.echo(json.dumps(summary))
 
 

@@ -77,6 +77,23 @@ def test_distill_split_over_workers_gives_the_same_shards(tiny_lm, tiny_data, tm
         assert torch.equal(ours["tokens"], single["tokens"]) and torch.equal(ours["lengths"], single["lengths"])
 
 
+def test_recorded_answers_rebuild_the_shards_without_generating(tiny_lm, tiny_data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from cerberus_decoding.train import distill as distill_mod
+
+    answers = distill_mod.read_answers(tiny_data / "answers.safetensors", "test")
+    assert len(answers) == 24
+    monkeypatch.setattr(distill_mod, "generate_batch", None)  # generating would fail: only teacher forcing runs
+    distill(tiny_lm, builtin_prompts(24), tmp_path, 8, 32, source="test", answers=answers)
+    for name in ("shard-00000.safetensors", "shard-00002.safetensors"):
+        rebuilt, generated = load_file(tmp_path / name), load_file(tiny_data / name)
+        assert torch.equal(rebuilt["tokens"], generated["tokens"])
+        torch.testing.assert_close(rebuilt["hidden"].float(), generated["hidden"].float(), atol=0.02, rtol=0.02)
+    with pytest.raises(CerberusError, match="not 'other'"):
+        distill_mod.read_answers(tiny_data / "answers.safetensors", "other")
+
+
 def _cfg(**kw):
     base = dict(
         head_type="cerberus",

@@ -6,14 +6,19 @@ Output directory:
       tokens  [T] int32   generated tokens of every answer, concatenated
       lengths [R] int32   tokens per answer
       hidden  [T, H] bf16 (optional) last hidden state that predicted each token
+  answers.safetensors    when every shard is done: all answers' tokens and lengths, no hidden states
+                         (a few MB: commit it, and ``--answers`` rebuilds the shards without generating)
 A killed run loses at most the batch in flight; running the same command again continues.
 
-Answers are generated greedily in float32, the dtype that verifies on CPU, so the targets are the
-base model's own float32 greedy choices (a bfloat16 run recomputes them, see ``teacher_forced``).
+Targets are the base model's float32 greedy choices, the dtype that verifies on CPU: a run in
+another dtype generates in that dtype, then ``teacher_forced`` recomputes tokens and hidden states
+with one float32 forward over each whole answer. The same pass rebuilds shards from a recorded
+answers file, several times faster than generating.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -77,6 +82,61 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: in
     return out
 
 
+@torch.inference_mode()
+def teacher_forced(model, prompts: list[list[int]], answers: list[list[int]], pad: int):
+    """Prompts and their answers, one forward for the batch -> list of (tokens [n], hidden [n, H]):
+    at each answer position, the model's own greedy choice and the hidden state that made it."""
+    device = model.device
+    seqs = [p + a[:-1] for p, a in zip(prompts, answers, strict=True)]  # the last answer token is never fed
+    width = max(len(q) for q in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, q in enumerate(seqs):
+        ids[i, width - len(q) :] = torch.tensor(q)
+        mask[i, width - len(q) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state  # [B, W, H]
+    out = []
+    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        start = width - len(seqs[i]) + len(p) - 1  # the prompt's last token predicts the first answer token
+        h = hidden[i, start : start + len(a)]  # [n, H]
+        out.append((model.lm_head(h).argmax(-1).cpu(), h.to(torch.bfloat16).cpu()))
+    return out
+
+
+def read_answers(path: str | Path, source: str) -> list[list[int]]:
+    """The answers recorded by an earlier distill run over the same prompts."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tokens, lengths = f.get_tensor("tokens").tolist(), f.get_tensor("lengths").tolist()
+    except Exception as e:
+        raise CerberusError(f"Answers file {path} is missing or unreadable ({e}).") from e
+    if meta.get("source") != source:
+        raise CerberusError(
+            f"{path} holds answers to prompts {meta.get('source')!r}, not {source!r}; pass the same --prompts "
+            "and --num-prompts it was made with."
+        )
+    rows, i = [], 0
+    for n in lengths:
+        rows.append(tokens[i : i + n])
+        i += n
+    return rows
+
+
+def write_answers(out: Path, settings: dict) -> None:
+    """Collect every shard's answers into one compact file (no hidden states)."""
+    from safetensors.torch import load_file, save_file
+
+    shards = [load_file(p) for p in sorted(out.glob("shard-*.safetensors"))]
+    tensors = {k: torch.cat([s[k] for s in shards]).to(torch.int32).contiguous() for k in ("tokens", "lengths")}
+    meta = {k: str(settings[k]) for k in ("model", "dtype", "source", "batch_size", "max_new_tokens")}
+    _atomic_write(out / "answers.safetensors", lambda p: save_file(tensors, p, metadata=meta))
+
+
 def distill(
     lm: LoadedModel,
     prompts: list[str],
@@ -87,9 +147,11 @@ def distill(
     source: str = "",
     worker: int = 0,
     workers: int = 1,
+    answers: list[list[int]] | None = None,
 ) -> dict:
     """Distil ``prompts`` into ``out_dir``, one shard per batch. ``worker``/``workers``: this process does
-    batches worker, worker + workers, ...; several processes can share one directory."""
+    batches worker, worker + workers, ...; several processes can share one directory. ``answers``
+    (from ``read_answers``): take these answers instead of generating; only the hidden states are computed."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -121,10 +183,21 @@ def distill(
     todo = [b for b in range(worker, len(batches), workers) if not (out / f"shard-{b:05d}.safetensors").exists()]
     total_tokens, t0 = 0, time.perf_counter()
     mine = len(range(worker, len(batches), workers))
+    if answers is not None and len(answers) < len(prompts):
+        raise CerberusError(f"The answers file has {len(answers)} answers for {len(prompts)} prompts.")
+    # float32 targets: a run in another dtype recomputes them with a float32 copy of the model
+    verifier = None if lm.dtype == torch.float32 and answers is None else lm.model
+    if lm.dtype != torch.float32:
+        verifier = copy.deepcopy(lm.model).float()
     bar = tqdm(todo, desc=f"distilling {worker}/{workers}", unit="batch", initial=mine - len(todo), total=mine)
     for b in bar:
         encoded = [chat_ids(tok, p)[-1024:] for p in batches[b]]
-        rows = generate_batch(lm, encoded, max_new_tokens, eos, pad)
+        if answers is not None:
+            rows = teacher_forced(verifier, encoded, answers[b * batch_size : (b + 1) * batch_size], pad)
+        else:
+            rows = generate_batch(lm, encoded, max_new_tokens, eos, pad)
+            if verifier is not None:
+                rows = teacher_forced(verifier, encoded, [r[0].tolist() for r in rows], pad)
         tensors = {
             "tokens": torch.cat([r[0] for r in rows]).to(torch.int32),
             "lengths": torch.tensor([len(r[0]) for r in rows], dtype=torch.int32),
@@ -134,4 +207,6 @@ def distill(
         _atomic_write(out / f"shard-{b:05d}.safetensors", lambda p, t=tensors: save_file(t, p))
         total_tokens += int(tensors["lengths"].sum())
         bar.set_postfix(tok_s=f"{total_tokens / (time.perf_counter() - t0):.0f}")
+    if all((out / f"shard-{b:05d}.safetensors").exists() for b in range(len(batches))):
+        write_answers(out, settings)
     return {"shards": len(batches), "new_tokens": total_tokens, "seconds": time.perf_counter() - t0}
