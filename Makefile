@@ -32,12 +32,13 @@ lint: $(STAMP)
 
 # Regenerate the distilled data and the shipped default heads from scratch (hours on a 2-core CPU;
 # docs/training.md). Distillation runs as one process per core; every step resumes if interrupted.
+# `make heads ANSWERS=distilled/SmolLM2-135M-Instruct/builtin-4000.answers.safetensors` takes the
+# committed answers instead of generating them (same data, about 2.5x less CPU time).
 HEADS_DIR := cerberus_decoding/assets/heads/SmolLM2-135M-Instruct
 HEADS_TRAIN := --num-layers 2 --epochs 2 --data data/distill-builtin
+DISTILL := $(BIN)/cerberus distill --prompts builtin --num-prompts 4000 --out data/distill-builtin $(if $(ANSWERS),--answers $(ANSWERS))
 heads: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/cerberus distill --prompts builtin --num-prompts 4000 --out data/distill-builtin --shard 0/2 & pid=$$!; \
-	OMP_NUM_THREADS=1 $(BIN)/cerberus distill --prompts builtin --num-prompts 4000 --out data/distill-builtin --shard 1/2 \
-		&& wait $$pid
+	OMP_NUM_THREADS=1 $(DISTILL) --shard 0/2 & pid=$$!; OMP_NUM_THREADS=1 $(DISTILL) --shard 1/2 && wait $$pid
 	OMP_NUM_THREADS=1 $(BIN)/cerberus train --heads-type medusa $(HEADS_TRAIN) --out runs/medusa --resume & pid=$$!; \
 	OMP_NUM_THREADS=1 $(BIN)/cerberus train --heads-type cerberus --root-token $(HEADS_TRAIN) --out runs/cerberus --resume \
 		&& wait $$pid
