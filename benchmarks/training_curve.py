@@ -35,7 +35,7 @@ def main() -> None:
         top1 = " / ".join(f"{a:.3f}" for a in ev["top1"])
         top5 = " / ".join(f"{a:.3f}" for a in ev["top5"])
         print(f"| {kind} | {n:,} | {top1} | {top5} | {secs:.0f} |")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for i, kind in enumerate(sorted({r[0] for r in rows})):
         pts = [(n, ev) for k, n, ev, _ in rows if k == kind]
         for head, style in ((0, "-"), (1, "--")):
@@ -48,7 +48,10 @@ def main() -> None:
                 label=f"{kind}, head {head + 1}",
             )
     ax.set(xscale="log", xlabel="distilled training tokens", ylabel="held-out top-1")
-    ax.legend(fontsize=7)
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    ax.set_xticks([25_000, 50_000, 100_000, 200_000, 500_000], ["25k", "50k", "100k", "200k", "500k"])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"\nplot: {args.out}")
