@@ -349,8 +349,9 @@ def distill(
 
     try:
         worker, workers = (int(x) for x in shard.split("/"))
-        assert 0 <= worker < workers
-    except (ValueError, AssertionError):
+    except ValueError:
+        worker, workers = -1, 0
+    if not 0 <= worker < workers:
         fail(f"--shard must be I/N with 0 <= I < N (got {shard!r})")
     if prompts == "builtin":
         texts, source = builtin_prompts(num_prompts, 0), f"builtin:{num_prompts}:0"

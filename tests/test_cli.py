@@ -41,6 +41,11 @@ def test_root_token_with_medusa_heads_is_refused(tmp_path):
     assert_user_error(result, "--root-token needs --heads-type cerberus")
 
 
+@pytest.mark.parametrize("shard", ["2/2", "x/2", "1", "-1/3"])
+def test_bad_distill_shard_is_refused(tmp_path, shard):
+    assert_user_error(run("distill", "--out", str(tmp_path), "--shard", shard), "--shard must be I/N")
+
+
 def test_directory_without_config(tmp_path):
     assert_user_error(run("generate", "hi", "--model", str(tmp_path)), "config.json")
 

@@ -119,10 +119,15 @@ def read_answers(path: str | Path, source: str) -> list[list[int]]:
 
 def write_answers(out: Path, settings: dict) -> None:
     """Collect every shard's answers into one compact file (no hidden states)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
-    shards = [load_file(p) for p in sorted(out.glob("shard-*.safetensors"))]
-    tensors = {k: torch.cat([s[k] for s in shards]).to(torch.int32).contiguous() for k in ("tokens", "lengths")}
+    parts: dict[str, list[torch.Tensor]] = {"tokens": [], "lengths": []}
+    for path in sorted(out.glob("shard-*.safetensors")):
+        with safe_open(str(path), "pt") as f:  # reads only these two tensors, not the hidden states
+            for k, v in parts.items():
+                v.append(f.get_tensor(k))
+    tensors = {k: torch.cat(v).to(torch.int32).contiguous() for k, v in parts.items()}
     meta = {k: str(settings[k]) for k in ("model", "dtype", "source", "batch_size", "max_new_tokens")}
     _atomic_write(out / "answers.safetensors", lambda p: save_file(tensors, p, metadata=meta))
 
@@ -176,9 +181,7 @@ def distill(
     if answers is not None and len(answers) < len(prompts):
         raise CerberusError(f"The answers file has {len(answers)} answers for {len(prompts)} prompts.")
     # float32 targets: a run in another dtype recomputes them with a float32 copy of the model
-    verifier = None if lm.dtype == torch.float32 and answers is None else lm.model
-    if lm.dtype != torch.float32:
-        verifier = copy.deepcopy(lm.model).float()
+    verifier = lm.model if lm.dtype == torch.float32 else copy.deepcopy(lm.model).float()
     bar = tqdm(todo, desc=f"distilling {worker}/{workers}", unit="batch", initial=mine - len(todo), total=mine)
     for b in bar:
         encoded = [chat_ids(tok, p)[-1024:] for p in batches[b]]
@@ -186,7 +189,7 @@ def distill(
             rows = teacher_forced(verifier, encoded, answers[b * batch_size : (b + 1) * batch_size])
         else:
             rows = generate_batch(lm, encoded, max_new_tokens, eos, pad)
-            if verifier is not None:
+            if verifier is not lm.model:
                 rows = teacher_forced(verifier, encoded, [r[0].tolist() for r in rows])
         tensors = {
             "tokens": torch.cat([r[0] for r in rows]).to(torch.int32),

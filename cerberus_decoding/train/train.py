@@ -180,9 +180,8 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         root_token=cfg.root_token,
         base_model=model_fingerprint(lm.model, lm.name),
     )
-    heads = DraftHeads(hc, weight)
-    if cfg.root_token:
-        heads.embed_weight = lm.model.get_input_embeddings().weight.detach().float().cpu()  # [V, H]
+    heads = DraftHeads(hc)
+    heads.attach_base(lm.model)  # LM head rows and, for root_token heads, the input embeddings
     missed = 0.0
     if cfg.head_vocab and cfg.head_vocab < weight.shape[0]:
         vocab_ids, missed = frequent_vocab(train_y, cfg.head_vocab, weight.shape[0])
