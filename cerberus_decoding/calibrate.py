@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -32,10 +31,10 @@ import numpy as np
 import torch
 
 from . import gate as gating
-from .cache import KVCache
 from .engine import Decoder, SamplingConfig
 from .heads import HeadsConfig, _atomic_write, load_heads
 from .models import CerberusError, LoadedModel
+from .runtime import hardware
 from .tree import best_tree, build_tree, expected_length
 from .verify import accept_greedy
 
@@ -79,13 +78,12 @@ def measure_costs(
     """
     from tqdm import tqdm
 
-    dec = Decoder(lm)
-    device = lm.device
-    dec.cache = KVCache.for_model(lm.model, context + max(qs))
+    rt, device = lm.runtime, lm.device
+    cache = rt.new_cache(context + max(qs), device)
     g = torch.Generator().manual_seed(0)
     vocab = int(lm.model.config.vocab_size)
     prefix = torch.randint(vocab, (context,), generator=g).to(device)
-    dec._forward(prefix, torch.arange(context, device=device))
+    rt.forward(cache, prefix, torch.arange(context, device=device))
     inputs = {}
     for q in qs:
         ids = torch.randint(vocab, (q,), generator=g).to(device)
@@ -93,11 +91,11 @@ def measure_costs(
         inputs[q] = (ids, torch.arange(context, context + q, device=device), mask)
 
     def once(q: int) -> float:
-        dec.cache.truncate(context)
+        cache.truncate(context)
         ids, pos, mask = inputs[q]
         _sync(device)
         t0 = time.perf_counter()
-        dec._lm_head(dec._forward(ids, pos, mask)).argmax(-1)
+        rt.lm_head(rt.forward(cache, ids, pos, mask)).argmax(-1)
         _sync(device)
         return time.perf_counter() - t0
 
@@ -122,17 +120,17 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
     ``spec``: what only a speculative step pays (heads' top-k, tree tokens, path selection, compaction),
     measured on a tree with ``top_k`` ranks at depth 1 and a chain through every head.
     """
-    dec = Decoder(lm)
-    device = lm.device
+    rt, device, tokenizer = lm.runtime, lm.device, lm.tokenizer
     k = heads.config.num_heads
     tree = build_tree([[r] for r in range(top_k)] + [[0] * d for d in range(2, k + 1)]).to(device)
-    dec.cache = KVCache.for_model(lm.model, context + tree.size)
+    cache = rt.new_cache(context + tree.size, device)
     g = torch.Generator().manual_seed(1)
     vocab = int(lm.model.config.vocab_size)
-    hidden = dec._forward(
-        torch.randint(vocab, (context,), generator=g).to(device), torch.arange(context, device=device)
-    )[-1]  # [H]
-    logits = dec._lm_head(hidden)  # [V]
+    hidden = rt.forward(
+        cache, torch.randint(vocab, (context,), generator=g).to(device), torch.arange(context, device=device)
+    )[-1:]  # [1, H]
+    logits = rt.lm_head(hidden)[0]  # [V]
+    hidden = hidden[0]
     root = logits.argmax(-1, keepdim=True)
     answer = torch.randint(vocab, (128,), generator=g).tolist()  # a mid-length answer to detokenise
     step, spec = [], []
@@ -141,17 +139,17 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
         t0 = time.perf_counter()
         gating.entropy(hidden)
         gating.entropy(logits)
-        dec.tokenizer.decode(answer, skip_special_tokens=True)
+        tokenizer.decode(answer, skip_special_tokens=True)
         t1 = time.perf_counter()
         tokens = tree.candidates(root, heads.topk_tokens(hidden, tree.top_k, root))  # [N+1]
         _sync(device)
         t2 = time.perf_counter()
-        dec.cache.truncate(context)
-        all_logits = dec._lm_head(dec._forward(tokens, context + tree.depth, tree.mask))  # not timed
+        cache.truncate(context)
+        all_logits = rt.lm_head(rt.forward(cache, tokens, context + tree.depth, tree.mask))  # not timed
         _sync(device)
         t3 = time.perf_counter()
         accepted = accept_greedy(tree, tokens, all_logits)
-        dec.cache.compact(context, torch.cat([accepted.new_zeros(1), accepted]))
+        cache.compact(context, torch.cat([accepted.new_zeros(1), accepted]))
         _sync(device)
         t4 = time.perf_counter()
         step.append(t1 - t0)
@@ -201,10 +199,9 @@ def observe(
     the incremental ones up to rounding.
     """
     ids = list(prompt_ids) + list(answer_ids)
-    device = lm.device
-    dec = Decoder(lm)
-    dec.cache = KVCache.for_model(lm.model, len(ids))
-    states = dec._forward(torch.tensor(ids, device=device), torch.arange(len(ids), device=device))  # [L, H]
+    rt, device = lm.runtime, lm.device
+    cache = rt.new_cache(len(ids), device)
+    states = rt.forward(cache, torch.tensor(ids, device=device), torch.arange(len(ids), device=device))  # [L, H]
     start, end = len(prompt_ids) - 1, len(ids) - 1  # roots are answer tokens start + 1 .. end
     states = states[start:end]  # [T, H]
     num_heads = heads.config.num_heads
@@ -223,7 +220,7 @@ def observe(
         rank = (logits > true_logit[..., None]).sum(-1)  # [c, K]
         rank = torch.where((idx < 0) | (rank >= top_k), torch.full_like(rank, top_k), rank)
         ranks.append(torch.where(target < 0, torch.full_like(rank, -1), rank).cpu())
-        base = dec._lm_head(h)  # [c, V]
+        base = rt.lm_head(h)  # [c, V]
         h_ent += [gating.entropy(x) for x in h]
         l_ent += [gating.entropy(x) for x in base]
     return {"ranks": torch.cat(ranks).numpy(), "hidden": np.array(h_ent), "logits": np.array(l_ent)}
@@ -363,15 +360,6 @@ def _until(deadline: float | None):
     return lambda _: deadline is None or time.perf_counter() < deadline
 
 
-def hardware(device: torch.device | str = "cpu") -> str:
-    """What the timings were taken on: the GPU's name, or the CPU and its thread count."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = f"{platform.machine()} {platform.processor() or ''}".strip()
-    threads = torch.get_num_threads()
-    return f"{cpu}, {threads} thread{'s' if threads > 1 else ''}"
-
-
 def calibrate(
     lm: LoadedModel,
     heads_dir: str | Path,
@@ -448,6 +436,7 @@ def calibrate(
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": lm.name,
         "device": lm.device.type,
+        "weights": lm.weights,
         "dtype": dtype_name(lm.dtype),
         "hardware": hardware(lm.device),
         "tree": tree,
@@ -519,8 +508,8 @@ def calibrated_config(
     if data is None:
         return config
     path = Path(heads_dir) / CALIBRATION_FILE
-    here = (lm.device.type, dtype_name(lm.dtype))
-    made = (data.get("device"), data.get("dtype"))
+    here = (lm.device.type, lm.weights)
+    made = (data.get("device"), data.get("weights", data.get("dtype")))
     if made != here:
         print(
             f"ignoring calibration from {path}: made for {made[0]}/{made[1]}, the model runs on "
@@ -544,7 +533,7 @@ def format_summary(data: dict) -> str:
     m, p = data["measured"], data["predicted"]
     base = m["cost_ms"]["1"]
     lines = [
-        f"verification cost on {data['device']}/{data['dtype']} ({data['hardware']}), {m['context']}-token cache:",
+        f"verification cost on {data['device']}/{data.get('weights', data['dtype'])} ({data['hardware']}), {m['context']}-token cache:",
         "  q      " + " ".join(f"{q:>6}" for q in m["cost_ms"]),
         "  ms     " + " ".join(f"{v:6.1f}" for v in m["cost_ms"].values()),
         "  x q=1  " + " ".join(f"{v / base:6.2f}" for v in m["cost_ms"].values()),

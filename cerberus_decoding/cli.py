@@ -28,9 +28,17 @@ class Method(str, Enum):
     cerberus_lookup = "cerberus+lookup"
 
 
-class DType(str, Enum):
+class Weights(str, Enum):
+    auto = "auto"
     float32 = "float32"
     bfloat16 = "bfloat16"
+    int8 = "int8"
+    int4 = "int4"
+
+
+class Runtime(str, Enum):
+    lean = "lean"
+    hf = "hf"
 
 
 class Device(str, Enum):
@@ -49,7 +57,15 @@ class Gate(str, Enum):
 ModelOpt = typer.Option(
     "default", "--model", "-m", help="'default' (SmolLM2-135M-Instruct), a HF model dir or a .gguf file."
 )
-DTypeOpt = typer.Option(DType.float32, "--dtype", help="float32 is exact and fastest on CPUs without AVX-512.")
+WeightsOpt = typer.Option(
+    Weights.auto,
+    "--weights",
+    "--dtype",
+    help="Weight format. auto: int4 on a CPU (the GGUF's own 4-bit blocks), bfloat16 on CUDA (docs/runtime.md).",
+)
+RuntimeOpt = typer.Option(
+    Runtime.lean, "--runtime", help="lean: our compact forward; hf: the unmodified transformers model (reference)."
+)
 DeviceOpt = typer.Option(Device.auto, "--device")
 MethodOpt = typer.Option(Method.ar, "--method", help="Decoding method.")
 HeadsOpt = typer.Option("default", "--heads", help="Heads dir, 'default' (shipped) or 'none' (untrained).")
@@ -63,11 +79,11 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def make_decoder(model, dtype, device, method, heads, gate, threshold, tree):
+def make_decoder(model, weights, runtime, device, method, heads, gate, threshold, tree):
     from .methods import build_decoder
     from .models import load_model
 
-    lm = load_model(model, dtype.value, device.value)
+    lm = load_model(model, weights.value, device.value, runtime.value)
     return build_decoder(lm, method.value, heads, gate.value if gate else None, threshold, str(tree) if tree else None)
 
 
@@ -75,7 +91,8 @@ def make_decoder(model, dtype, device, method, heads, gate, threshold, tree):
 def generate(
     prompt: str = typer.Argument(None, help="The prompt; read from stdin when omitted."),
     model: str = ModelOpt,
-    dtype: DType = DTypeOpt,
+    weights: Weights = WeightsOpt,
+    runtime: Runtime = RuntimeOpt,
     device: Device = DeviceOpt,
     method: Method = MethodOpt,
     heads: str = HeadsOpt,
@@ -102,7 +119,7 @@ def generate(
         fail("the prompt is empty")
     if top_p <= 0:
         fail("--top-p must be > 0")
-    decoder = make_decoder(model, dtype, device, method, heads, gate, gate_threshold, tree)
+    decoder = make_decoder(model, weights, runtime, device, method, heads, gate, gate_threshold, tree)
     ids = decoder.encode(prompt, raw=raw)
     cfg = SamplingConfig(max_new_tokens, temperature, top_p, seed, list(stop or []))
     stream = None if as_json else (lambda s: print(s, end="", flush=True))
@@ -145,7 +162,8 @@ def _stats_line(result) -> str:
 @app.command()
 def chat(
     model: str = ModelOpt,
-    dtype: DType = DTypeOpt,
+    weights: Weights = WeightsOpt,
+    runtime: Runtime = RuntimeOpt,
     device: Device = DeviceOpt,
     method: Method = MethodOpt,
     heads: str = HeadsOpt,
@@ -161,7 +179,7 @@ def chat(
     """Multi-turn chat in the terminal; earlier turns' KV cache is reused. /reset clears, /exit quits."""
     from .engine import SamplingConfig
 
-    decoder = make_decoder(model, dtype, device, method, heads, gate, gate_threshold, tree)
+    decoder = make_decoder(model, weights, runtime, device, method, heads, gate, gate_threshold, tree)
     history = [{"role": "system", "content": system}] if system else []
     typer.secho("Chat started. /reset clears the conversation, /exit or Ctrl-D quits.", err=True)
     while True:
@@ -200,7 +218,8 @@ def chat(
 @app.command()
 def serve(
     model: str = ModelOpt,
-    dtype: DType = DTypeOpt,
+    weights: Weights = WeightsOpt,
+    runtime: Runtime = RuntimeOpt,
     device: Device = DeviceOpt,
     method: Method = MethodOpt,
     heads: str = HeadsOpt,
@@ -217,7 +236,7 @@ def serve(
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
     from .server import serve as run_server
 
-    decoder = make_decoder(model, dtype, device, method, heads, gate, gate_threshold, tree)
+    decoder = make_decoder(model, weights, runtime, device, method, heads, gate, gate_threshold, tree)
     run_server(decoder, host, port, model_name or decoder.lm.name, api_key or None)
 
 
@@ -233,7 +252,8 @@ def bench(
         "[default: ar,hf,pld,medusa,cerberus,cerberus-nogate (+ hf-pld)]",
     ),
     model: str = ModelOpt,
-    dtype: DType = DTypeOpt,
+    weights: Weights = WeightsOpt,
+    runtime: Runtime = RuntimeOpt,
     device: Device = DeviceOpt,
     heads: str = HeadsOpt,
     gate: Gate = GateOpt,
@@ -259,7 +279,7 @@ def bench(
     if not chosen:
         fail("no questions selected")
     methods = methods or default_methods()
-    lm = load_model(model, dtype.value, device.value)
+    lm = load_model(model, weights.value, device.value, runtime.value)
     run = benchmark(
         lm,
         chosen,
@@ -283,8 +303,10 @@ def bench(
         methods,
         "--model",
         model,
-        "--dtype",
-        dtype.value,
+        "--weights",
+        lm.weights,
+        "--runtime",
+        runtime.value,
         "--device",
         device.value,
         "--heads",
@@ -307,7 +329,7 @@ def bench(
         lm,
         run,
         max_new_tokens,
-        dtype.value,
+        lm.weights,
         command=shlex.join(args),
         heads=heads,
         warmup=warmup,
@@ -338,7 +360,8 @@ def distill(
         "(one teacher-forced forward per batch) instead of generating.",
     ),
     model: str = ModelOpt,
-    dtype: DType = DTypeOpt,
+    weights: Weights = WeightsOpt,
+    runtime: Runtime = RuntimeOpt,
     device: Device = DeviceOpt,
 ):
     """Self-distillation: the base model's own greedy answers and hidden states, for head training."""
@@ -358,7 +381,7 @@ def distill(
     else:
         texts, source = read_prompts(prompts)[:num_prompts], f"{Path(prompts).resolve()}:{num_prompts}"
     recorded = read_answers(answers, source) if answers else None
-    lm = load_model(model, dtype.value, device.value)
+    lm = load_model(model, weights.value, device.value, runtime.value)
     summary = run(
         lm, texts, out, batch_size, max_new_tokens, source=source, worker=worker, workers=workers, answers=recorded
     )
@@ -423,7 +446,8 @@ def train(
 @app.command()
 def calibrate(
     model: str = ModelOpt,
-    dtype: DType = DTypeOpt,
+    weights: Weights = WeightsOpt,
+    runtime: Runtime = RuntimeOpt,
     device: Device = DeviceOpt,
     heads: str = HeadsOpt,
     questions: str = typer.Option(
@@ -446,7 +470,7 @@ def calibrate(
     if gate is not None and gate.value == "off":
         fail("--gate off has no threshold to calibrate; use hidden or logits")
     prompts = load_calibration_prompts(questions)
-    lm = load_model(model, dtype.value, device.value)
+    lm = load_model(model, weights.value, device.value, runtime.value)
     heads_dir = default_heads_dir(lm, "cerberus") if heads == "default" else Path(heads)
     own = read_heads_config(heads_dir).gate
     kind = gate.value if gate else (own if own in ("hidden", "logits") else "logits")
@@ -458,7 +482,8 @@ def calibrate(
 @app.command()
 def analyze(
     model: str = ModelOpt,
-    dtype: DType = DTypeOpt,
+    weights: Weights = WeightsOpt,
+    runtime: Runtime = RuntimeOpt,
     device: Device = DeviceOpt,
     heads: str = HeadsOpt,
     heads_type: str = typer.Option("cerberus", "--heads-type", help="medusa | cerberus"),
@@ -479,7 +504,7 @@ def analyze(
     if gate == Gate.off:
         fail("--gate must be hidden or logits for the sweep")
     prompts = first_turn_prompts(select_questions(load_questions(questions), limit=limit))
-    lm = load_model(model, dtype.value, device.value)
+    lm = load_model(model, weights.value, device.value, runtime.value)
     report = run(lm, heads, prompts, out, max_new_tokens, heads_type, gate.value)
     typer.echo((out / "report.md").read_text())
     typer.echo(f"zero-accept share {report['zero_accept_share']:.3f}; best threshold {report['best_threshold']:.3f}")

@@ -1,8 +1,8 @@
 """One decoding loop for every method: auto-regressive, Medusa, Cerberus (gated or not).
 
-Every step is exactly one forward of the unmodified base model over our KV cache:
+Every step is exactly one forward of the base model (runtime/__init__.py) over its KV cache:
   - AR step:   feed the pending token, read the next one.
-  - SPEC step: heads draft a tree from the last hidden state, feed pending token + tree (4D mask,
+  - SPEC step: heads draft a tree from the last hidden state, feed pending token + tree (tree mask,
                explicit positions), keep the longest path the base model agrees with, plus the
                bonus token, and compact the cache to that path.
 The gate picks the mode per step from the entropy of the last step's output.
@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import gate as gating
-from .cache import KVCache
 from .models import CerberusError, LoadedModel
 from .sampling import sample
+from .stops import TextTracker
 from .tree import Tree
-from .verify import accept_greedy, accept_typical
+from .verify import verify
 
 
 @dataclass
@@ -118,11 +118,10 @@ class Decoder:
         self.tree = tree.to(lm.device) if tree is not None else None
         self.method = method or ("ar" if heads is None else heads.config.head_type)
         self.drafter = drafter  # optional extra draft source (prompt lookup), see lookup.py
-        self.model = lm.model
-        self.vocab_size = lm.model.get_output_embeddings().weight.shape[0]
+        self.runtime = lm.runtime
         self.tokenizer = lm.tokenizer
         self.eos_ids = _eos_ids(lm)
-        self.cache: KVCache | None = None
+        self.cache = None  # the runtime's KV cache of this decoder's sequence
         self.cached_ids: list[int] = []  # tokens whose K/V the cache holds, in order
         self.heads_calls = 0  # counts draft-head invocations (the gate must skip them on AR steps)
 
@@ -148,40 +147,35 @@ class Decoder:
                 "tokens (and at least one must be left to generate). Shorten the prompt."
             )
 
-    # ---- the model call --------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, tree_mask=None) -> torch.Tensor:
-        """ids, positions [q] -> last hidden states [q, H]; K/V appended to the cache."""
-        mask = None
-        if tree_mask is not None:  # [q, q] tree part; every node also sees the whole context
-            past = self.cache.length
-            mask = torch.ones(1, 1, ids.numel(), past + ids.numel(), dtype=torch.bool, device=ids.device)
-            mask[0, 0, :, past:] = tree_mask
-        out = self.model.model(
-            input_ids=ids.view(1, -1),
-            position_ids=positions.view(1, -1),
-            attention_mask=mask,
-            cache=self.cache,
-            use_cache=True,
-        )
-        return out.last_hidden_state[0]
-
-    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden)
-
+    # ---- the model calls -------------------------------------------------------------------
     def _prefill(self, prompt_ids: list[int], capacity: int, reuse: bool) -> torch.Tensor:
         """Feed the prompt (reusing the cached prefix if allowed) -> hidden state at its last token."""
         device = self.lm.device
         keep = 0
-        if reuse and self.cache is not None and self.cache.max_len >= capacity:
+        if reuse and self.cache is not None and self.cache.capacity >= capacity:
             while keep < min(len(self.cached_ids), len(prompt_ids) - 1) and self.cached_ids[keep] == prompt_ids[keep]:
                 keep += 1
             self.cache.truncate(keep)
         else:
-            self.cache = KVCache.for_model(self.model, capacity)
+            self.cache = self.runtime.new_cache(capacity, device)
         new = torch.tensor(prompt_ids[keep:], device=device)
-        hidden = self._forward(new, torch.arange(keep, len(prompt_ids), device=device))
+        hidden = self.runtime.forward(self.cache, new, torch.arange(keep, len(prompt_ids), device=device))
         self.cached_ids = list(prompt_ids)
         return hidden[-1]
+
+    def _ar_step(self, root: torch.Tensor):
+        """Feed the pending token alone -> (new tokens [1], hidden [H], logits [V])."""
+        pos = torch.tensor([self.cache.length], device=root.device)
+        hidden = self.runtime.forward(self.cache, root, pos)  # [1, H]
+        return root, hidden[0], self.runtime.lm_head(hidden)[0]
+
+    def _spec_step(self, tree: Tree, tokens: torch.Tensor, temperature: float):
+        """Feed pending token + tree, keep the accepted path -> (new tokens [a+1], hidden [H], logits [V])."""
+        pos = self.cache.length
+        hidden = self.runtime.forward(self.cache, tokens, pos + tree.depth, tree.mask)  # [N+1, H]
+        path, logits = verify(tree, tokens, hidden, self.runtime.lm_head, temperature)
+        self.cache.compact(pos, path)
+        return tokens[path], hidden[int(path[-1])], logits
 
     # ---- generation ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -202,43 +196,24 @@ class Decoder:
         generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
         start = time.perf_counter()
         hidden = self._prefill(prompt_ids, len(prompt_ids) + max_new + draft_room + 2, reuse_cache)
-        logits = self._lm_head(hidden)
+        logits = self.runtime.lm_head(hidden[None])[0]
         root = sample(logits, cfg.temperature, cfg.top_p, generator)  # pending token, not yet in cache
         if self.drafter is not None:
             self.drafter.reset(prompt_ids)
 
         out: list[int] = []
         steps: list[Step] = []
-        text, finish = "", None
+        shown = TextTracker(self.tokenizer, cfg.stop)
+        finish = None
         while finish is None:
             t0 = time.perf_counter()
             h_ent, l_ent = gating.entropy(hidden), gating.entropy(logits)
-            pos = self.cache.length
             drafts = self._draft(hidden, root, h_ent, l_ent)
-            if drafts is None:  # AR step
-                hidden = self._forward(root, torch.tensor([pos], device=root.device))[0]
-                logits = self._lm_head(hidden)
-                new = root
-                root = sample(logits, cfg.temperature, cfg.top_p, generator)
-                candidates = 0
+            if drafts is None:
+                new, hidden, logits = self._ar_step(root)
             else:
-                tree, tokens = drafts
-                hiddens = self._forward(tokens, pos + tree.depth, tree.mask)  # [N+1, H]
-                # the LM head runs only where verification reads it: nodes with children (+ the last one)
-                all_logits = hiddens.new_empty(tree.size, self.vocab_size)  # [N+1, V]
-                all_logits[tree.internal] = self._lm_head(hiddens[tree.internal])
-                if cfg.temperature <= 0:
-                    accepted = accept_greedy(tree, tokens, all_logits)
-                else:
-                    accepted = accept_typical(tree, tokens, all_logits, cfg.temperature)
-                path = torch.cat([accepted.new_zeros(1), accepted])  # root + accepted nodes
-                self.cache.compact(pos, path)
-                last = int(path[-1])
-                hidden = hiddens[last]
-                logits = all_logits[last] if last in tree.internal_set else self._lm_head(hidden)
-                new = tokens[path]
-                root = sample(logits, cfg.temperature, cfg.top_p, generator)
-                candidates = tree.size - 1
+                new, hidden, logits = self._spec_step(*drafts, cfg.temperature)
+            root = sample(logits, cfg.temperature, cfg.top_p, generator)
             new_ids = new.tolist()
             self.cached_ids.extend(new_ids)
             # stop conditions, in order: EOS, token budget, stop strings
@@ -251,28 +226,17 @@ class Decoder:
             out.extend(new_ids)
             if self.drafter is not None:
                 self.drafter.extend(new_ids)
-            steps.append(
-                Step(
-                    "ar" if candidates == 0 else "spec",
-                    h_ent,
-                    l_ent,
-                    candidates,
-                    len(new_ids),
-                    time.perf_counter() - t0,
-                )
-            )
-            full = self.tokenizer.decode(out, skip_special_tokens=True)
-            cut = _find_stop(full, cfg.stop, len(text))
-            if cut is not None:
-                full, finish = full[:cut], "stop"
-            elif finish is None and full.endswith("\ufffd"):
-                continue  # an incomplete UTF-8 character: wait for the rest before showing it
-            delta, text = full[len(text) :], full
+            candidates = 0 if drafts is None else drafts[0].size - 1
+            mode = "ar" if drafts is None else "spec"
+            steps.append(Step(mode, h_ent, l_ent, candidates, len(new_ids), time.perf_counter() - t0))
+            delta = shown.add(new_ids, final=finish is not None)
+            if shown.stopped:
+                finish = "stop"
             if on_text is not None and delta and on_text(delta) is False and finish is None:
                 finish = "cancelled"
         # the last pending token(s) were never fed; keep cached_ids in step with the cache
         self.cached_ids = self.cached_ids[: self.cache.length]
-        return Result(out, text, len(prompt_ids), time.perf_counter() - start, steps, finish, self.method)
+        return Result(out, shown.text, len(prompt_ids), time.perf_counter() - start, steps, finish, self.method)
 
     def _draft(self, hidden, root, h_ent, l_ent):
         """The tree of this step and its tokens, or None for a plain AR step."""
@@ -296,13 +260,3 @@ def _eos_ids(lm: LoadedModel) -> set[int]:
         elif src:
             ids.update(src)
     return ids
-
-
-def _find_stop(text: str, stops: list[str], searched: int) -> int | None:
-    """Index where the earliest stop string starts, looking only near the new text."""
-    best = None
-    for s in stops:
-        i = text.find(s, max(0, searched - len(s) + 1))
-        if i >= 0 and (best is None or i < best):
-            best = i
-    return best

@@ -19,7 +19,6 @@ import torch
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CerberusError(Exception):
@@ -28,11 +27,22 @@ class CerberusError(Exception):
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
+    model: torch.nn.Module  # the transformers model (float32 on a CPU): config, embeddings, reference
     tokenizer: object
     name: str  # short name, recorded in heads checkpoints and bench reports
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # activation dtype of the runtime (bfloat16 for the quantized formats)
+    runtime: object = None  # runtime/__init__.py: forward + lm_head over a KV cache
+
+    def __post_init__(self):
+        if self.runtime is None:  # a model built in code (tests): the transformers forward
+            from .runtime.hf import HFRuntime
+
+            self.runtime = HFRuntime(self.model, str(self.dtype).removeprefix("torch."))
+
+    @property
+    def weights(self) -> str:
+        return self.runtime.weights
 
     @property
     def context_length(self) -> int:
@@ -62,12 +72,6 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise CerberusError(f"Unknown device {device!r}; use cpu, cuda or auto.")
     return torch.device(device)
-
-
-def resolve_dtype(dtype: str) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise CerberusError(f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
-    return DTYPES[dtype]
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
@@ -108,10 +112,11 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _model_dir_and_name(model: str) -> tuple[Path, str]:
+def _model_dir_and_name(model: str) -> tuple[Path, str, Path | None]:
+    """(HF directory, short name, the GGUF file it came from if any)"""
     if model == "default":
         gguf = default_gguf_path()
-        return _cached_gguf(gguf), DEFAULT_MODEL_NAME
+        return _cached_gguf(gguf), DEFAULT_MODEL_NAME, gguf
     path = Path(model).expanduser()
     if not path.exists():
         raise CerberusError(
@@ -121,10 +126,10 @@ def _model_dir_and_name(model: str) -> tuple[Path, str]:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise CerberusError(f"{path} is a file but not a .gguf file.")
-        return _cached_gguf(path), path.stem
+        return _cached_gguf(path), path.stem, path
     if not (path / "config.json").is_file():
         raise CerberusError(f"{path} has no config.json; it is not a Hugging Face model directory.")
-    return path, path.resolve().name
+    return path, path.resolve().name, None
 
 
 def _cached_gguf(gguf: Path) -> Path:
@@ -137,19 +142,25 @@ def _cached_gguf(gguf: Path) -> Path:
     return target
 
 
-def load_model(model: str = "default", dtype: str = "float32", device: str = "auto") -> LoadedModel:
-    """Load the base model in eval mode with gradients off."""
+def load_model(
+    model: str = "default", weights: str = "auto", device: str = "auto", runtime: str = "lean"
+) -> LoadedModel:
+    """Load the base model in eval mode with gradients off, in weight format ``weights``
+    (runtime/formats.py) on runtime ``lean`` or ``hf`` (runtime/__init__.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    torch_dtype = resolve_dtype(dtype)
+    from .runtime import build_runtime, resolve_weights
+
     torch_device = resolve_device(device)
-    model_dir, name = _model_dir_and_name(model)
+    weights = resolve_weights(weights, torch_device, runtime)
+    model_dir, name, gguf = _model_dir_and_name(model)
     hf_logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+        lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     except Exception as e:
         raise CerberusError(f"Cannot load the model from {model_dir}: {e}") from e
     lm.to(torch_device).eval().requires_grad_(False)
-    return LoadedModel(lm, tokenizer, name, torch_device, torch_dtype)
+    rt = build_runtime(lm, weights, runtime, gguf)
+    return LoadedModel(lm, tokenizer, name, torch_device, rt.dtype, rt)

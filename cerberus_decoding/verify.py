@@ -1,8 +1,8 @@
 """Pick the longest accepted path of a verified tree.
 
-The logits passed in need only be right at the tree's internal nodes (those with children): a
-node is judged by its parent's distribution, and the bonus token is drawn by the caller from the
-last accepted node's logits.
+``verify`` owns the rule "the LM head runs only where verification reads it": a node is judged by
+its parent's distribution, so logits are needed at the internal nodes (those with children), plus
+at the last accepted node when it is a leaf (the caller draws the bonus token from them).
 """
 
 from __future__ import annotations
@@ -10,6 +10,21 @@ from __future__ import annotations
 import torch
 
 from .sampling import probabilities
+
+
+def verify(tree, tokens: torch.Tensor, hidden: torch.Tensor, lm_head, temperature: float = 0.0):
+    """tokens [N+1] fed, hidden [N+1, H] their final hidden states ->
+    (accepted path: node ids from the root [a+1], logits after its last node [V])."""
+    internal = lm_head(hidden[tree.internal])  # [I, V]
+    logits = internal.new_empty(tree.size, internal.shape[-1])  # [N+1, V]; only internal rows are read
+    logits[tree.internal] = internal
+    if temperature <= 0:
+        accepted = accept_greedy(tree, tokens, logits)
+    else:
+        accepted = accept_typical(tree, tokens, logits, temperature)
+    path = torch.cat([accepted.new_zeros(1), accepted])
+    last = int(path[-1])
+    return path, logits[last] if last in tree.internal_set else lm_head(hidden[last : last + 1])[0]
 
 
 def accept_greedy(tree, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -28,12 +29,27 @@ PROMPTS = [
     "Fix the bug: def is_even(n): return n % 2 == 1",
 ]
 
-TIE_BOUND = 1e-3  # a first divergence is only acceptable where the top-2 logits are this close
+TIE_BOUND = 1e-3  # float32: a first divergence is only acceptable where the top-2 logits are this close
+EXACT_FORMATS = ("bfloat16", "int8", "int4")  # row-invariant kernels: speculative output is bitwise AR's
 
 
 @pytest.fixture(scope="session")
 def lm() -> LoadedModel:
+    """The default model as users get it: lean runtime, int4 weights (the fast format on a CPU)."""
+    return load_model("default", "int4", "cpu")
+
+
+@pytest.fixture(scope="session")
+def lm_f32() -> LoadedModel:
     return load_model("default", "float32", "cpu")
+
+
+@pytest.fixture(scope="session")
+def lm_hf(lm_f32) -> LoadedModel:
+    """The unmodified transformers model in float32 (the reference), sharing lm_f32's weights."""
+    from cerberus_decoding.runtime.hf import HFRuntime
+
+    return dataclasses.replace(lm_f32, runtime=HFRuntime(lm_f32.model, "float32"))
 
 
 @pytest.fixture(scope="session")
@@ -60,16 +76,17 @@ def tiny_lm(lm) -> LoadedModel:
 
 
 def top2_gap(lm: LoadedModel, prefix: list[int]) -> float:
-    with torch.inference_mode():
-        logits = lm.model(torch.tensor([prefix])).logits[0, -1]
-    top = logits.topk(2).values
-    return float(top[0] - top[1])
+    from cerberus_decoding.bench.run import logit_gap
+
+    return logit_gap(lm, prefix, [])
 
 
 def assert_lossless(lm: LoadedModel, prompt_ids: list[int], reference: list[int], got: list[int]) -> None:
-    """``got`` must equal the greedy AR ``reference``; a divergence passes only at a proven near-tie."""
+    """``got`` must equal the greedy AR ``reference`` of the same format: bitwise for the row-invariant
+    formats; in float32 a divergence passes only at a proven near-tie."""
     if got == reference:
         return
+    assert lm.weights not in EXACT_FORMATS, f"{lm.weights}: speculative output differs from AR (no tie allowance)"
     i = next((k for k, (a, b) in enumerate(zip(reference, got, strict=False)) if a != b), min(len(reference), len(got)))
     assert i < min(len(reference), len(got)), f"lengths differ without a token difference at {i}"
     gap = top2_gap(lm, prompt_ids + reference[:i])

@@ -7,6 +7,7 @@ measures, report.py writes the table, results.json, report.md and charts.
 from __future__ import annotations
 
 from ..models import LoadedModel
+from ..runtime import hardware
 from .questions import (
     BUILTIN,
     BUILTIN_CATEGORIES,
@@ -52,13 +53,16 @@ def benchmark(
     return run_bench(runners, reference, questions, warmup, repeats, progress)
 
 
-def results_dict(lm: LoadedModel, bench: BenchRun, max_new_tokens: int, dtype: str, **extra) -> dict:
+def results_dict(lm: LoadedModel, bench: BenchRun, max_new_tokens: int, **extra) -> dict:
     """The results.json object: the fixed top-level shape first, then extras (details, settings)."""
     details = mismatch_details(lm, bench)
     return {
         "model": lm.name,
         "device": str(lm.device),
-        "dtype": dtype,
+        "weights": lm.weights,
+        "runtime": lm.runtime.name,
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "hardware": hardware(lm.device),
         "max_new_tokens": max_new_tokens,
         "questions": len(bench.complete()),
         "methods": summarize(bench, details),

@@ -21,8 +21,16 @@ def _row(entry: dict) -> list[str]:
         _fmt(entry["speedup"], ".2f", "x"),
         _fmt(entry["mean_accepted"]),
         _fmt(entry["speculative_share"], ".0%"),
-        str(entry["mismatches"]),
+        _mismatch_cell(entry),
     ]
+
+
+def _mismatch_cell(entry: dict) -> str:
+    """Mismatches against ar; for a method in another weight format, its agreement with ar instead."""
+    agree = entry.get("agreement")
+    if agree is None or agree.get("identical_share") is None:
+        return str(entry["mismatches"])
+    return f"other format: {agree['identical_share']:.0%} identical, {agree['tokens_before_divergence']:.0f} tok agree"
 
 
 def _categories(results: dict) -> list[str]:
@@ -36,7 +44,7 @@ def print_table(results: dict, console=None) -> None:
 
     console = console or Console()
     title = (
-        f"{results['model']} on {results['device']} ({results['dtype']}), "
+        f"{results['model']} on {results['device']} ({results['weights']} weights, {results['runtime']} runtime), "
         f"{results['questions']} questions, max {results['max_new_tokens']} new tokens"
     )
     if results.get("interrupted"):
@@ -143,7 +151,8 @@ def write_markdown(results: dict, out: Path) -> Path:
     parts = [
         f"# Cerberus bench: {results['model']}",
         "",
-        f"- device: {results['device']}, dtype: {results['dtype']}",
+        f"- device: {results['device']} ({results.get('hardware', '?')}), weights: {results['weights']} "
+        f"({results['runtime']} runtime, {results['dtype']} activations)",
         f"- questions: {results['questions']} ({', '.join(cats) or 'none'}), greedy, "
         f"max {results['max_new_tokens']} new tokens per turn",
         f"- warm-up: {results.get('warmup', '?')} generations per method, "

@@ -226,16 +226,38 @@ def logit_gap(lm: LoadedModel, prompt_ids: list[int], prefix: list[int]) -> floa
     A tiny gap means a near-tie, where rounding (bfloat16, a different kernel or batch shape) can
     legitimately flip the greedy choice.
     """
-    x = torch.tensor([prompt_ids + prefix], device=lm.device)
-    logits = lm.model(input_ids=x).logits[0, -1].float()
-    top = logits.topk(2).values
+    ids = torch.tensor(prompt_ids + prefix, device=lm.device)
+    hidden = lm.runtime.forward(lm.runtime.new_cache(ids.numel(), lm.device), ids, torch.arange(ids.numel()))
+    top = lm.runtime.lm_head(hidden[-1:])[0].float().topk(2).values
     return float(top[0] - top[1])
+
+
+def other_numerics(lm: LoadedModel, method: str) -> bool:
+    """True for a method that runs another weight format than ``ar`` (transformers' generate runs the
+    float32 model): its output is compared by agreement, not counted as mismatches."""
+    return hf_kind(method) is not None and (lm.runtime.name, lm.weights) != ("hf", "float32")
+
+
+def agreement(bench: BenchRun, method: str) -> dict:
+    """Share of questions whose tokens equal ar's, and mean tokens before the first difference."""
+    same, before = 0, []
+    for q in bench.complete():
+        a = [t for turn in bench.measurements[q.question_id, REFERENCE].turns for t in turn.token_ids]
+        b = [t for turn in bench.measurements[q.question_id, method].turns for t in turn.token_ids]
+        pos = first_difference(a, b)
+        same += pos is None
+        before.append(len(a) if pos is None else pos)
+    n = len(before)
+    return {
+        "identical_share": round(same / n, 4) if n else None,
+        "tokens_before_divergence": statistics.fmean(before) if n else None,
+    }
 
 
 def mismatch_details(lm: LoadedModel, bench: BenchRun) -> dict[str, list[dict]]:
     """For each method, the questions whose tokens differ from ar's: where, and the logit gap there."""
     tok = lm.tokenizer
-    details: dict[str, list[dict]] = {m: [] for m in bench.methods if m != REFERENCE}
+    details: dict[str, list[dict]] = {m: [] for m in bench.methods if m != REFERENCE and not other_numerics(lm, m)}
     for q in bench.complete():
         ref = bench.measurements[q.question_id, REFERENCE]
         for method in details:
@@ -310,6 +332,9 @@ def summarize(bench: BenchRun, details: dict[str, list[dict]]) -> dict[str, dict
         for cat in categories:
             qs = [q for q in questions if q.category == cat]
             entry["categories"][cat] = _fields(rows(qs), rows(qs, REFERENCE), mismatched)
+        if method != REFERENCE and method not in details:  # another weight format: agreement instead
+            entry["mismatches"] = None
+            entry["agreement"] = agreement(bench, method)
         out[method] = entry
     return out
 

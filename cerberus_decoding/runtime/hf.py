@@ -1,4 +1,9 @@
-"""A preallocated KV cache that the model's own forward writes into, and that we can compact.
+"""The reference runtime: the unmodified transformers model over a compactable KV cache.
+
+``--runtime hf`` runs it; tests use it as the reference for the lean forward, and it is the
+fallback for architectures the lean forward does not cover (float32 / bfloat16 weights only).
+
+The cache is preallocated and the model's own forward writes into it:
 
 Each layer owns one buffer of ``[B, kv_heads, max_len, head_dim]``; ``update`` writes the new
 entries after the current length and returns views of the filled part, so a forward never copies
@@ -60,13 +65,9 @@ class BufferLayer(CacheLayerMixin):
 class KVCache(Cache):
     """The cache of one sequence (batch 1) or of a batch of equal-length rows."""
 
-    def __init__(self, num_layers: int, max_len: int):
-        super().__init__(layers=[BufferLayer(max_len) for _ in range(num_layers)])
-        self.max_len = max_len
-
-    @classmethod
-    def for_model(cls, model, max_len: int) -> KVCache:
-        return cls(model.config.num_hidden_layers, max_len)
+    def __init__(self, num_layers: int, capacity: int):
+        super().__init__(layers=[BufferLayer(capacity) for _ in range(num_layers)])
+        self.capacity = capacity
 
     @property
     def length(self) -> int:
@@ -92,3 +93,33 @@ class KVCache(Cache):
             layer.keys[:, :, start : start + n] = layer.keys.index_select(2, src)
             layer.values[:, :, start : start + n] = layer.values.index_select(2, src)
             layer.length = start + n
+
+
+class HFRuntime:
+    """``forward`` / ``lm_head`` of a transformers causal LM (see runtime/__init__.py)."""
+
+    name = "hf"
+
+    def __init__(self, model, weights: str):
+        self.model, self.weights, self.dtype = model, weights, model.dtype
+
+    def new_cache(self, capacity: int, device) -> KVCache:
+        return KVCache(self.model.config.num_hidden_layers, capacity)
+
+    def forward(self, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor, tree_mask=None) -> torch.Tensor:
+        mask = None
+        if tree_mask is not None:  # [q, q] tree part; every node also sees the whole context
+            past = cache.length
+            mask = torch.ones(1, 1, ids.numel(), past + ids.numel(), dtype=torch.bool, device=ids.device)
+            mask[0, 0, :, past:] = tree_mask
+        out = self.model.model(
+            input_ids=ids.view(1, -1),
+            position_ids=positions.view(1, -1),
+            attention_mask=mask,
+            cache=cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state[0]
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)

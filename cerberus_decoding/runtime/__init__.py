@@ -1,0 +1,75 @@
+"""The base-model call every part of Cerberus goes through.
+
+A runtime holds the weights in one format and offers::
+
+    cache = runtime.new_cache(capacity, device)
+    hidden = runtime.forward(cache, ids, positions, tree_mask=None)  # [q] -> [q, H], K/V into cache
+    logits = runtime.lm_head(hidden)                                  # [q, H] -> [q, V]
+
+and the cache offers ``length``, ``truncate(n)`` and ``compact(start, rows)`` (keep the rows of the
+last forward, e.g. the accepted tree path). Two runtimes: ``lean`` (runtime/lean.py, our own
+forward, every weight format) and ``hf`` (runtime/hf.py, the unmodified transformers model).
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+from ..models import CerberusError
+from .formats import WEIGHTS, activation_dtype
+
+RUNTIMES = ("lean", "hf")
+
+
+def resolve_weights(weights: str, device: torch.device, runtime: str) -> str:
+    """``auto``: int4 on a CPU (the format that is fastest on AVX2 and AVX-512 alike), bfloat16 on
+    CUDA; the ``hf`` runtime runs float32 on a CPU (its bfloat16 is slower there without AVX-512)."""
+    if weights not in WEIGHTS:
+        raise CerberusError(f"Unknown --weights {weights!r}; use one of {', '.join(WEIGHTS)}.")
+    if weights == "auto":
+        if device.type == "cuda":
+            return "bfloat16"
+        return "float32" if runtime == "hf" else "int4"
+    if runtime == "hf" and weights in ("int8", "int4"):
+        raise CerberusError(f"--runtime hf runs float32 or bfloat16 weights, not {weights}; use --runtime lean.")
+    if device.type == "cuda" and weights in ("int8", "int4"):
+        raise CerberusError(f"--weights {weights} has no CUDA kernel here; use --weights bfloat16 on a GPU.")
+    return weights
+
+
+def build_runtime(hf_model, weights: str, runtime: str, gguf: Path | None = None):
+    """The runtime for a loaded transformers model (float32 on the CPU: the source of the weights)."""
+    if runtime not in RUNTIMES:
+        raise CerberusError(f"Unknown --runtime {runtime!r}; use one of {', '.join(RUNTIMES)}.")
+    if runtime == "hf":
+        from .hf import HFRuntime
+
+        return HFRuntime(hf_model.to(activation_dtype(weights)), weights)
+    from .lean import LeanLlama
+
+    blocks = None
+    if weights == "int4" and gguf is not None:
+        from .gguf import read_q4_blocks
+
+        cfg = hf_model.config
+        blocks = read_q4_blocks(gguf, cfg.num_attention_heads, cfg.num_key_value_heads)
+    return LeanLlama(hf_model, weights, blocks)
+
+
+def hardware(device: torch.device | str = "cpu") -> str:
+    """What timings were taken on: the GPU's name, or the CPU model, the ISA torch's kernels use
+    (AVX2, AVX512, ...), the thread count and the torch version."""
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{model}, {isa}, {threads} thread{'s' if threads > 1 else ''}, torch {torch.__version__}"

@@ -1,0 +1,99 @@
+"""Weight formats of the lean runtime: one small linear layer per format.
+
+  float32, bfloat16   dense ``F.linear``.
+  int8                per-output-channel int8 weights, ``aten._weight_int8pack_mm``.
+  int4                group-wise (group 32) 4-bit weights, ``aten._weight_int4pack_mm_for_cpu``:
+                      the kernel computes ``w = (q - 8) * scale + zero`` per group, so a GGUF Q4_0 /
+                      Q4_1 block maps onto it exactly (up to the rounding of its scales to bf16).
+
+The quantized formats take activations in bfloat16 (the kernels are vectorized for it). Each of
+these kernels computes every output row independently of the others: a row's result is the same
+whether it runs alone or among 16 rows, bitwise (tests/test_runtime.py checks it on this CPU). That
+is what makes speculative verification reproduce the one-token step exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models import CerberusError
+
+WEIGHTS = ("auto", "float32", "bfloat16", "int8", "int4")
+GROUP = 32  # int4 group size: the GGUF block size
+
+
+def activation_dtype(weights: str) -> torch.dtype:
+    return torch.float32 if weights == "float32" else torch.bfloat16
+
+
+class Linear(torch.nn.Module):
+    """``y = x W^T (+ b)`` with W stored in one of the formats above. x [M, K] -> y [M, N]."""
+
+    def __init__(self, fmt: str, out_features: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.fmt, self.out_features = fmt, out_features
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
+        elif self.fmt == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        else:
+            y = F.linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+def dense(weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None) -> Linear:
+    """A float weight [N, K] in format ``fmt`` (quantized on load for int8 / int4)."""
+    dtype = activation_dtype(fmt)
+    layer = Linear(fmt, weight.shape[0], None if bias is None else bias.to(dtype))
+    if fmt == "int4":
+        q, scale, zero = quantize_int4(weight.float())
+        return _set_int4(layer, q, scale, zero)
+    if fmt == "int8":
+        w = weight.float()
+        scale = w.abs().amax(1).clamp_min(1e-12) / 127  # [N]
+        layer.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        layer.scales = scale.to(dtype)
+        return layer
+    layer.weight = weight.to(dtype).contiguous()
+    return layer
+
+
+def int4_from_blocks(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Linear:
+    """q [N, K] in 0..15, scale / zero [N, K / 32] float: w = (q - 8) * scale + zero."""
+    return _set_int4(Linear("int4", q.shape[0]), q, scale, zero)
+
+
+def quantize_int4(w: torch.Tensor):
+    """Asymmetric group-wise 4-bit quantization of a float weight [N, K] -> (q, scale, zero)."""
+    n, k = w.shape
+    groups = w.view(n, k // GROUP, GROUP)
+    lo, hi = groups.amin(-1), groups.amax(-1)  # [N, K/32]
+    scale = ((hi - lo) / 15).clamp_min(1e-12)
+    q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15).view(n, k)
+    return q, scale, lo + 8 * scale  # the kernel subtracts 8 from q
+
+
+def _set_int4(layer: Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Linear:
+    n, k = q.shape
+    if k % GROUP:
+        raise CerberusError(f"int4 needs input sizes divisible by {GROUP}; this layer has {k}. Use --weights int8.")
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        raise CerberusError("This torch build has no CPU int4 kernel; use --weights int8 or bfloat16.")
+    layer.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+    # [K/32, N, 2] in the activation dtype, as the kernel wants
+    layer.scales_zeros = torch.stack([scale.T, zero.T], -1).to(torch.bfloat16).contiguous()
+    return layer
+
+
+def dequantize(layer: Linear) -> torch.Tensor:
+    """The float weight [N, K] a layer multiplies by (for tests and the docs' error table)."""
+    if layer.fmt == "int4":  # float32 activations: slow, but every weight comes out unrounded
+        eye = torch.eye(layer.scales_zeros.shape[0] * GROUP)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, layer.packed, GROUP, layer.scales_zeros.float()).T
+    if layer.fmt == "int8":
+        return layer.qweight.float() * layer.scales.float()[:, None]
+    return layer.weight.float()

@@ -1,0 +1,213 @@
+"""A lean Llama-family forward (Llama, SmolLM, Mistral, Qwen2) over our own KV cache.
+
+Fused QKV and gate/up projections in any weight format (formats.py), a preallocated cache that
+verification compacts, and an attention that makes a tree node's row bitwise equal to the
+one-token step at that node:
+
+  The one-token step attends with one ``scaled_dot_product_attention`` call: the token's query
+  heads against the cache's keys ``[0, p]``. In a verification forward each row (root or tree node)
+  is computed by the same call on the same keys in the same order: its context, its ancestors,
+  itself. Rows on the tree's main chain (the root and its first-child chain, written right after
+  the context) read a plain view of the cache, exactly like the one-token step; other rows read
+  their keys gathered into a contiguous copy, which this kernel treats the same (measured, and
+  checked by tests/test_runtime.py). With row-invariant projections (formats.py) the whole forward
+  is then row-for-row identical to decoding the accepted path one token at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models import CerberusError
+from .formats import Linear, activation_dtype, dense
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+class KVCache:
+    """Keys and values of one sequence: ``[layers, kv_heads, capacity, head_dim]``."""
+
+    def __init__(self, layers: int, kv_heads: int, capacity: int, head_dim: int, dtype, device):
+        self.k = torch.zeros(layers, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.capacity = capacity
+        self.length = 0
+        self.slot_of: torch.Tensor | None = None  # row -> offset of the last tree forward's entries
+
+    def truncate(self, length: int) -> None:
+        """Forget every entry from ``length`` on (a rejected draft, or an edited chat history)."""
+        self.length = min(self.length, length)
+
+    def compact(self, start: int, keep: torch.Tensor) -> None:
+        """Keep entries ``[0, start)`` plus the rows ``keep`` of the last forward, moved to follow them."""
+        rows = keep.to(self.k.device)
+        src = start + (self.slot_of[rows] if self.slot_of is not None else rows)
+        n = rows.numel()
+        self.k[:, :, start : start + n] = self.k.index_select(2, src)  # index_select copies first
+        self.v[:, :, start : start + n] = self.v.index_select(2, src)
+        self.length = start + n
+
+
+class LeanLlama(torch.nn.Module):
+    """Weights of a Llama-family model in one format, and its forward over a ``KVCache``."""
+
+    name = "lean"
+
+    def __init__(self, hf_model, weights: str, q4_blocks: dict | None = None):
+        super().__init__()
+        cfg = hf_model.config
+        arch = (getattr(cfg, "architectures", None) or [type(hf_model).__name__])[0]
+        if arch not in ARCHITECTURES:
+            raise CerberusError(f"The lean runtime covers {', '.join(ARCHITECTURES)}, not {arch}; use --runtime hf.")
+        self.weights, self.dtype = weights, activation_dtype(weights)
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        state = hf_model.state_dict()
+        q4_blocks = q4_blocks or {}
+
+        def linear(names: list[str]) -> Linear:
+            """One layer for the concatenated outputs of ``names`` (GGUF 4-bit blocks used as they are)."""
+            biases = [state.get(f"{n}.bias") for n in names]
+            bias = torch.cat(biases) if all(b is not None for b in biases) else None
+            if weights == "int4" and all(n in q4_blocks for n in names):
+                from .formats import int4_from_blocks
+
+                q, scale, zero = (torch.cat([q4_blocks[n][i] for n in names]) for i in range(3))
+                layer = int4_from_blocks(q, scale, zero)
+                layer.bias = None if bias is None else bias.to(self.dtype)
+                return layer
+            return dense(torch.cat([state[f"{n}.weight"] for n in names]), weights, bias)
+
+        self.layers = []
+        for i in range(self.num_layers):
+            p = f"model.layers.{i}."
+            self.layers.append(
+                {
+                    "attn_norm": state[p + "input_layernorm.weight"].to(self.dtype),
+                    "wqkv": linear([p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"]),
+                    "wo": linear([p + "self_attn.o_proj"]),
+                    "mlp_norm": state[p + "post_attention_layernorm.weight"].to(self.dtype),
+                    "w13": linear([p + "mlp.gate_proj", p + "mlp.up_proj"]),
+                    "w2": linear([p + "mlp.down_proj"]),
+                }
+            )
+        self.embed = hf_model.get_input_embeddings().weight.detach().to(self.dtype)  # [V, H]
+        self.norm = state["model.norm.weight"].to(self.dtype)
+        # LM head [V, H]: int8 per row under int4 weights (a 4-bit LM head changed 12% of greedy
+        # next tokens against float32 on real prompts; int8 changed 4%, like bfloat16)
+        head_format = "int8" if weights == "int4" else weights
+        self.output = dense(hf_model.get_output_embeddings().weight.detach(), head_format)
+        # RoPE tables from transformers' own rotary module, so every rope-scaling variant stays right
+        positions = torch.arange(cfg.max_position_embeddings)[None]
+        cos, sin = hf_model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+        self.cos, self.sin = (t[0].to(self.embed.device, self.dtype) for t in (cos, sin))  # [max_pos, D]
+
+    def new_cache(self, capacity: int, device) -> KVCache:
+        return KVCache(self.num_layers, self.num_kv_heads, capacity, self.head_dim, self.dtype, device)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[q, H] final hidden states -> [q, V] logits"""
+        return self.output(hidden)
+
+    def forward(self, cache: KVCache, ids, positions, tree_mask=None) -> torch.Tensor:
+        """ids, positions [q] -> final normalized hidden states [q, H]; K/V written into ``cache``.
+
+        ``tree_mask`` [q, q] (row attends to column) marks a verification forward; without it the
+        q tokens are a causal run (one token, or a prompt).
+        """
+        q, start = ids.numel(), cache.length
+        if start + q > cache.capacity:
+            raise CerberusError(f"KV cache overflow: {start + q} > {cache.capacity} entries")
+        rows = _tree_rows(tree_mask, start) if tree_mask is not None else None
+        slots = torch.arange(start, start + q, device=ids.device) if rows is None else rows.slots + start
+        cache.slot_of = None if rows is None else rows.slots
+        cos, sin = self.cos[positions], self.sin[positions]  # [q, D]
+        x = self.embed[ids]  # [q, H]
+        Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        for i, layer in enumerate(self.layers):
+            qkv = layer["wqkv"](_rms_norm(x, layer["attn_norm"], self.eps))  # [q, (Hq + 2 Hkv) D]
+            xq, xk, xv = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+            xq = _rope(xq.view(q, Hq, D), cos, sin)
+            xk = _rope(xk.view(q, Hkv, D), cos, sin)
+            cache.k[i].index_copy_(1, slots, xk.transpose(0, 1))  # [Hkv, q, D] into the slots
+            cache.v[i].index_copy_(1, slots, xv.view(q, Hkv, D).transpose(0, 1))
+            if rows is not None or q == 1:
+                attn = self._attend_rows(cache, i, xq, rows, start)
+            else:
+                attn = self._attend_causal(cache, i, xq, start)
+            x = x + layer["wo"](attn)
+            gate, up = layer["w13"](_rms_norm(x, layer["mlp_norm"], self.eps)).chunk(2, dim=-1)
+            x = x + layer["w2"](F.silu(gate) * up)
+        cache.length = start + q
+        return _rms_norm(x, self.norm, self.eps)
+
+    def _attend_rows(self, cache: KVCache, layer: int, xq, rows, start: int) -> torch.Tensor:
+        """Each row alone, exactly as the one-token step computes it. xq [q, Hq, D] -> [q, Hq D]"""
+        Hkv, D = self.num_kv_heads, self.head_dim
+        k, v = cache.k[layer], cache.v[layer]  # [Hkv, capacity, D]
+        group = xq.view(xq.shape[0], Hkv, -1, D)  # [q, Hkv, Hq / Hkv, D]: query heads sharing a kv head
+        out = []
+        for r in range(xq.shape[0]):
+            if rows is None:  # the one-token step
+                keys, values = k[None, :, : start + 1], v[None, :, : start + 1]
+            elif rows.keys[r] is None:  # on the main chain: context + chain so far, a view
+                end = start + int(rows.slots[r]) + 1
+                keys, values = k[None, :, :end], v[None, :, :end]
+            else:
+                keys, values = k[:, rows.keys[r]][None], v[:, rows.keys[r]][None]
+            out.append(F.scaled_dot_product_attention(group[r : r + 1], keys, values))
+        return torch.cat(out).reshape(xq.shape[0], -1)
+
+    def _attend_causal(self, cache: KVCache, layer: int, xq, start: int) -> torch.Tensor:
+        """A prompt: each token sees the cache and the tokens before it. xq [q, Hq, D] -> [q, Hq D]"""
+        q, rep = xq.shape[0], self.num_heads // self.num_kv_heads
+        keys = cache.k[layer, :, : start + q].repeat_interleave(rep, 0)[None]  # [1, Hq, T, D]
+        values = cache.v[layer, :, : start + q].repeat_interleave(rep, 0)[None]
+        query = xq.transpose(0, 1)[None]  # [1, Hq, q, D]
+        if start == 0:
+            out = F.scaled_dot_product_attention(query, keys, values, is_causal=True)
+        else:
+            mask = torch.ones(q, start + q, dtype=torch.bool, device=xq.device).tril(start)
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
+        return out[0].transpose(0, 1).reshape(q, -1)
+
+
+class _TreeRows:
+    """Where each row of a verification forward writes its K/V and which keys it reads."""
+
+    def __init__(self, slots: torch.Tensor, keys: list):
+        self.slots = slots  # [q] offset of row r's entry after the context
+        self.keys = keys  # per row: None (main chain, reads a view) or the cache indices it reads
+
+
+def _tree_rows(mask: torch.Tensor, start: int) -> _TreeRows:
+    """The main chain (root, then first children) gets the first slots, so its rows read views."""
+    mask = mask.cpu()
+    q = mask.shape[0]
+    ancestors = [mask[r, : r + 1].nonzero().flatten().tolist() for r in range(q)]  # itself included
+    chain = [0]
+    for r in range(1, q):
+        if ancestors[r] == chain + [r]:
+            chain.append(r)
+    order = chain + [r for r in range(q) if r not in chain]
+    slots = torch.empty(q, dtype=torch.long)
+    slots[order] = torch.arange(q)
+    context = torch.arange(start)
+    keys = [None if r in chain else torch.cat([context, start + slots[ancestors[r]]]).to(mask.device) for r in range(q)]
+    return _TreeRows(slots, keys)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()  # in float32, like transformers' LlamaRMSNorm
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [q, heads, D], cos/sin [q, D]: rotate-half RoPE (transformers' layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
