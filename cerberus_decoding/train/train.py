@@ -184,7 +184,8 @@ def load_trainer_state(path: Path, cfg: TrainConfig) -> dict:
 def check_finite_loss(loss: torch.Tensor, step: int) -> None:
     if not torch.isfinite(loss):
         raise CerberusError(
-            f"The training loss is {float(loss)} at step {step + 1}: training diverged or the data is corrupt. "
+            f"The training loss is {float(loss.detach())} at step {step + 1}: training diverged or the data is "
+            "corrupt. "
             "Lower --lr or re-run distill; the last checkpoint was kept and no heads were written."
         )
 
