@@ -185,8 +185,7 @@ def check_finite_loss(loss: torch.Tensor, step: int) -> None:
     if not torch.isfinite(loss):
         raise CerberusError(
             f"The training loss is {float(loss.detach())} at step {step + 1}: training diverged or the data is "
-            "corrupt. "
-            "Lower --lr or re-run distill; the last checkpoint was kept and no heads were written."
+            "corrupt. Lower --lr or re-run distill; checkpoints from earlier steps are kept."
         )
 
 
