@@ -101,7 +101,7 @@ def reference(client):
 def test_health_and_models(url, client):
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok" and health["model"] == MODEL and health["method"] == "medusa"
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert [m.id for m in client.models.list().data] == [MODEL, "default"]  # the CLI's name for it too
     assert client.models.retrieve(MODEL).id == MODEL
 
 
