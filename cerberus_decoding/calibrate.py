@@ -12,12 +12,15 @@ several times more. So we measure, on the loaded model's device and dtype:
 
 Then the tree is ``best_tree(accuracy, N)`` for the N that maximises
 ``expected_length / (cost(N + 1) + overheads)`` and the gate threshold is the one that maximises
-tokens per second over the calibration positions. The result goes to ``calibration.json`` next to
-the heads; ``build_decoder`` uses it when the device type and dtype match (see ``calibrated_config``).
+tokens per second over the calibration positions. The result goes to ``calibration.json`` under
+``$CERBERUS_CACHE/calibration/`` (never into the heads directory, which may be the installed package);
+``build_decoder`` uses it, or else the one shipped next to the heads, when the device type and dtype
+match (see ``calibrated_config``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
@@ -33,7 +36,7 @@ import torch
 from . import gate as gating
 from .engine import Decoder, SamplingConfig
 from .heads import HeadsConfig, _atomic_write, load_heads
-from .models import CerberusError, LoadedModel
+from .models import CerberusError, LoadedModel, cache_root
 from .runtime import hardware
 from .tree import best_tree, build_tree, expected_length
 from .verify import accept_greedy
@@ -375,7 +378,8 @@ def calibrate(
     progress: bool = False,
     write: bool = True,
 ) -> dict:
-    """Measure, choose, and (``write``) save ``calibration.json`` into ``heads_dir``; returns its content.
+    """Measure, choose, and (``write``) save ``calibration.json`` for ``heads_dir`` (at ``calibration_path``);
+    returns its content.
 
     The budget covers everything: the cost curve gets at most a third of it (at least two rounds), the
     acceptance measurement runs prompt after prompt until it is spent (at least one prompt).
@@ -474,16 +478,41 @@ def calibrate(
 # ---- 5. the file, and using it ------------------------------------------------------------------
 
 
+def calibration_path(heads_dir: str | Path) -> Path:
+    """Where `cerberus calibrate` writes for these heads: under ``$CERBERUS_CACHE``, never into the heads
+    directory (which may be the installed package), keyed by the heads' weights, so retrained heads
+    start uncalibrated and a copy of the same heads finds its calibration."""
+    heads_dir = Path(heads_dir)
+    weights = heads_dir / "model.safetensors"
+    digest = hashlib.sha256()
+    if weights.is_file():
+        with open(weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    else:
+        digest.update(str(heads_dir.resolve()).encode())
+    return cache_root() / "calibration" / f"{heads_dir.name}-{digest.hexdigest()[:16]}" / CALIBRATION_FILE
+
+
+def calibration_file(heads_dir: str | Path) -> Path | None:
+    """The calibration in use: the user's (``calibration_path``) first, then one shipped with the heads."""
+    for path in (calibration_path(heads_dir), Path(heads_dir) / CALIBRATION_FILE):
+        if path.is_file():
+            return path
+    return None
+
+
 def write_calibration(heads_dir: str | Path, data: dict) -> Path:
-    """Write ``calibration.json`` atomically (a reader never sees half a file)."""
-    target = Path(heads_dir) / CALIBRATION_FILE
+    """Write ``calibration.json`` atomically (a reader never sees half a file) to ``calibration_path``."""
+    target = calibration_path(heads_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(target, lambda p: Path(p).write_text(json.dumps(data, indent=2)))
     return target
 
 
 def read_calibration(heads_dir: str | Path) -> dict | None:
-    path = Path(heads_dir) / CALIBRATION_FILE
-    if not path.is_file():
+    path = calibration_file(heads_dir)
+    if path is None:
         return None
     try:
         data = json.loads(path.read_text())
@@ -507,7 +536,7 @@ def calibrated_config(
     data = read_calibration(heads_dir)
     if data is None:
         return config
-    path = Path(heads_dir) / CALIBRATION_FILE
+    path = calibration_file(heads_dir)
     here = (lm.device.type, lm.weights)
     made = (data.get("device"), data.get("weights", data.get("dtype")))
     if made != here:
@@ -533,7 +562,8 @@ def format_summary(data: dict) -> str:
     m, p = data["measured"], data["predicted"]
     base = m["cost_ms"]["1"]
     lines = [
-        f"verification cost on {data['device']}/{data.get('weights', data['dtype'])} ({data['hardware']}), {m['context']}-token cache:",
+        f"verification cost on {data['device']}/{data.get('weights', data['dtype'])} ({data['hardware']}), "
+        f"{m['context']}-token cache:",
         "  q      " + " ".join(f"{q:>6}" for q in m["cost_ms"]),
         "  ms     " + " ".join(f"{v:6.1f}" for v in m["cost_ms"].values()),
         "  x q=1  " + " ".join(f"{v / base:6.2f}" for v in m["cost_ms"].values()),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -79,10 +81,50 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def check_options(seed=None, threshold=None, tree=None) -> None:
+    """Checks shared by the commands, made before the model loads (bad values fail fast)."""
+    if seed is not None and not -(2**63) <= seed < 2**64:  # what torch.manual_seed takes
+        fail(f"--seed must fit in 64 bits (got {seed})")
+    if threshold is not None and math.isnan(threshold):
+        fail("--gate-threshold must be a number (inf: always speculate, -inf: never), not nan")
+    if tree is not None:  # checked even where the method ignores it (--method ar)
+        from .tree import build_tree, load_tree
+
+        build_tree(load_tree(tree))
+
+
+def utf8_text(text: str, where: str) -> str:
+    """``text`` unchanged, or a clean error if it holds undecodable bytes (argv and stdin decode them
+    to lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        fail(f"{where} is not valid UTF-8 text; convert it to UTF-8")
+    return text
+
+
+def read_stdin(where: str) -> str:
+    try:
+        return utf8_text(sys.stdin.read(), where)
+    except UnicodeDecodeError:
+        fail(f"{where} is not valid UTF-8 text; convert it to UTF-8")
+
+
+def open_trace(trace: Path | None):
+    """Open --trace before generating, so a bad path fails before the work, not after it."""
+    if trace is None:
+        return None
+    try:
+        return open(trace, "w", encoding="utf-8")
+    except OSError as e:
+        fail(f"cannot write --trace {trace}: {e.strerror}; pick a file in an existing directory")
+
+
 def make_decoder(model, weights, runtime, device, method, heads, gate, threshold, tree):
     from .methods import build_decoder
     from .models import load_model
 
+    check_options(threshold=threshold, tree=tree)
     lm = load_model(model, weights.value, device.value, runtime.value)
     return build_decoder(lm, method.value, heads, gate.value if gate else None, threshold, str(tree) if tree else None)
 
@@ -114,18 +156,23 @@ def generate(
     if prompt is None:
         if sys.stdin.isatty():
             fail("give a PROMPT argument or pipe one on stdin")
-        prompt = sys.stdin.read()
-    if not prompt.strip():
+        prompt = read_stdin("the prompt on stdin")
+    if not utf8_text(prompt, "the prompt").strip():
         fail("the prompt is empty")
     if top_p <= 0:
         fail("--top-p must be > 0")
+    if any(not s for s in stop or []):
+        fail('--stop "" would stop at once; give a non-empty stop string')
+    check_options(seed=seed)
+    trace_file = open_trace(trace)
     decoder = make_decoder(model, weights, runtime, device, method, heads, gate, gate_threshold, tree)
     ids = decoder.encode(prompt, raw=raw)
     cfg = SamplingConfig(max_new_tokens, temperature, top_p, seed, list(stop or []))
     stream = None if as_json else (lambda s: print(s, end="", flush=True))
     result = decoder.generate(ids, cfg, on_text=stream)
-    if trace:
-        trace.write_text("".join(json.dumps(s) + "\n" for s in result.trace()))
+    if trace_file:
+        with trace_file:
+            trace_file.write("".join(json.dumps(s) + "\n" for s in result.trace()))
     if as_json:
         summary = result.summary()
         print(
@@ -179,15 +226,18 @@ def chat(
     """Multi-turn chat in the terminal; earlier turns' KV cache is reused. /reset clears, /exit quits."""
     from .engine import SamplingConfig
 
+    check_options(seed=seed)
     decoder = make_decoder(model, weights, runtime, device, method, heads, gate, gate_threshold, tree)
     history = [{"role": "system", "content": system}] if system else []
     typer.secho("Chat started. /reset clears the conversation, /exit or Ctrl-D quits.", err=True)
     while True:
         try:
-            line = input("you> ")
+            line = utf8_text(input("you> "), "the input")
         except (EOFError, KeyboardInterrupt):
             print()
             break
+        except UnicodeDecodeError:
+            fail("the input is not valid UTF-8 text; convert it to UTF-8")
         if line.strip() in ("/exit", "/quit"):
             break
         if line.strip() == "/reset":
@@ -229,15 +279,35 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: all interfaces)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     api_key: str = typer.Option(
-        None, "--api-key", envvar="CERBERUS_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 routes."
+        None,
+        "--api-key",
+        envvar="CERBERUS_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on /v1 routes and /openapi.json.",
     ),
-    model_name: str = typer.Option(None, "--model-name", help="Served model id (default: the model's name)."),
+    served_model_name: list[str] = typer.Option(
+        None,
+        "--served-model-name",
+        "--model-name",
+        help="Model id clients pass and see (repeatable: the first is the main one; the model's name, "
+        "--model and 'default' for the default model are accepted too).",
+    ),
+    max_request_bytes: int = typer.Option(
+        8 * 1024 * 1024, "--max-request-bytes", min=1024, help="Larger request bodies get a 413."
+    ),
 ):
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
     from .server import serve as run_server
+    from .server import served_names
 
+    if api_key is None and "CERBERUS_API_KEY" in os.environ:  # click treats an empty variable as unset
+        api_key = os.environ["CERBERUS_API_KEY"]
+    if api_key is not None and not api_key.strip():
+        fail("the API key (--api-key or CERBERUS_API_KEY) is empty; give a key, or unset it to serve without one")
+    if any(not name.strip() for name in served_model_name or []):
+        fail("--served-model-name must not be empty")
     decoder = make_decoder(model, weights, runtime, device, method, heads, gate, gate_threshold, tree)
-    run_server(decoder, host, port, model_name or decoder.lm.name, api_key or None)
+    names = served_names(served_model_name or [], decoder.lm.name, model)
+    run_server(decoder, host, port, names, api_key, max_request_bytes)
 
 
 @app.command()
@@ -274,6 +344,7 @@ def bench(
     from .bench.run import default_methods
     from .models import load_model
 
+    check_options(threshold=gate_threshold, tree=tree)
     cats = [c.strip() for c in categories.split(",") if c.strip()] if categories else None
     chosen = select_questions(load_questions(questions), cats, limit)
     if not chosen:
@@ -423,6 +494,7 @@ def train(
         fail("--heads-type must be medusa or cerberus")
     if root_token and heads_type != "cerberus":
         fail("--root-token needs --heads-type cerberus")
+    check_options(seed=seed)
     root_token = heads_type == "cerberus" if root_token is None else root_token
     lm = load_model(model, "float32", device.value)
     cfg = TrainConfig(
@@ -458,9 +530,9 @@ def calibrate(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=8, help="Per calibration answer."),
 ):
     """Measure verification cost and head acceptance on this device, then write the best tree and gate
-    threshold to HEADS/calibration.json (used by default from then on)."""
+    threshold to $CERBERUS_CACHE/calibration/ (used with these heads from then on)."""
     from .calibrate import calibrate as run_calibration
-    from .calibrate import format_summary, load_calibration_prompts
+    from .calibrate import calibration_path, format_summary, load_calibration_prompts
     from .heads import read_heads_config
     from .methods import default_heads_dir
     from .models import load_model
@@ -476,7 +548,7 @@ def calibrate(
     kind = gate.value if gate else (own if own in ("hidden", "logits") else "logits")
     data = run_calibration(lm, heads_dir, prompts, budget_seconds, kind, max_new_tokens, progress=True)
     print(format_summary(data))
-    typer.secho(f"wrote {heads_dir / 'calibration.json'}", err=True)
+    typer.secho(f"wrote {calibration_path(heads_dir)}", err=True)
 
 
 @app.command()
@@ -513,9 +585,9 @@ def analyze(
 # --- more commands are registered below by their modules -------------------------------------
 
 
-def main() -> None:
+def main(args: list[str] | None = None) -> None:
     try:
-        app()
+        app(args, prog_name="cerberus")
     except CerberusError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(2)

@@ -208,6 +208,12 @@ def save_heads(heads: DraftHeads, path: str | Path, dtype: torch.dtype = torch.b
     from safetensors.torch import save_file
 
     path = Path(path)
+    bad = [k for k, v in heads.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CerberusError(
+            f"Refusing to write heads to {path}: {', '.join(bad[:3])} hold non-finite values (NaN or inf). "
+            "Training diverged; lower --lr or check the distilled data."
+        )
     path.mkdir(parents=True, exist_ok=True)
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu() for k, v in heads.state_dict().items()}
     _atomic_write(path / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
@@ -216,8 +222,13 @@ def save_heads(heads: DraftHeads, path: str | Path, dtype: torch.dtype = torch.b
     _atomic_write(path / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
 
 
+TEMP_SUFFIX = ".tmp"
+
+
 def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    """Write to ``.NAME.PID.XXXX.tmp`` next to ``target``, then rename; a killed writer's file is
+    found and removed by ``remove_stale_temp_files``."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=TEMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)
@@ -227,15 +238,72 @@ def _atomic_write(target: Path, write) -> None:
             os.unlink(tmp)
 
 
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Remove the temp files of ``_atomic_write`` calls whose process is gone (killed mid-write).
+    Files of live processes stay: several distill workers may share one directory."""
+    removed = []
+    for tmp in Path(directory).glob(f".*{TEMP_SUFFIX}"):
+        pid = tmp.name.removesuffix(TEMP_SUFFIX).split(".")[-2]
+        if tmp.is_file() and pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+# type checks for config.json: (types, description)
+_CONFIG_TYPES = {
+    "head_type": (str, "a string"),
+    "num_heads": (int, "a positive integer"),
+    "num_layers": (int, "a positive integer"),
+    "hidden_size": (int, "an integer >= 0"),
+    "vocab_size": (int, "an integer >= 0"),
+    "head_vocab_size": (int, "an integer >= 0"),
+    "own_lm_head": (bool, "true or false"),
+    "root_token": (bool, "true or false"),
+    "base_model": (dict, "an object"),
+    "gate": (str, "a string"),
+    "gate_threshold": ((int, float), "a number"),
+    "tree": ((list, type(None)), "a list of paths or null"),
+    "training": (dict, "an object"),
+}
+
+
+def _check_config(d, cfg_file: Path) -> None:
+    if not isinstance(d, dict):
+        raise CerberusError(f"Heads config {cfg_file} must hold a JSON object; re-save the heads or fix the file.")
+    for key, (types, what) in _CONFIG_TYPES.items():
+        value = d.get(key)
+        if key not in d or (value is None and key == "tree"):
+            continue
+        wrong_type = not isinstance(value, types) or (isinstance(value, bool) and types is int)
+        too_small = isinstance(value, int) and key in ("num_heads", "num_layers") and value < 1
+        if wrong_type or too_small or (isinstance(value, int) and value < 0 and key != "gate_threshold"):
+            raise CerberusError(f"Heads config {cfg_file}: '{key}' must be {what} (got {value!r}).")
+
+
 def read_heads_config(path: str | Path) -> HeadsConfig:
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CerberusError(f"Heads directory {path} has no config.json (expected config.json + model.safetensors).")
     try:
-        return HeadsConfig.from_dict(json.loads(cfg_file.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise CerberusError(f"Heads config {cfg_file} is corrupt: {e}") from e
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CerberusError(f"Heads config {cfg_file} is corrupt: {e}") from None
+    _check_config(data, cfg_file)
+    return HeadsConfig.from_dict(data)
 
 
 def load_heads(path: str | Path, lm) -> DraftHeads:

@@ -79,4 +79,9 @@ def build_decoder(
     built = build_tree(choices)
     if built.num_heads > cfg.num_heads:
         raise CerberusError(f"The tree is {built.num_heads} deep but the heads have only {cfg.num_heads} heads.")
+    if built.top_k > draft.vocab_ids.numel():
+        raise CerberusError(
+            f"The tree asks for rank {built.top_k - 1}, but the heads choose among {draft.vocab_ids.numel()} tokens; "
+            f"use ranks below {draft.vocab_ids.numel()}."
+        )
     return Decoder(lm, draft, built, gate=gate, threshold=threshold, method=method, drafter=drafter)

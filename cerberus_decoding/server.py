@@ -19,6 +19,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -28,6 +29,7 @@ from .engine import Decoder, Result, SamplingConfig
 from .models import CerberusError
 
 DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024  # a prompt that fills the default model's context is < 5 MB of JSON
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -82,24 +84,66 @@ def parse_body(raw: bytes) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from e
+    except RecursionError:
+        raise APIError(400, "The request body is nested too deeply.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
     return body
 
 
-def check_model(body: dict, served: str) -> None:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with a 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"The request body is {declared} bytes; the limit is {limit}.", code="too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"The request body exceeds the limit of {limit} bytes.", code="too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def served_names(names: list[str], model_name: str, model_arg: str = "default") -> list[str]:
+    """Every id the server answers to: the given names (the first is the main one), then the model's
+    own name, the --model argument as given and 'default' for the default model."""
+    out = []
+    for name in [*names, model_name, model_arg, *(["default"] if model_arg == "default" else [])]:
+        if name and name not in out:
+            out.append(name)
+    return out
+
+
+def check_model(body: dict, served: list[str]) -> str:
+    """The model id to answer with: the one asked for, if it is one of ``served``; else the main one."""
     model = body.get("model")
     if model is None:
-        return  # lenient: there is only one model to pick
+        return served[0]  # lenient: there is only one model to pick
     if not isinstance(model, str):
         raise APIError(400, "'model' must be a string.", "model", "invalid_type")
-    if model != served:
+    if model not in served:
         raise APIError(
             404,
-            f"The model '{model}' does not exist; this server serves '{served}'.",
+            f"The model '{model}' does not exist; this server serves '{served[0]}' "
+            f"(also known as {', '.join(repr(n) for n in served[1:]) or 'nothing else'}).",
             "model",
             "model_not_found",
         )
+    return model
+
+
+def max_prompt_chars(tokenizer, context_length: int) -> int:
+    """An upper bound on the characters of a prompt that fits the context: no token covers more
+    characters than its longest vocabulary entry has (byte-level BPE: one character per byte)."""
+    return context_length * max(len(t) for t in tokenizer.get_vocab())
+
+
+def prompt_chars(prompt: str | list) -> int:
+    """Characters of a text prompt or of a chat's messages; 0 for token ids (check_fits counts those)."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(m["content"]) for m in prompt if isinstance(m, dict))
 
 
 def sampling_config(body: dict) -> SamplingConfig:
@@ -235,19 +279,20 @@ class Worker:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cerberus-decoder")
         self.pending = 0  # requests queued or running; touched only on the event loop
         self.active: set[threading.Event] = set()
+        self.stopping = False  # set on SIGTERM/SIGINT: running generations end, new ones are refused
 
     async def run(self, ids: list[int], cfg: SamplingConfig, cancel: threading.Event, on_delta=None) -> Result:
         """Generate on the worker thread; ``on_delta`` is called there with each piece of text."""
 
         def job():
-            if cancel.is_set():
-                raise _Cancelled  # the client left while this request was still queued
+            if cancel.is_set() or self.stopping:
+                raise _Cancelled  # the client left, or the server is stopping, while this request was queued
             return self.decoder.generate(ids, cfg, on_text=on_text)
 
         def on_text(delta: str) -> bool:
             if on_delta is not None:
                 on_delta(delta)
-            return not cancel.is_set()
+            return not (cancel.is_set() or self.stopping)
 
         self.pending += 1
         self.active.add(cancel)
@@ -258,7 +303,13 @@ class Worker:
             self.active.discard(cancel)
             self.pending -= 1
 
+    def stop(self) -> None:
+        """Stop running generations at their next piece of text (streams then send their final event)
+        and refuse queued ones. Safe in a signal handler: it only sets a flag, takes no lock."""
+        self.stopping = True
+
     def shutdown(self) -> None:
+        self.stop()
         for cancel in list(self.active):
             cancel.set()
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -300,17 +351,31 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def create_app(decoder: Decoder, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(
+    decoder: Decoder,
+    model_name: str | list[str],
+    api_key: str | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> FastAPI:
+    """``model_name``: the served id, or a list of ids (the first is the main one, the rest aliases)."""
+    if api_key is not None and not api_key.strip():
+        raise CerberusError("The API key is empty; give a key, or None to serve without one.")
+    names = [model_name] if isinstance(model_name, str) else list(model_name)
+    model_name = names[0]
     worker = Worker(decoder)
     created = int(time.time())
     vocab_size = int(decoder.model.config.vocab_size)
+    tokenizer = getattr(getattr(decoder, "lm", None), "tokenizer", None)
+    char_limit = max_prompt_chars(tokenizer, decoder.lm.context_length) if tokenizer is not None else None
 
     @asynccontextmanager
     async def lifespan(app):
         yield
         worker.shutdown()  # stop a running generation so shutdown does not wait for it
 
-    app = FastAPI(title="Cerberus", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # /openapi.json is served below, behind the API key; no docs pages
+    app = FastAPI(title="Cerberus", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker = worker
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):  # unknown routes and methods, in the same error shape
@@ -330,8 +395,16 @@ def create_app(decoder: Decoder, model_name: str, api_key: str | None = None) ->
                 401, "Missing or invalid API key; send 'Authorization: Bearer <key>'.", code="invalid_api_key"
             )
 
-    def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "cerberus"}
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "cerberus"}
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request):
+        try:
+            check_key(request)
+        except APIError as e:
+            return e.response()
+        return app.openapi()
 
     @app.get("/health")
     async def health():
@@ -343,26 +416,39 @@ def create_app(decoder: Decoder, model_name: str, api_key: str | None = None) ->
             check_key(request)
         except APIError as e:
             return e.response()
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in names]}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str, request: Request):
         try:
             check_key(request)
-            check_model({"model": model}, model_name)
+            check_model({"model": model}, names)
         except APIError as e:
             return e.response()
-        return model_card()
+        return model_card(model)
+
+    def check_prompt_size(prompt, param: str) -> None:
+        """Refuse, without tokenizing it, a prompt too long for the context whatever its tokens."""
+        chars = prompt_chars(prompt)
+        if char_limit is not None and chars > char_limit:
+            raise APIError(
+                400,
+                f"The {param} has {chars} characters; no prompt that long fits the "
+                f"{decoder.lm.context_length}-token context.",
+                param,
+                "context_length_exceeded",
+            )
 
     async def handle(request: Request, chat: bool):
         try:
             check_key(request)
-            body = parse_body(await request.body())
-            check_model(body, model_name)
+            body = parse_body(await read_body(request, max_request_bytes))
+            answer_as = check_model(body, names)
             if chat:
                 prompt, param = chat_messages(body), "messages"
             else:
                 prompt, param = completion_prompt(body, vocab_size), "prompt"
+            check_prompt_size(prompt, param)
             cfg = sampling_config(body)
             stream, include_usage = stream_flags(body)
             if isinstance(prompt, list) and not chat:
@@ -384,7 +470,7 @@ def create_app(decoder: Decoder, model_name: str, api_key: str | None = None) ->
             return internal_error(e)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if stream:
-            events = stream_events(chat, rid, ids, cfg, include_usage)
+            events = stream_events(chat, rid, ids, cfg, include_usage, answer_as)
             return StreamingResponse(
                 events,
                 media_type="text/event-stream",
@@ -419,13 +505,13 @@ def create_app(decoder: Decoder, model_name: str, api_key: str | None = None) ->
             "id": rid,
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
-            "model": model_name,
+            "model": answer_as,
             "choices": [choice],
             "usage": usage(result),
             "cerberus": stats(result),
         }
 
-    async def stream_events(chat: bool, rid: str, ids, cfg, include_usage: bool):
+    async def stream_events(chat: bool, rid: str, ids, cfg, include_usage: bool, model_name: str):
         """SSE chunks. Starlette cancels this generator when the client disconnects; `finally` then
         sets the cancel event, which stops the generation at its next piece of text."""
         loop = asyncio.get_running_loop()
@@ -468,6 +554,10 @@ def create_app(decoder: Decoder, model_name: str, api_key: str | None = None) ->
                     break
             try:
                 result = task.result()
+            except _Cancelled:  # the server is stopping before this request started
+                yield sse(chunk(None, "cancelled"))
+                yield sse("[DONE]")
+                return
             except Exception as e:
                 yield sse(failure(e)[1])
                 return
@@ -502,13 +592,35 @@ def create_app(decoder: Decoder, model_name: str, api_key: str | None = None) ->
     return app
 
 
-def serve(decoder: Decoder, host: str, port: int, model_name: str, api_key: str | None = None) -> None:
-    import uvicorn
-
-    app = create_app(decoder, model_name, api_key)
+def serve(
+    decoder: Decoder,
+    host: str,
+    port: int,
+    model_name: str | list[str],
+    api_key: str | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> None:
+    app = create_app(decoder, model_name, api_key, max_request_bytes)
+    names = [model_name] if isinstance(model_name, str) else model_name
     print(
-        f"Serving {model_name} ({decoder.method}) at http://{host}:{port}/v1"
+        f"Serving {names[0]} ({decoder.method}) at http://{host}:{port}/v1"
+        + (f" (also as {', '.join(names[1:])})" if names[1:] else "")
         + (" (API key required)" if api_key else ""),
         flush=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=2)
+    StoppingServer(config, app.state.worker).run()
+
+
+class StoppingServer(uvicorn.Server):
+    """uvicorn's server, but a shutdown signal (SIGTERM, Ctrl-C) first stops the running generations:
+    a stream gets its final event (finish_reason "cancelled") and the server exits within seconds,
+    instead of waiting for every stream to finish."""
+
+    def __init__(self, config: uvicorn.Config, worker: Worker):
+        super().__init__(config)
+        self.worker = worker
+
+    def handle_exit(self, sig, frame) -> None:
+        self.worker.stop()
+        super().handle_exit(sig, frame)

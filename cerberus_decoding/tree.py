@@ -132,6 +132,8 @@ def load_tree(path: str | Path) -> list[list[int]]:
         choices = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise CerberusError(f"Tree file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as e:  # a directory, unreadable, not UTF-8
+        raise CerberusError(f"Cannot read tree file {path} ({e}); give a UTF-8 JSON file.") from None
     except json.JSONDecodeError as e:
         raise CerberusError(f"Tree file {path} is not valid JSON: {e}") from e
     if isinstance(choices, dict):

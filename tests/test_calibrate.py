@@ -151,6 +151,14 @@ def _fake_calibration(tiny_lm, **kw) -> dict:
     return data
 
 
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    """Calibrations go to $CERBERUS_CACHE: a fresh one per test, never the user's."""
+    path = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("CERBERUS_CACHE", str(path))
+    return path
+
+
 @pytest.fixture
 def heads_dir(tiny_lm, tmp_path):
     save_heads(new_heads(tiny_lm, "cerberus"), tmp_path)
@@ -204,7 +212,8 @@ def test_calibrate_end_to_end(tiny_lm, heads_dir, capsys):
         repeats=2,
         n_bins=4,
     )
-    saved = json.loads((heads_dir / cal.CALIBRATION_FILE).read_text())
+    assert not (heads_dir / cal.CALIBRATION_FILE).exists()  # never next to the heads (maybe the package)
+    saved = json.loads(cal.calibration_path(heads_dir).read_text())
     assert saved == json.loads(json.dumps(data))
     assert (saved["device"], saved["dtype"], saved["model"]) == ("cpu", "float32", "tiny-llama")
     assert set(saved["measured"]["cost_ms"]) == set(saved["measured"]["cost_fit_ms"]) == {"1", "2", "4", "8"}

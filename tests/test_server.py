@@ -101,7 +101,7 @@ def reference(client):
 def test_health_and_models(url, client):
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok" and health["model"] == MODEL and health["method"] == "medusa"
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert [m.id for m in client.models.list().data] == [MODEL, "default"]  # the CLI's name for it too
     assert client.models.retrieve(MODEL).id == MODEL
 
 
@@ -313,7 +313,7 @@ def test_api_key(servers):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{keyed}/v1", api_key="wrong", max_retries=0).models.list()
     good = openai.OpenAI(base_url=f"{keyed}/v1", api_key=KEY, timeout=120, max_retries=0)
-    assert [m.id for m in good.models.list().data] == ["tiny"]
+    assert [m.id for m in good.models.list().data] == ["tiny", MODEL, "default"]  # --model-name first, then aliases
     reply = good.chat.completions.create(**body)
     assert reply.choices[0].message.content and reply.model == "tiny"
     assert reply.model_extra["cerberus"]["method"] == "ar"

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..heads import _atomic_write
+from ..heads import _atomic_write, remove_stale_temp_files
 from ..models import CerberusError, LoadedModel
 
 
@@ -124,12 +124,27 @@ def write_answers(out: Path, settings: dict) -> None:
 
     parts: dict[str, list[torch.Tensor]] = {"tokens": [], "lengths": []}
     for path in sorted(out.glob("shard-*.safetensors")):
-        with safe_open(str(path), "pt") as f:  # reads only these two tensors, not the hidden states
-            for k, v in parts.items():
-                v.append(f.get_tensor(k))
+        try:
+            with safe_open(str(path), "pt") as f:  # reads only these two tensors, not the hidden states
+                for k, v in parts.items():
+                    v.append(f.get_tensor(k))
+        except Exception as e:
+            raise CerberusError(
+                f"Distilled shard {path} is corrupt ({e}); delete it and run the same distill command again."
+            ) from None
     tensors = {k: torch.cat(v).to(torch.int32).contiguous() for k, v in parts.items()}
     meta = {k: str(settings[k]) for k in ("model", "dtype", "source", "batch_size", "max_new_tokens")}
     _atomic_write(out / "answers.safetensors", lambda p: save_file(tensors, p, metadata=meta))
+
+
+def read_settings(path: Path) -> dict:
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise CerberusError(f"{path} is corrupt ({e}); delete it (the shards stay) or use a new --out.") from None
+    if not isinstance(settings, dict):
+        raise CerberusError(f"{path} must hold a JSON object; delete it (the shards stay) or use a new --out.")
+    return settings
 
 
 def distill(
@@ -150,7 +165,6 @@ def distill(
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {
         "model": lm.name,
         "dtype": str(lm.dtype).replace("torch.", ""),
@@ -163,13 +177,17 @@ def distill(
     }
     settings_file = out / "settings.json"
     if settings_file.exists():
-        old = json.loads(settings_file.read_text())
+        old = read_settings(settings_file)
         changed = {k for k in ("model", "dtype", "batch_size", "max_new_tokens", "source") if old.get(k) != settings[k]}
         if changed:
             raise CerberusError(
                 f"{out} was distilled with other settings ({', '.join(sorted(changed))}); "
                 "use a new --out directory or the same settings to resume."
             )
+    if answers is not None and len(answers) < len(prompts):
+        raise CerberusError(f"The answers file has {len(answers)} answers for {len(prompts)} prompts.")
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)  # left by a run killed mid-write
     _atomic_write(settings_file, lambda p: Path(p).write_text(json.dumps(settings, indent=2)))
     tok = lm.tokenizer
     eos = tok.eos_token_id
@@ -178,8 +196,6 @@ def distill(
     todo = [b for b in range(worker, len(batches), workers) if not (out / f"shard-{b:05d}.safetensors").exists()]
     total_tokens, t0 = 0, time.perf_counter()
     mine = len(range(worker, len(batches), workers))
-    if answers is not None and len(answers) < len(prompts):
-        raise CerberusError(f"The answers file has {len(answers)} answers for {len(prompts)} prompts.")
     # float32 targets: a run in another dtype recomputes them with a float32 copy of the model
     verifier = lm.model if lm.dtype == torch.float32 else copy.deepcopy(lm.model).float()
     bar = tqdm(todo, desc=f"distilling {worker}/{workers}", unit="batch", initial=mine - len(todo), total=mine)

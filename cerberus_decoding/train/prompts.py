@@ -294,7 +294,10 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise CerberusError(f"Prompt file {path} does not exist.")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CerberusError(f"Prompt file {path} is not UTF-8 text (byte {e.start}); convert it to UTF-8.") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:

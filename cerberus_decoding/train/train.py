@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..heads import DraftHeads, HeadsConfig, _atomic_write, model_fingerprint, save_heads
+from ..heads import DraftHeads, HeadsConfig, _atomic_write, model_fingerprint, remove_stale_temp_files, save_heads
 from ..models import CerberusError
 
 IGNORE = -100
@@ -62,6 +62,11 @@ def load_distilled(data_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, to
             raise CerberusError(f"Distilled shard {path} is corrupt ({e}); delete it and re-run distill.") from e
         if "hidden" not in shard:
             raise CerberusError(f"{path} has no hidden states; distill with hidden states kept.")
+        if not torch.isfinite(shard["hidden"]).all():
+            raise CerberusError(
+                f"Distilled shard {path} holds non-finite hidden states (NaN or inf): it is corrupt; "
+                "delete it and re-run distill."
+            )
         lengths = shard["lengths"].long()
         hidden.append(shard["hidden"])
         tokens.append(shard["tokens"].long())
@@ -151,6 +156,39 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+SHAPE_KEYS = ("head_type", "num_heads", "num_layers", "head_vocab", "own_lm_head", "root_token")
+
+
+def load_trainer_state(path: Path, cfg: TrainConfig) -> dict:
+    """The checkpoint ``--resume`` continues from. Loaded with ``weights_only=True``: tensors and plain
+    containers only, so a crafted file cannot run code."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise CerberusError(
+            f"Cannot load the trainer state {path} ({type(e).__name__}): it is corrupt, truncated or not written "
+            "by `cerberus train`. Delete it to start over, or use a new --out."
+        ) from None
+    if not isinstance(state, dict) or not {"heads", "optimizer", "step", "history", "config"} <= set(state):
+        raise CerberusError(f"{path} is not a `cerberus train` state. Delete it to start over, or use a new --out.")
+    old = state["config"] if isinstance(state["config"], dict) else {}
+    changed = [k for k in SHAPE_KEYS if old.get(k) != getattr(cfg, k)]
+    if changed:
+        was = ", ".join(f"{k}={old.get(k)!r}" for k in changed)
+        raise CerberusError(
+            f"The run in {path.parent} was started with {was}; resume it with the same options or use a new --out."
+        )
+    return state
+
+
+def check_finite_loss(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise CerberusError(
+            f"The training loss is {float(loss.detach())} at step {step + 1}: training diverged or the data is "
+            "corrupt. Lower --lr or re-run distill; checkpoints from earlier steps are kept."
+        )
+
+
 def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: bool = False) -> dict:
     """Train heads for ``lm`` on distilled data; writes checkpoints and the final heads to ``out_dir``."""
     from accelerate import Accelerator
@@ -160,10 +198,14 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     state_file = out / "trainer_state.pt"
     if state_file.exists() and not resume:
         raise CerberusError(f"{out} already has a training run; pass --resume to continue it or use a new --out.")
-    out.mkdir(parents=True, exist_ok=True)
+    resumed = load_trainer_state(state_file, cfg) if resume and state_file.exists() else None
+    for folder in (out, out / "latest", out / "heads"):
+        if folder.is_dir():
+            remove_stale_temp_files(folder)  # left by a run killed mid-write
     torch.manual_seed(cfg.seed)
 
     hidden, tokens, rows = load_distilled(data_dir)
+
     labels = head_labels(tokens, rows, cfg.num_heads)
     held = _split(rows, cfg.holdout, cfg.seed)
     train_h, train_y, train_r = hidden[~held], labels[~held], tokens[~held]
@@ -199,11 +241,16 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         total = min(total, cfg.max_steps)
     warmup = max(1, int(total * cfg.warmup))
     step, history = 0, {"loss": [], "eval": []}
-    if resume and state_file.exists():
-        state = torch.load(state_file, weights_only=False)
-        heads.load_state_dict(state["heads"])
-        opt.load_state_dict(state["optimizer"])
-        step, history = state["step"], state["history"]
+    if resumed is not None:
+        try:
+            heads.load_state_dict(resumed["heads"])
+            opt.load_state_dict(resumed["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CerberusError(
+                f"The trainer state {state_file} does not fit these heads ({e}); resume with the options the run "
+                "was started with, or use a new --out."
+            ) from None
+        step, history = int(resumed["step"]), resumed["history"]
     heads, opt = acc.prepare(heads, opt)
     core = acc.unwrap_model(heads)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup), last_epoch=step - 1)
@@ -217,6 +264,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     def checkpoint(final: bool = False) -> None:
         if not acc.is_main_process:
             return
+        out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails before its first checkpoint leaves nothing
         state = {
             "heads": core.state_dict(),
             "optimizer": opt.state_dict(),
@@ -243,6 +291,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         h = train_h[idx].float().to(acc.device)
         y = train_targets[idx].to(acc.device)
         loss, per_head = head_loss(heads(h, train_r[idx].to(acc.device)), y, cfg.loss_decay)
+        check_finite_loss(loss, step)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         opt.step()
@@ -269,5 +318,6 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         "eval": history["eval"][-1] if history["eval"] else None,
     }
     if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
         _atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
     return summary
