@@ -43,7 +43,11 @@ def timed(totals: dict, name: str, fn):
 def profile(decoder: Decoder, cfg: SamplingConfig) -> tuple[dict, int, int, float]:
     totals: dict = defaultdict(float)
     rt = decoder.runtime
-    originals = [(rt, "forward", rt.forward), (rt, "lm_head", rt.lm_head), (verify, "accept_greedy", verify.accept_greedy)]
+    originals = [
+        (rt, "forward", rt.forward),
+        (rt, "lm_head", rt.lm_head),
+        (verify, "accept_greedy", verify.accept_greedy),
+    ]
     originals += [(cls, "compact", cls.compact) for cls in (HFCache, LeanCache)]
     originals += [(decoder.tokenizer, "decode", decoder.tokenizer.decode)]
     names = ["base forward", "LM head", "verification", "cache compaction", "cache compaction", "detokenise"]
