@@ -50,6 +50,7 @@ def dense(weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None) -> L
     dtype = activation_dtype(fmt)
     layer = Linear(fmt, weight.shape[0], None if bias is None else bias.to(dtype))
     if fmt == "int4":
+        _check_int4(weight.shape[1])
         q, scale, zero = quantize_int4(weight.float())
         return _set_int4(layer, q, scale, zero)
     if fmt == "int8":
@@ -77,12 +78,15 @@ def quantize_int4(w: torch.Tensor):
     return q, scale, lo + 8 * scale  # the kernel subtracts 8 from q
 
 
-def _set_int4(layer: Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Linear:
-    n, k = q.shape
+def _check_int4(k: int) -> None:
     if k % GROUP:
         raise CerberusError(f"int4 needs input sizes divisible by {GROUP}; this layer has {k}. Use --weights int8.")
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         raise CerberusError("This torch build has no CPU int4 kernel; use --weights int8 or bfloat16.")
+
+
+def _set_int4(layer: Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Linear:
+    _check_int4(q.shape[1])
     layer.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
     # [K/32, N, 2] in the activation dtype, as the kernel wants
     layer.scales_zeros = torch.stack([scale.T, zero.T], -1).to(torch.bfloat16).contiguous()

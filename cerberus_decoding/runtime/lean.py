@@ -16,6 +16,8 @@ one-token step at that node:
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +33,7 @@ class KVCache:
     def __init__(self, layers: int, kv_heads: int, capacity: int, head_dim: int, dtype, device):
         self.k = torch.zeros(layers, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))  # per-layer views
         self.capacity = capacity
         self.length = 0
         self.slot_of: torch.Tensor | None = None  # row -> offset of the last tree forward's entries
@@ -66,13 +69,16 @@ class LeanLlama(torch.nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         state = hf_model.state_dict()
-        q4_blocks = q4_blocks or {}
+
+        requantized = []
 
         def linear(names: list[str]) -> Linear:
             """One layer for the concatenated outputs of ``names`` (GGUF 4-bit blocks used as they are)."""
             biases = [state.get(f"{n}.bias") for n in names]
             bias = torch.cat(biases) if all(b is not None for b in biases) else None
-            if weights == "int4" and all(n in q4_blocks for n in names):
+            if weights == "int4" and q4_blocks is not None and not all(n in q4_blocks for n in names):
+                requantized.extend(names)
+            if weights == "int4" and q4_blocks and all(n in q4_blocks for n in names):
                 from .formats import int4_from_blocks
 
                 q, scale, zero = (torch.cat([q4_blocks[n][i] for n in names]) for i in range(3))
@@ -94,6 +100,12 @@ class LeanLlama(torch.nn.Module):
                     "w2": linear([p + "mlp.down_proj"]),
                 }
             )
+        if requantized:
+            print(
+                f"int4: {len(requantized)} projections are not Q4_0/Q4_1 in the GGUF; quantized on load "
+                "(group 32) from their de-quantized weights",
+                file=sys.stderr,
+            )
         self.embed = hf_model.get_input_embeddings().weight.detach().to(self.dtype)  # [V, H]
         self.norm = state["model.norm.weight"].to(self.dtype)
         # LM head [V, H]: int8 per row under int4 weights (a 4-bit LM head changed 12% of greedy
@@ -103,7 +115,9 @@ class LeanLlama(torch.nn.Module):
         # RoPE tables from transformers' own rotary module, so every rope-scaling variant stays right
         positions = torch.arange(cfg.max_position_embeddings)[None]
         cos, sin = hf_model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
-        self.cos, self.sin = (t[0].to(self.embed.device, self.dtype) for t in (cos, sin))  # [max_pos, D]
+        half = self.head_dim // 2
+        sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)  # signed, for _rope's roll
+        self.cos, self.sin = (t.to(self.embed.device, self.dtype) for t in (cos[0], sin))  # [max_pos, D]
 
     def new_cache(self, capacity: int, device) -> KVCache:
         return KVCache(self.num_layers, self.num_kv_heads, capacity, self.head_dim, self.dtype, device)
@@ -121,51 +135,58 @@ class LeanLlama(torch.nn.Module):
         q, start = ids.numel(), cache.length
         if start + q > cache.capacity:
             raise CerberusError(f"KV cache overflow: {start + q} > {cache.capacity} entries")
-        rows = _tree_rows(tree_mask, start) if tree_mask is not None else None
-        slots = torch.arange(start, start + q, device=ids.device) if rows is None else rows.slots + start
+        rows = _TreeRows(tree_mask) if tree_mask is not None else None
+        slots = torch.arange(q) if rows is None else rows.slots
+        slots = (slots + start).to(ids.device)
         cache.slot_of = None if rows is None else rows.slots
-        cos, sin = self.cos[positions], self.sin[positions]  # [q, D]
+        cos, sin = self.cos[positions, None], self.sin[positions, None]  # [q, 1, D]
         x = self.embed[ids]  # [q, H]
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        for i, layer in enumerate(self.layers):
-            qkv = layer["wqkv"](_rms_norm(x, layer["attn_norm"], self.eps))  # [q, (Hq + 2 Hkv) D]
-            xq, xk, xv = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
-            xq = _rope(xq.view(q, Hq, D), cos, sin)
-            xk = _rope(xk.view(q, Hkv, D), cos, sin)
-            cache.k[i].index_copy_(1, slots, xk.transpose(0, 1))  # [Hkv, q, D] into the slots
-            cache.v[i].index_copy_(1, slots, xv.view(q, Hkv, D).transpose(0, 1))
+        for layer, (k, v) in zip(self.layers, cache.layers, strict=True):
+            qkv = layer["wqkv"](F.rms_norm(x, x.shape[-1:], layer["attn_norm"], self.eps))  # [q, (Hq + 2 Hkv) D]
+            qk = _rope(qkv[:, : (Hq + Hkv) * D].view(q, Hq + Hkv, D), cos, sin)  # [q, Hq + Hkv, D]
+            xk = qk[:, Hq:].transpose(0, 1)  # [Hkv, q, D]
+            xv = qkv[:, (Hq + Hkv) * D :].view(q, Hkv, D).transpose(0, 1)
+            k.index_copy_(1, slots, xk)  # this forward's entries into their slots
+            v.index_copy_(1, slots, xv)
             if rows is not None or q == 1:
-                attn = self._attend_rows(cache, i, xq, rows, start)
+                attn = self._attend_rows(k, v, qk[:, :Hq], xk, xv, rows, start)
+                if rows is not None and rows.off_chain:  # they borrowed the chain's slots: put it back
+                    k.index_copy_(1, slots, xk)
+                    v.index_copy_(1, slots, xv)
             else:
-                attn = self._attend_causal(cache, i, xq, start)
+                attn = self._attend_causal(k, v, qk[:, :Hq], start)
             x = x + layer["wo"](attn)
-            gate, up = layer["w13"](_rms_norm(x, layer["mlp_norm"], self.eps)).chunk(2, dim=-1)
+            gate, up = layer["w13"](F.rms_norm(x, x.shape[-1:], layer["mlp_norm"], self.eps)).chunk(2, dim=-1)
             x = x + layer["w2"](F.silu(gate) * up)
         cache.length = start + q
-        return _rms_norm(x, self.norm, self.eps)
+        return F.rms_norm(x, x.shape[-1:], self.norm, self.eps)
 
-    def _attend_rows(self, cache: KVCache, layer: int, xq, rows, start: int) -> torch.Tensor:
-        """Each row alone, exactly as the one-token step computes it. xq [q, Hq, D] -> [q, Hq D]"""
-        Hkv, D = self.num_kv_heads, self.head_dim
-        k, v = cache.k[layer], cache.v[layer]  # [Hkv, capacity, D]
-        group = xq.view(xq.shape[0], Hkv, -1, D)  # [q, Hkv, Hq / Hkv, D]: query heads sharing a kv head
-        out = []
-        for r in range(xq.shape[0]):
-            if rows is None:  # the one-token step
-                keys, values = k[None, :, : start + 1], v[None, :, : start + 1]
-            elif rows.keys[r] is None:  # on the main chain: context + chain so far, a view
-                end = start + int(rows.slots[r]) + 1
-                keys, values = k[None, :, :end], v[None, :, :end]
-            else:
-                keys, values = k[:, rows.keys[r]][None], v[:, rows.keys[r]][None]
-            out.append(F.scaled_dot_product_attention(group[r : r + 1], keys, values))
-        return torch.cat(out).reshape(xq.shape[0], -1)
+    def _attend_rows(self, k, v, xq, xk, xv, rows, start: int) -> torch.Tensor:
+        """Each row alone, exactly as the one-token step computes it. k, v [Hkv, capacity, D] (one
+        layer's cache, this forward's entries in their slots), xk, xv [Hkv, q, D] (those entries),
+        xq [q, Hq, D] -> [q, Hq D]"""
+        q, Hkv, D = xq.shape[0], self.num_kv_heads, self.head_dim
+        group = xq.view(q, Hkv, -1, D)  # [q, Hkv, Hq / Hkv, D]: query heads sharing a kv head
+        out = [None] * q
+        if rows is None:  # the one-token step: the context and itself
+            out[0] = F.scaled_dot_product_attention(group, k[None, :, : start + 1], v[None, :, : start + 1])
+        else:
+            for r in rows.chain:  # context + chain so far: a view, as in the one-token step
+                end = start + r[1] + 1
+                out[r[0]] = F.scaled_dot_product_attention(group[r[0], None], k[None, :, :end], v[None, :, :end])
+            for r, ancestors in rows.off_chain:  # its ancestors' entries copied right after the context
+                end = start + ancestors.numel()
+                k[:, start:end] = xk[:, ancestors]
+                v[:, start:end] = xv[:, ancestors]
+                out[r] = F.scaled_dot_product_attention(group[r, None], k[None, :, :end], v[None, :, :end])
+        return torch.cat(out).reshape(q, -1) if q > 1 else out[0].reshape(1, -1)
 
-    def _attend_causal(self, cache: KVCache, layer: int, xq, start: int) -> torch.Tensor:
+    def _attend_causal(self, k, v, xq, start: int) -> torch.Tensor:
         """A prompt: each token sees the cache and the tokens before it. xq [q, Hq, D] -> [q, Hq D]"""
         q, rep = xq.shape[0], self.num_heads // self.num_kv_heads
-        keys = cache.k[layer, :, : start + q].repeat_interleave(rep, 0)[None]  # [1, Hq, T, D]
-        values = cache.v[layer, :, : start + q].repeat_interleave(rep, 0)[None]
+        keys = k[:, : start + q].repeat_interleave(rep, 0)[None]  # [1, Hq, T, D]
+        values = v[:, : start + q].repeat_interleave(rep, 0)[None]
         query = xq.transpose(0, 1)[None]  # [1, Hq, q, D]
         if start == 0:
             out = F.scaled_dot_product_attention(query, keys, values, is_causal=True)
@@ -176,38 +197,29 @@ class LeanLlama(torch.nn.Module):
 
 
 class _TreeRows:
-    """Where each row of a verification forward writes its K/V and which keys it reads."""
+    """Where each row of a verification forward writes its K/V and which keys it reads.
 
-    def __init__(self, slots: torch.Tensor, keys: list):
-        self.slots = slots  # [q] offset of row r's entry after the context
-        self.keys = keys  # per row: None (main chain, reads a view) or the cache indices it reads
+    The main chain (the root, then first children) gets the first slots after the context, so its
+    rows read plain views of the cache. Every other row reads the context followed by copies of its
+    ancestors' entries (itself included), written over the chain's slots while it is computed.
+    """
 
-
-def _tree_rows(mask: torch.Tensor, start: int) -> _TreeRows:
-    """The main chain (root, then first children) gets the first slots, so its rows read views."""
-    mask = mask.cpu()
-    q = mask.shape[0]
-    ancestors = [mask[r, : r + 1].nonzero().flatten().tolist() for r in range(q)]  # itself included
-    chain = [0]
-    for r in range(1, q):
-        if ancestors[r] == chain + [r]:
-            chain.append(r)
-    order = chain + [r for r in range(q) if r not in chain]
-    slots = torch.empty(q, dtype=torch.long)
-    slots[order] = torch.arange(q)
-    context = torch.arange(start)
-    keys = [None if r in chain else torch.cat([context, start + slots[ancestors[r]]]).to(mask.device) for r in range(q)]
-    return _TreeRows(slots, keys)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()  # in float32, like transformers' LlamaRMSNorm
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    def __init__(self, mask: torch.Tensor):
+        device, mask = mask.device, mask.cpu()
+        q = mask.shape[0]
+        ancestors = [mask[r, : r + 1].nonzero().flatten().tolist() for r in range(q)]  # depth order, itself last
+        chain = [0]
+        for r in range(1, q):
+            if ancestors[r] == chain + [r]:
+                chain.append(r)
+        order = chain + [r for r in range(q) if r not in chain]
+        self.slots = torch.empty(q, dtype=torch.long)  # [q] row r's entry is at context + slots[r]
+        self.slots[order] = torch.arange(q)
+        self.chain = [(r, i) for i, r in enumerate(chain)]  # (row, slot)
+        self.off_chain = [(r, torch.tensor(ancestors[r], device=device)) for r in order[len(chain) :]]
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [q, heads, D], cos/sin [q, D]: rotate-half RoPE (transformers' layout)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    """x [q, heads, D], cos / signed sin [q, 1, D]: transformers' rotate-half RoPE,
+    x cos + (-x2, x1) sin, with the sign folded into ``sin``."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)

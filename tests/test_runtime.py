@@ -1,0 +1,139 @@
+"""The runtime: lean forward vs transformers, exact verification rows, GGUF 4-bit blocks, formats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cerberus_decoding.engine import Decoder, SamplingConfig
+from cerberus_decoding.models import CerberusError, default_gguf_path
+from cerberus_decoding.runtime import build_runtime, resolve_weights
+from cerberus_decoding.runtime.formats import dense, dequantize, int4_from_blocks
+from cerberus_decoding.runtime.gguf import read_q4_blocks
+from cerberus_decoding.runtime.lean import LeanLlama
+from cerberus_decoding.tree import build_tree
+
+from .conftest import PROMPTS, assert_lossless
+
+# root, two depth-1 nodes, chains below both: main-chain rows and off-chain rows
+TREE = build_tree([[0], [1], [0, 0], [1, 0], [0, 0, 0], [0, 1], [2]])
+
+
+def rows_vs_one_token_steps(rt, prefix: list[int], tokens: list[int]):
+    """Hidden states of a verification forward of ``tokens`` laid out as TREE, and of the same
+    nodes fed one token at a time along each node's own path (what AR decoding computes)."""
+    with torch.inference_mode():
+        cache = rt.new_cache(64, "cpu")
+        rt.forward(cache, torch.tensor(prefix), torch.arange(len(prefix)))
+        start = cache.length
+        tree_rows = rt.forward(cache, torch.tensor(tokens), start + TREE.depth, TREE.mask)  # [N+1, H]
+        singles = []
+        for node in range(TREE.size):
+            path = TREE.mask[node].nonzero().flatten().tolist()  # ancestors then the node itself
+            cache.truncate(start)
+            for i, n in enumerate(path):
+                h = rt.forward(cache, torch.tensor([tokens[n]]), torch.tensor([start + i]))
+            singles.append(h[0])
+        return tree_rows, torch.stack(singles)
+
+
+@pytest.mark.parametrize("weights", ["int4", "int8", "bfloat16"])
+def test_verification_rows_equal_one_token_steps_bitwise(tiny_lm, weights):
+    rt = build_runtime(tiny_lm.model, weights, "lean")
+    g = torch.Generator().manual_seed(0)
+    prefix, tokens = torch.randint(5000, (21,), generator=g).tolist(), torch.randint(5000, (TREE.size,), generator=g)
+    tree_rows, singles = rows_vs_one_token_steps(rt, prefix, tokens.tolist())
+    assert torch.equal(tree_rows, singles)
+    with torch.inference_mode():  # the LM head on several rows gives each row's one-row logits
+        assert torch.equal(rt.lm_head(tree_rows), torch.cat([rt.lm_head(r[None]) for r in tree_rows]))
+
+
+@pytest.mark.slow
+def test_default_model_int4_rows_equal_one_token_steps_bitwise(lm):
+    ids = Decoder(lm).encode(PROMPTS[0])
+    tokens = torch.randint(1000, (TREE.size,), generator=torch.Generator().manual_seed(1)).tolist()
+    tree_rows, singles = rows_vs_one_token_steps(lm.runtime, ids, tokens)
+    assert torch.equal(tree_rows, singles)
+
+
+def test_lean_float32_forward_matches_transformers(tiny_lm):
+    """The same weights through our forward and through transformers' model (float32)."""
+    lean, hf = build_runtime(tiny_lm.model, "float32", "lean"), build_runtime(tiny_lm.model, "float32", "hf")
+    ids = torch.randint(5000, (40,), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        a = lean.forward(lean.new_cache(48, "cpu"), ids, torch.arange(40))
+        b = hf.forward(hf.new_cache(48, "cpu"), ids, torch.arange(40))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_lean_float32_greedy_equals_transformers_on_real_prompts(lm_f32, lm_hf):
+    """8 real prompts x 64 tokens: the lean float32 forward decodes what transformers decodes; the
+    prompts' final hidden states agree within 1e-3 (absolute; float32 rounding of two op orders)."""
+    lean, hf = Decoder(lm_f32), Decoder(lm_hf)
+    cfg = SamplingConfig(max_new_tokens=64)
+    for prompt in PROMPTS[:8]:
+        ids = lean.encode(prompt)
+        assert_lossless(lm_hf, ids, hf.generate(ids, cfg).token_ids, lean.generate(ids, cfg).token_ids)
+    x = torch.tensor(ids)
+    with torch.inference_mode():
+        a = lm_f32.runtime.forward(lm_f32.runtime.new_cache(len(ids), "cpu"), x, torch.arange(len(ids)))
+        b = lm_hf.runtime.forward(lm_hf.runtime.new_cache(len(ids), "cpu"), x, torch.arange(len(ids)))
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+
+
+def test_gguf_q4_blocks_pack_within_the_documented_bound(lm_f32):
+    """The GGUF's Q4_1 blocks, packed as they are, reproduce transformers' de-quantized weights up
+    to the bf16 rounding of each block's scale d and offset m + 8d (docs/runtime.md)."""
+    cfg = lm_f32.model.config
+    blocks = read_q4_blocks(default_gguf_path(), cfg.num_attention_heads, cfg.num_key_value_heads)
+    assert len(blocks) == 7 * cfg.num_hidden_layers  # every projection of every block is Q4
+    state = lm_f32.model.state_dict()
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.17.mlp.down_proj"):
+        q, scale, zero = blocks[name]
+        exact = (q.float() - 8) * scale.repeat_interleave(32, 1) + zero.repeat_interleave(32, 1)
+        assert torch.equal(exact, state[name + ".weight"])  # un-permuted rows, same values
+        err = (dequantize(int4_from_blocks(q, scale, zero)) - exact).abs()
+        bound = ((zero.abs() + 8 * scale) * 2**-8).repeat_interleave(32, 1)  # half a bf16 ulp of each term
+        assert (err <= bound).all(), name
+
+
+def test_weight_format_errors():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_weights("auto", cpu, "lean") == "int4"
+    assert resolve_weights("auto", cuda, "lean") == "bfloat16"
+    assert resolve_weights("auto", cpu, "hf") == "float32"
+    for weights, device, runtime, hint in [
+        ("int4", cpu, "hf", "--runtime lean"),
+        ("int8", cuda, "lean", "bfloat16"),
+        ("fp8", cpu, "lean", "one of"),
+    ]:
+        with pytest.raises(CerberusError, match=hint):
+            resolve_weights(weights, device, runtime)
+    with pytest.raises(CerberusError, match="divisible by 32"):
+        dense(torch.randn(8, 48), "int4")
+
+
+def test_unsupported_architecture_names_the_hf_runtime():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(CerberusError, match="--runtime hf"):
+        LeanLlama(model, "float32")
+
+
+def test_projections_missing_from_the_gguf_are_quantized_with_a_notice(tiny_lm, capsys):
+    rt = LeanLlama(tiny_lm.model, "int4", q4_blocks={})
+    assert "quantized on load" in capsys.readouterr().err
+    w = tiny_lm.model.model.layers[0].mlp.down_proj.weight
+    err = (dequantize(rt.layers[0]["w2"]) - w).abs().max()
+    assert 0 < err < w.abs().max() / 4  # really 4-bit, and close
+
+
+def test_cli_rejects_a_format_the_runtime_lacks(capsys):
+    from cerberus_decoding import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "hi", "--weights", "int4", "--runtime", "hf"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "--runtime lean" in err[0]
