@@ -478,7 +478,16 @@ def calibrate(
 # ---- 5. the file, and using it ------------------------------------------------------------------
 
 
-def calibration_path(heads_dir: str | Path) -> Path:
+def calibration_key(device: str, weights: str) -> str:
+    """Calibrations are kept per device type and weight format (``cpu-int4``, ``cuda-bfloat16``)."""
+    return f"{device}-{weights}"
+
+
+def _key_of(data: dict) -> str:
+    return calibration_key(data.get("device"), data.get("weights", data.get("dtype")))
+
+
+def calibration_path(heads_dir: str | Path, key: str) -> Path:
     """Where `cerberus calibrate` writes for these heads: under ``$CERBERUS_CACHE``, never into the heads
     directory (which may be the installed package), keyed by the heads' weights, so retrained heads
     start uncalibrated and a copy of the same heads finds its calibration."""
@@ -491,61 +500,60 @@ def calibration_path(heads_dir: str | Path) -> Path:
                 digest.update(block)
     else:
         digest.update(str(heads_dir.resolve()).encode())
-    return cache_root() / "calibration" / f"{heads_dir.name}-{digest.hexdigest()[:16]}" / CALIBRATION_FILE
+    return cache_root() / "calibration" / f"{heads_dir.name}-{digest.hexdigest()[:16]}" / f"calibration.{key}.json"
 
 
-def calibration_file(heads_dir: str | Path) -> Path | None:
-    """The calibration in use: the user's (``calibration_path``) first, then one shipped with the heads."""
-    for path in (calibration_path(heads_dir), Path(heads_dir) / CALIBRATION_FILE):
+def calibration_file(heads_dir: str | Path, key: str) -> Path | None:
+    """The calibration in use for ``key``: the user's (``calibration_path``) first, then one shipped
+    with the heads (``calibration.<key>.json``, or a ``calibration.json`` made for that key)."""
+    shipped = Path(heads_dir) / f"calibration.{key}.json"
+    for path in (calibration_path(heads_dir, key), shipped, Path(heads_dir) / CALIBRATION_FILE):
         if path.is_file():
             return path
     return None
 
 
 def write_calibration(heads_dir: str | Path, data: dict) -> Path:
-    """Write ``calibration.json`` atomically (a reader never sees half a file) to ``calibration_path``."""
-    target = calibration_path(heads_dir)
+    """Write the calibration atomically (a reader never sees half a file) to ``calibration_path``."""
+    target = calibration_path(heads_dir, _key_of(data))
     target.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(target, lambda p: Path(p).write_text(json.dumps(data, indent=2)))
     return target
 
 
-def read_calibration(heads_dir: str | Path) -> dict | None:
-    path = calibration_file(heads_dir)
+def read_calibration(heads_dir: str | Path, key: str) -> dict | None:
+    """The calibration for ``key``, or None (absent, unreadable, or made for another key)."""
+    path = calibration_file(heads_dir, key)
     if path is None:
         return None
     try:
         data = json.loads(path.read_text())
         build_tree(data["tree"])
         float(data["threshold"])
-        return data
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, CerberusError) as e:
         print(f"ignoring {path}: unreadable ({e}); run `cerberus calibrate` again", file=sys.stderr)
         return None
+    return data if _key_of(data) == key else None
 
 
 def calibrated_config(
     heads_dir: str | Path, lm: LoadedModel, config: HeadsConfig, gate: str | None = None
 ) -> HeadsConfig:
     """The heads' config with the calibrated tree, gate and threshold when ``heads_dir`` holds a
-    calibration for the loaded model's device type and dtype; otherwise ``config`` unchanged.
+    calibration for the loaded model's device type and weight format; otherwise ``config`` unchanged.
 
     ``gate``: the gate the caller asked for (None: the calibrated one); its own calibrated threshold
     is used, since the two entropies live on different scales. Prints one notice line to stderr.
     """
-    data = read_calibration(heads_dir)
+    key = calibration_key(lm.device.type, lm.weights)
+    data = read_calibration(heads_dir, key)
     if data is None:
-        return config
-    path = calibration_file(heads_dir)
-    here = (lm.device.type, lm.weights)
-    made = (data.get("device"), data.get("weights", data.get("dtype")))
-    if made != here:
         print(
-            f"ignoring calibration from {path}: made for {made[0]}/{made[1]}, the model runs on "
-            f"{here[0]}/{here[1]} (run `cerberus calibrate` for this setup)",
+            f"no calibration for {key} with heads {heads_dir}: using their defaults (run `cerberus calibrate`)",
             file=sys.stderr,
         )
         return config
+    path = calibration_file(heads_dir, key)
     kind = gate if gate in GATE_KINDS else data.get("gate", config.gate)
     thresholds = data.get("thresholds") or {data.get("gate"): data["threshold"]}
     threshold = float(thresholds.get(kind, config.gate_threshold))

@@ -532,7 +532,7 @@ def calibrate(
     """Measure verification cost and head acceptance on this device, then write the best tree and gate
     threshold to $CERBERUS_CACHE/calibration/ (used with these heads from then on)."""
     from .calibrate import calibrate as run_calibration
-    from .calibrate import calibration_path, format_summary, load_calibration_prompts
+    from .calibrate import calibration_key, calibration_path, format_summary, load_calibration_prompts
     from .heads import read_heads_config
     from .methods import default_heads_dir
     from .models import load_model
@@ -548,7 +548,7 @@ def calibrate(
     kind = gate.value if gate else (own if own in ("hidden", "logits") else "logits")
     data = run_calibration(lm, heads_dir, prompts, budget_seconds, kind, max_new_tokens, progress=True)
     print(format_summary(data))
-    typer.secho(f"wrote {calibration_path(heads_dir)}", err=True)
+    typer.secho(f"wrote {calibration_path(heads_dir, calibration_key(lm.device.type, lm.weights))}", err=True)
 
 
 @app.command()

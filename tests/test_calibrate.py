@@ -167,7 +167,7 @@ def heads_dir(tiny_lm, tmp_path):
 
 def test_build_decoder_uses_a_matching_calibration(tiny_lm, heads_dir, capsys):
     cal.write_calibration(heads_dir, _fake_calibration(tiny_lm))
-    assert cal.read_calibration(heads_dir)["tree"] == [[0], [1], [0, 0]]
+    assert cal.read_calibration(heads_dir, "cpu-float32")["tree"] == [[0], [1], [0, 0]]
     dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir))
     err = capsys.readouterr().err
     assert "using calibration from" in err and "tree of 3 nodes, threshold 1.25" in err
@@ -186,7 +186,7 @@ def test_a_calibration_for_other_hardware_is_ignored(tiny_lm, heads_dir, capsys,
     cal.write_calibration(heads_dir, _fake_calibration(tiny_lm, **other))
     dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir))
     err = capsys.readouterr().err
-    assert "ignoring calibration from" in err and "the model runs on cpu/float32" in err
+    assert "no calibration for cpu-float32" in err
     assert dec.tree.size == len(DEFAULT_TREE) + 1
     assert dec.threshold == math.inf  # the heads' own default
 
@@ -213,7 +213,7 @@ def test_calibrate_end_to_end(tiny_lm, heads_dir, capsys):
         n_bins=4,
     )
     assert not (heads_dir / cal.CALIBRATION_FILE).exists()  # never next to the heads (maybe the package)
-    saved = json.loads(cal.calibration_path(heads_dir).read_text())
+    saved = json.loads(cal.calibration_path(heads_dir, "cpu-float32").read_text())
     assert saved == json.loads(json.dumps(data))
     assert (saved["device"], saved["dtype"], saved["model"]) == ("cpu", "float32", "tiny-llama")
     assert set(saved["measured"]["cost_ms"]) == set(saved["measured"]["cost_fit_ms"]) == {"1", "2", "4", "8"}

@@ -149,7 +149,7 @@ def test_calibration_goes_to_the_cache_and_is_read_first(tiny_lm, tmp_path, monk
     before = {p.name: p.stat().st_mtime_ns for p in heads_dir.iterdir()}
     assert build_decoder(tiny_lm, "cerberus", heads=str(heads_dir)).tree.size == 2  # the shipped one
     written = cal.write_calibration(heads_dir, shipped | {"tree": [[0], [1], [0, 0]], "threshold": 2.0})
-    assert written.is_relative_to(tmp_path / "cache") and written == cal.calibration_path(heads_dir)
+    assert written.is_relative_to(tmp_path / "cache") and written == cal.calibration_path(heads_dir, "cpu-float32")
     assert {p.name: p.stat().st_mtime_ns for p in heads_dir.iterdir()} == before  # heads dir untouched
     dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir))
     assert dec.tree.size == 4 and dec.threshold == 2.0  # the user's calibration wins
@@ -176,7 +176,8 @@ def test_calibrate_command_does_not_write_into_the_heads_dir(tiny_lm, tmp_path, 
         )
     finally:
         heads_dir.chmod(0o755)
-    assert cal.calibration_path(heads_dir).is_file() and not (heads_dir / cal.CALIBRATION_FILE).exists()
+    assert cal.calibration_path(heads_dir, "cpu-float32").is_file()
+    assert not (heads_dir / cal.CALIBRATION_FILE).exists()
 
 
 # ---- 5. non-finite values ------------------------------------------------------------------------------
@@ -428,9 +429,10 @@ def _cases(tmp: Path, tiny_lm, tiny_data: Path, run_dir: Path, small_vocab_heads
 
 
 def _error_lines(err: str) -> list[str]:
-    """stderr without what a good run prints too: chat's banner and progress bars."""
+    """stderr without what a good run prints too: chat's banner, progress bars, calibration notices."""
     lines = [line for line in err.splitlines() if line.strip()]
-    return [line for line in lines if not line.startswith("Chat started") and "%|" not in line]
+    notices = ("Chat started", "no calibration for", "using calibration from")
+    return [line for line in lines if not line.startswith(notices) and "%|" not in line]
 
 
 def test_bad_cli_inputs_are_one_line_errors(

@@ -13,56 +13,56 @@ from cerberus_decoding.models import CerberusError
 
 
 @pytest.mark.parametrize("head_type", ["medusa", "cerberus"])
-def test_save_load_round_trip(lm, tmp_path, head_type):
-    heads = random_heads(lm, head_type, seed=3)
+def test_save_load_round_trip(lm_f32, tmp_path, head_type):
+    heads = random_heads(lm_f32, head_type, seed=3)
     save_heads(heads, tmp_path, dtype=torch.float32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["head_type"] == head_type and config["num_heads"] == 4
-    assert config["base_model"]["name"] == lm.name and config["base_model"]["vocab_size"] == 49152
-    loaded = load_heads(tmp_path, lm)
-    h = torch.randn(3, lm.model.config.hidden_size)
+    assert config["base_model"]["name"] == lm_f32.name and config["base_model"]["vocab_size"] == 49152
+    loaded = load_heads(tmp_path, lm_f32)
+    h = torch.randn(3, lm_f32.model.config.hidden_size)
     torch.testing.assert_close(loaded(h), heads(h))
 
 
-def test_reduced_vocabulary_round_trip(lm, tmp_path):
-    heads = random_heads(lm, "cerberus", seed=1)
-    weight = lm.model.get_output_embeddings().weight
+def test_reduced_vocabulary_round_trip(lm_f32, tmp_path):
+    heads = random_heads(lm_f32, "cerberus", seed=1)
+    weight = lm_f32.model.get_output_embeddings().weight
     heads.set_vocab(torch.tensor([5, 17, 300, 4000, 49000]), weight)
     save_heads(heads, tmp_path, dtype=torch.float32)
-    loaded = load_heads(tmp_path, lm)
-    h = torch.randn(lm.model.config.hidden_size)
+    loaded = load_heads(tmp_path, lm_f32)
+    h = torch.randn(lm_f32.model.config.hidden_size)
     assert loaded(h).shape == (4, 5)
     assert set(loaded.topk_tokens(h, 2).flatten().tolist()) <= {5, 17, 300, 4000, 49000}
 
 
-def test_heads_for_another_model_are_refused(lm, tiny_lm, tmp_path):
+def test_heads_for_another_model_are_refused(lm_f32, tiny_lm, tmp_path):
     save_heads(new_heads(tiny_lm, "medusa"), tmp_path)
     with pytest.raises(CerberusError, match="trained for base model 'tiny-llama'"):
-        load_heads(tmp_path, lm)
+        load_heads(tmp_path, lm_f32)
 
 
-def test_corrupt_or_missing_heads_files_are_clear_errors(lm, tmp_path):
+def test_corrupt_or_missing_heads_files_are_clear_errors(lm_f32, tmp_path):
     with pytest.raises(CerberusError, match="no config.json"):
-        load_heads(tmp_path, lm)
-    save_heads(new_heads(lm, "medusa"), tmp_path)
+        load_heads(tmp_path, lm_f32)
+    save_heads(new_heads(lm_f32, "medusa"), tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CerberusError, match="corrupt"):
-        load_heads(tmp_path, lm)
+        load_heads(tmp_path, lm_f32)
     (tmp_path / "config.json").write_text("{broken")
     with pytest.raises(CerberusError, match="corrupt"):
-        load_heads(tmp_path, lm)
+        load_heads(tmp_path, lm_f32)
 
 
-def test_wrong_head_type_for_method_is_refused(lm, tmp_path):
-    save_heads(new_heads(lm, "medusa"), tmp_path)
+def test_wrong_head_type_for_method_is_refused(lm_f32, tmp_path):
+    save_heads(new_heads(lm_f32, "medusa"), tmp_path)
     with pytest.raises(CerberusError, match="needs cerberus heads"):
-        build_decoder(lm, "cerberus", heads=str(tmp_path))
+        build_decoder(lm_f32, "cerberus", heads=str(tmp_path))
 
 
-def test_untrained_cerberus_heads_behave_like_untrained_medusa_heads(lm):
-    h = torch.randn(2, lm.model.config.hidden_size)
-    torch.testing.assert_close(new_heads(lm, "cerberus")(h), new_heads(lm, "medusa")(h))
+def test_untrained_cerberus_heads_behave_like_untrained_medusa_heads(lm_f32):
+    h = torch.randn(2, lm_f32.model.config.hidden_size)
+    torch.testing.assert_close(new_heads(lm_f32, "cerberus")(h), new_heads(lm_f32, "medusa")(h))
 
 
 def test_cerberus_link_carries_gradient_to_the_previous_head(tiny_lm):
@@ -92,9 +92,9 @@ def test_all_heads_share_one_lm_head_matmul(tiny_lm):
     assert calls == [torch.Size([4, tiny_lm.model.config.hidden_size])]
 
 
-def test_root_token_heads_read_the_root_and_round_trip(lm, tmp_path):
-    heads = random_heads(lm, "cerberus", seed=2, scale=0.1, root_token=True)
-    h = torch.randn(2, lm.model.config.hidden_size)
+def test_root_token_heads_read_the_root_and_round_trip(lm_f32, tmp_path):
+    heads = random_heads(lm_f32, "cerberus", seed=2, scale=0.1, root_token=True)
+    h = torch.randn(2, lm_f32.model.config.hidden_size)
     a, b = heads(h, torch.tensor([5, 5])), heads(h, torch.tensor([5, 900]))
     torch.testing.assert_close(a[0], b[0])
     assert not torch.allclose(a[1], b[1])  # the root's embedding changes every head's guess
@@ -103,14 +103,14 @@ def test_root_token_heads_read_the_root_and_round_trip(lm, tmp_path):
     save_heads(heads, tmp_path, dtype=torch.float32)
     assert json.loads((tmp_path / "config.json").read_text())["root_token"] is True
     assert "embed_weight" not in (tmp_path / "model.safetensors").read_bytes().decode("latin-1")  # borrowed, not saved
-    loaded = load_heads(tmp_path, lm)
+    loaded = load_heads(tmp_path, lm_f32)
     torch.testing.assert_close(loaded(h, torch.tensor([5, 900])), b)
     assert loaded.topk_tokens(h[0], 3, torch.tensor([900])).shape == (4, 3)
 
 
-def test_root_token_needs_cerberus_heads(lm):
+def test_root_token_needs_cerberus_heads(lm_f32):
     with pytest.raises(CerberusError, match="needs Cerberus heads"):
-        new_heads(lm, "medusa", root_token=True)
+        new_heads(lm_f32, "medusa", root_token=True)
 
 
 def test_root_token_decoding_is_lossless(tiny_lm):
