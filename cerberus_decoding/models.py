@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,14 +87,15 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"Converting {gguf.name} to float weights (once; cached in {target.parent})...", flush=True)
+    print(f"Converting {gguf.name} to float weights (once; cached in {target.parent})...", file=sys.stderr)
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:  # transformers raises many kinds for a bad file
         raise CerberusError(f"Cannot read GGUF file {gguf}: {e}") from e
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    _remove_stale_conversions(target.parent)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{os.getpid()}-"))
     try:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
@@ -110,6 +112,24 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_conversions(folder: Path) -> None:
+    """Remove half-written conversions (``.tmp-PID-*``) whose process is gone: a killed run's leftovers."""
+    for tmp in folder.glob(".tmp-*"):
+        pid = tmp.name.split("-")[1]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _model_dir_and_name(model: str) -> tuple[Path, str, Path | None]:

@@ -459,3 +459,63 @@ def test_empty_api_key_in_the_environment_is_refused(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["serve"])
     assert exit_info.value.code == 2 and "API key" in capsys.readouterr().err
+
+
+# ---- 6. stop strings: streamed text equals the final text ------------------------------------------------
+@pytest.mark.slow
+def test_multi_token_stop_strings_stream_exactly_the_final_text(lm):
+    from cerberus_decoding.engine import Decoder, SamplingConfig
+
+    ar = Decoder(lm)
+    ids = ar.encode("Greet me in one friendly sentence, then ask how you can help.")
+    full = ar.generate(ids, SamplingConfig(max_new_tokens=40)).text
+    words = full.split()
+    stops = [" ".join(words[i : i + 2]) for i in (1, 3, 5)] + [full[3:9], words[-1]]
+    for stop in stops:
+        pieces = []
+        result = ar.generate(ids, SamplingConfig(max_new_tokens=40, stop=[stop]), on_text=pieces.append)
+        assert result.text == full[: full.index(stop)], stop
+        assert "".join(pieces) == result.text, stop  # nothing of the stop string leaked while streaming
+        assert result.finish_reason == "stop"
+
+
+def test_text_tracker_holds_back_a_possible_stop_string():
+    from cerberus_decoding.stops import TextTracker
+
+    class Chars:  # one token per character
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(map(chr, ids))
+
+    tracker = TextTracker(Chars(), ["How can"])
+    shown = [tracker.add([ord(c)]) for c in "Hello! How"]
+    assert "".join(shown) == "Hello! "  # "How" might still become "How can"
+    assert tracker.add([ord(c) for c in " are"]) == "How are"  # it did not
+    assert tracker.add([ord(c) for c in " you. How can"]) == " you. " and tracker.stopped
+
+
+# ---- 9, 10: the GGUF conversion's notice goes to stderr; a killed conversion's leftovers go away -----------
+def test_conversion_notice_goes_to_stderr(tmp_path, monkeypatch, capsys):
+    import transformers
+
+    from cerberus_decoding import models
+
+    def refuse(*a, **kw):
+        raise ValueError("not a real model")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    with pytest.raises(CerberusError, match="Cannot read GGUF"):
+        models._convert_gguf(tmp_path / "m.gguf", tmp_path / "cache" / "m")
+    out = capsys.readouterr()
+    assert out.out == "" and "Converting m.gguf" in out.err
+
+
+def test_stale_conversion_folders_are_removed(tmp_path):
+
+    from cerberus_decoding import models
+
+    dead, live = tmp_path / ".tmp-999999999-abc", tmp_path / f".tmp-{os.getpid()}-def"
+    dead.mkdir()
+    live.mkdir()
+    (dead / "model.safetensors").write_bytes(b"half written")
+    models._remove_stale_conversions(tmp_path)
+    assert not dead.exists() and live.exists()
