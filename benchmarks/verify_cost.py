@@ -1,9 +1,10 @@
-"""Verification cost curve: time of one forward of q tokens over a ~300-token cache, per dtype.
+"""Verification cost curve: time of one forward of q tokens over a ~300-token cache, per weight format.
 
 Prints milliseconds and the ratio to q = 1 (what a q-token tree costs in AR steps) and saves a plot.
-The measurement is the one `cerberus calibrate` uses (calibrate.measure_costs).
+The measurement is the one `cerberus calibrate` uses (calibrate.measure_costs: forward + LM head +
+argmax, q tokens laid out as a chain). ``hf`` in --weights is transformers' float32 model.
 
-    python benchmarks/verify_cost.py [--model default] [--device cpu] [--dtypes float32,bfloat16]
+    python benchmarks/verify_cost.py [--model default] [--device cpu] [--weights int4,int8,bfloat16,float32,hf]
                                      [--repeats 5] [--context 300] [--out benchmarks/out/verify_cost.png]
 """
 
@@ -14,15 +15,16 @@ import json
 import sys
 from pathlib import Path
 
-from cerberus_decoding.calibrate import COST_QS, hardware, measure_costs
+from cerberus_decoding.calibrate import COST_QS, measure_costs
 from cerberus_decoding.models import load_model
+from cerberus_decoding.runtime import hardware
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32, bfloat16, float16")
+    ap.add_argument("--weights", default="int4,int8,bfloat16,float32,hf", help="formats; hf = transformers, float32")
     ap.add_argument("--qs", default=",".join(map(str, COST_QS)), help="comma list of token counts")
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds over all q (median kept)")
     ap.add_argument("--context", type=int, default=300, help="cached tokens before the verified ones")
@@ -61,12 +63,14 @@ def main(argv=None) -> None:
     if 1 not in qs:
         qs = (1, *qs)  # the ratio needs the AR step
     curves, device = {}, None
-    for dtype in args.dtypes.split(","):
-        lm = load_model(args.model, dtype.strip(), args.device)
+    for dtype in args.weights.split(","):
+        dtype = dtype.strip()
+        hf = dtype == "hf"
+        lm = load_model(args.model, "float32" if hf else dtype, args.device, "hf" if hf else "lean")
         device = lm.device.type
         print(f"measuring {lm.name} {dtype} on {device} ...", file=sys.stderr, flush=True)
         costs = measure_costs(lm, qs, args.context, args.repeats, progress=True)
-        curves[dtype.strip()] = costs
+        curves[dtype] = costs
         print(f"\n{dtype} on {device}, {args.context}-token cache")
         print(f"{'q':>4} {'ms':>9} {'x q=1':>7}")
         for q in qs:

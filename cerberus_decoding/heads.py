@@ -74,9 +74,11 @@ class ResBlock(nn.Module):
         self.linear = nn.Linear(width_in, width_out)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
+        self.packed = None  # DraftHeads.pack_for: the same layer in a faster format, inference only
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return (x if residual is None else residual) + F.silu(self.linear(x))
+        linear = self.linear if self.packed is None else self.packed
+        return (x if residual is None else residual) + F.silu(linear(x))
 
 
 class DraftHeads(nn.Module):
@@ -101,6 +103,7 @@ class DraftHeads(nn.Module):
         if config.own_lm_head:
             self.lm_heads = nn.ModuleList(nn.Linear(H, v_head, bias=False) for _ in range(K))
         self.register_buffer("shared_weight", torch.empty(0), persistent=False)  # [V', H]
+        self.packed_logits = None  # pack_for: a faster format of shared_weight, inference only
         self.register_buffer("embed_weight", torch.empty(0), persistent=False)  # [V, H], root_token only
         if lm_head_weight is not None:
             self.attach_lm_head(lm_head_weight)
@@ -151,7 +154,23 @@ class DraftHeads(nn.Module):
         """[..., K, H] -> [..., K, V'] (indices into ``vocab_ids``)"""
         if self.config.own_lm_head:
             return torch.stack([head(states[..., k, :]) for k, head in enumerate(self.lm_heads)], -2)
+        if self.packed_logits is not None:
+            return self.packed_logits(states)
         return states @ self.shared_weight.T  # one matmul for all heads
+
+    def pack_for(self, weights: str) -> DraftHeads:
+        """Inference with a quantized base model on a CPU: blocks and shared LM-head rows as int8
+        (drafts only rank tokens, and bfloat16 matmuls are slow on CPUs without AVX512-BF16)."""
+        if weights not in ("int4", "int8") or self.shared_weight.device.type != "cpu":
+            return self
+        from .runtime.formats import dense
+
+        for blocks in self.blocks:
+            for block in blocks:
+                block.packed = dense(block.linear.weight, "int8", block.linear.bias)
+        if not self.config.own_lm_head:
+            self.packed_logits = dense(self.shared_weight, "int8")
+        return self
 
     def forward(self, h: torch.Tensor, root: torch.Tensor | None = None) -> torch.Tensor:
         return self.logits(self.states(h, root))

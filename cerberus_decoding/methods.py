@@ -64,6 +64,7 @@ def build_decoder(
             raise CerberusError(
                 f"--method {method} needs {head_type} heads, but {path} holds {draft.config.head_type} heads."
             )
+    draft.pack_for(lm.weights)
     # a calibration.json next to the heads (for this device and dtype) supplies tree, gate and threshold
     cfg = draft.config if heads in (None, "none") else calibrated_config(path, lm, draft.config, gate)
     if method == "cerberus-nogate":

@@ -37,6 +37,9 @@ DEFAULT_TREE = [
 ]
 
 
+SMALL_TREE = 4  # nodes, root included
+
+
 @dataclass
 class Tree:
     choices: list[tuple[int, ...]]  # node i + 1 = choices[i] (build_tree sorts them by depth)
@@ -51,8 +54,15 @@ class Tree:
     num_heads: int  # deepest depth
 
     @cached_property
-    def internal_set(self) -> frozenset[int]:
-        return frozenset(self.internal.tolist())
+    def lm_head_rows(self) -> torch.Tensor:
+        """Rows whose logits verification computes up front: the internal nodes, or every node of a
+        tree of at most SMALL_TREE nodes (one LM-head call of a few rows costs about one of a single
+        row, less than a second call for an accepted leaf)."""
+        return torch.arange(self.size, device=self.internal.device) if self.size <= SMALL_TREE else self.internal
+
+    @cached_property
+    def lm_head_set(self) -> frozenset[int]:
+        return frozenset(self.lm_head_rows.tolist())
 
     @property
     def size(self) -> int:
@@ -62,6 +72,7 @@ class Tree:
     def to(self, device) -> Tree:
         for name in ("mask", "depth", "parent", "head", "rank", "paths", "internal"):
             setattr(self, name, getattr(self, name).to(device))
+        self.__dict__.pop("lm_head_rows", None)  # cached on the old device
         return self
 
     def candidates(self, root: torch.Tensor, topk_tokens: torch.Tensor) -> torch.Tensor:

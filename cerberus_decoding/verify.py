@@ -2,7 +2,8 @@
 
 ``verify`` owns the rule "the LM head runs only where verification reads it": a node is judged by
 its parent's distribution, so logits are needed at the internal nodes (those with children), plus
-at the last accepted node when it is a leaf (the caller draws the bonus token from them).
+at the last accepted node when it is a leaf (the caller draws the bonus token from them). For a
+small tree all rows go through the LM head in one call, cheaper than a second call for that leaf.
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ from .sampling import probabilities
 def verify(tree, tokens: torch.Tensor, hidden: torch.Tensor, lm_head, temperature: float = 0.0):
     """tokens [N+1] fed, hidden [N+1, H] their final hidden states ->
     (accepted path: node ids from the root [a+1], logits after its last node [V])."""
-    internal = lm_head(hidden[tree.internal])  # [I, V]
-    logits = internal.new_empty(tree.size, internal.shape[-1])  # [N+1, V]; only internal rows are read
-    logits[tree.internal] = internal
+    rows = tree.lm_head_rows  # internal nodes; every node when the tree is small (see tree.py)
+    logits = lm_head(hidden[rows])  # [R, V]
+    all_logits = logits.new_empty(tree.size, logits.shape[-1])  # [N+1, V]; only these rows are read
+    all_logits[rows] = logits
     if temperature <= 0:
-        accepted = accept_greedy(tree, tokens, logits)
+        accepted = accept_greedy(tree, tokens, all_logits)
     else:
-        accepted = accept_typical(tree, tokens, logits, temperature)
+        accepted = accept_typical(tree, tokens, all_logits, temperature)
     path = torch.cat([accepted.new_zeros(1), accepted])
     last = int(path[-1])
-    return path, logits[last] if last in tree.internal_set else lm_head(hidden[last : last + 1])[0]
+    return path, all_logits[last] if last in tree.lm_head_set else lm_head(hidden[last : last + 1])[0]
 
 
 def accept_greedy(tree, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

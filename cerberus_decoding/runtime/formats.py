@@ -28,7 +28,7 @@ def activation_dtype(weights: str) -> torch.dtype:
 
 
 class Linear(torch.nn.Module):
-    """``y = x W^T (+ b)`` with W stored in one of the formats above. x [M, K] -> y [M, N]."""
+    """``y = x W^T (+ b)`` with W stored in one of the formats above. x [..., K] -> y [..., N]."""
 
     def __init__(self, fmt: str, out_features: int, bias: torch.Tensor | None = None):
         super().__init__()
@@ -36,12 +36,15 @@ class Linear(torch.nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fmt == "int4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
-        elif self.fmt == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
-        else:
+        if self.fmt == "float32" or self.fmt == "bfloat16":
             y = F.linear(x, self.weight)
+        else:  # the packed kernels take [M, K]
+            rows = x.reshape(-1, x.shape[-1])
+            if self.fmt == "int4":
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_zeros)
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)
+            y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
