@@ -113,11 +113,12 @@ class LeanLlama(torch.nn.Module):
         head_format = "int8" if weights == "int4" else weights
         self.output = dense(hf_model.get_output_embeddings().weight.detach(), head_format)
         # RoPE tables from transformers' own rotary module, so every rope-scaling variant stays right
-        positions = torch.arange(cfg.max_position_embeddings)[None]
-        cos, sin = hf_model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+        device = self.embed.device
+        positions = torch.arange(cfg.max_position_embeddings, device=device)[None]
+        cos, sin = hf_model.model.rotary_emb(torch.zeros(1, dtype=torch.float32, device=device), positions)
         half = self.head_dim // 2
         sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)  # signed, for _rope's roll
-        self.cos, self.sin = (t.to(self.embed.device, self.dtype) for t in (cos[0], sin))  # [max_pos, D]
+        self.cos, self.sin = (t.to(self.dtype) for t in (cos[0], sin))  # [max_pos, D]
 
     def new_cache(self, capacity: int, device) -> KVCache:
         return KVCache(self.num_layers, self.num_kv_heads, capacity, self.head_dim, self.dtype, device)
@@ -138,7 +139,7 @@ class LeanLlama(torch.nn.Module):
         rows = _TreeRows(tree_mask) if tree_mask is not None else None
         slots = torch.arange(q) if rows is None else rows.slots
         slots = (slots + start).to(ids.device)
-        cache.slot_of = None if rows is None else rows.slots
+        cache.slot_of = None if rows is None else rows.slots.to(ids.device)
         cos, sin = self.cos[positions, None], self.sin[positions, None]  # [q, 1, D]
         x = self.embed[ids]  # [q, H]
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
