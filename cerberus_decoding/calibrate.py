@@ -391,7 +391,7 @@ def calibrate(
     if not prompts:
         raise CerberusError("No calibration prompts.")
     heads_dir = Path(heads_dir)
-    heads = load_heads(heads_dir, lm)
+    heads = load_heads(heads_dir, lm).pack_for(lm.weights)  # as build_decoder runs them
     start = time.perf_counter()
     deadline = start + budget_seconds
     costs = measure_costs(lm, qs, context, repeats, time_limit=budget_seconds / 3, progress=progress)

@@ -175,24 +175,9 @@ def generate(
             trace_file.write("".join(json.dumps(s) + "\n" for s in result.trace()))
     if as_json:
         summary = result.summary()
-        print(
-            json.dumps(
-                {
-                    k: summary[k]
-                    for k in (
-                        "text",
-                        "token_ids",
-                        "new_tokens",
-                        "seconds",
-                        "tokens_per_second",
-                        "steps",
-                        "mean_accepted",
-                        "speculative_steps",
-                        "method",
-                    )
-                }
-            )
-        )
+        keys = ("text", "token_ids", "new_tokens", "seconds", "tokens_per_second", "steps", "mean_accepted")
+        out = {k: summary[k] for k in (*keys, "speculative_steps", "method")}
+        print(json.dumps(out | {"weights": decoder.lm.weights, "runtime": decoder.lm.runtime.name}))
     else:
         print()
         typer.secho(_stats_line(result), fg=typer.colors.CYAN, err=True)

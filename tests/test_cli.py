@@ -90,8 +90,11 @@ def test_generate_json_and_stdin():
         "mean_accepted",
         "speculative_steps",
         "method",
+        "weights",
+        "runtime",
     }
     assert out["method"] == "ar" and out["steps"] == out["new_tokens"] and out["mean_accepted"] == 1.0
+    assert out["weights"] == "int4" and out["runtime"] == "lean"  # --weights auto on a CPU
 
 
 def test_chat_keeps_the_conversation():
