@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import CerberusError
-from .formats import Linear, activation_dtype, dense
+from .formats import Linear, activation_dtype, dense, int4_from_blocks
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -70,21 +70,20 @@ class LeanLlama(torch.nn.Module):
         self.eps = cfg.rms_norm_eps
         state = hf_model.state_dict()
 
+        from_gguf = weights == "int4" and q4_blocks is not None
         requantized = []
 
         def linear(names: list[str]) -> Linear:
             """One layer for the concatenated outputs of ``names`` (GGUF 4-bit blocks used as they are)."""
             biases = [state.get(f"{n}.bias") for n in names]
             bias = torch.cat(biases) if all(b is not None for b in biases) else None
-            if weights == "int4" and q4_blocks is not None and not all(n in q4_blocks for n in names):
-                requantized.extend(names)
-            if weights == "int4" and q4_blocks and all(n in q4_blocks for n in names):
-                from .formats import int4_from_blocks
-
+            if from_gguf and all(n in q4_blocks for n in names):
                 q, scale, zero = (torch.cat([q4_blocks[n][i] for n in names]) for i in range(3))
                 layer = int4_from_blocks(q, scale, zero)
                 layer.bias = None if bias is None else bias.to(self.dtype)
                 return layer
+            if from_gguf:
+                requantized.extend(names)
             return dense(torch.cat([state[f"{n}.weight"] for n in names]), weights, bias)
 
         self.layers = []
