@@ -385,7 +385,6 @@ def bench(
         lm,
         run,
         max_new_tokens,
-        lm.weights,
         command=shlex.join(args),
         heads=heads,
         warmup=warmup,

@@ -224,12 +224,16 @@ def test_tiny_bench_run_writes_results_report_and_charts(tmp_path):
     )
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
-    assert {"model", "device", "dtype", "max_new_tokens", "questions", "methods"} <= set(results)
+    assert {"model", "device", "weights", "runtime", "hardware", "max_new_tokens", "questions"} <= set(results)
     assert results["model"] == "SmolLM2-135M-Instruct" and results["device"] == "cpu"
-    assert results["dtype"] == "float32" and results["max_new_tokens"] == 8 and results["questions"] == 2
+    assert results["weights"] == "int4" and results["runtime"] == "lean" and results["dtype"] == "bfloat16"
+    assert results["max_new_tokens"] == 8 and results["questions"] == 2
     assert list(results["methods"]) == ["ar", "hf", "medusa"]
-    for entry in results["methods"].values():
-        assert set(entry) == FIVE | {"categories"}
+    # transformers' generate runs the float32 model: compared by agreement, not counted as mismatches
+    assert results["methods"]["hf"]["mismatches"] is None
+    assert 0 <= results["methods"]["hf"]["agreement"]["identical_share"] <= 1
+    for name, entry in results["methods"].items():
+        assert set(entry) == FIVE | {"categories"} | ({"agreement"} if name == "hf" else set())
         assert list(entry["categories"]) == ["writing", "qa"]
         assert all(set(c) == FIVE for c in entry["categories"].values())
         assert entry["tokens_per_second"] > 0
