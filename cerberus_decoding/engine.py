@@ -119,6 +119,7 @@ class Decoder:
         self.method = method or ("ar" if heads is None else heads.config.head_type)
         self.drafter = drafter  # optional extra draft source (prompt lookup), see lookup.py
         self.runtime = lm.runtime
+        self.vocab_size = int(lm.model.config.vocab_size)  # valid token ids: [0, vocab_size)
         self.tokenizer = lm.tokenizer
         self.eos_ids = _eos_ids(lm)
         self.cache = None  # the runtime's KV cache of this decoder's sequence

@@ -364,7 +364,7 @@ def create_app(
     model_name = names[0]
     worker = Worker(decoder)
     created = int(time.time())
-    vocab_size = int(decoder.lm.model.config.vocab_size)
+    vocab_size = decoder.vocab_size
     tokenizer = getattr(getattr(decoder, "lm", None), "tokenizer", None)
     char_limit = max_prompt_chars(tokenizer, decoder.lm.context_length) if tokenizer is not None else None
 

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from types import SimpleNamespace
 
 import httpx
 import openai
@@ -323,7 +322,7 @@ class BrokenDecoder:
     """Stands in for a Decoder whose generation fails unexpectedly (a bug, out of memory, ...)."""
 
     method = "ar"
-    model = SimpleNamespace(config=SimpleNamespace(vocab_size=100))
+    vocab_size = 100
 
     def encode(self, prompt, raw=False):
         return [1, 2, 3]
