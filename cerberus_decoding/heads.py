@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import CerberusError
+from .models import CerberusError, process_alive
 
 HEAD_TYPES = ("medusa", "cerberus")
 
@@ -263,22 +263,10 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
     removed = []
     for tmp in Path(directory).glob(f".*{TEMP_SUFFIX}"):
         pid = tmp.name.removesuffix(TEMP_SUFFIX).split(".")[-2]
-        if tmp.is_file() and pid.isdigit() and not _alive(int(pid)):
+        if tmp.is_file() and pid.isdigit() and not process_alive(int(pid)):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 # type checks for config.json: (types, description)

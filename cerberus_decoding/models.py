@@ -118,16 +118,19 @@ def _remove_stale_conversions(folder: Path) -> None:
     """Remove half-written conversions (``.tmp-PID-*``) whose process is gone: a killed run's leftovers."""
     for tmp in folder.glob(".tmp-*"):
         pid = tmp.name.split("-")[1]
-        if not pid.isdigit() or not _alive(int(pid)):
+        if not pid.isdigit() or not process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (its half-written files must then stay)."""
+    if pid == os.getpid():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # exists, owned by someone else
         return True
     return True
 
