@@ -400,11 +400,29 @@ def bench(
 
 @app.command()
 def distill(
-    prompts: str = typer.Option("builtin", "--prompts", help="'builtin' or a ShareGPT / Alpaca / question.jsonl file."),
+    prompts: str = typer.Option(
+        "builtin",
+        "--prompts",
+        help="'builtin', a prompt file (JSONL with a 'prompt' field, ShareGPT, Alpaca, question.jsonl, or .txt "
+        "with one prompt per line; .xz/.gz read as they are) or a directory of them (corpus/instructions).",
+    ),
     out: Path = typer.Option(..., "--out", help="Output directory (re-run the same command to resume)."),
     num_prompts: int = typer.Option(4000, "--num-prompts", min=1, help="How many prompts to use."),
+    mix: str = typer.Option(
+        None,
+        "--mix",
+        help="Share of the prompts per source (file name without extensions, or 'builtin') or category, "
+        "adding up to 1: e.g. 'dolly15k=0.5,math=0.3,builtin=0.2'. Drawn at random with --seed.",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the prompt selection and order."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     max_new_tokens: int = typer.Option(192, "--max-new-tokens", min=1),
+    max_tokens: int = typer.Option(
+        0, "--max-tokens", min=0, help="Start no new batch once this many answer tokens are distilled (0 = all)."
+    ),
+    deadline: float = typer.Option(
+        0.0, "--deadline", min=0.0, help="Start no new batch after this many seconds (0 = none); resumable."
+    ),
     shard: str = typer.Option(
         "0/1", "--shard", help="I/N: this process does batches I, I+N, ... (run N processes, one per core or GPU)."
     ),
@@ -412,7 +430,7 @@ def distill(
         None,
         "--answers",
         help="An answers.safetensors from an earlier run on the same prompts: rebuild the shards from it "
-        "(one teacher-forced forward per batch) instead of generating.",
+        "(teacher-forced forwards) instead of generating.",
     ),
     model: str = ModelOpt,
     weights: Weights = WeightsOpt,
@@ -423,7 +441,7 @@ def distill(
     from .models import load_model
     from .train.distill import distill as run
     from .train.distill import read_answers
-    from .train.prompts import builtin_prompts, read_prompts
+    from .train.prompts import load_prompts
 
     try:
         worker, workers = (int(x) for x in shard.split("/"))
@@ -431,14 +449,21 @@ def distill(
         worker, workers = -1, 0
     if not 0 <= worker < workers:
         fail(f"--shard must be I/N with 0 <= I < N (got {shard!r})")
-    if prompts == "builtin":
-        texts, source = builtin_prompts(num_prompts, 0), f"builtin:{num_prompts}:0"
-    else:
-        texts, source = read_prompts(prompts)[:num_prompts], f"{Path(prompts).resolve()}:{num_prompts}"
+    chosen, source = load_prompts(prompts, num_prompts, mix, seed)
     recorded = read_answers(answers, source) if answers else None
     lm = load_model(model, weights.value, device.value, runtime.value)
     summary = run(
-        lm, texts, out, batch_size, max_new_tokens, source=source, worker=worker, workers=workers, answers=recorded
+        lm,
+        chosen,
+        out,
+        batch_size,
+        max_new_tokens,
+        source=source,
+        worker=worker,
+        workers=workers,
+        answers=recorded,
+        max_tokens=max_tokens,
+        deadline=deadline,
     )
     typer.echo(json.dumps(summary))
 

@@ -8,8 +8,12 @@ project and shares nothing with MT-Bench or Spec-Bench: evaluation data stays ou
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
+import lzma
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..models import CerberusError
@@ -289,50 +293,161 @@ def builtin_prompts(n: int = 4000, seed: int = 0) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    source: str  # the file it came from (its name without extensions) or "builtin"
+    category: str = ""
+
+
+PROMPT_SUFFIXES = (".jsonl", ".json", ".txt", ".jsonl.xz", ".jsonl.gz", ".txt.xz", ".txt.gz")
+
+
 def read_prompts(path: str | Path) -> list[str]:
-    """First-turn prompts from ShareGPT JSON, Alpaca JSON or Spec-Bench/MT-Bench question.jsonl."""
+    """First-turn prompt texts of one file (see ``read_prompt_file``)."""
+    return [p.text for p in read_prompt_file(path)]
+
+
+def read_prompt_file(path: str | Path) -> list[Prompt]:
+    """Prompts from one file: JSONL with a ``prompt`` field (``{"id", "source", "category", "prompt"}``),
+    ShareGPT JSON, Alpaca JSON, Spec-Bench/MT-Bench question.jsonl, or ``.txt`` with one prompt per
+    line; ``.xz`` / ``.gz`` compressed files are read as they are."""
     path = Path(path)
     if not path.is_file():
         raise CerberusError(f"Prompt file {path} does not exist.")
+    source = path.name.split(".")[0]
+    opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
     try:
-        text = path.read_text(encoding="utf-8")
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
     except UnicodeDecodeError as e:
         raise CerberusError(f"Prompt file {path} is not UTF-8 text (byte {e.start}); convert it to UTF-8.") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise CerberusError(f"Cannot read prompt file {path} ({e}); is it corrupt or truncated?") from None
+    if path.name.removesuffix(path.suffix if path.suffix in (".xz", ".gz") else "").endswith(".txt"):
+        out = [Prompt(line.strip(), source) for line in text.splitlines() if line.strip()]
+    elif text.lstrip().startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise CerberusError(f"{path}: line {e.lineno}: invalid JSON ({e.msg}).") from e
-        return [_prompt_from_record(r, path, f"record {i + 1}") for i, r in enumerate(records)]
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CerberusError(f"{path}: line {lineno}: not a JSON object ({e.msg}).") from e
-        out.append(_prompt_from_record(record, path, f"line {lineno}"))
+        out = [_prompt_from_record(r, path, f"record {i + 1}", source) for i, r in enumerate(records)]
+    else:
+        out = []
+        for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CerberusError(f"{path}: line {lineno}: not a JSON object ({e.msg}).") from e
+            out.append(_prompt_from_record(record, path, f"line {lineno}", source))
     if not out:
         raise CerberusError(f"{path} holds no prompts.")
     return out
 
 
-def _prompt_from_record(r, path: Path, where: str) -> str:
+def parse_mix(spec: str) -> dict[str, float]:
+    """``"dolly15k=0.5,math=0.3,builtin=0.2"`` -> {key: share}; the shares must add up to 1."""
+    mix = {}
+    for part in spec.split(","):
+        key, sep, share = part.partition("=")
+        try:
+            value = float(share)
+        except ValueError:
+            value = -1.0
+        if not sep or not key.strip() or not 0 < value <= 1:
+            raise CerberusError(f"--mix: {part.strip()!r} is not KEY=SHARE with 0 < SHARE <= 1 (e.g. dolly15k=0.4).")
+        mix[key.strip()] = value
+    total = sum(mix.values())
+    if abs(total - 1.0) > 1e-6:
+        raise CerberusError(f"--mix: the shares add up to {total:g}, not 1; adjust them.")
+    return mix
+
+
+def load_prompts(spec: str, num_prompts: int, mix: str | None = None, seed: int = 0) -> tuple[list[Prompt], str]:
+    """The prompts ``cerberus distill --prompts SPEC`` runs on, in their fixed order, and an identifier
+    of that selection (recorded with the answers so a rebuild can check it).
+
+    SPEC is ``builtin``, a prompt file or a directory of them. Without ``mix`` a single file keeps its
+    order and several sources are shuffled together (seeded). With ``mix`` (``parse_mix``) each key
+    names a source (file name without extensions, or ``builtin``) or a category, and gets
+    round(share * num_prompts) prompts drawn at random (seeded); the result is shuffled (seeded)."""
+    by_source: dict[str, list[Prompt]] = {}
+    if spec != "builtin":
+        path = Path(spec)
+        if not path.exists():
+            raise CerberusError(f"--prompts {spec}: no such file or directory (or use 'builtin').")
+        files = [path] if path.is_file() else sorted(f for f in path.glob("*") if f.name.endswith(PROMPT_SUFFIXES))
+        if not files:
+            kinds = ", ".join(PROMPT_SUFFIXES)
+            raise CerberusError(f"--prompts {spec}: the directory holds no prompt files ({kinds}).")
+        for f in files:
+            by_source.setdefault(f.name.split(".")[0], []).extend(read_prompt_file(f))
+    rng = random.Random(seed)
+    if mix is None:
+        if spec == "builtin":
+            chosen = [Prompt(t, "builtin", "") for t in builtin_prompts(num_prompts, seed)]
+        else:
+            chosen = [p for ps in by_source.values() for p in ps]
+            if len(by_source) > 1:
+                rng.shuffle(chosen)
+            chosen = chosen[:num_prompts]
+    else:
+        chosen = _mixed(by_source, parse_mix(mix), num_prompts, rng, seed)
+    digest = hashlib.sha256("\x00".join(p.text for p in chosen).encode()).hexdigest()[:16]
+    if spec == "builtin" and mix is None:  # the identifier the committed builtin answers were made with
+        return chosen, f"builtin:{num_prompts}:{seed}"
+    return chosen, f"{Path(spec).name}:{num_prompts}:{mix or ''}:{seed}:{digest}"
+
+
+def _mixed(by_source: dict[str, list[Prompt]], mix: dict[str, float], n: int, rng, seed: int) -> list[Prompt]:
+    categories = {p.category for ps in by_source.values() for p in ps if p.category}
+    exact = {k: v * n for k, v in mix.items()}
+    counts = {k: int(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: counts[k] - exact[k])[: n - sum(counts.values())]:
+        counts[k] += 1  # largest remainders: the counts add up to n exactly
+    chosen: list[Prompt] = []
+    taken: set[str] = set()
+    for key, count in counts.items():
+        if key == "builtin":
+            pool = [Prompt(t, "builtin", "") for t in builtin_prompts(count, seed)]
+        elif key in by_source:
+            pool = list(by_source[key])
+        elif key in categories:
+            pool = [p for ps in by_source.values() for p in ps if p.category == key]
+        else:
+            known = ", ".join(sorted(by_source) + ["builtin"])
+            raise CerberusError(f"--mix: {key!r} is neither a source ({known}) nor a category of these prompts.")
+        pool = [p for p in pool if p.text not in taken]  # a key that overlaps an earlier one takes other prompts
+        if len(pool) < count:
+            raise CerberusError(
+                f"--mix asks for {count} prompts from {key!r}, which has only {len(pool)}; "
+                "lower its share or --num-prompts."
+            )
+        picked = rng.sample(pool, count)
+        taken.update(p.text for p in picked)
+        chosen.extend(picked)
+    rng.shuffle(chosen)
+    return chosen
+
+
+def _prompt_from_record(r, path: Path, where: str, source: str) -> Prompt:
     if isinstance(r, dict):
+        if isinstance(r.get("prompt"), str) and r["prompt"].strip():  # {id, source, category, prompt}
+            return Prompt(r["prompt"], source, str(r.get("category") or ""))
         if isinstance(r.get("conversations"), list):  # ShareGPT
             for turn in r["conversations"]:
                 is_user = isinstance(turn, dict) and turn.get("from") in ("human", "user")
                 if is_user and isinstance(turn.get("value"), str):
-                    return turn["value"]
+                    return Prompt(turn["value"], source)
         elif isinstance(r.get("instruction"), str):  # Alpaca
             extra = r.get("input") or ""
-            return r["instruction"] + (f"\n\n{extra}" if extra else "")
+            return Prompt(r["instruction"] + (f"\n\n{extra}" if extra else ""), source)
         elif isinstance(r.get("turns"), list) and r["turns"] and isinstance(r["turns"][0], str):  # Spec-Bench
-            return r["turns"][0]
+            return Prompt(r["turns"][0], source, str(r.get("category") or ""))
     raise CerberusError(
-        f'{path}: {where}: unrecognised prompt record. Expected ShareGPT ({{"conversations": [{{"from": '
-        '"human", "value": ...}]}), Alpaca ({"instruction": ..., "input": ...}) or Spec-Bench '
-        '({"turns": [...]}).'
+        f'{path}: {where}: unrecognised prompt record. Expected {{"prompt": ...}}, ShareGPT '
+        '({"conversations": [{"from": "human", "value": ...}]}), Alpaca ({"instruction": ..., "input": ...}) '
+        'or Spec-Bench ({"turns": [...]}).'
     )
