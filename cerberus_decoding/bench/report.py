@@ -29,8 +29,13 @@ def _mismatch_cell(entry: dict) -> str:
     """Mismatches against ar; for a method in another weight format, its agreement with ar instead."""
     agree = entry.get("agreement")
     if agree is None or agree.get("identical_share") is None:
-        return str(entry["mismatches"])
+        return _fmt(entry["mismatches"], "d")  # None when sampling: outputs differ by design
     return f"other format: {agree['identical_share']:.0%} identical, {agree['tokens_before_divergence']:.0f} tok agree"
+
+
+def _decoding(results: dict) -> str:
+    temperature = results.get("temperature") or 0.0
+    return f"sampling at temperature {temperature:g}" if temperature > 0 else "greedy"
 
 
 def _categories(results: dict) -> list[str]:
@@ -45,7 +50,7 @@ def print_table(results: dict, console=None) -> None:
     console = console or Console()
     title = (
         f"{results['model']} on {results['device']} ({results['weights']} weights, {results['runtime']} runtime), "
-        f"{results['questions']} questions, max {results['max_new_tokens']} new tokens"
+        f"{results['questions']} questions, max {results['max_new_tokens']} new tokens, {_decoding(results)}"
     )
     if results.get("interrupted"):
         title += " - INTERRUPTED"
@@ -153,7 +158,7 @@ def write_markdown(results: dict, out: Path) -> Path:
         "",
         f"- device: {results['device']} ({results.get('hardware', '?')}), weights: {results['weights']} "
         f"({results['runtime']} runtime, {results['dtype']} activations)",
-        f"- questions: {results['questions']} ({', '.join(cats) or 'none'}), greedy, "
+        f"- questions: {results['questions']} ({', '.join(cats) or 'none'}), {_decoding(results)}, "
         f"max {results['max_new_tokens']} new tokens per turn",
         f"- warm-up: {results.get('warmup', '?')} generations per method, "
         f"repeats: {results.get('repeats', '?')} (median time kept)",
@@ -189,7 +194,9 @@ def write_markdown(results: dict, out: Path) -> Path:
     details = results.get("mismatch_details") or {}
     mismatches = [(m, d) for m, ds in details.items() for d in ds]
     parts += ["", "## Mismatches against ar", ""]
-    if not mismatches:
+    if (results.get("temperature") or 0) > 0:
+        parts.append("Not compared: sampled outputs differ from ar's by design (docs/sampling.md).")
+    elif not mismatches:
         parts.append("None: every method produced exactly ar's tokens on every question.")
     else:
         parts.append(
