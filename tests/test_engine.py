@@ -52,7 +52,8 @@ def test_speculative_sampling_is_reproducible_with_a_seed(lm, acceptance):
     """Same seed, same method and format -> same tokens, whichever acceptance rule."""
     from cerberus_decoding.methods import build_decoder
 
-    dec = build_decoder(lm, "cerberus+lookup", heads="default")
+    tree = [[0], [1], [0, 0], [1, 0], [0, 0, 0]]  # explicit: a calibration may pick a one-node tree
+    dec = build_decoder(lm, "cerberus-nogate", heads="default", tree=tree)
     ids = dec.encode("List the days of the week, then list them again.")
     cfg = SamplingConfig(max_new_tokens=32, temperature=0.8, top_p=0.95, seed=11, acceptance=acceptance)
     a, b = dec.generate(ids, cfg), dec.generate(ids, cfg)
