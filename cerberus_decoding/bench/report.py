@@ -45,6 +45,7 @@ def _categories(results: dict) -> list[str]:
 
 def print_table(results: dict, console=None) -> None:
     from rich.console import Console
+    from rich.markup import escape  # "cerberus[exact]" is not a style tag
     from rich.table import Table
 
     console = console or Console()
@@ -55,11 +56,11 @@ def print_table(results: dict, console=None) -> None:
     if results.get("interrupted"):
         title += " - INTERRUPTED"
     table = Table(title=title)
-    table.add_column("method")
+    table.add_column("method", no_wrap=True)  # cerberus-nogate[typical] whole
     for name in ("tokens/s", "speedup", "mean accepted", "speculative", "mismatches"):
         table.add_column(name, justify="right")
     for method, entry in results["methods"].items():
-        table.add_row(method, *_row(entry))
+        table.add_row(escape(method), *_row(entry))
     console.print(table)
     cats = _categories(results)
     if len(cats) > 1:
@@ -67,7 +68,7 @@ def print_table(results: dict, console=None) -> None:
         per_cat.add_column("category")
         methods = [m for m in results["methods"] if m != "ar"]
         for m in methods:
-            per_cat.add_column(m, justify="right")
+            per_cat.add_column(escape(m), justify="right")
         for cat in cats:
             cells = []
             for m in methods:
