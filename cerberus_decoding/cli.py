@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from .models import CerberusError
+from .sampling import ACCEPTANCES, DEFAULT_ACCEPTANCE
 
 app = typer.Typer(
     add_completion=False,
@@ -55,6 +56,9 @@ class Gate(str, Enum):
     off = "off"
 
 
+Acceptance = Enum("Acceptance", {name: name for name in ACCEPTANCES}, type=str)  # names: sampling.py
+
+
 # shared options (typer reads them from the function signatures)
 ModelOpt = typer.Option(
     "default", "--model", "-m", help="'default' (SmolLM2-135M-Instruct), a HF model dir or a .gguf file."
@@ -74,6 +78,12 @@ HeadsOpt = typer.Option("default", "--heads", help="Heads dir, 'default' (shippe
 GateOpt = typer.Option(None, "--gate", help="Entropy gate: hidden | logits | off (default: the heads' own).")
 ThresholdOpt = typer.Option(None, "--gate-threshold", help="Speculate when entropy < this (default: the heads').")
 TreeOpt = typer.Option(None, "--tree", help="JSON file with a tree in Medusa 'choices' notation.")
+AcceptanceOpt = typer.Option(
+    Acceptance(DEFAULT_ACCEPTANCE),
+    "--acceptance",
+    help="How speculative methods accept drafts when sampling (temperature > 0): exact = the base model's "
+    "distribution exactly; typical = Medusa's rule (longer accepted paths, lossy). Greedy ignores it.",
+)
 
 
 def fail(message: str) -> None:
@@ -145,6 +155,7 @@ def generate(
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy (lossless)."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
     seed: int = typer.Option(None, "--seed"),
+    acceptance: Acceptance = AcceptanceOpt,
     stop: list[str] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
     raw: bool = typer.Option(False, "--raw", help="No chat template: continue the text as is."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
@@ -167,7 +178,7 @@ def generate(
     trace_file = open_trace(trace)
     decoder = make_decoder(model, weights, runtime, device, method, heads, gate, gate_threshold, tree)
     ids = decoder.encode(prompt, raw=raw)
-    cfg = SamplingConfig(max_new_tokens, temperature, top_p, seed, list(stop or []))
+    cfg = SamplingConfig(max_new_tokens, temperature, top_p, seed, list(stop or []), acceptance.value)
     stream = None if as_json else (lambda s: print(s, end="", flush=True))
     result = decoder.generate(ids, cfg, on_text=stream)
     if trace_file:
@@ -206,6 +217,7 @@ def chat(
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
     seed: int = typer.Option(None, "--seed"),
+    acceptance: Acceptance = AcceptanceOpt,
     system: str = typer.Option(None, "--system", help="System prompt."),
 ):
     """Multi-turn chat in the terminal; earlier turns' KV cache is reused. /reset clears, /exit quits."""
@@ -241,7 +253,7 @@ def chat(
         print("assistant> ", end="", flush=True)
         result = decoder.generate(
             ids,
-            SamplingConfig(max_new_tokens, temperature, top_p, seed),
+            SamplingConfig(max_new_tokens, temperature, top_p, seed, acceptance=acceptance.value),
             on_text=lambda s: print(s, end="", flush=True),
             reuse_cache=True,
         )
@@ -279,6 +291,12 @@ def serve(
     max_request_bytes: int = typer.Option(
         8 * 1024 * 1024, "--max-request-bytes", min=1024, help="Larger request bodies get a 413."
     ),
+    acceptance: Acceptance = typer.Option(
+        Acceptance(DEFAULT_ACCEPTANCE),
+        "--acceptance",
+        help="Default acceptance for sampled requests (a request's 'acceptance' field overrides it): "
+        "exact = the base model's distribution exactly; typical = Medusa's rule (lossy).",
+    ),
 ):
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
     from .server import serve as run_server
@@ -292,7 +310,7 @@ def serve(
         fail("--served-model-name must not be empty")
     decoder = make_decoder(model, weights, runtime, device, method, heads, gate, gate_threshold, tree)
     names = served_names(served_model_name or [], decoder.lm.name, model)
-    run_server(decoder, host, port, names, api_key, max_request_bytes)
+    run_server(decoder, host, port, names, api_key, max_request_bytes, acceptance.value)
 
 
 @app.command()
@@ -320,16 +338,26 @@ def bench(
     warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed generations per method first."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Times each question is timed (median kept)."),
     out: Path = typer.Option(Path("bench-out"), "--out", "-o", help="Writes results.json, report.md, PNGs."),
+    temperature: float = typer.Option(
+        0.0,
+        "--temperature",
+        "-t",
+        min=0.0,
+        help="0 = greedy. T > 0 samples (seeded) and runs each speculative method with both acceptance "
+        "rules, as NAME[exact] and NAME[typical] (or name one: cerberus[typical]).",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of every sampled generation (with --temperature)."),
 ):
-    """Benchmark methods side by side (same questions, same model, greedy): speed, acceptance, exactness."""
+    """Benchmark methods side by side (same questions, same model): speed, acceptance, exactness."""
     import shlex
 
-    from .bench import benchmark, load_questions, results_dict, select_questions
+    from .bench import benchmark, load_questions, parse_methods, results_dict, select_questions
     from .bench.report import print_table, write_all
     from .bench.run import default_methods
     from .models import load_model
 
-    check_options(threshold=gate_threshold, tree=tree)
+    check_options(seed=seed, threshold=gate_threshold, tree=tree)
+    parse_methods(methods or default_methods(), temperature)  # bad names fail before the model loads
     cats = [c.strip() for c in categories.split(",") if c.strip()] if categories else None
     chosen = select_questions(load_questions(questions), cats, limit)
     if not chosen:
@@ -347,6 +375,8 @@ def bench(
         str(tree) if tree else None,
         warmup,
         repeats,
+        temperature=temperature,
+        seed=seed,
     )
     if run.interrupted:
         typer.secho("interrupted: reporting the questions every method finished", fg=typer.colors.YELLOW, err=True)
@@ -381,10 +411,12 @@ def bench(
     args += ["--gate", gate.value] if gate else []
     args += ["--gate-threshold", str(gate_threshold)] if gate_threshold is not None else []
     args += ["--tree", str(tree)] if tree else []
+    args += ["--temperature", str(temperature), "--seed", str(seed)] if temperature > 0 else []
     results = results_dict(
         lm,
         run,
         max_new_tokens,
+        temperature,
         command=shlex.join(args),
         heads=heads,
         warmup=warmup,

@@ -3,8 +3,9 @@
 Every step is exactly one forward of the base model (runtime/__init__.py) over its KV cache:
   - AR step:   feed the pending token, read the next one.
   - SPEC step: heads draft a tree from the last hidden state, feed pending token + tree (tree mask,
-               explicit positions), keep the longest path the base model agrees with, plus the
-               bonus token, and compact the cache to that path.
+               explicit positions), keep the path the base model accepts (verify.py: greedy,
+               exact sampling or typical acceptance), plus the bonus token verify draws after it,
+               and compact the cache to that path.
 The gate picks the mode per step from the entropy of the last step's output.
 """
 
@@ -19,7 +20,7 @@ import torch
 
 from . import gate as gating
 from .models import CerberusError, LoadedModel
-from .sampling import sample
+from .sampling import ACCEPTANCES, DEFAULT_ACCEPTANCE, sample
 from .stops import TextTracker
 from .tree import Tree
 from .verify import verify
@@ -32,6 +33,9 @@ class SamplingConfig:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # how speculative steps accept drafts when temperature > 0 (greedy ignores it): "exact" samples
+    # exactly the base model's distribution, "typical" is Medusa's lossy rule (docs/sampling.md)
+    acceptance: str = DEFAULT_ACCEPTANCE
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -40,6 +44,8 @@ class SamplingConfig:
             raise CerberusError(f"temperature must be a finite number >= 0 (got {self.temperature}).")
         if not 0 < self.top_p <= 1:
             raise CerberusError(f"top_p must be in (0, 1] (got {self.top_p}).")
+        if self.acceptance not in ACCEPTANCES:
+            raise CerberusError(f"Unknown acceptance {self.acceptance!r}; use one of {', '.join(ACCEPTANCES)}.")
 
 
 @dataclass
@@ -164,19 +170,23 @@ class Decoder:
         self.cached_ids = list(prompt_ids)
         return hidden[-1]
 
-    def _ar_step(self, root: torch.Tensor):
-        """Feed the pending token alone -> (new tokens [1], hidden [H], logits [V])."""
+    def _ar_step(self, root: torch.Tensor, cfg: SamplingConfig, generator):
+        """Feed the pending token alone -> (new tokens [1], hidden [H], logits [V], next pending token [1])."""
         pos = torch.tensor([self.cache.length], device=root.device)
         hidden = self.runtime.forward(self.cache, root, pos)  # [1, H]
-        return root, hidden[0], self.runtime.lm_head(hidden)[0]
+        logits = self.runtime.lm_head(hidden)[0]
+        return root, hidden[0], logits, sample(logits, cfg.temperature, cfg.top_p, generator)
 
-    def _spec_step(self, tree: Tree, tokens: torch.Tensor, temperature: float):
-        """Feed pending token + tree, keep the accepted path -> (new tokens [a+1], hidden [H], logits [V])."""
+    def _spec_step(self, tree: Tree, tokens: torch.Tensor, cfg: SamplingConfig, generator):
+        """Feed pending token + tree, keep the accepted path ->
+        (new tokens [a+1], hidden [H], logits [V], next pending token [1])."""
         pos = self.cache.length
         hidden = self.runtime.forward(self.cache, tokens, pos + tree.depth, tree.mask)  # [N+1, H]
-        path, logits = verify(tree, tokens, hidden, self.runtime.lm_head, temperature)
+        path, logits, root = verify(
+            tree, tokens, hidden, self.runtime.lm_head, cfg.temperature, cfg.top_p, cfg.acceptance, generator
+        )
         self.cache.compact(pos, path)
-        return tokens[path], hidden[int(path[-1])], logits
+        return tokens[path], hidden[int(path[-1])], logits, root
 
     # ---- generation ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -211,10 +221,9 @@ class Decoder:
             h_ent, l_ent = gating.entropy(hidden), gating.entropy(logits)
             drafts = self._draft(hidden, root, h_ent, l_ent)
             if drafts is None:
-                new, hidden, logits = self._ar_step(root)
+                new, hidden, logits, root = self._ar_step(root, cfg, generator)
             else:
-                new, hidden, logits = self._spec_step(*drafts, cfg.temperature)
-            root = sample(logits, cfg.temperature, cfg.top_p, generator)
+                new, hidden, logits, root = self._spec_step(*drafts, cfg, generator)
             new_ids = new.tolist()
             self.cached_ids.extend(new_ids)
             # stop conditions, in order: EOS, token budget, stop strings

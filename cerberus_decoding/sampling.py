@@ -1,8 +1,27 @@
-"""Turning next-token logits into a token: greedy, or temperature + top-p sampling."""
+"""Turning next-token logits into a token: greedy, or temperature + top-p sampling.
+
+Every random choice of decoding goes through ``draw`` (a token from a distribution) and ``coin``
+(an event of a given probability), both fed by the request's seeded generator: the same seed gives
+the same output. verify.py calls them as ``sampling.draw`` / ``sampling.coin`` so that a test can
+replace both and enumerate every outcome with its exact probability (tests/test_exact_sampling.py).
+"""
 
 from __future__ import annotations
 
 import torch
+
+# How a speculative step accepts drafts when sampling (temperature > 0); greedy ignores it.
+#   exact:   recursive rejection sampling over the tree: the output is distributed exactly as plain
+#            sampling from the base model (docs/sampling.md)
+#   typical: Medusa's typical acceptance: keeps plausible drafts, longer accepted paths, lossy
+ACCEPTANCES = ("exact", "typical")
+DEFAULT_ACCEPTANCE = "exact"
+
+
+def check_acceptance(acceptance: str) -> str:
+    if acceptance not in ACCEPTANCES:
+        raise ValueError(f"Unknown acceptance {acceptance!r}; use one of {', '.join(ACCEPTANCES)}.")
+    return acceptance
 
 
 def probabilities(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
@@ -18,9 +37,18 @@ def probabilities(logits: torch.Tensor, temperature: float, top_p: float = 1.0) 
     return probs
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """[V] probabilities (any positive total) -> [1] token id drawn from them."""
+    return torch.multinomial(probs.cpu(), 1, generator=generator).to(probs.device)
+
+
+def coin(probability: float, generator: torch.Generator | None) -> bool:
+    """True with the given probability."""
+    return float(torch.rand((), generator=generator)) < probability
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
     """[V] logits -> [1] token id. temperature 0 = greedy."""
     if temperature <= 0:
         return logits.argmax(-1, keepdim=True)
-    probs = probabilities(logits, temperature, top_p)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)
+    return draw(probabilities(logits, temperature, top_p), generator)

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Decoder, Result, SamplingConfig
 from .models import CerberusError
+from .sampling import ACCEPTANCES, DEFAULT_ACCEPTANCE
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024  # a prompt that fills the default model's context is < 5 MB of JSON
@@ -146,8 +147,9 @@ def prompt_chars(prompt: str | list) -> int:
     return sum(len(m["content"]) for m in prompt if isinstance(m, dict))
 
 
-def sampling_config(body: dict) -> SamplingConfig:
-    """The shared sampling parameters of both endpoints; unknown OpenAI fields are ignored."""
+def sampling_config(body: dict, acceptance: str = DEFAULT_ACCEPTANCE) -> SamplingConfig:
+    """The shared sampling parameters of both endpoints; unknown OpenAI fields are ignored.
+    ``acceptance``: the server's default for the ``acceptance`` extension (docs/server.md)."""
     n = body.get("n")
     if n is not None and n != 1:
         raise APIError(400, "Only n=1 is supported.", "n", "unsupported_value")
@@ -188,7 +190,11 @@ def sampling_config(body: dict) -> SamplingConfig:
         stop = [stop]
     if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
         raise APIError(400, "'stop' must be a non-empty string or a list of them.", "stop", "invalid_type")
-    cfg = SamplingConfig(max_tokens, float(temperature), float(top_p), seed, stop)
+    if body.get("acceptance") is not None:  # our extension: exact | typical (null: the server's default)
+        acceptance = body["acceptance"]
+    if acceptance not in ACCEPTANCES:
+        raise APIError(400, f"'acceptance' must be one of {', '.join(ACCEPTANCES)}.", "acceptance", "invalid_value")
+    cfg = SamplingConfig(max_tokens, float(temperature), float(top_p), seed, stop, acceptance)
     try:
         cfg.validate()
     except CerberusError as e:
@@ -356,8 +362,12 @@ def create_app(
     model_name: str | list[str],
     api_key: str | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    acceptance: str = DEFAULT_ACCEPTANCE,
 ) -> FastAPI:
-    """``model_name``: the served id, or a list of ids (the first is the main one, the rest aliases)."""
+    """``model_name``: the served id, or a list of ids (the first is the main one, the rest aliases).
+    ``acceptance``: how sampled requests accept drafts unless they say otherwise (exact | typical)."""
+    if acceptance not in ACCEPTANCES:
+        raise CerberusError(f"Unknown acceptance {acceptance!r}; use one of {', '.join(ACCEPTANCES)}.")
     if api_key is not None and not api_key.strip():
         raise CerberusError("The API key is empty; give a key, or None to serve without one.")
     names = [model_name] if isinstance(model_name, str) else list(model_name)
@@ -449,7 +459,7 @@ def create_app(
             else:
                 prompt, param = completion_prompt(body, vocab_size), "prompt"
             check_prompt_size(prompt, param)
-            cfg = sampling_config(body)
+            cfg = sampling_config(body, acceptance)
             stream, include_usage = stream_flags(body)
             if isinstance(prompt, list) and not chat:
                 ids = prompt
@@ -599,13 +609,15 @@ def serve(
     model_name: str | list[str],
     api_key: str | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    acceptance: str = DEFAULT_ACCEPTANCE,
 ) -> None:
-    app = create_app(decoder, model_name, api_key, max_request_bytes)
+    app = create_app(decoder, model_name, api_key, max_request_bytes, acceptance)
     names = [model_name] if isinstance(model_name, str) else model_name
     print(
         f"Serving {names[0]} ({decoder.method}) at http://{host}:{port}/v1"
         + (f" (also as {', '.join(names[1:])})" if names[1:] else "")
-        + (" (API key required)" if api_key else ""),
+        + (" (API key required)" if api_key else "")
+        + f"; sampling with {acceptance} acceptance",
         flush=True,
     )
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=2)

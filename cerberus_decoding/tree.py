@@ -64,6 +64,14 @@ class Tree:
     def lm_head_set(self) -> frozenset[int]:
         return frozenset(self.lm_head_rows.tolist())
 
+    @cached_property
+    def children(self) -> list[list[int]]:
+        """children[n]: node n's children in draft order (ascending ids: by rank, then lookup branches)."""
+        out: list[list[int]] = [[] for _ in range(self.size)]
+        for node, parent in enumerate(self.parent[1:].tolist(), start=1):
+            out[parent].append(node)
+        return out
+
     @property
     def size(self) -> int:
         """Number of nodes including the root (tokens fed to one verification forward)."""

@@ -1,32 +1,60 @@
-"""Pick the longest accepted path of a verified tree.
+"""Pick the accepted path of a verified tree, and the token after it.
 
 ``verify`` owns the rule "the LM head runs only where verification reads it": a node is judged by
 its parent's distribution, so logits are needed at the internal nodes (those with children), plus
-at the last accepted node when it is a leaf (the caller draws the bonus token from them). For a
-small tree all rows go through the LM head in one call, cheaper than a second call for that leaf.
+at the last accepted node when it is a leaf (the next token is drawn from them). For a small tree
+all rows go through the LM head in one call, cheaper than a second call for that leaf.
+
+Three rules: greedy (temperature 0, lossless), exact (recursive rejection sampling, lossless at
+any temperature, docs/sampling.md) and Medusa's typical acceptance (lossy).
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import sampling
 from .sampling import probabilities
 
 
-def verify(tree, tokens: torch.Tensor, hidden: torch.Tensor, lm_head, temperature: float = 0.0):
+def verify(
+    tree,
+    tokens: torch.Tensor,
+    hidden: torch.Tensor,
+    lm_head,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    acceptance: str = "exact",
+    generator: torch.Generator | None = None,
+):
     """tokens [N+1] fed, hidden [N+1, H] their final hidden states ->
-    (accepted path: node ids from the root [a+1], logits after its last node [V])."""
+    (accepted path: node ids from the root [a+1], logits after its last node [V], next token [1]).
+
+    The next token is the one after the path (the caller's next pending token): greedy, drawn from
+    the base model's distribution there, or, with exact acceptance after rejected children, from
+    what the rejections left of it.
+    """
     rows = tree.lm_head_rows  # internal nodes; every node when the tree is small (see tree.py)
     logits = lm_head(hidden[rows])  # [R, V]
     all_logits = logits.new_empty(tree.size, logits.shape[-1])  # [N+1, V]; only these rows are read
     all_logits[rows] = logits
+    residual = None
     if temperature <= 0:
         accepted = accept_greedy(tree, tokens, all_logits)
-    else:
+    elif acceptance == "typical":
         accepted = accept_typical(tree, tokens, all_logits, temperature)
+    elif acceptance == "exact":
+        accepted, residual = accept_exact(tree, tokens, all_logits, temperature, top_p, generator)
+    else:
+        raise ValueError(f"Unknown acceptance {acceptance!r}; use exact or typical.")
     path = torch.cat([accepted.new_zeros(1), accepted])
     last = int(path[-1])
-    return path, all_logits[last] if last in tree.lm_head_set else lm_head(hidden[last : last + 1])[0]
+    last_logits = all_logits[last] if last in tree.lm_head_set else lm_head(hidden[last : last + 1])[0]
+    if residual is not None:
+        next_token = sampling.draw(residual, generator)
+    else:
+        next_token = sampling.sample(last_logits, temperature, top_p, generator)
+    return path, last_logits, next_token
 
 
 def accept_greedy(tree, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -37,6 +65,37 @@ def accept_greedy(tree, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Ten
     """
     parents = tree.parent[1:]
     return _longest_path(tree, tokens[1:] == logits[parents].argmax(-1))
+
+
+def accept_exact(tree, tokens, logits, temperature, top_p, generator):
+    """tokens [N+1] fed, logits [N+1, V] -> (accepted node ids [a], residual [V] or None).
+
+    Recursive rejection sampling for deterministic drafts (as EAGLE and SGLang do on trees). From
+    the root: with p the base model's distribution at the node (temperature and top-p applied, as
+    plain sampling does), try its children in draft order; accept child x with probability
+    p(x) / (mass of p not yet rejected); on rejection remove x from p. Along an accepted child go
+    on from its node. If every child is rejected, the next token must be drawn from the residual
+    (p without the rejected tokens, renormalized): that is returned; None means nothing was
+    rejected at the last node, so the next token comes from its plain distribution. Every token
+    produced is then distributed exactly as plain sampling would produce it (docs/sampling.md).
+    """
+    token_ids = tokens.tolist()
+    node, accepted = 0, []
+    while tree.children[node]:
+        residual = probabilities(logits[node], temperature, top_p)  # [V], rejected tokens get 0
+        for child in tree.children[node]:
+            x = token_ids[child]
+            p_x = float(residual[x])
+            # a duplicate of a rejected sibling, or a token top-p removed, has p_x = 0: never accepted
+            if p_x > 0 and sampling.coin(p_x / float(residual.sum()), generator):
+                break
+            residual[x] = 0.0
+        else:
+            # Never all zero: the last token with mass left is accepted with probability 1.
+            return torch.tensor(accepted, dtype=torch.long, device=tokens.device), residual
+        accepted.append(child)
+        node = child
+    return torch.tensor(accepted, dtype=torch.long, device=tokens.device), None
 
 
 def accept_typical(tree, tokens, logits, temperature, epsilon=0.09, delta=0.3) -> torch.Tensor:

@@ -111,6 +111,25 @@ def test_parse_methods_always_runs_ar_first():
     assert parse_methods("hf,ar") == ["ar", "hf"]
 
 
+def test_sampled_runs_name_each_acceptance_rule():
+    """At temperature > 0 every speculative method of ours runs with exact and typical acceptance."""
+    assert parse_methods("cerberus,hf,pld", 0.7) == [
+        "ar",
+        "cerberus[exact]",
+        "cerberus[typical]",
+        "hf",
+        "pld[exact]",
+        "pld[typical]",
+    ]
+    assert parse_methods("cerberus[typical],medusa[exact]", 0.7) == ["ar", "cerberus[typical]", "medusa[exact]"]
+    with pytest.raises(CerberusError, match="--temperature"):
+        parse_methods("cerberus[exact]")
+    with pytest.raises(CerberusError, match="lossy"):
+        parse_methods("cerberus[lossy]", 0.7)
+    with pytest.raises(CerberusError, match="no drafts"):
+        parse_methods("hf[exact]", 0.7)
+
+
 def _measure(q, method, tokens, seconds, steps, spec, prompt=(1, 2, 3)):
     turns = [
         Turn(list(prompt), list(t), "", seconds / len(tokens), s, p)

@@ -58,11 +58,17 @@ def test_directory_without_config(tmp_path):
         ["--dtype", "float64"],
         ["--method", "magic"],
         ["--top-p", "0"],
+        ["--acceptance", "lossy"],
     ],
 )
 def test_bad_option_values(args):
     result = run("generate", "hi", *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_bench_acceptance_names_need_sampling():
+    assert_user_error(run("bench", "--methods", "cerberus[exact]"), "--temperature")
+    assert_user_error(run("bench", "--methods", "cerberus[lossy]", "-t", "0.7"), "unknown acceptance")
 
 
 def test_prompt_longer_than_the_context():

@@ -47,6 +47,22 @@ def test_sampling_is_reproducible_with_a_seed(ar):
     assert a != c
 
 
+@pytest.mark.parametrize("acceptance", ["exact", "typical"])
+def test_speculative_sampling_is_reproducible_with_a_seed(lm, acceptance):
+    """Same seed, same method and format -> same tokens, whichever acceptance rule."""
+    from cerberus_decoding.methods import build_decoder
+
+    tree = [[0], [1], [0, 0], [1, 0], [0, 0, 0]]  # explicit: a calibration may pick a one-node tree
+    dec = build_decoder(lm, "cerberus-nogate", heads="default", tree=tree)
+    ids = dec.encode("List the days of the week, then list them again.")
+    cfg = SamplingConfig(max_new_tokens=32, temperature=0.8, top_p=0.95, seed=11, acceptance=acceptance)
+    a, b = dec.generate(ids, cfg), dec.generate(ids, cfg)
+    assert a.token_ids == b.token_ids
+    assert a.speculative_steps > 0 and a.mean_accepted > 1  # drafts were really accepted
+    other = dec.generate(ids, SamplingConfig(max_new_tokens=32, temperature=0.8, seed=12, acceptance=acceptance))
+    assert other.token_ids != a.token_ids
+
+
 def test_stops_on_eos_max_tokens_and_stop_strings(ar):
     ids = ar.encode("What is 2+2? Answer in one short sentence.")
     full = ar.generate(ids, SamplingConfig(max_new_tokens=200))
@@ -79,7 +95,10 @@ def test_max_new_tokens_is_clamped_to_the_context(tiny_lm):
     assert result.new_tokens <= 5 and result.finish_reason in ("length", "stop")
 
 
-@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5)])
+@pytest.mark.parametrize(
+    "bad",
+    [dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(acceptance="lossy")],
+)
 def test_bad_sampling_options_are_rejected(ar, bad):
     with pytest.raises(CerberusError):
         ar.generate(ar.encode("hi"), SamplingConfig(**bad))

@@ -250,6 +250,7 @@ INVALID = [
     ("chat", {"model": MODEL, "messages": MSG, "seed": 1.5}, 400, "seed"),
     ("chat", {"model": MODEL, "messages": MSG, "seed": 2**70}, 400, "seed"),
     ("chat", {"model": MODEL, "messages": MSG, "stream": "yes"}, 400, "stream"),
+    ("chat", {"model": MODEL, "messages": MSG, "acceptance": "lossy"}, 400, "acceptance"),
     ("chat", {"model": MODEL, "messages": MSG, "n": 2}, 400, "n"),
     ("chat", {"model": MODEL, "messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
     (
@@ -347,3 +348,25 @@ def test_unexpected_failure_is_a_500_and_the_server_keeps_going():
         events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
         assert json.loads(events[-1])["error"]["message"] == "Internal error: RuntimeError: boom"
         assert tc.get("/health").json() == {"status": "ok", "model": "broken", "method": "ar", "pending": 0}
+
+
+@pytest.mark.parametrize("acceptance", [None, "exact", "typical"])
+def test_seeded_sampling_returns_the_same_text_twice(lm, acceptance):
+    """temperature 0.8 + a seed: the same text twice, with the server's default acceptance (exact)
+    and with each rule asked for by the ``acceptance`` extension; drafts are really accepted."""
+    from fastapi.testclient import TestClient
+
+    from cerberus_decoding.methods import build_decoder
+    from cerberus_decoding.server import create_app
+
+    decoder = build_decoder(lm, "cerberus-nogate", heads="default", tree=[[0], [1], [0, 0], [0, 0, 0]])
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 24, "temperature": 0.8, "seed": 5}
+    if acceptance is not None:
+        body["acceptance"] = acceptance
+    with TestClient(create_app(decoder, MODEL)) as tc:
+        replies = [tc.post("/v1/chat/completions", json=body).json() for _ in range(2)]
+        other = tc.post("/v1/chat/completions", json=body | {"seed": 6}).json()
+    texts = [r["choices"][0]["message"]["content"] for r in replies]
+    assert texts[0] == texts[1] and texts[0]
+    assert other["choices"][0]["message"]["content"] != texts[0]
+    assert replies[0]["cerberus"]["mean_accepted"] > 1

@@ -46,16 +46,23 @@ def benchmark(
     warmup: int = 1,
     repeats: int = 1,
     progress: bool = True,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> BenchRun:
-    """Build every method on ``lm`` (ar always included) and measure them; Ctrl-C returns a partial run."""
-    names = parse_methods(methods)
-    runners, reference = build_runners(lm, names, max_new_tokens, heads, gate, threshold, tree)
+    """Build every method on ``lm`` (ar always included) and measure them; Ctrl-C returns a partial run.
+
+    ``temperature`` > 0 samples (every generation seeded with ``seed``) and runs each speculative
+    method once per acceptance rule (``cerberus[exact]``, ``cerberus[typical]``)."""
+    names = parse_methods(methods, temperature)
+    runners, reference = build_runners(lm, names, max_new_tokens, heads, gate, threshold, tree, temperature, seed)
     return run_bench(runners, reference, questions, warmup, repeats, progress)
 
 
-def results_dict(lm: LoadedModel, bench: BenchRun, max_new_tokens: int, **extra) -> dict:
-    """The results.json object: the fixed top-level shape first, then extras (details, settings)."""
-    details = mismatch_details(lm, bench)
+def results_dict(lm: LoadedModel, bench: BenchRun, max_new_tokens: int, temperature: float = 0.0, **extra) -> dict:
+    """The results.json object: the fixed top-level shape first, then extras (details, settings).
+    Sampled runs (temperature > 0) differ from ar by design: no mismatch details."""
+    sampled = temperature > 0
+    details = {} if sampled else mismatch_details(lm, bench)
     return {
         "model": lm.name,
         "device": str(lm.device),
@@ -64,8 +71,9 @@ def results_dict(lm: LoadedModel, bench: BenchRun, max_new_tokens: int, **extra)
         "dtype": str(lm.dtype).removeprefix("torch."),
         "hardware": hardware(lm.device),
         "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
         "questions": len(bench.complete()),
-        "methods": summarize(bench, details),
+        "methods": summarize(bench, details, sampled),
         "interrupted": bench.interrupted,
         **extra,
         "mismatch_details": details,

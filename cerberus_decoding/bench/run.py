@@ -16,7 +16,8 @@ import torch
 
 from ..engine import SamplingConfig
 from ..methods import METHODS, build_decoder
-from ..models import LoadedModel
+from ..models import CerberusError, LoadedModel
+from ..sampling import ACCEPTANCES, DEFAULT_ACCEPTANCE
 from .questions import Question
 
 REFERENCE = "ar"
@@ -63,11 +64,36 @@ class BenchRun:
 Runner = Callable[[list[int]], Turn]
 
 
-def parse_methods(spec: str | list[str]) -> list[str]:
-    """Comma list -> unique names, ``ar`` first (always run: the reference for speedup and mismatches)."""
+def parse_methods(spec: str | list[str], temperature: float = 0.0) -> list[str]:
+    """Comma list -> unique names, ``ar`` first (always run: the reference for speedup and mismatches).
+
+    When sampling (temperature > 0), each of our speculative methods runs once per acceptance rule,
+    as ``cerberus[exact]`` and ``cerberus[typical]``; a name given with its rule runs only that one.
+    """
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [n.strip() for n in names if n.strip()]
-    return [REFERENCE] + [n for n in dict.fromkeys(names) if n != REFERENCE]
+    out = []
+    for name in names:
+        method, acceptance = split_acceptance(name)
+        if acceptance is not None and temperature <= 0:
+            raise CerberusError(f"{name}: an acceptance rule only matters when sampling; add --temperature T > 0.")
+        if acceptance is not None and (method == REFERENCE or hf_kind(method) is not None):
+            raise CerberusError(f"{name}: {method} has no drafts to accept; name it without [{acceptance}].")
+        if acceptance is None and temperature > 0 and method != REFERENCE and hf_kind(method) is None:
+            out += [f"{method}[{a}]" for a in ACCEPTANCES]
+        else:
+            out.append(name)
+    return [REFERENCE] + [n for n in dict.fromkeys(out) if n != REFERENCE]
+
+
+def split_acceptance(name: str) -> tuple[str, str | None]:
+    """``cerberus[typical]`` -> ("cerberus", "typical"); ``cerberus`` -> ("cerberus", None)."""
+    if not name.endswith("]") or "[" not in name:
+        return name, None
+    method, _, acceptance = name[:-1].partition("[")
+    if acceptance not in ACCEPTANCES:
+        raise CerberusError(f"{name}: unknown acceptance {acceptance!r}; use one of {', '.join(ACCEPTANCES)}.")
+    return method, acceptance
 
 
 def hf_kind(method: str) -> str | None:
@@ -87,8 +113,11 @@ def _sync(lm: LoadedModel) -> None:
         torch.cuda.synchronize(lm.device)
 
 
-def engine_runner(decoder, max_new_tokens: int) -> Runner:
-    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+def engine_runner(
+    decoder, max_new_tokens: int, temperature: float = 0.0, acceptance: str = DEFAULT_ACCEPTANCE, seed: int = 0
+) -> Runner:
+    """Greedy, or sampling with the same seed for every generation (reproducible runs)."""
+    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, acceptance=acceptance)
 
     def run(ids: list[int]) -> Turn:
         _sync(decoder.lm)
@@ -101,10 +130,14 @@ def engine_runner(decoder, max_new_tokens: int) -> Runner:
     return run
 
 
-def hf_runner(lm: LoadedModel, eos_ids: set[int], max_new_tokens: int, lookup: bool) -> Runner:
+def hf_runner(
+    lm: LoadedModel, eos_ids: set[int], max_new_tokens: int, lookup: bool, temperature: float = 0.0, seed: int = 0
+) -> Runner:
     # the same stop tokens as our engine, so that both stop at the same place
     pad = lm.tokenizer.pad_token_id
     kwargs = {"do_sample": False, "eos_token_id": sorted(eos_ids), "pad_token_id": min(eos_ids) if pad is None else pad}
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
     if lookup:
         kwargs["prompt_lookup_num_tokens"] = PLD_LOOKUP_TOKENS
 
@@ -112,6 +145,8 @@ def hf_runner(lm: LoadedModel, eos_ids: set[int], max_new_tokens: int, lookup: b
     def run(ids: list[int]) -> Turn:
         n = min(max_new_tokens, lm.context_length - len(ids))  # the engine clamps to the context the same way
         x = torch.tensor([ids], device=lm.device)
+        if temperature > 0:
+            torch.manual_seed(seed)
         _sync(lm)
         start = time.perf_counter()
         out = lm.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, **kwargs)
@@ -133,19 +168,27 @@ def build_runners(
     gate: str | None = None,
     threshold: float | None = None,
     tree: str | None = None,
+    temperature: float = 0.0,
+    seed: int = 0,
 ):
-    """-> (runners by method, the reference ar decoder used to encode prompts for everyone)."""
+    """-> (runners by method, the reference ar decoder used to encode prompts for everyone).
+
+    ``methods`` as parse_methods returns them: ``name[acceptance]`` runs ``name`` with that rule."""
     reference = build_decoder(lm, REFERENCE)
     runners: dict[str, Runner] = {}
-    for method in methods:
+    decoders = {}  # one decoder per method, shared by its acceptance rules
+    for name in methods:
+        method, acceptance = split_acceptance(name)
         kind = hf_kind(method)
         if method == REFERENCE:
-            runners[method] = engine_runner(reference, max_new_tokens)
+            runners[name] = engine_runner(reference, max_new_tokens, temperature, seed=seed)
         elif kind is not None:
-            runners[method] = hf_runner(lm, reference.eos_ids, max_new_tokens, lookup=kind == HF_PLD)
+            runners[name] = hf_runner(lm, reference.eos_ids, max_new_tokens, kind == HF_PLD, temperature, seed)
         else:  # build_decoder validates the name and the heads
-            decoder = build_decoder(lm, method, heads, gate, threshold, tree)
-            runners[method] = engine_runner(decoder, max_new_tokens)
+            if method not in decoders:
+                decoders[method] = build_decoder(lm, method, heads, gate, threshold, tree)
+            rule = acceptance or DEFAULT_ACCEPTANCE
+            runners[name] = engine_runner(decoders[method], max_new_tokens, temperature, rule, seed)
     return runners, reference
 
 
@@ -312,11 +355,12 @@ def _fields(rows: list[Measurement], ref_rows: list[Measurement], mismatched: se
     }
 
 
-def summarize(bench: BenchRun, details: dict[str, list[dict]]) -> dict[str, dict]:
+def summarize(bench: BenchRun, details: dict[str, list[dict]], sampled: bool = False) -> dict[str, dict]:
     """Per method: the five metrics overall and per category, over the questions every method finished.
 
     tokens_per_second is total tokens / total (median) seconds, so long answers weigh more, as in use;
-    speedup is that against ar's on the very same questions.
+    speedup is that against ar's on the very same questions. ``sampled``: the run sampled
+    (temperature > 0), so outputs differ from ar's by design: no mismatches or agreement.
     """
     questions = bench.complete()
     categories = list(dict.fromkeys(q.category for q in questions))
@@ -332,7 +376,11 @@ def summarize(bench: BenchRun, details: dict[str, list[dict]]) -> dict[str, dict
         for cat in categories:
             qs = [q for q in questions if q.category == cat]
             entry["categories"][cat] = _fields(rows(qs), rows(qs, REFERENCE), mismatched)
-        if method != REFERENCE and method not in details:  # another weight format: agreement instead
+        if sampled:
+            entry["mismatches"] = None
+            for cat in entry["categories"].values():
+                cat["mismatches"] = None
+        elif method != REFERENCE and method not in details:  # another weight format: agreement instead
             entry["mismatches"] = None
             entry["agreement"] = agreement(bench, method)
         out[method] = entry
