@@ -521,6 +521,10 @@ def train(
     eval_every: int = typer.Option(200, "--eval-every", min=1),
     save_every: int = typer.Option(200, "--save-every", min=1),
     max_steps: int = typer.Option(0, "--max-steps", min=0),
+    max_positions: int = typer.Option(
+        0, "--max-positions", min=0, help="Train on the first N distilled positions only (0 = all): accuracy vs size."
+    ),
+    loss_decay: float = typer.Option(0.8, "--loss-decay", min=0.0, help="Head k's loss weighs DECAY**k."),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     model: str = ModelOpt,
@@ -536,8 +540,11 @@ def train(
     if root_token and heads_type != "cerberus":
         fail("--root-token needs --heads-type cerberus")
     check_options(seed=seed)
+    from .models import resolve_device
+
     root_token = heads_type == "cerberus" if root_token is None else root_token
-    lm = load_model(model, "float32", device.value)
+    train_device = resolve_device(device.value)
+    lm = load_model(model, "float32", "cpu", runtime="hf")  # never run: LM head, embeddings, fingerprint
     cfg = TrainConfig(
         head_type=heads_type,
         num_heads=num_heads,
@@ -551,9 +558,11 @@ def train(
         eval_every=eval_every,
         save_every=save_every,
         max_steps=max_steps,
+        max_positions=max_positions,
+        loss_decay=loss_decay,
         seed=seed,
     )
-    typer.echo(json.dumps(run(lm, data, out, cfg, resume=resume)))
+    typer.echo(json.dumps(run(lm, data, out, cfg, resume=resume, device=train_device)))
 
 
 @app.command()

@@ -23,6 +23,7 @@ faster than generating. Prompts longer than ``MAX_PROMPT_TOKENS`` are skipped (c
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import time
 from pathlib import Path
@@ -50,6 +51,8 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: in
     from transformers import DynamicCache
 
     model, device = lm.model, lm.device
+    # transformers renamed ``past_key_values`` to ``cache`` in 5.2x; take whichever this version has
+    kw = "cache" if "cache" in inspect.signature(type(model.model).forward).parameters else "past_key_values"
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -60,7 +63,7 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: in
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache(config=model.config)
     hidden = model.model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{kw: cache}
     ).last_hidden_state[:, -1]  # [B, H]
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     tokens, hiddens = [], []
@@ -76,7 +79,7 @@ def generate_batch(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: in
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         last_pos = last_pos + 1
         hidden = model.model(
-            input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None], cache=cache, use_cache=True
+            input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None], use_cache=True, **{kw: cache}
         ).last_hidden_state[:, -1]
     toks = torch.stack(tokens, 1).cpu()  # [B, n]
     hids = torch.stack(hiddens, 1).cpu()  # [B, n, H]

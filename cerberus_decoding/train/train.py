@@ -45,6 +45,7 @@ class TrainConfig:
     save_every: int = 200
     seed: int = 0
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); for tests and time budgets
+    max_positions: int = 0  # train on the first N training positions only (0 = all): accuracy vs data size
 
 
 def load_distilled(data_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,17 +106,16 @@ def to_head_vocab(labels: torch.Tensor, vocab_ids: torch.Tensor, vocab_size: int
     return out
 
 
-def head_loss(logits: torch.Tensor, labels: torch.Tensor, decay: float) -> tuple[torch.Tensor, list[float]]:
-    """logits [B, K, V'], labels [B, K] -> weighted loss, per-head losses."""
+def head_loss(logits: torch.Tensor, labels: torch.Tensor, decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, K, V'], labels [B, K] -> weighted loss, per-head losses [K] (detached). No host sync:
+    a head with no valid label in the batch contributes 0."""
     total, per_head = logits.new_zeros(()), []
     for k in range(logits.shape[1]):
-        if (labels[:, k] != IGNORE).any():
-            loss_k = F.cross_entropy(logits[:, k].float(), labels[:, k], ignore_index=IGNORE)
-        else:
-            loss_k = logits.new_zeros(()) + 0.0 * logits[:, k].sum()
+        loss_sum = F.cross_entropy(logits[:, k].float(), labels[:, k], ignore_index=IGNORE, reduction="sum")
+        loss_k = loss_sum / (labels[:, k] != IGNORE).sum().clamp_min(1)
         total = total + decay**k * loss_k
-        per_head.append(float(loss_k.detach()))
-    return total, per_head
+        per_head.append(loss_k.detach())
+    return total, torch.stack(per_head)
 
 
 @torch.no_grad()
@@ -125,18 +125,40 @@ def evaluate(
     """Per-head top-1 / top-5 on full-vocabulary labels (tokens outside the head vocabulary count as misses).
     ``roots`` [N]: the token the base model chose at each position (read by root_token heads)."""
     K = labels.shape[1]
-    hit1, hit5, count = torch.zeros(K), torch.zeros(K), torch.zeros(K)
+    device = heads.shared_weight.device
+    hit1, hit5, count = (torch.zeros(K, device=device) for _ in range(3))
     dtype = heads.shared_weight.dtype
     for i in range(0, hidden.shape[0], batch):
-        h = hidden[i : i + batch].to(dtype)
-        y = labels[i : i + batch]
-        top5 = heads.vocab_ids[heads(h, roots[i : i + batch]).topk(5, dim=-1).indices]  # [B, K, 5] token ids
+        h = hidden[i : i + batch].to(device, dtype)
+        y = labels[i : i + batch].to(device)
+        top5 = heads.vocab_ids[heads(h, roots[i : i + batch].to(device)).topk(5, dim=-1).indices]  # [B, K, 5] ids
         valid = y != IGNORE
         hit1 += ((top5[..., 0] == y) & valid).sum(0)
         hit5 += ((top5 == y[..., None]).any(-1) & valid).sum(0)
         count += valid.sum(0)
+    positions = int(count[0])
     count = count.clamp_min(1)
-    return {"top1": (hit1 / count).tolist(), "top5": (hit5 / count).tolist(), "positions": int(count[0])}
+    return {"top1": (hit1 / count).tolist(), "top5": (hit5 / count).tolist(), "positions": positions}
+
+
+def prompt_groups(data_dir: str | Path, rows: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """{"source:NAME" | "category:NAME": [N] bool} from the distill run's prompts.jsonl (None if absent)."""
+    path = Path(data_dir) / "prompts.jsonl"
+    if not path.is_file():
+        return None
+    meta = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    groups: dict[str, list[int]] = {}
+    for i, m in enumerate(meta):
+        groups.setdefault(f"source:{m['source']}", []).append(i)
+        if m.get("category"):
+            groups.setdefault(f"category:{m['category']}", []).append(i)
+    n_rows = max(len(meta), int(rows.max()) + 1)
+    out = {}
+    for name, ids in groups.items():
+        member = torch.zeros(n_rows, dtype=torch.bool)
+        member[ids] = True
+        out[name] = member[rows]
+    return out
 
 
 def _split(rows: torch.Tensor, holdout: float, seed: int) -> torch.Tensor:
@@ -189,11 +211,13 @@ def check_finite_loss(loss: torch.Tensor, step: int) -> None:
         )
 
 
-def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: bool = False) -> dict:
-    """Train heads for ``lm`` on distilled data; writes checkpoints and the final heads to ``out_dir``."""
+def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: bool = False, device=None) -> dict:
+    """Train heads for ``lm`` on distilled data; writes checkpoints and the final heads to ``out_dir``.
+    ``device``: where the heads train (default: the base model's device; the base model is never run)."""
     from accelerate import Accelerator
 
-    acc = Accelerator(cpu=lm.device.type == "cpu")
+    device = torch.device(device) if device is not None else lm.device
+    acc = Accelerator(cpu=device.type == "cpu")
     out = Path(out_dir)
     state_file = out / "trainer_state.pt"
     if state_file.exists() and not resume:
@@ -207,9 +231,13 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     hidden, tokens, rows = load_distilled(data_dir)
 
     labels = head_labels(tokens, rows, cfg.num_heads)
-    held = _split(rows, cfg.holdout, cfg.seed)
-    train_h, train_y, train_r = hidden[~held], labels[~held], tokens[~held]
+    held = _split(rows, cfg.holdout, cfg.seed)  # by answer, over all the data: the same for every max_positions
+    train_idx = (~held).nonzero()[:, 0]
+    if cfg.max_positions:
+        train_idx = train_idx[: cfg.max_positions]
+    train_h, train_y, train_r = hidden[train_idx], labels[train_idx], tokens[train_idx]
     eval_h, eval_y, eval_r = hidden[held], labels[held], tokens[held]
+    groups = prompt_groups(data_dir, rows)
 
     weight = lm.model.get_output_embeddings().weight.detach().float().cpu()  # [V, H]
     hc = HeadsConfig(
@@ -253,13 +281,19 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         step, history = int(resumed["step"]), resumed["history"]
     heads, opt = acc.prepare(heads, opt)
     core = acc.unwrap_model(heads)
+    if acc.device.type != "cpu":  # the whole data set on the accelerator: no host gather per step
+        train_h, train_targets, train_r = train_h.to(acc.device), train_targets.to(acc.device), train_r.to(acc.device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup), last_epoch=step - 1)
+
+    orders: dict[int, torch.Tensor] = {}
 
     def batch_indices(s: int) -> torch.Tensor:
         epoch, offset = divmod(s, steps_per_epoch)
-        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed + 1000 + epoch))
-        idx = order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size]
-        return idx[acc.process_index :: acc.num_processes]  # this process's slice of the global batch
+        if epoch not in orders:  # one permutation per epoch, a function of (seed, epoch) only: resumable
+            orders.clear()
+            orders[epoch] = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed + 1000 + epoch))
+        idx = orders[epoch][offset * cfg.batch_size : (offset + 1) * cfg.batch_size]
+        return idx[acc.process_index :: acc.num_processes].to(train_h.device)  # this process's slice
 
     def checkpoint(final: bool = False) -> None:
         if not acc.is_main_process:
@@ -283,6 +317,15 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         }
         save_heads(core, out / ("heads" if final else "latest"))
 
+    pending: list[torch.Tensor] = []  # losses of steps not yet read back from the device
+
+    def flush_losses() -> None:
+        values = torch.stack(pending).tolist()
+        for i, v in enumerate(values):
+            check_finite_loss(torch.tensor(v), step - len(values) + i)
+        history["loss"].extend(round(v, 6) for v in values)
+        pending.clear()
+
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.head_type}", disable=not acc.is_local_main_process)
     t0 = time.perf_counter()
     heads.train()
@@ -291,15 +334,16 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         h = train_h[idx].float().to(acc.device)
         y = train_targets[idx].to(acc.device)
         loss, per_head = head_loss(heads(h, train_r[idx].to(acc.device)), y, cfg.loss_decay)
-        check_finite_loss(loss, step)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         opt.step()
         sched.step()
         step += 1
-        history["loss"].append(round(float(acc.reduce(loss.detach(), "mean")), 6))  # mean over processes
+        pending.append(acc.reduce(loss.detach(), "mean"))  # mean over processes; read every 50 steps (no sync)
+        if step % 50 == 0 or step % cfg.save_every == 0 or step == total:
+            flush_losses()
+            bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", h1=f"{float(per_head[0]):.2f}")
         bar.update(1)
-        bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", h1=f"{per_head[0]:.2f}")
         if step % cfg.eval_every == 0 or step == total:
             heads.eval()
             metrics = evaluate(core, eval_h, eval_y, eval_r)
@@ -317,6 +361,13 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         "head_vocab_missed": round(missed, 4),
         "eval": history["eval"][-1] if history["eval"] else None,
     }
+    if groups is not None:  # held-out accuracy per data source and category
+        heads.eval()
+        summary["by_group"] = {
+            name: evaluate(core, eval_h[member[held]], eval_y[member[held]], eval_r[member[held]])
+            for name, member in sorted(groups.items())
+            if bool(member[held].any())
+        }
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         _atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))

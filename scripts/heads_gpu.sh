@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Distil the shipped heads' data and train both heads on one GPU, in one command of under 10 minutes
+# (docs/training.md). Usage: scripts/heads_gpu.sh OUT_DIR. Needs CUDA, the default model and this
+# repository on PYTHONPATH. Every stage is time-boxed and leaves its results in OUT_DIR as it ends:
+#   distill.json, answers.safetensors.xz (the committed answers), heads.tar (runs/*/heads), reports.tar
+# Environment overrides (for a smoke test on a CPU): DEVICE, PROMPTS, BATCH, MAX_NEW, DISTILL_SECONDS,
+# TRAIN_SECONDS, EPOCHS, TRAIN_BATCH, LR, CURVE, BUDGET, DATA, RUNS.
+set -uo pipefail
+out=${1:-out/heads-gpu}
+mkdir -p "$out"
+cli="python3 -m cerberus_decoding.cli"
+device=${DEVICE:-cuda}
+data=${DATA:-data/distill-instructions}
+runs=${RUNS:-runs}
+start=$SECONDS
+$cli distill --prompts corpus/instructions --mix "$(cat corpus/heads.mix)" --num-prompts "${PROMPTS:-40000}" \
+    --seed 0 --device "$device" --runtime hf --weights bfloat16 --batch-size "${BATCH:-1024}" \
+    --max-new-tokens "${MAX_NEW:-256}" --deadline "${DISTILL_SECONDS:-200}" --out "$data" | tee "$out/distill.json"
+[ -f "$data/answers.safetensors" ] || { echo "distill produced no answers"; exit 1; }
+python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.compress(open(sys.argv[1],'rb').read()))" \
+    "$data/answers.safetensors" "$out/answers.safetensors.xz"
+echo "distilled in $((SECONDS - start)) s"
+
+train() {  # train NAME ARGS...: the same recipe for every run
+    local name=$1
+    shift
+    timeout "${TRAIN_SECONDS:-150}" $cli train --data "$data" --device "$device" --num-layers 2 \
+        --epochs "${EPOCHS:-2}" --batch-size "${TRAIN_BATCH:-1024}" --lr "${LR:-2e-3}" --eval-every 1000 \
+        --save-every 500 --out "$runs/$name" "$@" | tail -1
+    echo "$name done at $((SECONDS - start)) s"
+}
+train medusa --heads-type medusa
+train cerberus --heads-type cerberus
+tar -cf "$out/heads.tar" "$runs"/medusa/heads "$runs"/cerberus/heads "$runs"/*/summary.json
+for n in ${CURVE:-250000 500000 1000000 2000000}; do  # accuracy vs data size, while time is left
+    [ $((SECONDS - start)) -lt "${BUDGET:-480}" ] || break
+    train "curve-$n" --heads-type cerberus --max-positions "$n"
+done
+tar -cf "$out/reports.tar" "$runs"/*/summary.json "$data/settings.json"
+echo "all done in $((SECONDS - start)) s"
