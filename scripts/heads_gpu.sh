@@ -15,7 +15,7 @@ runs=${RUNS:-runs}
 start=$SECONDS
 $cli distill --prompts corpus/instructions --mix "$(cat corpus/heads.mix)" --num-prompts "${PROMPTS:-40000}" \
     --seed 0 --device "$device" --runtime hf --weights bfloat16 --batch-size "${BATCH:-1024}" \
-    --max-new-tokens "${MAX_NEW:-256}" --deadline "${DISTILL_SECONDS:-200}" --out "$data" | tee "$out/distill.json"
+    --max-new-tokens "${MAX_NEW:-256}" --deadline "${DISTILL_SECONDS:-170}" --out "$data" | tee "$out/distill.json"
 [ -f "$data/answers.safetensors" ] || { echo "distill produced no answers"; exit 1; }
 python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.compress(open(sys.argv[1],'rb').read()))" \
     "$data/answers.safetensors" "$out/answers.safetensors.xz"
@@ -31,10 +31,14 @@ train() {  # train NAME ARGS...: the same recipe for every run
 }
 train medusa --heads-type medusa
 train cerberus --heads-type cerberus
-tar -cf "$out/heads.tar" "$runs"/medusa/heads "$runs"/cerberus/heads "$runs"/*/summary.json
+heads=()
+for t in medusa cerberus; do  # the final heads, or the last checkpoint of a run that ran out of time
+    if [ -d "$runs/$t/heads" ]; then heads+=("$runs/$t/heads"); elif [ -d "$runs/$t/latest" ]; then heads+=("$runs/$t/latest"); fi
+done
+tar -cf "$out/heads.tar" "${heads[@]}" $(ls "$runs"/*/summary.json 2>/dev/null)
 for n in ${CURVE:-250000 500000 1000000 2000000}; do  # accuracy vs data size, while time is left
-    [ $((SECONDS - start)) -lt "${BUDGET:-480}" ] || break
+    [ $((SECONDS - start)) -lt "${BUDGET:-430}" ] || break
     train "curve-$n" --heads-type cerberus --max-positions "$n"
 done
-tar -cf "$out/reports.tar" "$runs"/*/summary.json "$data/settings.json"
+tar -cf "$out/reports.tar" $(ls "$runs"/*/summary.json 2>/dev/null) "$data/settings.json"
 echo "all done in $((SECONDS - start)) s"
