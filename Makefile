@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test lint heads bench-full clean-venv
+.PHONY: demo test lint heads heads-gpu bench-full clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,22 +32,24 @@ lint: $(STAMP)
 	$(BIN)/ruff check cerberus_decoding tests benchmarks
 	$(BIN)/ruff format --check cerberus_decoding tests benchmarks
 
-# Regenerate the distilled data and the shipped default heads from scratch (hours on a 2-core CPU;
-# docs/training.md). Distillation runs as one process per core; every step resumes if interrupted.
-# `make heads ANSWERS=distilled/SmolLM2-135M-Instruct/builtin-4000.answers.safetensors` takes the
-# committed answers instead of generating them (same data, about 2.5x less CPU time).
+# The shipped default heads (docs/training.md), one recipe (scripts/make_heads.sh) on two paths:
+# `make heads` (CPU): rebuilds the hidden states from the committed answers by teacher forcing
+# (resumable, hours on 2 cores), trains both heads, calibrates them and copies them into the package.
+# `make heads-gpu` (one GPU, under 10 minutes): generates the answers too; copy answers.safetensors.xz
+# into distilled/ and the heads from heads.tar to reproduce the shipped ones.
 HEADS_DIR := cerberus_decoding/assets/heads/SmolLM2-135M-Instruct
-HEADS_TRAIN := --num-layers 2 --epochs 2 --data data/distill-builtin
-DISTILL := $(BIN)/cerberus distill --prompts builtin --num-prompts 4000 --out data/distill-builtin $(if $(ANSWERS),--answers $(ANSWERS))
+ANSWERS_XZ := distilled/SmolLM2-135M-Instruct/instructions-40000.answers.safetensors.xz
 heads: $(STAMP)
-	OMP_NUM_THREADS=1 $(DISTILL) --shard 0/2 & pid=$$!; OMP_NUM_THREADS=1 $(DISTILL) --shard 1/2 && wait $$pid
-	OMP_NUM_THREADS=1 $(BIN)/cerberus train --heads-type medusa $(HEADS_TRAIN) --out runs/medusa --resume & pid=$$!; \
-	OMP_NUM_THREADS=1 $(BIN)/cerberus train --heads-type cerberus --root-token $(HEADS_TRAIN) --out runs/cerberus --resume \
-		&& wait $$pid
+	mkdir -p data && xz -dkc $(ANSWERS_XZ) > data/instructions-40000.answers.safetensors
+	CLI=$(BIN)/cerberus DEVICE=cpu BATCH=256 DISTILL_SECONDS=0 TRAIN_SECONDS=0 CURVE= \
+		ANSWERS=data/instructions-40000.answers.safetensors scripts/make_heads.sh out/heads-cpu
 	for t in medusa cerberus; do rm -rf $(HEADS_DIR)/$$t && cp -r runs/$$t/heads $(HEADS_DIR)/$$t && \
-		for w in int4 float32; do $(BIN)/cerberus calibrate --heads $(HEADS_DIR)/$$t --weights $$w --device cpu && \
-			cp "$$($(BIN)/python -c "from cerberus_decoding.calibrate import calibration_path as p; \
-				print(p('$(HEADS_DIR)/'+'$$t', 'cpu-$$w'))")" $(HEADS_DIR)/$$t/ || exit 1; done; done
+		$(BIN)/cerberus calibrate --heads $(HEADS_DIR)/$$t --weights int4 --device cpu && \
+		cp "$$($(BIN)/python -c "from cerberus_decoding.calibrate import calibration_path as p; \
+			print(p('$(HEADS_DIR)/'+'$$t', 'cpu-int4'))")" $(HEADS_DIR)/$$t/ || exit 1; done
+
+heads-gpu:
+	scripts/make_heads.sh out/heads-gpu
 
 bench-full: $(STAMP)
 	$(BIN)/cerberus bench --questions builtin --methods ar,hf,pld,medusa,cerberus,cerberus-nogate \

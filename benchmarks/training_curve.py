@@ -22,12 +22,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=Path("docs/training_curve.png"))
+    ap.add_argument("--label", default="", help="appended to every run's name, e.g. the data set")
     args = ap.parse_args()
     rows = []
     for run in args.runs:
         summary = json.loads((run / "summary.json").read_text())
-        config = json.loads((run / "heads" / "config.json").read_text())
-        rows.append((variant(config), summary["train_positions"], summary["eval"], summary["seconds"]))
+        config = summary.get("config") or json.loads((run / "heads" / "config.json").read_text())
+        label = variant(config) + (f" ({args.label})" if args.label else "")
+        rows.append((label, summary["train_positions"], summary["eval"], summary["seconds"]))
     rows.sort(key=lambda r: (r[0], r[1]))
     print("| heads | train tokens | top-1 (heads 1-4) | top-5 (heads 1-4) | train seconds |")
     print("|---|---|---|---|---|")
@@ -49,7 +51,8 @@ def main() -> None:
             )
     ax.set(xscale="log", xlabel="distilled training tokens", ylabel="held-out top-1")
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
-    ax.set_xticks([25_000, 50_000, 100_000, 200_000, 500_000], ["25k", "50k", "100k", "200k", "500k"])
+    ticks = [25_000, 50_000, 100_000, 200_000, 500_000, 1_000_000, 2_000_000]
+    ax.set_xticks(ticks, ["25k", "50k", "100k", "200k", "500k", "1M", "2M"])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()

@@ -354,6 +354,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
             checkpoint(final=step == total)
     bar.close()
     summary = {
+        "config": asdict(cfg),
         "steps": step,
         "seconds": round(time.perf_counter() - t0, 1),
         "train_positions": n_train,

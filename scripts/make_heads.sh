@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# Distil the shipped heads' data and train both heads on one GPU, in one command of under 10 minutes
-# (docs/training.md). Usage: scripts/heads_gpu.sh OUT_DIR. Needs CUDA, the default model and this
-# repository on PYTHONPATH. Every stage is time-boxed and leaves its results in OUT_DIR as it ends:
-#   distill.json, answers.safetensors.xz (the committed answers), heads.tar (runs/*/heads), reports.tar
-# Environment overrides (for a smoke test on a CPU): DEVICE, PROMPTS, BATCH, MAX_NEW, DISTILL_SECONDS,
-# TRAIN_SECONDS, EPOCHS, TRAIN_BATCH, LR, CURVE, BUDGET, DATA, RUNS.
+# The shipped heads' recipe, one script for both paths (docs/training.md):
+#   GPU (`make heads-gpu`): distil by generation and train both heads, in one command of under 10 minutes;
+#       every stage is time-boxed and leaves its results in OUT_DIR as it ends: distill.json,
+#       answers.safetensors.xz (what distilled/ commits), heads.tar (runs/*/heads), reports.tar.
+#   CPU (`make heads`): ANSWERS=the committed answers, DEVICE=cpu, no time limits: the hidden states are
+#       rebuilt by teacher forcing (resumable), then the same training.
+# Usage: scripts/make_heads.sh OUT_DIR, with the default model installed and this repository importable.
+# Environment: DEVICE, ANSWERS, PROMPTS, BATCH, MAX_NEW, DISTILL_SECONDS, TRAIN_SECONDS (0 = no limit),
+# EPOCHS, TRAIN_BATCH, LR, CURVE, BUDGET, DATA, RUNS, CLI.
 set -uo pipefail
 out=${1:-out/heads-gpu}
 mkdir -p "$out"
-cli="python3 -m cerberus_decoding.cli"
+cli=${CLI:-python3 -m cerberus_decoding.cli}
 device=${DEVICE:-cuda}
 data=${DATA:-data/distill-instructions}
 runs=${RUNS:-runs}
 start=$SECONDS
 $cli distill --prompts corpus/instructions --mix "$(cat corpus/heads.mix)" --num-prompts "${PROMPTS:-40000}" \
     --seed 0 --device "$device" --runtime hf --weights bfloat16 --batch-size "${BATCH:-1024}" \
-    --max-new-tokens "${MAX_NEW:-256}" --deadline "${DISTILL_SECONDS:-170}" --out "$data" | tee "$out/distill.json"
+    --max-new-tokens "${MAX_NEW:-256}" --deadline "${DISTILL_SECONDS:-170}" --out "$data" \
+    ${ANSWERS:+--answers "$ANSWERS"} | tee "$out/distill.json"
 [ -f "$data/answers.safetensors" ] || { echo "distill produced no answers"; exit 1; }
 python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.compress(open(sys.argv[1],'rb').read()))" \
     "$data/answers.safetensors" "$out/answers.safetensors.xz"

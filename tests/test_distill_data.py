@@ -1,0 +1,157 @@
+"""Issue 15: prompt files and mixes for distillation, batched distillation, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cerberus_decoding.models import CerberusError
+from cerberus_decoding.train.distill import chat_ids, distill, generate_batch, teacher_forced
+from cerberus_decoding.train.prompts import Prompt, load_prompts, parse_mix, read_prompt_file
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def prompt_dir(tmp_path):
+    d = tmp_path / "instructions"
+    d.mkdir()
+    records = [{"id": f"a-{i}", "source": "x", "category": "math", "prompt": f"a{i}"} for i in range(10)]
+    _jsonl(d / "alpha.jsonl", records)
+    records = [{"id": f"b-{i}", "source": "y", "category": "code", "prompt": f"b{i}"} for i in range(6)]
+    (d / "beta.jsonl.xz").write_bytes(lzma.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
+    (d / "gamma.txt").write_text("g0\n\ng1\ng2\n", encoding="utf-8")
+    return d
+
+
+def test_prompt_records_plain_text_and_compressed_files_are_read(prompt_dir):
+    assert read_prompt_file(prompt_dir / "alpha.jsonl")[3] == Prompt("a3", "alpha", "math")
+    assert [p.text for p in read_prompt_file(prompt_dir / "beta.jsonl.xz")] == [f"b{i}" for i in range(6)]
+    assert read_prompt_file(prompt_dir / "gamma.txt") == [Prompt(f"g{i}", "gamma") for i in range(3)]
+
+
+def test_a_json_string_may_hold_a_unicode_line_separator(tmp_path):
+    path = _jsonl(tmp_path / "ls.jsonl", [{"prompt": "one\u2028two"}, {"prompt": "three"}])
+    assert [p.text for p in read_prompt_file(path)] == ["one\u2028two", "three"]
+
+
+def test_malformed_and_empty_prompt_files_are_clear_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": "ok", \n', encoding="utf-8")
+    with pytest.raises(CerberusError, match=r"bad\.jsonl: line 2"):
+        read_prompt_file(bad)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(CerberusError, match="holds no prompts"):
+        read_prompt_file(empty)
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(CerberusError, match="no prompt files"):
+        load_prompts(str(tmp_path / "nothing"), 5)
+
+
+def test_a_mix_takes_its_shares_in_a_fixed_seeded_order(prompt_dir):
+    chosen, source = load_prompts(str(prompt_dir), 10, "alpha=0.5,code=0.3,builtin=0.2", seed=1)
+    assert len(chosen) == 10
+    assert sum(p.source == "alpha" for p in chosen) == 5
+    assert sum(p.category == "code" for p in chosen) == 3
+    assert sum(p.source == "builtin" for p in chosen) == 2
+    again, source_again = load_prompts(str(prompt_dir), 10, "alpha=0.5,code=0.3,builtin=0.2", seed=1)
+    assert again == chosen and source_again == source  # deterministic
+    other, other_source = load_prompts(str(prompt_dir), 10, "alpha=0.5,code=0.3,builtin=0.2", seed=2)
+    assert other != chosen and other_source != source  # the identifier tells selections apart
+
+
+def test_mixes_that_do_not_add_up_or_ask_too_much_are_refused(prompt_dir):
+    with pytest.raises(CerberusError, match="add up to 0.9, not 1"):
+        parse_mix("alpha=0.5,beta=0.4")
+    with pytest.raises(CerberusError, match="KEY=SHARE"):
+        parse_mix("alpha=half,beta=0.5")
+    with pytest.raises(CerberusError, match="neither a source"):
+        load_prompts(str(prompt_dir), 10, "alpha=0.5,delta=0.5")
+    with pytest.raises(CerberusError, match="only 6"):
+        load_prompts(str(prompt_dir), 20, "alpha=0.5,beta=0.5")
+
+
+def test_without_a_mix_a_directory_is_shuffled_and_a_file_keeps_its_order(prompt_dir):
+    everything, _ = load_prompts(str(prompt_dir), 100)
+    assert len(everything) == 19 and {p.source for p in everything} == {"alpha", "beta", "gamma"}
+    first, _ = load_prompts(str(prompt_dir / "alpha.jsonl"), 4)
+    assert [p.text for p in first] == ["a0", "a1", "a2", "a3"]
+
+
+QUESTIONS = [
+    "Name three primary colours.",
+    "Write a haiku about the sea.",
+    "What is 17 times 3? Answer briefly.",
+    "Summarize in one sentence: The museum reopened after a two-year renovation with a new wing for modern art.",
+]
+
+
+def test_batched_distillation_gives_the_unbatched_greedy_answers(lm_hf):
+    """Left-padded batches (generation) and right-padded batches (teacher forcing) against one prompt
+    at a time, float32: equal tokens, or a divergence at a proven near-tie."""
+    from cerberus_decoding.bench.run import logit_gap
+
+    tok = lm_hf.tokenizer
+    prompts = [chat_ids(tok, q) for q in QUESTIONS]
+    eos = tok.eos_token_id
+    batched = generate_batch(lm_hf, prompts, 32, eos, eos)
+    for ids, (tokens, _) in zip(prompts, batched, strict=True):
+        alone = generate_batch(lm_hf, [ids], 32, eos, eos)[0][0].tolist()
+        got = tokens.tolist()
+        if got != alone:
+            i = next((i for i, (a, b) in enumerate(zip(got, alone, strict=False)) if a != b), min(len(got), len(alone)))
+            assert logit_gap(lm_hf, ids, alone[:i]) < 1e-3, f"batched generation diverged at token {i}"
+    forced = teacher_forced(lm_hf.model, prompts, [t.tolist() for t, _ in batched], tokens_per_forward=4096)
+    for (tokens, hidden), (targets, forced_hidden) in zip(batched, forced, strict=True):
+        assert torch.equal(tokens, targets)  # the model's own greedy choices, recomputed in one padded pass
+        torch.testing.assert_close(hidden.float(), forced_hidden.float(), atol=0.05, rtol=0.02)
+
+
+def test_a_killed_distillation_resumes_without_losing_or_repeating_anything(tiny_lm, tmp_path):
+    """Kill a run in the middle of a batch; the same command then finishes and the shards hold every
+    prompt's answer exactly once, equal to an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    prompts = [f"Tell me fact number {i} about the sea." for i in range(12)]
+    reference = tmp_path / "reference"
+    distill(tiny_lm, prompts, reference, batch_size=4, max_new_tokens=48, source="kill-test")
+    out = tmp_path / "killed"
+    saved = tmp_path / "tiny-model"
+    tiny_lm.model.save_pretrained(saved)
+    tiny_lm.tokenizer.save_pretrained(saved)
+    script = f"""
+import sys, time, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from cerberus_decoding.models import LoadedModel
+from cerberus_decoding.train import distill as d
+real = d.generate_batch
+def slow(*a, **k):
+    out = real(*a, **k)
+    print("batch", flush=True)
+    time.sleep(60)  # killed here: a batch computed but not yet written
+    return out
+d.generate_batch = slow
+model = AutoModelForCausalLM.from_pretrained({str(saved)!r}).eval().requires_grad_(False)
+lm = LoadedModel(model, AutoTokenizer.from_pretrained({str(saved)!r}), "tiny-llama", torch.device("cpu"), torch.float32)
+d.distill(lm, {prompts!r}, {str(out)!r}, batch_size=4, max_new_tokens=48, source="kill-test")
+"""
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "batch"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (out / "shard-00000.safetensors").exists()
+    distill(tiny_lm, prompts, out, batch_size=4, max_new_tokens=48, source="kill-test")
+    for b in range(3):
+        got, want = load_file(out / f"shard-{b:05d}.safetensors"), load_file(reference / f"shard-{b:05d}.safetensors")
+        assert torch.equal(got["lengths"], want["lengths"]) and torch.equal(got["tokens"], want["tokens"])
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file left behind
