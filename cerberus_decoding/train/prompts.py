@@ -411,7 +411,8 @@ def _mixed(by_source: dict[str, list[Prompt]], mix: dict[str, float], n: int, rn
     taken: set[str] = set()
     for key, count in counts.items():
         if key == "builtin":
-            pool = [Prompt(t, "builtin", "") for t in builtin_prompts(count, seed)]
+            spare = count + count // 10 + 10  # the generator can fall a few prompts short of n distinct ones
+            pool = [Prompt(t, "builtin", "") for t in builtin_prompts(spare, seed)]
         elif key in by_source:
             pool = list(by_source[key])
         elif key in categories:
