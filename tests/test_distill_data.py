@@ -155,3 +155,20 @@ d.distill(lm, {prompts!r}, {str(out)!r}, batch_size=4, max_new_tokens=48, source
         got, want = load_file(out / f"shard-{b:05d}.safetensors"), load_file(reference / f"shard-{b:05d}.safetensors")
         assert torch.equal(got["lengths"], want["lengths"]) and torch.equal(got["tokens"], want["tokens"])
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file left behind
+
+
+def test_the_committed_answers_match_the_shipped_prompt_selection(tmp_path):
+    """`make heads` rebuilds the shipped heads' data from the committed answers: they must belong to the
+    selection that corpus/heads.mix makes (the identifier carries a digest of the prompts)."""
+    from pathlib import Path
+
+    from cerberus_decoding.train.distill import read_answers
+
+    root = Path(__file__).resolve().parent.parent
+    mix = (root / "corpus" / "heads.mix").read_text().strip()
+    _, source = load_prompts(str(root / "corpus" / "instructions"), 40000, mix, seed=0)
+    packed = root / "distilled" / "SmolLM2-135M-Instruct" / "instructions-40000.answers.safetensors.xz"
+    answers = tmp_path / "answers.safetensors"
+    answers.write_bytes(lzma.decompress(packed.read_bytes()))
+    rows = read_answers(answers, source)
+    assert len(rows) == 10240 and sum(map(len, rows)) == 1_601_619
