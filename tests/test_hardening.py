@@ -266,7 +266,7 @@ def test_served_model_name_is_repeatable_on_the_command_line(tiny_lm, monkeypatc
 
     got = {}
     monkeypatch.setattr(models, "load_model", lambda *a, **kw: tiny_lm)
-    monkeypatch.setattr(server, "serve", lambda decoder, host, port, names, key, limit: got.update(names=names))
+    monkeypatch.setattr(server, "serve", lambda decoder, host, port, names, *rest: got.update(names=names))
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["serve", "--served-model-name", "a", "--served-model-name", "b", "--max-request-bytes", "4096"])
     assert exit_info.value.code == 0
