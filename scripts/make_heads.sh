@@ -6,7 +6,7 @@
 #   CPU (`make heads`): ANSWERS=the committed answers, DEVICE=cpu, no time limits: the hidden states are
 #       rebuilt by teacher forcing (resumable), then the same training.
 # Usage: scripts/make_heads.sh OUT_DIR, with the default model installed and this repository importable.
-# Environment: DEVICE, ANSWERS, PROMPTS, BATCH, MAX_NEW, DISTILL_SECONDS, TRAIN_SECONDS (0 = no limit),
+# Environment: DEVICE, WEIGHTS, ANSWERS, PROMPTS, BATCH, MAX_NEW, DISTILL_SECONDS, TRAIN_SECONDS (0 = no limit),
 # EPOCHS, TRAIN_BATCH, LR, CURVE, BUDGET, DATA, RUNS, CLI.
 set -uo pipefail
 out=${1:-out/heads-gpu}
@@ -17,7 +17,7 @@ data=${DATA:-data/distill-instructions}
 runs=${RUNS:-runs}
 start=$SECONDS
 $cli distill --prompts corpus/instructions --mix "$(cat corpus/heads.mix)" --num-prompts "${PROMPTS:-40000}" \
-    --seed 0 --device "$device" --runtime hf --weights bfloat16 --batch-size "${BATCH:-1024}" \
+    --seed 0 --device "$device" --runtime hf --weights "${WEIGHTS:-bfloat16}" --batch-size "${BATCH:-1024}" \
     --max-new-tokens "${MAX_NEW:-256}" --deadline "${DISTILL_SECONDS:-170}" --out "$data" \
     ${ANSWERS:+--answers "$ANSWERS"} | tee "$out/distill.json"
 [ -f "$data/answers.safetensors" ] || { echo "distill produced no answers"; exit 1; }

@@ -324,7 +324,7 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
         raise CerberusError(f"Prompt file {path} is not UTF-8 text (byte {e.start}); convert it to UTF-8.") from None
     except (OSError, EOFError, lzma.LZMAError) as e:
         raise CerberusError(f"Cannot read prompt file {path} ({e}); is it corrupt or truncated?") from None
-    if path.name.removesuffix(path.suffix if path.suffix in (".xz", ".gz") else "").endswith(".txt"):
+    if path.name.endswith((".txt", ".txt.xz", ".txt.gz")):
         out = [Prompt(line.strip(), source) for line in text.splitlines() if line.strip()]
     elif text.lstrip().startswith("["):
         try:
