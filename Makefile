@@ -44,9 +44,7 @@ heads: $(STAMP)
 	CLI=$(BIN)/cerberus DEVICE=cpu WEIGHTS=float32 BATCH=256 DISTILL_SECONDS=0 TRAIN_SECONDS=0 CURVE= \
 		ANSWERS=data/instructions-40000.answers.safetensors scripts/make_heads.sh out/heads-cpu
 	for t in medusa cerberus; do rm -rf $(HEADS_DIR)/$$t && cp -r runs/$$t/heads $(HEADS_DIR)/$$t && \
-		for w in int4 float32; do $(BIN)/cerberus calibrate --heads $(HEADS_DIR)/$$t --weights $$w --device cpu && \
-			cp "$$($(BIN)/python -c "from cerberus_decoding.calibrate import calibration_path as p; \
-				print(p('$(HEADS_DIR)/'+'$$t', 'cpu-$$w'))")" $(HEADS_DIR)/$$t/ || exit 1; done; done
+		$(BIN)/cerberus calibrate --heads $(HEADS_DIR)/$$t --device cpu --into-heads || exit 1; done
 
 heads-gpu:
 	scripts/make_heads.sh out/heads-gpu

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from cerberus_decoding.calibrate import COST_QS, measure_costs
+from cerberus_decoding.calibration.measure import COST_QS, measure_costs
 from cerberus_decoding.models import load_model
 from cerberus_decoding.runtime import hardware
 

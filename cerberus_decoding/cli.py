@@ -78,6 +78,13 @@ HeadsOpt = typer.Option("default", "--heads", help="Heads dir, 'default' (shippe
 GateOpt = typer.Option(None, "--gate", help="Entropy gate: hidden | logits | off (default: the heads' own).")
 ThresholdOpt = typer.Option(None, "--gate-threshold", help="Speculate when entropy < this (default: the heads').")
 TreeOpt = typer.Option(None, "--tree", help="JSON file with a tree in Medusa 'choices' notation.")
+CalibrateOpt = typer.Option(
+    None,
+    "--calibrate/--no-calibrate",
+    help="Heads with no calibration for this machine get a quick one (~60 s, once) before first use; "
+    "--no-calibrate skips it and uses the defaults (default: on, unless $CERBERUS_NO_CALIBRATE=1).",
+    show_default=False,
+)
 AcceptanceOpt = typer.Option(
     Acceptance(DEFAULT_ACCEPTANCE),
     "--acceptance",
@@ -130,13 +137,19 @@ def open_trace(trace: Path | None):
         fail(f"cannot write --trace {trace}: {e.strerror}; pick a file in an existing directory")
 
 
-def make_decoder(model, weights, runtime, device, method, heads, gate, threshold, tree):
-    from .methods import build_decoder
+def make_decoder(model, weights, runtime, device, method, heads, gate, threshold, tree, calibrate):
+    """Load the model, settle its weight format and build the decoder; say what it runs with and why."""
+    from .methods import build_decoder, choose_weights
     from .models import load_model
 
     check_options(threshold=threshold, tree=tree)
     lm = load_model(model, weights.value, device.value, runtime.value)
-    return build_decoder(lm, method.value, heads, gate.value if gate else None, threshold, str(tree) if tree else None)
+    lm = choose_weights(lm, weights.value, method.value, heads, calibrate)
+    decoder = build_decoder(
+        lm, method.value, heads, gate.value if gate else None, threshold, str(tree) if tree else None, None, calibrate
+    )
+    typer.secho(decoder.config.why(), dim=True, err=True)
+    return decoder
 
 
 @app.command()
@@ -151,6 +164,7 @@ def generate(
     gate: Gate = GateOpt,
     gate_threshold: float = ThresholdOpt,
     tree: Path = TreeOpt,
+    calibrate: bool = CalibrateOpt,
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=1),
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy (lossless)."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
@@ -176,7 +190,7 @@ def generate(
         fail('--stop "" would stop at once; give a non-empty stop string')
     check_options(seed=seed)
     trace_file = open_trace(trace)
-    decoder = make_decoder(model, weights, runtime, device, method, heads, gate, gate_threshold, tree)
+    decoder = make_decoder(model, weights, runtime, device, method, heads, gate, gate_threshold, tree, calibrate)
     ids = decoder.encode(prompt, raw=raw)
     cfg = SamplingConfig(max_new_tokens, temperature, top_p, seed, list(stop or []), acceptance.value)
     stream = None if as_json else (lambda s: print(s, end="", flush=True))
@@ -188,7 +202,8 @@ def generate(
         summary = result.summary()
         keys = ("text", "token_ids", "new_tokens", "seconds", "tokens_per_second", "steps", "mean_accepted")
         out = {k: summary[k] for k in (*keys, "speculative_steps", "method")}
-        print(json.dumps(out | {"weights": decoder.lm.weights, "runtime": decoder.lm.runtime.name}))
+        config = decoder.config.to_json() | {"why": decoder.config.why()}
+        print(json.dumps(out | {"weights": decoder.lm.weights, "runtime": decoder.lm.runtime.name, "config": config}))
     else:
         print()
         typer.secho(_stats_line(result), fg=typer.colors.CYAN, err=True)
@@ -213,6 +228,7 @@ def chat(
     gate: Gate = GateOpt,
     gate_threshold: float = ThresholdOpt,
     tree: Path = TreeOpt,
+    calibrate: bool = CalibrateOpt,
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", min=1),
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
@@ -224,7 +240,7 @@ def chat(
     from .engine import SamplingConfig
 
     check_options(seed=seed)
-    decoder = make_decoder(model, weights, runtime, device, method, heads, gate, gate_threshold, tree)
+    decoder = make_decoder(model, weights, runtime, device, method, heads, gate, gate_threshold, tree, calibrate)
     history = [{"role": "system", "content": system}] if system else []
     typer.secho("Chat started. /reset clears the conversation, /exit or Ctrl-D quits.", err=True)
     while True:
@@ -273,6 +289,7 @@ def serve(
     gate: Gate = GateOpt,
     gate_threshold: float = ThresholdOpt,
     tree: Path = TreeOpt,
+    calibrate: bool = CalibrateOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: all interfaces)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     api_key: str = typer.Option(
@@ -308,7 +325,7 @@ def serve(
         fail("the API key (--api-key or CERBERUS_API_KEY) is empty; give a key, or unset it to serve without one")
     if any(not name.strip() for name in served_model_name or []):
         fail("--served-model-name must not be empty")
-    decoder = make_decoder(model, weights, runtime, device, method, heads, gate, gate_threshold, tree)
+    decoder = make_decoder(model, weights, runtime, device, method, heads, gate, gate_threshold, tree, calibrate)
     names = served_names(served_model_name or [], decoder.lm.name, model)
     run_server(decoder, host, port, names, api_key, max_request_bytes, acceptance.value)
 
@@ -332,6 +349,7 @@ def bench(
     gate: Gate = GateOpt,
     gate_threshold: float = ThresholdOpt,
     tree: Path = TreeOpt,
+    calibrate: bool = CalibrateOpt,
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Per turn."),
     limit: int = typer.Option(None, "--limit", min=1, help="First N questions of each category."),
     categories: str = typer.Option(None, "--categories", help="Comma list of categories (default: all)."),
@@ -354,6 +372,7 @@ def bench(
     from .bench import benchmark, load_questions, parse_methods, results_dict, select_questions
     from .bench.report import print_table, write_all
     from .bench.run import default_methods
+    from .methods import choose_weights
     from .models import load_model
 
     check_options(seed=seed, threshold=gate_threshold, tree=tree)
@@ -364,6 +383,8 @@ def bench(
         fail("no questions selected")
     methods = methods or default_methods()
     lm = load_model(model, weights.value, device.value, runtime.value)
+    speculative = [m for m in parse_methods(methods, temperature) if "cerberus" in m or "medusa" in m]
+    lm = choose_weights(lm, weights.value, speculative[0].split("[")[0] if speculative else "ar", heads, calibrate)
     run = benchmark(
         lm,
         chosen,
@@ -377,6 +398,7 @@ def bench(
         repeats,
         temperature=temperature,
         seed=seed,
+        calibrate=calibrate,
     )
     if run.interrupted:
         typer.secho("interrupted: reporting the questions every method finished", fg=typer.colors.YELLOW, err=True)
@@ -412,6 +434,7 @@ def bench(
     args += ["--gate-threshold", str(gate_threshold)] if gate_threshold is not None else []
     args += ["--tree", str(tree)] if tree else []
     args += ["--temperature", str(temperature), "--seed", str(seed)] if temperature > 0 else []
+    args += ["--no-calibrate"] if calibrate is False else []
     results = results_dict(
         lm,
         run,
@@ -572,33 +595,60 @@ def calibrate(
     runtime: Runtime = RuntimeOpt,
     device: Device = DeviceOpt,
     heads: str = HeadsOpt,
-    questions: str = typer.Option(
-        "builtin", "--questions", "-q", help="'builtin' or a question.jsonl / prompt file (first turns are used)."
+    head_type: str = typer.Option("cerberus", "--head-type", help="With --heads default: medusa | cerberus."),
+    prompts: str = typer.Option(
+        None,
+        "--prompts",
+        help="A prompt file (JSONL 'prompt' field, question.jsonl, ShareGPT, Alpaca, .txt) "
+        "[default: the shipped prompts held out from head training]",
     ),
     budget_seconds: float = typer.Option(300.0, "--budget-seconds", min=1.0, help="Time to spend measuring."),
-    gate: Gate = GateOpt,
+    quick: bool = typer.Option(False, "--quick", help="The short calibration first use runs (60 s budget)."),
+    formats: str = typer.Option(None, "--formats", help="Comma list of weight formats [default: all the device runs]."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=8, help="Per calibration answer."),
+    into_heads: bool = typer.Option(
+        False, "--into-heads", help="Write into the heads directory (calibration/<machine>.json), to ship it with them."
+    ),
 ):
-    """Measure verification cost and head acceptance on this device, then write the best tree and gate
-    threshold to $CERBERUS_CACHE/calibration/ (used with these heads from then on)."""
-    from .calibrate import calibrate as run_calibration
-    from .calibrate import calibration_key, calibration_path, format_summary, load_calibration_prompts
-    from .heads import read_heads_config
+    """Measure every weight format's step costs and the heads' acceptance on this machine, choose the
+    format, tree and gate threshold with the most tokens/s, check the choice by running it, and write
+    it to $CERBERUS_CACHE/calibration/ (used with these heads on this machine from then on)."""
+    from .calibration.files import calibration_path, shipped_path, write_calibration
+    from .calibration.run import QUICK_SECONDS, calibration_prompts, format_summary
+    from .calibration.run import calibrate as run_calibration
     from .methods import default_heads_dir
     from .models import load_model
+    from .runtime.formats import WEIGHTS
 
     if heads == "none":
         fail("calibrate needs a heads directory (--heads DIR or default)")
-    if gate is not None and gate.value == "off":
-        fail("--gate off has no threshold to calibrate; use hidden or logits")
-    prompts = load_calibration_prompts(questions)
+    if head_type not in ("medusa", "cerberus"):
+        fail(f"--head-type must be medusa or cerberus, not {head_type!r}")
+    chosen = [f.strip() for f in formats.split(",") if f.strip()] if formats else None
+    for f in chosen or []:
+        if f not in WEIGHTS or f == "auto":
+            fail(f"--formats: unknown weight format {f!r}; use {', '.join(w for w in WEIGHTS if w != 'auto')}")
+    texts = calibration_prompts(prompts)
     lm = load_model(model, weights.value, device.value, runtime.value)
-    heads_dir = default_heads_dir(lm, "cerberus") if heads == "default" else Path(heads)
-    own = read_heads_config(heads_dir).gate
-    kind = gate.value if gate else (own if own in ("hidden", "logits") else "logits")
-    data = run_calibration(lm, heads_dir, prompts, budget_seconds, kind, max_new_tokens, progress=True)
+    heads_dir = default_heads_dir(lm, head_type) if heads == "default" else Path(heads)
+    budget = QUICK_SECONDS if quick else budget_seconds
+    source = prompts or "held-out training prompts"
+    data = run_calibration(
+        lm,
+        heads_dir,
+        texts,
+        budget,
+        quick,
+        chosen,
+        max_new_tokens,
+        progress=True,
+        write=not into_heads,
+        prompt_source=source,
+    )
     print(format_summary(data))
-    typer.secho(f"wrote {calibration_path(heads_dir, calibration_key(lm.device.type, lm.weights))}", err=True)
+    key = data["hardware_key"]
+    path = write_calibration(shipped_path(heads_dir, key), data) if into_heads else calibration_path(heads_dir, key)
+    typer.secho(f"wrote {path}", err=True)
 
 
 @app.command()

@@ -131,6 +131,7 @@ class Decoder:
         self.cache = None  # the runtime's KV cache of this decoder's sequence
         self.cached_ids: list[int] = []  # tokens whose K/V the cache holds, in order
         self.heads_calls = 0  # counts draft-head invocations (the gate must skip them on AR steps)
+        self.config = None  # methods.EffectiveConfig: what it runs with and why (set by build_decoder)
 
     # ---- prompts -------------------------------------------------------------------------
     def encode(self, prompt: str | list[dict], raw: bool = False) -> list[int]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-GATES = ("hidden", "logits", "off")
+ENTROPY_GATES = ("hidden", "logits")  # the gates that read an entropy (and have a threshold)
+GATES = (*ENTROPY_GATES, "off")
 
 
 def entropy(x: torch.Tensor) -> float:

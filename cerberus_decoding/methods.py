@@ -1,13 +1,17 @@
-"""Build a Decoder for a method name: the one place that turns CLI/server/bench options into an engine."""
+"""Build a Decoder for a method name: the one place that turns CLI/server/bench options into an engine.
+
+``effective_config`` decides every setting (weights, tree, gate, threshold) and says why; the CLI,
+the server, the bench and ``--json`` output report it.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .calibrate import calibrated_config
 from .engine import Decoder
-from .heads import load_heads, random_heads
+from .heads import HeadsConfig, load_heads, random_heads
 from .lookup import LookupDrafter
 from .models import CerberusError, LoadedModel
 from .tree import DEFAULT_TREE, build_tree, load_tree
@@ -36,6 +40,135 @@ def head_type_for(method: str) -> str | None:
     raise CerberusError(f"Unknown method {method!r}; use one of {', '.join(METHODS)}.")
 
 
+DEFAULT_WEIGHTS = {"cpu": "int4", "cuda": "bfloat16"}  # --weights auto without a calibration
+
+
+@dataclass
+class EffectiveConfig:
+    """The configuration a decoder runs with, and where each setting came from."""
+
+    method: str
+    weights: str
+    tree: list | None  # None: no heads (ar, pld)
+    gate: str
+    threshold: float
+    calibration: str  # "quick calibration made on this machine, 2026-11-26" or "defaults: ..."
+    source: dict[str, str] = field(default_factory=dict)  # setting -> why
+
+    def why(self) -> str:
+        settings = [f"weights {self.weights} ({self.source['weights']})"]
+        if self.tree is not None:
+            settings.append(f"{len(self.tree)}-node tree ({self.source['tree']})")
+            gate = "gate off" if self.gate == "off" else f"gate {self.gate} < {self.threshold:.3g}"
+            settings.append(f"{gate} ({self.source['threshold' if self.gate != 'off' else 'gate']})")
+        return f"{self.method}: " + ", ".join(settings) + f"; {self.calibration}"
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"threshold": str(self.threshold) if math.isinf(self.threshold) else self.threshold}
+
+
+def effective_config(
+    method: str,
+    weights: str,
+    weights_why: str,
+    checkpoint: HeadsConfig | None,
+    calibration: tuple[dict, bool] | None,
+    gate: str | None = None,
+    threshold: float | None = None,
+    tree: list | None = None,
+) -> EffectiveConfig:
+    """Every setting from, in rising precedence: the method's defaults, the checkpoint's defaults,
+    the calibration for this machine and weight format, and the caller's flags (None: not given).
+
+    Two settings are part of a method's definition rather than defaults: ``cerberus-nogate`` never
+    gates, and ``medusa`` (the baseline) runs ungated unless a gate is asked for.
+    ``calibration``: (the calibration file's content, whether it shipped with the heads)."""
+    from .calibration.run import describe
+
+    head_type = head_type_for(method)
+    eff = EffectiveConfig(method, weights, None, "off", math.inf, "no heads", {"weights": weights_why})
+    if head_type is None:
+        return eff
+    eff.tree, eff.gate = DEFAULT_TREE, "logits"
+    eff.source |= dict.fromkeys(("tree", "gate", "threshold"), "method default")
+    eff.calibration = "defaults: no calibration"
+    if checkpoint is not None:
+        eff.gate, eff.threshold = checkpoint.gate, checkpoint.gate_threshold
+        eff.source |= {"gate": "checkpoint", "threshold": "checkpoint"}
+        if checkpoint.tree:
+            eff.tree, eff.source["tree"] = checkpoint.tree, "checkpoint"
+    thresholds = {}
+    choice = calibration[0]["choices"].get(weights) if calibration else None
+    if choice is not None:
+        eff.calibration = describe(*calibration)
+        eff.tree, eff.gate, eff.threshold = choice["tree"], choice["gate"], float(choice["threshold"])
+        eff.source |= dict.fromkeys(("tree", "gate", "threshold"), "calibrated")
+        thresholds = {g: float(th) for g, th in choice["thresholds"].items()}
+    elif calibration:
+        eff.calibration = f"defaults: the calibration has no {weights} choice"
+    if tree is not None:
+        eff.tree, eff.source["tree"] = tree, "flag"
+    if gate is not None:
+        eff.gate, eff.source["gate"] = gate, "flag"
+        if gate in thresholds:  # the two entropies live on different scales
+            eff.threshold = thresholds[gate]
+    elif method == "medusa":
+        eff.gate, eff.source["gate"] = "off", "the Medusa baseline runs ungated (--gate to gate it)"
+    if method == "cerberus-nogate":
+        eff.gate, eff.source["gate"] = "off", "cerberus-nogate never gates"
+    if threshold is not None:
+        eff.threshold, eff.source["threshold"] = threshold, "flag"
+    if eff.gate == "off":
+        eff.threshold = math.inf
+    return eff
+
+
+def heads_path(lm: LoadedModel, method: str, heads: str | None) -> Path | None:
+    """The heads directory a method reads (None: no heads, or untrained ones)."""
+    head_type = head_type_for(method)
+    if head_type is None or heads in (None, "none"):
+        return None
+    return default_heads_dir(lm, head_type) if heads == "default" else Path(heads)
+
+
+def machine_calibration(lm: LoadedModel, path: Path | None, calibrate: bool | None) -> tuple[dict, bool] | None:
+    """The calibration of ``path`` for this machine (running a quick one when none exists and
+    auto-calibration is on), and whether it shipped with the heads."""
+    from .calibration.run import auto_calibration_enabled, ensure_calibration
+
+    if path is None:
+        return None
+    found = ensure_calibration(lm, path, run=auto_calibration_enabled(calibrate))
+    if found is None:
+        return None
+    data, file = found
+    return data, file.resolve().is_relative_to(path.resolve())
+
+
+def choose_weights(
+    lm: LoadedModel,
+    requested: str,
+    method: str = "cerberus",
+    heads: str | None = "default",
+    calibrate: bool | None = None,
+) -> LoadedModel:
+    """The model in the format to run: ``requested`` unless ``auto``; ``auto`` takes the calibrated
+    fastest format of ``method``'s heads on this machine (cerberus heads for methods without heads),
+    else ``DEFAULT_WEIGHTS``. ``lm`` was loaded with ``auto`` (the default format) or ``requested``."""
+    if requested != "auto":
+        return lm.with_weights(lm.weights, "flag")
+    if lm.runtime.name != "lean":
+        return lm.with_weights(lm.weights, f"auto: the {lm.runtime.name} runtime's format")
+    try:
+        path = heads_path(lm, method if head_type_for(method) else "cerberus", heads)
+    except CerberusError:  # no shipped heads for this model
+        path = None
+    found = machine_calibration(lm, path, calibrate)
+    if found is None:
+        return lm.with_weights(lm.weights, "auto: default for the device, no calibration")
+    return lm.with_weights(found[0]["weights"], "auto: calibrated fastest on this machine")
+
+
 def build_decoder(
     lm: LoadedModel,
     method: str = "ar",
@@ -44,45 +177,42 @@ def build_decoder(
     threshold: float | None = None,
     tree: str | list | None = None,
     lookup: dict | None = None,
+    calibrate: bool | None = None,
 ) -> Decoder:
     """``heads``: a checkpoint directory, ``default`` (shipped for the model) or ``none`` (untrained).
-
-    Gate and threshold default to the checkpoint's values for ``cerberus`` and ``cerberus+lookup``,
-    to off for ``medusa`` (pass --gate to measure the gate on Medusa heads) and always off for
-    ``cerberus-nogate``. ``lookup``: LookupDrafter options for ``pld`` and ``cerberus+lookup``.
-    """
+    ``gate`` / ``threshold`` / ``tree``: flags (None: not given; see ``effective_config``).
+    ``lookup``: LookupDrafter options for ``pld`` and ``cerberus+lookup``. ``calibrate``: run a quick
+    calibration when the heads have none for this machine (None: unless $CERBERUS_NO_CALIBRATE).
+    The decoder's ``config`` says what it runs with and why."""
     head_type = head_type_for(method)
     drafter = LookupDrafter(**(lookup or {})) if method in ("pld", "cerberus+lookup") else None
     if head_type is None:
-        return Decoder(lm, method=method, drafter=drafter)
-    if heads in (None, "none"):
+        decoder = Decoder(lm, method=method, drafter=drafter)
+        decoder.config = effective_config(method, lm.weights, lm.weights_why, None, None)
+        return decoder
+    path = heads_path(lm, method, heads)
+    if path is None:
         draft = random_heads(lm, head_type)
     else:
-        path = default_heads_dir(lm, head_type) if heads == "default" else Path(heads)
         draft = load_heads(path, lm)
         if draft.config.head_type != head_type:
             raise CerberusError(
                 f"--method {method} needs {head_type} heads, but {path} holds {draft.config.head_type} heads."
             )
     draft.pack_for(lm.weights)
-    # a calibration.json next to the heads (for this device and dtype) supplies tree, gate and threshold
-    cfg = draft.config if heads in (None, "none") else calibrated_config(path, lm, draft.config, gate)
-    if method == "cerberus-nogate":
-        gate = "off"
-    elif gate is None:
-        gate = cfg.gate if method in ("cerberus", "cerberus+lookup") else "off"
-    if threshold is None:
-        threshold = cfg.gate_threshold if gate != "off" else math.inf
-    if isinstance(tree, str):
-        choices = load_tree(tree)
-    else:
-        choices = tree or cfg.tree or DEFAULT_TREE
-    built = build_tree(choices)
-    if built.num_heads > cfg.num_heads:
-        raise CerberusError(f"The tree is {built.num_heads} deep but the heads have only {cfg.num_heads} heads.")
+    calibration = machine_calibration(lm, path, calibrate)
+    choices = load_tree(tree) if isinstance(tree, str) else tree
+    eff = effective_config(method, lm.weights, lm.weights_why, draft.config, calibration, gate, threshold, choices)
+    built = build_tree(eff.tree)
+    if built.num_heads > draft.config.num_heads:
+        raise CerberusError(
+            f"The tree is {built.num_heads} deep but the heads have only {draft.config.num_heads} heads."
+        )
     if built.top_k > draft.vocab_ids.numel():
         raise CerberusError(
             f"The tree asks for rank {built.top_k - 1}, but the heads choose among {draft.vocab_ids.numel()} tokens; "
             f"use ranks below {draft.vocab_ids.numel()}."
         )
-    return Decoder(lm, draft, built, gate=gate, threshold=threshold, method=method, drafter=drafter)
+    decoder = Decoder(lm, draft, built, gate=eff.gate, threshold=eff.threshold, method=method, drafter=drafter)
+    decoder.config = eff
+    return decoder

@@ -34,6 +34,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype  # activation dtype of the runtime (bfloat16 for the quantized formats)
     runtime: object = None  # runtime/__init__.py: forward + lm_head over a KV cache
+    gguf: Path | None = None  # the GGUF the weights came from (int4 reads its blocks as they are)
+    weights_why: str = "asked for"  # why this weight format (methods.choose_weights says when it chose)
 
     def __post_init__(self):
         if self.runtime is None:  # a model built in code (tests): the transformers forward
@@ -44,6 +46,17 @@ class LoadedModel:
     @property
     def weights(self) -> str:
         return self.runtime.weights
+
+    def with_weights(self, weights: str, why: str = "asked for") -> LoadedModel:
+        """The same model (shared float weights and tokenizer) on the lean runtime in another format."""
+        from dataclasses import replace
+
+        from .runtime import build_runtime
+
+        if weights == self.weights:
+            return replace(self, weights_why=why)
+        rt = build_runtime(self.model, weights, "lean", self.gguf)
+        return replace(self, dtype=rt.dtype, runtime=rt, weights_why=why)
 
     @property
     def context_length(self) -> int:
@@ -186,4 +199,4 @@ def load_model(
         raise CerberusError(f"Cannot load the model from {model_dir}: {e}") from e
     lm.to(torch_device).eval().requires_grad_(False)
     rt = build_runtime(lm, weights, runtime, gguf)
-    return LoadedModel(lm, tokenizer, name, torch_device, rt.dtype, rt)
+    return LoadedModel(lm, tokenizer, name, torch_device, rt.dtype, rt, gguf)

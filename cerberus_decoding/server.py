@@ -416,9 +416,15 @@ def create_app(
             return e.response()
         return app.openapi()
 
+    # the configuration was settled (and a first-use calibration run) before the server listens
+    effective = getattr(decoder, "config", None)
+    config = None if effective is None else effective.to_json() | {"why": effective.why()}
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "method": decoder.method, "pending": worker.pending}
+        return {"status": "ok", "model": model_name, "method": decoder.method, "pending": worker.pending} | (
+            {"config": config} if config else {}
+        )
 
     @app.get("/v1/models")
     async def list_models(request: Request):

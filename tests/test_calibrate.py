@@ -1,62 +1,28 @@
-"""Calibration: the chosen tree and threshold are the optimum of the stated objective, the file
-round-trips, and build_decoder uses it only for the device and dtype it was measured on."""
+"""Calibration: the choice is the argmax of the predicted table, the file is keyed by machine and
+round-trips, first use calibrates once (also with concurrent first runs), and the effective
+configuration says where each setting came from."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
+import threading
 
 import numpy as np
 import pytest
 import torch
 
-from cerberus_decoding import calibrate as cal
-from cerberus_decoding.heads import new_heads, save_heads
-from cerberus_decoding.methods import build_decoder
-from cerberus_decoding.tree import DEFAULT_TREE, expected_length
-
-COSTS = {1: 10.0, 2: 10.5, 4: 11.0, 8: 14.0, 16: 30.0}  # ms, a CPU-like curve: flat, then linear
-OVERHEADS = {"step": 0.5, "spec": 1.0}
-
-
-def all_trees(depth: int, k: int):
-    """Every non-empty prefix-closed set of rank paths up to ``depth`` with ranks < ``k``."""
-    universe = [p for d in range(1, depth + 1) for p in itertools.product(range(k), repeat=d)]
-    for bits in range(1, 2 ** len(universe)):
-        nodes = {p for i, p in enumerate(universe) if bits >> i & 1}
-        if all(len(p) == 1 or p[:-1] in nodes for p in nodes):
-            yield [list(p) for p in nodes]
-
-
-def tree_rate(choices, accuracy) -> float:
-    _, spec_ms = cal.step_costs(COSTS, OVERHEADS, len(choices))
-    return expected_length(choices, accuracy) / spec_ms
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_chosen_tree_maximises_expected_tokens_per_second(seed):
-    rng = np.random.default_rng(seed)
-    accuracy = [sorted(rng.uniform(0, 0.9, 3), reverse=True) for _ in range(2)]  # 2 heads, top-3
-    tree, rows = cal.choose_tree(accuracy, COSTS, OVERHEADS, range(1, 16))
-    best = max(tree_rate(t, accuracy) for t in all_trees(2, 3))  # 4095 candidate sets, every size
-    assert tree_rate(tree, accuracy) == pytest.approx(best, rel=1e-12)
-    assert [r["nodes"] for r in rows] == list(range(1, 13))  # stops at the 12 nodes the table allows
-
-
-def test_expensive_verification_picks_a_small_tree():
-    accuracy = [[0.6, 0.2, 0.1], [0.5, 0.1, 0.05]]
-    steep = {1: 10.0, 2: 20.0, 4: 40.0, 16: 160.0}  # every verified token costs a full step
-    tree, _ = cal.choose_tree(accuracy, steep, {"step": 0.0, "spec": 0.0}, range(1, 15))
-    assert tree == [[0]]
-    flat = {1: 10.0, 16: 10.0}  # free verification: the biggest tree wins
-    tree, _ = cal.choose_tree(accuracy, flat, {"step": 0.0, "spec": 0.0}, range(1, 12))
-    assert len(tree) == 11
+from cerberus_decoding.calibration import choose, files, measure, run
+from cerberus_decoding.heads import new_heads, read_heads_config, save_heads
+from cerberus_decoding.methods import build_decoder, choose_weights, default_heads_dir, effective_config
+from cerberus_decoding.runtime import machine
+from cerberus_decoding.tree import DEFAULT_TREE
 
 
 def test_monotone_costs_remove_dips_only():
-    assert cal.monotone_costs(COSTS) == COSTS
-    fitted = cal.monotone_costs({1: 10.0, 2: 14.0, 4: 12.0, 8: 20.0, 16: 19.0, 32: 30.0})
+    curve = {1: 10.0, 2: 10.5, 4: 11.0, 8: 14.0, 16: 30.0}  # a CPU-like curve: flat, then linear
+    assert choose.monotone_costs(curve) == curve
+    fitted = choose.monotone_costs({1: 10.0, 2: 14.0, 4: 12.0, 8: 20.0, 16: 19.0, 32: 30.0})
     assert fitted == pytest.approx({1: 10.0, 2: 13.0, 4: 13.0, 8: 19.5, 16: 19.5, 32: 30.0})
 
 
@@ -64,46 +30,94 @@ def brute_threshold_rate(values, accepted, spec_ms, ar_ms) -> float:
     """Best tokens/s over every threshold that splits the data differently (and some that don't)."""
     points = np.sort(np.unique(values))
     grid = [-math.inf, math.inf, *points, *((points[:-1] + points[1:]) / 2), *(points + 1e-9)]
-    return max(cal.gated_rate(values, accepted, spec_ms, ar_ms, th) for th in grid)
+    return max(choose.gated_rate(values, accepted, spec_ms, ar_ms, th) for th in grid)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_chosen_threshold_is_the_best_over_all_thresholds(seed):
+@pytest.mark.parametrize("seed", range(4))
+def test_threshold_candidates_contain_the_best_split(seed):
+    """Equal-count bin edges with one position per bin are every split point: the table then holds the
+    best threshold over all thresholds, even where acceptance is not monotone in entropy."""
     rng = np.random.default_rng(seed)
     values = rng.uniform(0, 5, 40)
     accepted = rng.integers(1, 5, 40).astype(float)  # not monotone in entropy on purpose
-    spec_ms, ar_ms = 2.5, 1.0
-    th, rate = cal.choose_threshold(values, accepted, spec_ms, ar_ms, values)
-    assert rate == pytest.approx(cal.gated_rate(values, accepted, spec_ms, ar_ms, th))
-    assert rate == pytest.approx(brute_threshold_rate(values, accepted, spec_ms, ar_ms), rel=1e-12)
+    best = max(choose.gated_rate(values, accepted, 2.5, 1.0, th) for th in choose.threshold_candidates(values, 40))
+    assert best == pytest.approx(brute_threshold_rate(values, accepted, 2.5, 1.0), rel=1e-12)
 
 
-def test_threshold_extremes_and_the_monotone_case():
-    values = np.linspace(0, 4, 41)
-    accepted = np.where(values < 1.5, 4.0, 1.0)  # confident steps accept a lot, the others nothing
-    th, _ = cal.choose_threshold(values, accepted, 2.0, 1.0, values)
-    assert 1.4 < th <= 1.5
-    th, _ = cal.choose_threshold(values, np.full(41, 1.5), 2.0, 1.0, values)  # never pays
-    assert th == -math.inf
-    th, _ = cal.choose_threshold(values, np.full(41, 3.0), 2.0, 1.0, values)  # always pays
-    assert th == math.inf
+def test_best_row_is_the_argmax_and_ties_keep_less_work():
+    rows = [
+        {"weights": w, "nodes": n, "tokens_per_s": r}
+        for w, n, r in [
+            ("int4", 1, 30.0),
+            ("int4", 2, 41.0),
+            ("int4", 3, 41.0),
+            ("float32", 1, 15.0),
+            ("float32", 5, 44.0),
+        ]
+    ]
+    assert choose.best_row(rows) == rows[4]
+    assert choose.best_row(rows, weights="int4") == rows[1]  # a tie: the smaller tree
+    with pytest.raises(ValueError):
+        choose.best_row(rows, weights="int8")
+
+
+def synthetic_calibration(n: int = 40):
+    """Half the positions are confident (logits entropy 0.5) and every head is right there; the other
+    half are unsure (entropy 3.0) and every head is wrong. ``hidden`` carries no signal."""
+    good = np.arange(n) % 2 == 0
+    ranks = np.where(good[:, None], 0, 10).repeat(3, axis=1)  # 3 heads, top_k 10: 10 = missed
+    entropies = {"logits": np.where(good, 0.5, 3.0), "hidden": np.random.default_rng(0).uniform(0, 1, n)}
+    formats = {
+        "steep": {"cost_ms": {1: 10.0, 2: 21.0, 4: 41.0, 8: 81.0, 16: 161.0}, "overhead_ms": {"step": 0, "spec": 0}},
+        "flat": {"cost_ms": {1: 10.0, 2: 11.0, 4: 12.0, 8: 13.0, 16: 14.0}, "overhead_ms": {"step": 0, "spec": 0}},
+    }
+    return formats, ranks, entropies
+
+
+def test_the_choice_is_the_known_best_of_a_synthetic_table():
+    formats, ranks, entropies = synthetic_calibration()
+    rows, trees = choose.predict_table(formats, ranks, entropies, top_k=10, n_bins=4)
+    best = choose.best_row(rows)
+    # the flat format, the 3-node chain (every head right), speculating on the confident half only:
+    # (2 x 4 tokens) per (12 ms + 10 ms) for each pair of positions
+    assert (best["weights"], best["nodes"], best["gate"]) == ("flat", 3, "logits")
+    assert trees[3] == [[0], [0, 0], [0, 0, 0]]
+    assert 0.5 < best["threshold"] <= 3.0 and best["speculative_share"] == 0.5
+    assert best["tokens_per_s"] == pytest.approx(1000 * 5 / 22)
+    assert best["tokens_per_s"] == max(r["tokens_per_s"] for r in rows)
+    # and run's per-format choice is that row as a decoder configuration
+    choice = run._choice(rows, trees, "flat", ungated=False)
+    assert (choice["tree"], choice["gate"], choice["threshold"]) == (trees[3], "logits", best["threshold"])
+    assert choice["thresholds"]["logits"] == best["threshold"]
+    # Medusa heads run ungated: the best tree when always speculating
+    ungated = run._choice(rows, trees, "flat", ungated=True)
+    assert ungated["threshold"] == math.inf and ungated["tree"] == trees[3]
+
+
+def test_a_steep_cost_curve_turns_speculation_off():
+    formats, ranks, entropies = synthetic_calibration()
+    rows, trees = choose.predict_table({"steep": formats["steep"]}, ranks, entropies, top_k=10, n_bins=4)
+    best = choose.best_row(rows)
+    # even on the confident half, 4 tokens cost 41 ms against 4 AR steps' 40: never speculate
+    assert best["threshold"] == -math.inf and best["nodes"] == 1  # ties keep the least work
+    assert best["tokens_per_s"] == pytest.approx(100.0)
 
 
 def test_entropy_bins_report_where_speculation_pays():
     values = np.linspace(0, 4, 40)
     accepted = np.where(values < 2, 3.0, 1.0)
-    bins = cal.entropy_bins(values, accepted, 2.0, 1.0, 4)
+    bins = choose.entropy_bins(values, accepted, 2.0, 1.0, 4)
     assert [b["count"] for b in bins] == [10, 10, 10, 10]
     assert [b["pays"] for b in bins] == [True, True, False, False]
 
 
 def test_accuracy_table_is_conditional_on_the_top_path():
     ranks = np.array([[0, 0], [0, 1], [0, 0], [1, 0], [1, 0], [3, 1], [0, -1]])  # top_k 3: 3 = missed
-    table = cal.accuracy_table(ranks, top_k=3, prior=0.0)
+    table = choose.accuracy_table(ranks, top_k=3, prior=0.0)
     assert table[0] == pytest.approx([4 / 7, 2 / 7, 0.0])
     # head 1 counted only where head 0's best guess was right (rows 0-2; row 6 has no head-1 token)
     assert table[1] == pytest.approx([2 / 3, 1 / 3, 0.0])
-    shrunk = cal.accuracy_table(ranks, top_k=3, prior=3.0)[1]
+    shrunk = choose.accuracy_table(ranks, top_k=3, prior=3.0)[1]
     marginal = [4 / 6, 2 / 6, 0.0]
     assert shrunk == pytest.approx([(c + 3 * m) / 6 for c, m in zip([2, 1, 0], marginal, strict=True)])
 
@@ -111,13 +125,13 @@ def test_accuracy_table_is_conditional_on_the_top_path():
 def test_accepted_lengths_follow_the_tree():
     tree = [[0], [1], [0, 0]]
     ranks = np.array([[0, 0, 5], [1, 0, 0], [0, 1, 0], [3, 0, 0], [0, -1, 0]])
-    assert cal.accepted_lengths(ranks, tree).tolist() == [3, 2, 2, 1, 2]
+    assert choose.accepted_lengths(ranks, tree).tolist() == [3, 2, 2, 1, 2]
 
 
 def test_observe_ranks_match_the_heads_logits(tiny_lm):
     heads = new_heads(tiny_lm, "cerberus", num_heads=2)
     prompt, answer = [5, 17, 99, 400], [7, 8, 9, 10, 11, 12]
-    obs = cal.observe(tiny_lm, heads, prompt, answer, top_k=50000)
+    obs = measure.observe(tiny_lm, heads, prompt, answer, top_k=50000)
     ids = prompt + answer
     with torch.inference_mode():
         states = tiny_lm.model.model(torch.tensor([ids])).last_hidden_state[0]  # [L, H]
@@ -133,93 +147,202 @@ def test_observe_ranks_match_the_heads_logits(tiny_lm):
     assert len(obs["hidden"]) == len(obs["logits"]) == len(answer)
 
 
-def _fake_calibration(tiny_lm, **kw) -> dict:
-    data = {
-        "version": 1,
-        "model": tiny_lm.name,
-        "device": "cpu",
-        "dtype": "float32",
-        "hardware": "test",
-        "tree": [[0], [1], [0, 0]],
-        "gate": "logits",
-        "threshold": 1.25,
-        "thresholds": {"logits": 1.25, "hidden": 0.5},
-        "predicted": {},
-        "measured": {},
-    }
-    data.update(kw)
-    return data
+# ---- files, first use and the effective configuration ---------------------------------------------
 
 
 @pytest.fixture(autouse=True)
 def cache(tmp_path_factory, monkeypatch):
-    """Calibrations go to $CERBERUS_CACHE: a fresh one per test, never the user's."""
+    """Calibrations go to $CERBERUS_CACHE: a fresh one per test, never the user's; first-use
+    calibration is on (the suite turns it off elsewhere) and short."""
     path = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("CERBERUS_CACHE", str(path))
+    monkeypatch.delenv(run.NO_CALIBRATE_ENV, raising=False)
+    monkeypatch.setattr(run, "QUICK_SECONDS", 4.0)
+    monkeypatch.setattr(run, "QUICK_QS", (1, 2, 4, 8))
     return path
 
 
 @pytest.fixture
 def heads_dir(tiny_lm, tmp_path):
-    save_heads(new_heads(tiny_lm, "cerberus"), tmp_path)
-    return tmp_path
+    save_heads(new_heads(tiny_lm, "cerberus"), tmp_path / "heads")
+    return tmp_path / "heads"
 
 
-def test_build_decoder_uses_a_matching_calibration(tiny_lm, heads_dir, capsys):
-    cal.write_calibration(heads_dir, _fake_calibration(tiny_lm))
-    assert cal.read_calibration(heads_dir, "cpu-float32")["tree"] == [[0], [1], [0, 0]]
+def fake_calibration(key: str, **choice) -> dict:
+    """A calibration file as ``run.calibrate`` writes it, with one float32 choice."""
+    choice = {
+        "tree": [[0], [1], [0, 0]],
+        "gate": "logits",
+        "threshold": 1.25,
+        "thresholds": {"logits": 1.25, "hidden": 0.5},
+        "predicted": {},
+    } | choice
+    return {
+        "version": files.VERSION,
+        "kind": "full",
+        "date": "2026-11-26T00:00:00+00:00",
+        "hardware_key": key,
+        "hardware_text": "test",
+        "weights": "float32",
+        "choices": {"float32": choice},
+        "check": {},
+    }
+
+
+def this_key() -> str:
+    return files.hardware_key(machine("cpu"))
+
+
+def test_the_hardware_key_tells_machines_apart():
+    here = machine("cpu")
+    keys = {files.hardware_key(here)}
+    for change in (
+        {"isa": "AVX512"},
+        {"threads": here["threads"] + 1},
+        {"torch": "9.9"},
+        {"name": "Other CPU"},
+        {"flags": here["flags"] + ["amx_bf16"]},
+    ):
+        keys.add(files.hardware_key(here | change))
+    assert len(keys) == 6
+    assert files.hardware_key(dict(here)) == files.hardware_key(here)  # stable
+    assert all("/" not in k and " " not in k for k in keys)  # a file name
+
+
+def test_a_matching_calibration_is_used_and_says_so(tiny_lm, heads_dir):
+    files.write_calibration(files.calibration_path(heads_dir, this_key()), fake_calibration(this_key()))
     dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir))
-    err = capsys.readouterr().err
-    assert "using calibration from" in err and "tree of 3 nodes, threshold 1.25" in err
     assert dec.tree.size == 4 and dec.gate == "logits" and dec.threshold == 1.25
-    # the other entropy has its own scale, hence its own threshold
+    assert dec.config.source["tree"] == dec.config.source["threshold"] == "calibrated"
+    assert "calibration made on this machine, 2026-11-26" in dec.config.why()
+    # the other entropy lives on another scale, hence its own threshold
     dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir), gate="hidden")
-    assert dec.gate == "hidden" and dec.threshold == 0.5
-    # explicit options still win
+    assert dec.gate == "hidden" and dec.threshold == 0.5 and dec.config.source["gate"] == "flag"
+    # flags win over the calibration
     dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir), threshold=3.0, tree=[[0], [1], [2], [3]])
-    assert dec.tree.size == 5 and dec.threshold == 3.0
-    assert build_decoder(tiny_lm, "cerberus-nogate", heads=str(heads_dir)).threshold == math.inf
+    assert dec.tree.size == 5 and dec.threshold == 3.0 and dec.config.source["tree"] == "flag"
+    nogate = build_decoder(tiny_lm, "cerberus-nogate", heads=str(heads_dir))
+    assert nogate.threshold == math.inf and nogate.tree.size == 4
 
 
-@pytest.mark.parametrize("other", [{"device": "cuda"}, {"dtype": "bfloat16"}])
-def test_a_calibration_for_other_hardware_is_ignored(tiny_lm, heads_dir, capsys, other):
-    cal.write_calibration(heads_dir, _fake_calibration(tiny_lm, **other))
+def test_a_shipped_calibration_is_read_after_the_users(tiny_lm, heads_dir):
+    files.write_calibration(files.shipped_path(heads_dir, this_key()), fake_calibration(this_key(), tree=[[0]]))
+    dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir))
+    assert dec.tree.size == 2 and "shipped with the heads for this machine" in dec.config.why()
+    files.write_calibration(files.calibration_path(heads_dir, this_key()), fake_calibration(this_key()))
+    assert build_decoder(tiny_lm, "cerberus", heads=str(heads_dir)).tree.size == 4  # the user's wins
+
+
+def test_another_machines_calibration_is_not_reused(tiny_lm, heads_dir, monkeypatch):
+    files.write_calibration(files.calibration_path(heads_dir, this_key()), fake_calibration(this_key()))
+    other = machine("cpu") | {"isa": "AVX512", "flags": ["avx2", "avx512f", "avx512_bf16"]}
+    monkeypatch.setattr(run, "machine", lambda device: other)
+    dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir), calibrate=False)
+    assert dec.tree.size == len(DEFAULT_TREE) + 1  # the checkpoint's defaults, not the other machine's choice
+    assert dec.config.calibration == "defaults: no calibration" and dec.config.source["tree"] == "method default"
+    dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir))  # first use on that machine: calibrates
+    made = files.calibration_path(heads_dir, files.hardware_key(other))
+    assert made.is_file() and json.loads(made.read_text())["kind"] == "quick"
+    assert dec.config.source["tree"] == "calibrated"
+
+
+def test_a_corrupt_calibration_is_ignored_with_a_warning_and_redone(tiny_lm, heads_dir, capsys):
+    path = files.calibration_path(heads_dir, this_key())
+    path.parent.mkdir(parents=True)
+    path.write_text('{"version": 2, "choices": ')  # a killed writer of an older version, say
     dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir))
     err = capsys.readouterr().err
-    assert "no calibration for cpu-float32" in err
-    assert dec.tree.size == len(DEFAULT_TREE) + 1
-    assert dec.threshold == math.inf  # the heads' own default
+    assert f"warning: ignoring calibration {path}" in err and "calibrating for about" in err
+    assert json.loads(path.read_text())["hardware_key"] == this_key()  # replaced by a good one
+    assert dec.config.source["threshold"] == "calibrated"
 
 
-def test_a_corrupt_calibration_is_ignored(tiny_lm, heads_dir, capsys):
-    (heads_dir / cal.CALIBRATION_FILE).write_text("{not json")
-    dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir))
-    assert "ignoring" in capsys.readouterr().err
-    assert dec.tree.size == len(DEFAULT_TREE) + 1
+def test_concurrent_first_runs_calibrate_once(tiny_lm, heads_dir, monkeypatch):
+    calls, real = [], run.calibrate
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(run, "calibrate", counting)
+    results, errors = [], []
+
+    def first_use():
+        try:
+            results.append(run.ensure_calibration(tiny_lm, heads_dir))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=first_use) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(calls) == 1
+    saved = json.loads(files.calibration_path(heads_dir, this_key()).read_text())
+    assert all(
+        data["date"] == saved["date"] and data["choices"] == json.loads(json.dumps(saved["choices"]))
+        for data, _ in results
+    )
+    leftovers = [p.name for p in files.calibration_path(heads_dir, this_key()).parent.iterdir()]
+    assert not [n for n in leftovers if n.endswith(".tmp")]
 
 
-def test_calibrate_end_to_end(tiny_lm, heads_dir, capsys):
-    prompts = ["Write a short poem about the sea.", "Why is the sky blue?"]
-    data = cal.calibrate(
+def test_calibrate_end_to_end(tiny_lm, heads_dir):
+    prompts = ["Write a short poem about the sea.", "Why is the sky blue?", "List three colours."]
+    before = sorted(p.name for p in heads_dir.rglob("*"))
+    data = run.calibrate(
         tiny_lm,
         heads_dir,
         prompts,
-        budget_seconds=30,
+        budget_seconds=20,
         max_new_tokens=24,
         top_k=4,
-        qs=(1, 2, 4, 8),
         context=32,
-        repeats=2,
         n_bins=4,
+        qs=(1, 2, 4, 8),
+        repeats=2,
     )
-    assert not (heads_dir / cal.CALIBRATION_FILE).exists()  # never next to the heads (maybe the package)
-    saved = json.loads(cal.calibration_path(heads_dir, "cpu-float32").read_text())
+    assert sorted(p.name for p in heads_dir.rglob("*")) == before  # never into the heads (maybe the package)
+    saved = json.loads(files.calibration_path(heads_dir, this_key()).read_text())
     assert saved == json.loads(json.dumps(data))
-    assert (saved["device"], saved["dtype"], saved["model"]) == ("cpu", "float32", "tiny-llama")
-    assert set(saved["measured"]["cost_ms"]) == set(saved["measured"]["cost_fit_ms"]) == {"1", "2", "4", "8"}
-    assert len(saved["tree"]) <= 7 and saved["measured"]["prompts"] >= 1
-    assert set(saved["thresholds"]) == {"hidden", "logits"}
-    assert "gate logits (chosen)" in cal.format_summary(saved)
+    assert (saved["weights"], saved["model"], saved["kind"]) == ("float32", "tiny-llama", "full")
+    assert set(saved["measured"]["formats"]["float32"]["cost_ms"]) == {"1", "2", "4", "8"}
+    choice = saved["choices"]["float32"]
+    assert len(choice["tree"]) <= 6 and set(choice["thresholds"]) == {"hidden", "logits"}
+    assert saved["check"]["prompts"] >= 1 and saved["check"]["weights"] == "float32"
+    assert "chosen: float32" in run.format_summary(saved)
     dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir))
-    assert dec.tree.size == len(saved["tree"]) + 1 and dec.threshold == saved["threshold"]
-    assert "using calibration" in capsys.readouterr().err
+    assert dec.tree.size == len(choice["tree"]) + 1 and dec.threshold == choice["threshold"]
+
+
+def test_the_effective_configuration_follows_the_precedence(tiny_lm, heads_dir):
+    ckpt = read_heads_config(heads_dir)
+    ckpt.tree, ckpt.gate_threshold = [[0], [1]], 4.0
+    eff = effective_config("cerberus", "float32", "flag", ckpt, None)
+    assert (eff.tree, eff.threshold, eff.source["tree"]) == ([[0], [1]], 4.0, "checkpoint")
+    assert eff.calibration == "defaults: no calibration"
+    cal = (fake_calibration("k"), False)
+    eff = effective_config("cerberus", "float32", "flag", ckpt, cal)
+    assert (eff.tree, eff.threshold, eff.source["threshold"]) == ([[0], [1], [0, 0]], 1.25, "calibrated")
+    eff = effective_config("cerberus", "float32", "flag", ckpt, cal, threshold=-1.0, tree=[[0]])
+    assert (eff.tree, eff.threshold) == ([[0]], -1.0) and eff.source["tree"] == eff.source["threshold"] == "flag"
+    eff = effective_config("cerberus", "int4", "flag", ckpt, cal)  # calibrated for float32 only
+    assert eff.source["tree"] == "checkpoint" and "has no int4 choice" in eff.calibration
+    medusa = effective_config("medusa", "float32", "flag", ckpt, cal)
+    assert medusa.gate == "off" and medusa.threshold == math.inf and medusa.tree == [[0], [1], [0, 0]]
+    assert effective_config("medusa", "float32", "flag", ckpt, cal, gate="logits").threshold == 1.25
+    ar = effective_config("ar", "int4", "auto: default for the device, no calibration", None, cal)
+    assert ar.tree is None and "weights int4 (auto: default" in ar.why()
+    assert json.loads(json.dumps(medusa.to_json()))["threshold"] == "inf"
+
+
+def test_auto_weights_take_the_calibrated_fastest_format(lm):
+    lm_heads = default_heads_dir(lm, "cerberus")
+    heads, key = str(lm_heads), this_key()
+    data = fake_calibration(key) | {"weights": "float32"}
+    files.write_calibration(files.calibration_path(lm_heads, key), data)
+    chosen = choose_weights(lm, "auto", "cerberus", heads)
+    assert chosen.weights == "float32" and chosen.weights_why == "auto: calibrated fastest on this machine"
+    assert choose_weights(lm, "int4", "cerberus", heads).weights == "int4"  # a flag wins
+    assert choose_weights(lm, "auto", "cerberus", heads, calibrate=False).weights == "float32"  # found, not made

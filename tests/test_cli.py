@@ -98,9 +98,14 @@ def test_generate_json_and_stdin():
         "method",
         "weights",
         "runtime",
+        "config",
     }
     assert out["method"] == "ar" and out["steps"] == out["new_tokens"] and out["mean_accepted"] == 1.0
     assert out["weights"] == "int4" and out["runtime"] == "lean"  # --weights auto on a CPU
+    # what it ran with, and why (ar has no heads, so --weights auto takes the device's default)
+    assert out["config"]["weights"] == "int4" and out["config"]["tree"] is None
+    assert out["config"]["why"].startswith("ar: weights int4 (auto:")
+    assert "weights int4 (auto:" in result.stderr  # also said on stderr when streaming
 
 
 def test_chat_keeps_the_conversation():

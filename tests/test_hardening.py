@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,8 +26,9 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
-from cerberus_decoding import calibrate as cal
 from cerberus_decoding import cli
+from cerberus_decoding.calibration import run as cal
+from cerberus_decoding.calibration.files import calibration_path
 from cerberus_decoding.heads import new_heads, remove_stale_temp_files, save_heads
 from cerberus_decoding.methods import build_decoder
 from cerberus_decoding.models import CerberusError
@@ -140,44 +142,29 @@ def test_empty_api_key_is_refused_and_openapi_needs_the_key(ar_decoder):
 
 
 # ---- 4. calibrate writes to the cache, never into the package ---------------------------------------------
-def test_calibration_goes_to_the_cache_and_is_read_first(tiny_lm, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("CERBERUS_CACHE", str(tmp_path / "cache"))
-    heads_dir = tmp_path / "heads"
-    save_heads(new_heads(tiny_lm, "cerberus"), heads_dir)
-    shipped = {"device": "cpu", "dtype": "float32", "tree": [[0]], "gate": "logits", "threshold": 1.0}
-    (heads_dir / cal.CALIBRATION_FILE).write_text(json.dumps(shipped))
-    before = {p.name: p.stat().st_mtime_ns for p in heads_dir.iterdir()}
-    assert build_decoder(tiny_lm, "cerberus", heads=str(heads_dir)).tree.size == 2  # the shipped one
-    written = cal.write_calibration(heads_dir, shipped | {"tree": [[0], [1], [0, 0]], "threshold": 2.0})
-    assert written.is_relative_to(tmp_path / "cache") and written == cal.calibration_path(heads_dir, "cpu-float32")
-    assert {p.name: p.stat().st_mtime_ns for p in heads_dir.iterdir()} == before  # heads dir untouched
-    dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir))
-    assert dec.tree.size == 4 and dec.threshold == 2.0  # the user's calibration wins
-    assert str(written) in capsys.readouterr().err
-
-
-def test_calibrate_command_does_not_write_into_the_heads_dir(tiny_lm, tmp_path, monkeypatch):
+def test_calibrate_does_not_write_into_a_read_only_heads_dir(tiny_lm, tmp_path, monkeypatch):
     monkeypatch.setenv("CERBERUS_CACHE", str(tmp_path / "cache"))
     heads_dir = tmp_path / "heads"
     save_heads(new_heads(tiny_lm, "cerberus"), heads_dir)
     heads_dir.chmod(0o555)  # as an installed package often is
     try:
-        cal.calibrate(
+        data = cal.calibrate(
             tiny_lm,
             heads_dir,
             ["Why is the sky blue?"],
-            20,
+            10,
             max_new_tokens=12,
             top_k=3,
-            qs=(1, 2),
+            qs=(1, 2, 4),
             context=16,
             repeats=1,
             n_bins=2,
         )
     finally:
         heads_dir.chmod(0o755)
-    assert cal.calibration_path(heads_dir, "cpu-float32").is_file()
-    assert not (heads_dir / cal.CALIBRATION_FILE).exists()
+    assert calibration_path(heads_dir, data["hardware_key"]).is_relative_to(tmp_path / "cache")
+    assert calibration_path(heads_dir, data["hardware_key"]).is_file()
+    assert sorted(p.name for p in heads_dir.iterdir()) == ["config.json", "model.safetensors"]
 
 
 # ---- 5. non-finite values ------------------------------------------------------------------------------
@@ -429,10 +416,11 @@ def _cases(tmp: Path, tiny_lm, tiny_data: Path, run_dir: Path, small_vocab_heads
 
 
 def _error_lines(err: str) -> list[str]:
-    """stderr without what a good run prints too: chat's banner, progress bars, calibration notices."""
+    """stderr without what a good run prints too: chat's banner, progress bars, the configuration line."""
     lines = [line for line in err.splitlines() if line.strip()]
-    notices = ("Chat started", "no calibration for", "using calibration from")
-    return [line for line in lines if not line.startswith(notices) and "%|" not in line]
+    notices = ("Chat started", "No calibration of")
+    config = re.compile(r"^[\w+-]+: weights \w+ \(")  # "cerberus: weights int4 (auto: ...), ..."
+    return [line for line in lines if not line.startswith(notices) and not config.match(line) and "%|" not in line]
 
 
 def test_bad_cli_inputs_are_one_line_errors(

@@ -48,14 +48,19 @@ def benchmark(
     progress: bool = True,
     temperature: float = 0.0,
     seed: int = 0,
+    calibrate: bool | None = None,
 ) -> BenchRun:
     """Build every method on ``lm`` (ar always included) and measure them; Ctrl-C returns a partial run.
 
     ``temperature`` > 0 samples (every generation seeded with ``seed``) and runs each speculative
     method once per acceptance rule (``cerberus[exact]``, ``cerberus[typical]``)."""
     names = parse_methods(methods, temperature)
-    runners, reference = build_runners(lm, names, max_new_tokens, heads, gate, threshold, tree, temperature, seed)
-    return run_bench(runners, reference, questions, warmup, repeats, progress)
+    runners, reference, configs = build_runners(
+        lm, names, max_new_tokens, heads, gate, threshold, tree, temperature, seed, calibrate
+    )
+    run = run_bench(runners, reference, questions, warmup, repeats, progress)
+    run.configs = configs
+    return run
 
 
 def results_dict(lm: LoadedModel, bench: BenchRun, max_new_tokens: int, temperature: float = 0.0, **extra) -> dict:
@@ -75,6 +80,7 @@ def results_dict(lm: LoadedModel, bench: BenchRun, max_new_tokens: int, temperat
         "questions": len(bench.complete()),
         "methods": summarize(bench, details, sampled),
         "interrupted": bench.interrupted,
+        "configs": {m: c.to_json() | {"why": c.why()} for m, c in bench.configs.items()},
         **extra,
         "mismatch_details": details,
         "per_question": per_question(bench),

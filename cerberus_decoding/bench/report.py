@@ -62,6 +62,8 @@ def print_table(results: dict, console=None) -> None:
     for method, entry in results["methods"].items():
         table.add_row(escape(method), *_row(entry))
     console.print(table)
+    for config in results.get("configs", {}).values():  # what each method ran with, and why
+        console.print(escape(config["why"]), style="dim")
     cats = _categories(results)
     if len(cats) > 1:
         per_cat = Table(title="speedup vs ar (mean accepted) per category")
@@ -177,6 +179,9 @@ def write_markdown(results: dict, out: Path) -> Path:
             [[f"`{m}`", *_row(results["methods"][m])] for m in methods],
         ),
     ]
+    if results.get("configs"):
+        parts += ["", "## Configuration per method", ""]
+        parts += [f"- {c['why']}" for c in results["configs"].values()]
     for field, label in (
         ("speedup", "Speedup vs ar"),
         ("mean_accepted", "Mean accepted tokens per step"),

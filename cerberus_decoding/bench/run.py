@@ -55,6 +55,7 @@ class BenchRun:
     questions: list[Question]
     measurements: dict[tuple, Measurement] = field(default_factory=dict)  # (question_id, method) -> ...
     interrupted: bool = False
+    configs: dict[str, object] = field(default_factory=dict)  # method -> methods.EffectiveConfig (ours only)
 
     def complete(self) -> list[Question]:
         """Questions that every method finished (an interrupted run may have a half-measured one)."""
@@ -170,13 +171,15 @@ def build_runners(
     tree: str | None = None,
     temperature: float = 0.0,
     seed: int = 0,
+    calibrate: bool | None = None,
 ):
-    """-> (runners by method, the reference ar decoder used to encode prompts for everyone).
+    """-> (runners by method, the reference ar decoder used to encode prompts for everyone, the
+    effective configuration of each of our methods).
 
     ``methods`` as parse_methods returns them: ``name[acceptance]`` runs ``name`` with that rule."""
     reference = build_decoder(lm, REFERENCE)
     runners: dict[str, Runner] = {}
-    decoders = {}  # one decoder per method, shared by its acceptance rules
+    decoders = {REFERENCE: reference}  # one decoder per method, shared by its acceptance rules
     for name in methods:
         method, acceptance = split_acceptance(name)
         kind = hf_kind(method)
@@ -186,10 +189,13 @@ def build_runners(
             runners[name] = hf_runner(lm, reference.eos_ids, max_new_tokens, kind == HF_PLD, temperature, seed)
         else:  # build_decoder validates the name and the heads
             if method not in decoders:
-                decoders[method] = build_decoder(lm, method, heads, gate, threshold, tree)
+                decoders[method] = build_decoder(lm, method, heads, gate, threshold, tree, calibrate=calibrate)
             rule = acceptance or DEFAULT_ACCEPTANCE
             runners[name] = engine_runner(decoders[method], max_new_tokens, temperature, rule, seed)
-    return runners, reference
+    configs = {
+        name: decoders[split_acceptance(name)[0]].config for name in methods if split_acceptance(name)[0] in decoders
+    }
+    return runners, reference, configs
 
 
 def run_conversation(run: Runner, reference, question: Question) -> list[Turn]:

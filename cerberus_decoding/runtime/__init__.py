@@ -59,17 +59,40 @@ def build_runtime(hf_model, weights: str, runtime: str, gguf: Path | None = None
     return LeanLlama(hf_model, weights, blocks)
 
 
-def hardware(device: torch.device | str = "cpu") -> str:
-    """What timings were taken on: the GPU's name, or the CPU model, the ISA torch's kernels use
-    (AVX2, AVX512, ...), the thread count and the torch version."""
-    if torch.device(device).type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    model = platform.processor() or platform.machine()
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")  # what changes the kernels
+
+
+def machine(device: torch.device | str = "cpu") -> dict:
+    """What timings depend on: device type, CPU model and the ISA flags torch's kernels use (or the GPU's
+    name), thread count and torch version. Two machines with the same dict run the same kernels."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"device": "cuda", "name": torch.cuda.get_device_name(device), "torch": torch.__version__}
+    name, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+            for line in f:
+                if line.startswith("model name") and name == (platform.processor() or platform.machine()):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
     except OSError:
         pass
-    threads = torch.get_num_threads()
-    isa = torch.backends.cpu.get_cpu_capability()
-    return f"{model}, {isa}, {threads} thread{'s' if threads > 1 else ''}, torch {torch.__version__}"
+    return {
+        "device": "cpu",
+        "name": name,
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "flags": [f for f in CPU_FLAGS if f in flags],
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def hardware(device: torch.device | str = "cpu") -> str:
+    """``machine`` in words: "AMD EPYC, AVX2, 2 threads, torch 2.13.0+cpu" or "NVIDIA H100, torch 2.11"."""
+    m = machine(device)
+    if m["device"] == "cuda":
+        return f"{m['name']}, torch {m['torch']}"
+    threads = m["threads"]
+    return f"{m['name']}, {m['isa']}, {threads} thread{'s' if threads > 1 else ''}, torch {m['torch']}"

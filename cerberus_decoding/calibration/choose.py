@@ -1,0 +1,180 @@
+"""Choose the weight format, tree and gate threshold with the best predicted tokens/s.
+
+The prediction is a table: for every weight format measured (its cost curve and per-step overheads),
+every tree size N (``best_tree(accuracy, N)``, Medusa's greedy construction) and every gate threshold
+candidate of both entropies, the tokens/s decoding would reach over the calibration positions:
+
+    tokens/s = sum(accepted_t if entropy_t < threshold else 1) / sum(spec_ms(N) if ... else ar_ms)
+
+where ``accepted_t`` is exact, not modelled: one plus the depth of the deepest tree node whose rank
+path matches the true tokens' ranks at position t. The choice is the table's argmax.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..gate import ENTROPY_GATES
+from ..tree import best_tree
+
+
+def monotone_costs(costs: dict) -> dict:
+    """The least-squares non-decreasing fit of a cost curve (pool adjacent violators).
+
+    Verifying more tokens does not cost less, so a dip is timing noise; left in, it would make a
+    bigger tree look cheaper than a smaller one.
+    """
+    qs = sorted(costs)
+    blocks: list[list[float]] = []  # [sum, count] of pooled neighbours
+    for q in qs:
+        blocks.append([costs[q], 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, n = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += n
+    fitted = [total / n for total, n in blocks for _ in range(int(n))]
+    return dict(zip(qs, fitted, strict=True))
+
+
+def cost_at(costs: dict, q: float) -> float:
+    """Verification cost of q tokens, linearly interpolated between measured points (ms)."""
+    qs = sorted(int(k) for k in costs)
+    return float(np.interp(q, qs, [costs[k] if k in costs else costs[str(k)] for k in qs]))
+
+
+def step_costs(costs: dict, overheads: dict, num_nodes: int) -> tuple[float, float]:
+    """(AR step ms, speculative step ms with an N-node tree)."""
+    ar = cost_at(costs, 1) + overheads["step"]
+    return ar, cost_at(costs, num_nodes + 1) + overheads["step"] + overheads["spec"]
+
+
+def accuracy_table(ranks: np.ndarray, top_k: int, prior: float = 10.0) -> list[list[float]]:
+    """``accuracy[d][r]`` ~ P(head d's rank-r guess is right | heads 0..d-1 were right with their top guess).
+
+    Counted over positions where the top path up to head d was right, shrunk towards head d's
+    unconditional rate with ``prior`` pseudo-positions so that deep heads with few such positions
+    stay sensible. Trees also hold off-top paths like [1, 0]; for them the same conditional rate is
+    an approximation (the best guess is as likely right after a second-rank hit as after a first).
+    """
+    table = []
+    for d in range(ranks.shape[1]):
+        valid = ranks[:, d] >= 0
+        marginal = np.array([(ranks[valid, d] == r).sum() for r in range(top_k)]) / max(int(valid.sum()), 1)
+        cond = valid & (ranks[:, :d] == 0).all(axis=1)
+        counts = np.array([(ranks[cond, d] == r).sum() for r in range(top_k)])
+        table.append([float(x) for x in (counts + prior * marginal) / (int(cond.sum()) + prior)])
+    return table
+
+
+def accepted_lengths(ranks: np.ndarray, choices) -> np.ndarray:
+    """Tokens a greedy step with this tree would yield at each position (root/bonus included): the
+    deepest tree node whose path of ranks matches the true tokens' ranks, plus one."""
+    nodes = {tuple(c) for c in choices}
+    out = np.ones(ranks.shape[0])
+    for t, row in enumerate(ranks):
+        path = ()
+        for r in row:
+            path += (int(r),)
+            if r < 0 or path not in nodes:
+                break
+            out[t] = len(path) + 1
+    return out
+
+
+def gated_rate(values: np.ndarray, accepted: np.ndarray, spec_ms: float, ar_ms: float, threshold: float) -> float:
+    """Tokens/s over the calibration positions when a step speculates iff value < threshold.
+
+    Each position stands for a step that starts there: tokens/s = sum of tokens / sum of time
+    (a ratio of sums, not a mean of per-step rates).
+    """
+    spec = values < threshold
+    tokens = np.where(spec, accepted, 1.0).sum()
+    ms = np.where(spec, spec_ms, ar_ms).sum()
+    return 1000.0 * float(tokens / ms)
+
+
+def entropy_bins(values: np.ndarray, accepted: np.ndarray, spec_ms: float, ar_ms: float, n_bins: int) -> list[dict]:
+    """Equal-count bins of one entropy: positions, mean accepted length, and whether speculating in
+    that bin alone beats an AR step (E[accepted | bin] / spec cost > 1 / AR cost)."""
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, n_bins + 1)))
+    rows = []
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        last = i == len(edges) - 2
+        inside = (values >= lo) & ((values <= hi) if last else (values < hi))
+        if not inside.any():
+            continue
+        mean = float(accepted[inside].mean())
+        rows.append(
+            {
+                "lo": float(lo),
+                "hi": float(hi),
+                "count": int(inside.sum()),
+                "mean_accepted": mean,
+                "pays": mean / spec_ms > 1.0 / ar_ms,
+            }
+        )
+    return rows
+
+
+def threshold_candidates(values: np.ndarray, n_bins: int) -> list[float]:
+    """Never (-inf), always (+inf), and the edges of ``n_bins`` equal-count bins of the entropy."""
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, n_bins + 1)))[1:] if len(values) else []
+    return sorted({-math.inf, math.inf, *(float(e) for e in edges)})
+
+
+def tree_sizes(costs: dict, limit: int = 63) -> list[int]:
+    """Tree sizes N whose verification (N + 1 tokens) lies inside the measured cost curve."""
+    return list(range(1, min(limit, max(int(q) for q in costs) - 1) + 1))
+
+
+def predict_table(
+    formats: dict[str, dict], ranks: np.ndarray, entropies: dict[str, np.ndarray], top_k: int, n_bins: int = 10
+) -> tuple[list[dict], dict[int, list[list[int]]]]:
+    """The predicted tokens/s of every (weights, tree size, gate, threshold), and the tree of each size.
+
+    ``formats``: weights -> {"cost_ms": {q: ms}, "overhead_ms": {"step", "spec"}} as measured.
+    ``ranks`` [T, K], ``entropies`` {gate: [T]}: ``measure.observe`` over the calibration answers.
+    Rows are ordered from less to more work (smaller trees, lower thresholds) so that ``best_row``
+    breaks ties towards less work.
+    """
+    accuracy = accuracy_table(ranks, top_k)
+    full = (ranks >= 0).all(axis=1)  # positions where every head has a true token
+    if not full.any():
+        raise ValueError("no position where every head has a true token: the answers are too short")
+    sizes = sorted({n for m in formats.values() for n in tree_sizes(m["cost_ms"])})
+    trees = {n: best_tree(accuracy, n) for n in sizes}
+    trees = {n: t for n, t in trees.items() if len(t) == n}  # the table holds fewer nodes than that
+    accepted = {n: accepted_lengths(ranks[full], t) for n, t in trees.items()}
+    candidates = {g: threshold_candidates(entropies[g][full], n_bins) for g in ENTROPY_GATES}
+    rows = []
+    for weights, m in formats.items():
+        fit = monotone_costs(m["cost_ms"])
+        for n in (n for n in trees if n in tree_sizes(fit)):
+            ar_ms, spec_ms = step_costs(fit, m["overhead_ms"], n)
+            for gate in ENTROPY_GATES:
+                values = entropies[gate][full]
+                for th in candidates[gate]:
+                    rate = gated_rate(values, accepted[n], spec_ms, ar_ms, th)
+                    rows.append(
+                        {
+                            "weights": weights,
+                            "nodes": n,
+                            "gate": gate,
+                            "threshold": th,
+                            "tokens_per_s": rate,
+                            "ar_tokens_per_s": 1000.0 / ar_ms,
+                            "speculative_share": float((values < th).mean()),
+                        }
+                    )
+    return rows, trees
+
+
+def best_row(rows: list[dict], **where) -> dict:
+    """The row with the most tokens/s among those matching ``where`` (e.g. ``weights="int4"``,
+    ``threshold=math.inf`` for heads that run ungated); the first of equals wins."""
+    matching = [r for r in rows if all(r[k] == v for k, v in where.items())]
+    if not matching:
+        raise ValueError(f"no calibration row with {where}")
+    return max(matching, key=lambda r: r["tokens_per_s"])  # max keeps the first of equals

@@ -1,0 +1,304 @@
+"""Calibrate heads on this machine: measure, choose, check the choice by running it, write the file.
+
+``cerberus calibrate`` runs the full calibration (minutes). The first use of heads on a machine with
+no calibration for it runs a quick one automatically (``ensure_calibration``, about a minute).
+Both measure every weight format the device supports, because the fastest format, tree and
+threshold differ between machines (AVX-512 + BF16 or AVX2 only, CPU or GPU).
+
+Calibration prompts are training prompts held out from head training
+(``data/calibration_prompts.jsonl``, made by ``scripts/make_calibration_prompts.py``), never the
+bench questions: measuring acceptance on what the bench asks would flatter the bench.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..engine import Decoder, SamplingConfig
+from ..gate import ENTROPY_GATES
+from ..heads import load_heads
+from ..models import CerberusError, LoadedModel
+from ..runtime import hardware, machine
+from ..tree import build_tree, expected_length
+from .choose import accepted_lengths, accuracy_table, best_row, entropy_bins, monotone_costs, predict_table, step_costs
+from .files import VERSION, calibration_path, hardware_key, read_calibration, write_calibration
+from .measure import COST_QS, measure_costs, measure_overheads, observe
+
+CALIBRATION_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "calibration_prompts.jsonl"
+QUICK_SECONDS = 60.0  # the automatic first-use calibration
+QUICK_QS = (1, 2, 4, 8, 16, 32)
+CHECK_TOLERANCE = 0.97  # a choice that runs slower than this x AR in the check falls back to AR steps
+NO_CALIBRATE_ENV = "CERBERUS_NO_CALIBRATE"
+
+
+def calibration_prompts(source: str | None = None) -> list[str]:
+    """The held-out calibration prompts (default), or first turns of a prompt file."""
+    from ..train.prompts import read_prompts
+
+    path = Path(source) if source else CALIBRATION_PROMPTS
+    if not path.is_file():
+        raise CerberusError(f"Calibration prompts {path} are missing; reinstall, or pass --prompts FILE.")
+    return read_prompts(path)
+
+
+def supported_formats(lm: LoadedModel) -> list[str]:
+    """The weight formats calibration measures: every one the device has kernels for, the loaded
+    one first (its heads' acceptance is measured in it). The transformers runtime runs only its own."""
+    if lm.runtime.name != "lean":
+        return [lm.weights]
+    if lm.device.type == "cuda":
+        formats = ["bfloat16", "float32"]
+    else:
+        formats = ["int4", "int8", "bfloat16", "float32"]
+        if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            formats.remove("int4")
+    return [lm.weights] + [f for f in formats if f != lm.weights]
+
+
+def auto_calibration_enabled(flag: bool | None = None) -> bool:
+    """``flag`` (the CLI's --calibrate/--no-calibrate) when given, else on unless $CERBERUS_NO_CALIBRATE."""
+    return flag if flag is not None else os.environ.get(NO_CALIBRATE_ENV, "") in ("", "0")
+
+
+def ensure_calibration(lm: LoadedModel, heads_dir: Path, run: bool = True) -> tuple[dict, Path] | None:
+    """This machine's calibration for ``heads_dir``: the user's or a shipped one, else (``run``) a quick
+    one made now. Concurrent first runs take a lock, so one calibrates and the others read its file."""
+    from filelock import FileLock
+
+    key = hardware_key(machine(lm.device))
+    found = read_calibration(heads_dir, key)
+    if found is not None or not run:
+        return found
+    target = calibration_path(heads_dir, key)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        found = read_calibration(heads_dir, key)  # another process may have made it while we waited
+        if found is None:
+            print(
+                f"No calibration of {heads_dir} for this machine ({key}): calibrating for about "
+                f"{QUICK_SECONDS:.0f} s, once (--no-calibrate or ${NO_CALIBRATE_ENV}=1 skips this; "
+                "`cerberus calibrate` runs the full one).",
+                file=sys.stderr,
+            )
+            data = calibrate(lm, heads_dir, calibration_prompts(), QUICK_SECONDS, quick=True, progress=True)
+            found = data, target
+    return found
+
+
+def _observe_prompts(lm, heads, prompts, max_new_tokens, top_k, deadline, progress) -> tuple[dict, int]:
+    """``observe`` over the model's greedy answers to ``prompts`` until ``deadline`` (the first answer is
+    always finished)."""
+    from tqdm import tqdm
+
+    decoder = Decoder(lm, method="ar")
+    config = SamplingConfig(max_new_tokens=max_new_tokens)
+    obs = {"ranks": [], **{g: [] for g in ENTROPY_GATES}}
+    used = 0
+    bar = tqdm(prompts, desc="acceptance", unit="prompt", disable=not progress, file=sys.stderr)
+    for prompt in bar:
+        if used and time.perf_counter() > deadline:
+            break
+        ids = decoder.encode(prompt)
+        if len(ids) + max_new_tokens + heads.config.num_heads + 2 > lm.context_length:
+            continue
+        until = (lambda _: time.perf_counter() < deadline) if used else None
+        result = decoder.generate(ids, config, on_text=until)
+        if len(result.token_ids) < 2:
+            continue
+        for key, value in observe(lm, heads, ids, result.token_ids, top_k).items():
+            obs[key].append(value)
+        used += 1
+        bar.set_postfix(positions=sum(len(x) for x in obs["logits"]))
+    bar.close()
+    if not used:
+        raise CerberusError("No calibration prompt produced an answer (prompts too long for the context?).")
+    return {k: np.concatenate(v) for k, v in obs.items()}, used
+
+
+def _choice(rows: list[dict], trees: dict, weights: str, ungated: bool) -> dict:
+    """The best row for one weight format as a decoder configuration, with the best threshold of
+    each gate for the same tree (so ``--gate hidden`` gets a threshold on its own scale)."""
+    best = best_row(rows, weights=weights, **({"threshold": math.inf} if ungated else {}))
+    thresholds = {g: best_row(rows, weights=weights, nodes=best["nodes"], gate=g)["threshold"] for g in ENTROPY_GATES}
+    return {
+        "tree": trees[best["nodes"]],
+        "gate": best["gate"],
+        "threshold": best["threshold"],
+        "thresholds": thresholds,
+        "predicted": {k: best[k] for k in ("tokens_per_s", "ar_tokens_per_s", "speculative_share")},
+    }
+
+
+def check_choice(lm: LoadedModel, heads, choice: dict, prompts: list[str], seconds: float, max_new_tokens: int) -> dict:
+    """Run the choice and plain AR (same format) on held-out prompts, alternating, for ``seconds``
+    (at least one prompt each): measured tokens/s of both and their ratio."""
+    ar = Decoder(lm, method="ar")
+    spec = Decoder(lm, heads, build_tree(choice["tree"]), gate=choice["gate"], threshold=choice["threshold"])
+    config = SamplingConfig(max_new_tokens=max_new_tokens)
+    totals = {"ar": [0, 0.0], "spec": [0, 0.0]}
+    deadline, used, pair = time.perf_counter() + seconds, 0, 0.0
+    for prompt in prompts:
+        if used and time.perf_counter() + pair > deadline:  # the next pair would overrun the budget
+            break
+        started = time.perf_counter()
+        ids = ar.encode(prompt)
+        if len(ids) + max_new_tokens + 64 > lm.context_length:
+            continue
+        for name, decoder in (("ar", ar), ("spec", spec)) if used % 2 == 0 else (("spec", spec), ("ar", ar)):
+            t0 = time.perf_counter()
+            result = decoder.generate(ids, config)
+            totals[name][0] += len(result.token_ids)
+            totals[name][1] += time.perf_counter() - t0
+        used, pair = used + 1, time.perf_counter() - started
+    ar_rate = totals["ar"][0] / max(totals["ar"][1], 1e-9)
+    rate = totals["spec"][0] / max(totals["spec"][1], 1e-9)
+    return {"prompts": used, "ar_tokens_per_s": ar_rate, "tokens_per_s": rate, "ratio": rate / max(ar_rate, 1e-9)}
+
+
+def calibrate(
+    lm: LoadedModel,
+    heads_dir: str | Path,
+    prompts: list[str],
+    budget_seconds: float = 300.0,
+    quick: bool = False,
+    formats: list[str] | None = None,
+    max_new_tokens: int = 128,
+    top_k: int = 10,
+    n_bins: int = 10,
+    context: int = 300,
+    progress: bool = False,
+    write: bool = True,
+    prompt_source: str = "held-out training prompts",
+    qs: tuple[int, ...] | None = None,
+    repeats: int | None = None,
+) -> dict:
+    """Measure every format in ``formats`` (default: ``supported_formats``), the heads' acceptance on
+    ``prompts``, choose, check, and (``write``) save to ``calibration_path``; returns the file's content.
+
+    The budget covers everything: the cost curves get at most 35% of it, acceptance runs prompt after
+    prompt until 80% is spent, the check gets the rest (each at least one round or prompt).
+    """
+    if not prompts:
+        raise CerberusError("No calibration prompts.")
+    heads_dir = Path(heads_dir)
+    formats = formats or supported_formats(lm)
+    qs, repeats = qs or (QUICK_QS if quick else COST_QS), repeats or (3 if quick else 5)
+    start = time.perf_counter()
+    if quick:  # a quick calibration must answer within its budget: shorter answers
+        max_new_tokens = min(max_new_tokens, 64)
+
+    measured = {}
+    for weights in formats:
+        flm = lm.with_weights(weights)
+        heads = load_heads(heads_dir, flm).pack_for(weights)  # as build_decoder runs them
+        share = 0.35 * budget_seconds / len(formats)
+        costs = measure_costs(flm, qs, context, repeats, time_limit=share, progress=progress)
+        overheads = measure_overheads(flm, heads, top_k, context, repeats=repeats)
+        measured[weights] = {"cost_ms": costs, "cost_fit_ms": monotone_costs(costs), "overhead_ms": overheads}
+        del flm, heads
+
+    heads = load_heads(heads_dir, lm).pack_for(lm.weights)
+    ungated = heads.config.head_type == "medusa"  # the Medusa baseline runs without the gate
+    obs, used = _observe_prompts(lm, heads, prompts, max_new_tokens, top_k, start + 0.8 * budget_seconds, progress)
+    ranks = obs["ranks"]
+    try:
+        rows, trees = predict_table(measured, ranks, {g: obs[g] for g in ENTROPY_GATES}, top_k, n_bins)
+    except ValueError as e:
+        raise CerberusError(f"Cannot calibrate: {e}; raise --max-new-tokens or --budget-seconds.") from e
+    choices = {w: _choice(rows, trees, w, ungated) for w in measured}
+    best = max(choices, key=lambda w: choices[w]["predicted"]["tokens_per_s"])
+
+    flm = lm.with_weights(best)
+    check_seconds = max(0.0, start + budget_seconds - time.perf_counter())
+    check = check_choice(
+        flm, load_heads(heads_dir, flm).pack_for(best), choices[best], prompts[used:] or prompts, check_seconds, 64
+    )
+    check["weights"] = best
+    speculates = choices[best]["threshold"] > -math.inf
+    check["fallback"] = bool(not ungated and speculates and check["ratio"] < CHECK_TOLERANCE)
+    if check["fallback"]:  # predicted to pay, measured not to: run AR steps (the gate never speculates)
+        choices[best] |= {"threshold": -math.inf, "thresholds": dict.fromkeys(ENTROPY_GATES, -math.inf)}
+
+    fit, overheads = measured[best]["cost_fit_ms"], measured[best]["overhead_ms"]
+    ar_ms, spec_ms = step_costs(fit, overheads, len(choices[best]["tree"]))
+    full = (ranks >= 0).all(axis=1)
+    accepted = accepted_lengths(ranks[full], choices[best]["tree"])
+    accuracy = accuracy_table(ranks, top_k)
+    data = {
+        "version": VERSION,
+        "kind": "quick" if quick else "full",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": lm.name,
+        "heads": heads_dir.name,
+        "head_type": heads.config.head_type,
+        "hardware": machine(lm.device),
+        "hardware_key": hardware_key(machine(lm.device)),
+        "hardware_text": hardware(lm.device),
+        "weights": best,
+        "choices": choices,
+        "check": check,
+        "measured": {
+            "formats": {w: {k: {str(q): v for q, v in m[k].items()} for k in m} for w, m in measured.items()},
+            "context": context,
+            "top_k": top_k,
+            "accuracy": accuracy,
+            "expected_length": expected_length(choices[best]["tree"], accuracy),
+            "empirical_length": float(accepted.mean()),
+            "prompts": used,
+            "prompt_source": prompt_source,
+            "observed_in": lm.weights,
+            "positions": int(len(ranks)),
+            "entropy": {g: entropy_bins(obs[g][full], accepted, spec_ms, ar_ms, n_bins) for g in ENTROPY_GATES},
+            "table": [
+                best_row(rows, weights=w, nodes=n)
+                for w in measured
+                for n in sorted({r["nodes"] for r in rows})
+                if any(r["weights"] == w and r["nodes"] == n for r in rows)
+            ],
+            "seconds": time.perf_counter() - start,
+        },
+    }
+    if write:
+        write_calibration(calibration_path(heads_dir, data["hardware_key"]), data)
+    return data
+
+
+def describe(data: dict, shipped: bool) -> str:
+    """Where a calibration comes from, in a few words, for notices and reports."""
+    where = "shipped with the heads for this machine" if shipped else "made on this machine"
+    return f"{data['kind']} calibration {where}, {data['date'][:10]}"
+
+
+def format_summary(data: dict) -> str:
+    """A few lines for the terminal: each format's cost curve and choice, the winner and its check."""
+    m = data["measured"]
+    lines = [
+        f"calibrated on {data['hardware_text']} ({data['kind']}, {m['seconds']:.0f} s); "
+        f"acceptance from {m['positions']} positions of {m['prompts']} {m['prompt_source']}"
+    ]
+    for weights, f in m["formats"].items():
+        base = f["cost_ms"]["1"]
+        c = data["choices"][weights]
+        p = c["predicted"]
+        lines += [
+            f"{weights}: one-token step {base:.1f} ms; verification x q=1: "
+            + ", ".join(f"{q}:{v / base:.2f}" for q, v in f["cost_ms"].items() if q != "1"),
+            f"  best: {len(c['tree'])}-node tree, gate {c['gate']} < {c['threshold']:.3g} -> predicted "
+            f"{p['tokens_per_s']:.1f} tokens/s vs AR {p['ar_tokens_per_s']:.1f} "
+            f"({p['tokens_per_s'] / p['ar_tokens_per_s']:.2f}x, speculating on {p['speculative_share']:.0%} of steps)",
+        ]
+    ch = data["check"]
+    lines.append(
+        f"chosen: {data['weights']}; checked by running it on {ch['prompts']} prompts: "
+        f"{ch['tokens_per_s']:.1f} vs AR {ch['ar_tokens_per_s']:.1f} tokens/s ({ch['ratio']:.2f}x)"
+        + (" -> slower than AR: falls back to AR steps" if ch["fallback"] else "")
+    )
+    return "\n".join(lines)
