@@ -46,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--formats", default=None, help="comma list (default: every format the device runs)")
     ap.add_argument("--prompts", type=int, default=5, help="held-out prompts per cell")
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--also", type=Path, default=None, help="another calibration file whose choice to measure too")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "calibration_regret.png")
     return ap.parse_args(argv)
 
@@ -64,8 +65,8 @@ def grid(data: dict) -> list[tuple[int, float]]:
     return [(1, -math.inf)] + [(n, th) for n in TREE_SIZES for th in thresholds]
 
 
-def measure_format(lm, heads_dir, data, weights, prompts, max_new_tokens) -> dict:
-    """tokens/s of ar, every grid cell and the automatic choice for one weight format."""
+def measure_format(lm, heads_dir, data, weights, prompts, max_new_tokens, also=None) -> dict:
+    """tokens/s of ar, every grid cell and the automatic choice (and ``also``'s) for one weight format."""
     from tqdm import tqdm
 
     flm = lm.with_weights(weights)
@@ -74,10 +75,11 @@ def measure_format(lm, heads_dir, data, weights, prompts, max_new_tokens) -> dic
     decoders = {"ar": Decoder(flm, method="ar")}
     for n, th in grid(data):
         decoders[(n, th)] = Decoder(flm, heads, build_tree(best_tree(accuracy, n)), "logits", th, "cerberus")
-    choice = data["choices"].get(weights)
-    if choice is not None:
-        tree = build_tree(choice["tree"])
-        decoders["auto"] = Decoder(flm, heads, tree, choice["gate"], float(choice["threshold"]), "cerberus")
+    for name, cal in (("auto", data), ("also", also)):
+        choice = cal["choices"].get(weights) if cal else None
+        if choice is not None:
+            tree = build_tree(choice["tree"])
+            decoders[name] = Decoder(flm, heads, tree, choice["gate"], float(choice["threshold"]), "cerberus")
     config = SamplingConfig(max_new_tokens=max_new_tokens)
     totals = {name: [0, 0.0] for name in decoders}
     names = list(decoders)
@@ -98,7 +100,13 @@ def measure_format(lm, heads_dir, data, weights, prompts, max_new_tokens) -> dic
     bar.close()
     rates = {name: tokens / seconds for name, (tokens, seconds) in totals.items()}
     cells = [{"nodes": n, "threshold": th, "tokens_per_s": rates[(n, th)]} for n, th in grid(data)]
-    return {"ar": rates["ar"], "auto": rates.get("auto"), "cells": cells, "mismatches": mismatches}
+    return {
+        "ar": rates["ar"],
+        "auto": rates.get("auto"),
+        "also": rates.get("also"),
+        "cells": cells,
+        "mismatches": mismatches,
+    }
 
 
 def plot(results: dict, title: str, out: Path) -> None:
@@ -146,7 +154,8 @@ def main(argv=None) -> None:
     formats = args.formats.split(",") if args.formats else supported_formats(lm)
     prompts = calibration_prompts()[-args.prompts :]
     build_decoder(lm, "ar")  # fail early on a broken install
-    results = {w: measure_format(lm, heads_dir, data, w, prompts, args.max_new_tokens) for w in formats}
+    also = json.loads(args.also.read_text()) if args.also else None
+    results = {w: measure_format(lm, heads_dir, data, w, prompts, args.max_new_tokens, also) for w in formats}
 
     cells = [(w, c) for w, r in results.items() for c in r["cells"]]
     best_w, best = max(cells, key=lambda wc: wc[1]["tokens_per_s"])
@@ -173,6 +182,12 @@ def main(argv=None) -> None:
     console = Console()
     console.print(table)
     regret = None if auto is None else 1 - auto / best["tokens_per_s"]
+    if also:
+        also_rate = results.get(also["weights"], {}).get("also")
+        console.print(
+            f"{also['kind']} calibration {args.also} chose {also['weights']}: "
+            f"{also_rate:.1f} tokens/s, regret {1 - also_rate / best['tokens_per_s']:.1%}"
+        )
     summary = {
         "hardware": hardware(),
         "prompts": len(prompts),
@@ -186,6 +201,14 @@ def main(argv=None) -> None:
         "best_cell": {"weights": best_w, **best},
         "auto_tokens_per_s": auto,
         "regret": regret,
+        "also": None
+        if also is None
+        else {
+            "file": str(args.also),
+            "kind": also["kind"],
+            "weights": also["weights"],
+            "choice": also["choices"][also["weights"]],
+        },
         "results": results,
     }
     console.print(

@@ -258,6 +258,12 @@ def test_tiny_bench_run_writes_results_report_and_charts(tmp_path):
         assert entry["tokens_per_second"] > 0
     methods = results["methods"]
     assert methods["ar"]["mismatches"] == 0 and methods["medusa"]["mismatches"] == 0
+    # what each of our methods ran with, and why (untrained heads: no calibration to use)
+    assert set(results["configs"]) == {"ar", "medusa"}
+    medusa = results["configs"]["medusa"]
+    assert medusa["gate"] == "off" and medusa["calibration"] == "defaults: no calibration"
+    assert medusa["why"].startswith("medusa: weights int4 (auto: default for the device, no calibration)")
+    assert medusa["why"] in (out / "report.md").read_text()
     assert methods["ar"]["speedup"] == 1.0 and methods["hf"]["mean_accepted"] == 1.0
     assert methods["hf"]["speculative_share"] is None and methods["medusa"]["speculative_share"] > 0
     for name in ("report.md", "speedup.png", "accepted.png"):

@@ -346,3 +346,16 @@ def test_auto_weights_take_the_calibrated_fastest_format(lm):
     assert chosen.weights == "float32" and chosen.weights_why == "auto: calibrated fastest on this machine"
     assert choose_weights(lm, "int4", "cerberus", heads).weights == "int4"  # a flag wins
     assert choose_weights(lm, "auto", "cerberus", heads, calibrate=False).weights == "float32"  # found, not made
+
+
+def test_the_server_reports_its_configuration(tiny_lm, heads_dir):
+    from fastapi.testclient import TestClient
+
+    from cerberus_decoding.server import create_app
+
+    files.write_calibration(files.calibration_path(heads_dir, this_key()), fake_calibration(this_key()))
+    dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir))  # what `serve` does before it listens
+    with TestClient(create_app(dec, "tiny")) as client:
+        config = client.get("/health").json()["config"]
+    assert config["source"]["tree"] == "calibrated" and config["tree"] == [[0], [1], [0, 0]]
+    assert config["why"] == dec.config.why() and "calibration made on this machine" in config["why"]

@@ -291,7 +291,9 @@ def format_summary(data: dict) -> str:
         lines += [
             f"{weights}: one-token step {base:.1f} ms; verification x q=1: "
             + ", ".join(f"{q}:{v / base:.2f}" for q, v in f["cost_ms"].items() if q != "1"),
-            f"  best: {len(c['tree'])}-node tree, gate {c['gate']} < {c['threshold']:.3g} -> predicted "
+            f"  best: {len(c['tree'])}-node tree, "
+            + ("never speculate" if c["threshold"] == -math.inf else f"gate {c['gate']} < {c['threshold']:.3g}")
+            + " -> predicted "
             f"{p['tokens_per_s']:.1f} tokens/s vs AR {p['ar_tokens_per_s']:.1f} "
             f"({p['tokens_per_s'] / p['ar_tokens_per_s']:.2f}x, speculating on {p['speculative_share']:.0%} of steps)",
         ]
