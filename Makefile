@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test lint heads heads-gpu bench-full clean-venv
+.PHONY: demo test lint heads heads-gpu bench-full bench-peers clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,6 +48,13 @@ heads: $(STAMP)
 
 heads-gpu:
 	scripts/make_heads.sh out/heads-gpu
+
+# our methods and llama.cpp side by side, same GGUF, same prompt ids, same threads (docs/results.md);
+# installs the [peers] extra first: llama-cpp-python compiles llama.cpp for 8-10 minutes on 2 cores
+bench-peers: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[peers]"
+	$(BIN)/cerberus bench --questions builtin --limit 1 --methods ar,pld,medusa,cerberus,cerberus+lookup,llama.cpp \
+		--max-new-tokens 128 --warmup 1 --repeats 1 --out bench-out/peers
 
 bench-full: $(STAMP)
 	$(BIN)/cerberus bench --questions builtin --methods ar,hf,pld,medusa,cerberus,cerberus-nogate \

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from .methods import LLAMA_CPP, METHODS
 from .models import CerberusError
 from .sampling import ACCEPTANCES, DEFAULT_ACCEPTANCE
 
@@ -22,13 +23,9 @@ app = typer.Typer(
 )
 
 
-class Method(str, Enum):
-    ar = "ar"
-    medusa = "medusa"
-    cerberus = "cerberus"
-    cerberus_nogate = "cerberus-nogate"
-    pld = "pld"
-    cerberus_lookup = "cerberus+lookup"
+Method = Enum("Method", {name: name for name in METHODS}, type=str)  # names: methods.py
+# generate also runs the llama.cpp peer on the same prompt ids (bench/llamacpp.py)
+GenerateMethod = Enum("GenerateMethod", {name: name for name in (*METHODS, LLAMA_CPP)}, type=str)
 
 
 class Weights(str, Enum):
@@ -73,7 +70,7 @@ RuntimeOpt = typer.Option(
     Runtime.lean, "--runtime", help="lean: our compact forward; hf: the unmodified transformers model (reference)."
 )
 DeviceOpt = typer.Option(Device.auto, "--device")
-MethodOpt = typer.Option(Method.ar, "--method", help="Decoding method.")
+MethodOpt = typer.Option(Method("ar"), "--method", help="Decoding method.")
 HeadsOpt = typer.Option("default", "--heads", help="Heads dir, 'default' (shipped) or 'none' (untrained).")
 GateOpt = typer.Option(None, "--gate", help="Entropy gate: hidden | logits | off (default: the heads' own).")
 ThresholdOpt = typer.Option(None, "--gate-threshold", help="Speculate when entropy < this (default: the heads').")
@@ -159,7 +156,9 @@ def generate(
     weights: Weights = WeightsOpt,
     runtime: Runtime = RuntimeOpt,
     device: Device = DeviceOpt,
-    method: Method = MethodOpt,
+    method: GenerateMethod = typer.Option(
+        GenerateMethod("ar"), "--method", help=f"Decoding method ({LLAMA_CPP}: the peer, greedy, on the same GGUF)."
+    ),
     heads: str = HeadsOpt,
     gate: Gate = GateOpt,
     gate_threshold: float = ThresholdOpt,
@@ -189,6 +188,10 @@ def generate(
     if any(not s for s in stop or []):
         fail('--stop "" would stop at once; give a non-empty stop string')
     check_options(seed=seed)
+    if method.value == LLAMA_CPP:
+        if temperature > 0 or stop or trace:
+            fail(f"--method {LLAMA_CPP} decodes greedily here: drop --temperature, --stop and --trace")
+        return generate_with_llamacpp(prompt, model, device, raw, max_new_tokens, as_json)
     trace_file = open_trace(trace)
     decoder = make_decoder(model, weights, runtime, device, method, heads, gate, gate_threshold, tree, calibrate)
     ids = decoder.encode(prompt, raw=raw)
@@ -207,6 +210,31 @@ def generate(
     else:
         print()
         typer.secho(_stats_line(result), fg=typer.colors.CYAN, err=True)
+
+
+def generate_with_llamacpp(prompt: str, model: str, device, raw: bool, max_new_tokens: int, as_json: bool) -> None:
+    """The peer on the same prompt ids as ``ar`` (our tokenizer and chat template), greedy."""
+    from .bench.llamacpp import generate_greedy, load_llama, require_llama_cpp
+    from .methods import build_decoder
+    from .models import load_model
+
+    require_llama_cpp()  # before the model loads
+    lm = load_model(model, "auto", device.value)
+    reference = build_decoder(lm, "ar")
+    ids = reference.encode(prompt, raw=raw)
+    new, seconds, first = generate_greedy(load_llama(lm), ids, reference.eos_ids, max_new_tokens)
+    text = lm.tokenizer.decode(new, skip_special_tokens=True)
+    stats = {"new_tokens": len(new), "seconds": seconds, "tokens_per_second": len(new) / seconds}
+    if as_json:
+        print(json.dumps({"text": text, "token_ids": new, **stats, "first_token_seconds": first, "method": LLAMA_CPP}))
+    else:
+        print(text)
+        typer.secho(
+            f"[{LLAMA_CPP}] {len(new)} tokens in {seconds:.2f}s = {stats['tokens_per_second']:.1f} tokens/s; "
+            f"first token after {1000 * first:.0f} ms",
+            fg=typer.colors.CYAN,
+            err=True,
+        )
 
 
 def _stats_line(result) -> str:
@@ -376,14 +404,18 @@ def bench(
     from .models import load_model
 
     check_options(seed=seed, threshold=gate_threshold, tree=tree)
-    parse_methods(methods or default_methods(), temperature)  # bad names fail before the model loads
+    names = parse_methods(methods or default_methods(), temperature)  # bad names fail before the model loads
+    if LLAMA_CPP in names:
+        from .bench.llamacpp import require_llama_cpp
+
+        require_llama_cpp()
     cats = [c.strip() for c in categories.split(",") if c.strip()] if categories else None
     chosen = select_questions(load_questions(questions), cats, limit)
     if not chosen:
         fail("no questions selected")
     methods = methods or default_methods()
     lm = load_model(model, weights.value, device.value, runtime.value)
-    speculative = [m for m in parse_methods(methods, temperature) if "cerberus" in m or "medusa" in m]
+    speculative = [m for m in names if "cerberus" in m or "medusa" in m]
     lm = choose_weights(lm, weights.value, speculative[0].split("[")[0] if speculative else "ar", heads, calibrate)
     run = benchmark(
         lm,

@@ -17,6 +17,7 @@ from .models import CerberusError, LoadedModel
 from .tree import DEFAULT_TREE, build_tree, load_tree
 
 METHODS = ("ar", "medusa", "cerberus", "cerberus-nogate", "pld", "cerberus+lookup")
+LLAMA_CPP = "llama.cpp"  # the peer, not our engine: bench/llamacpp.py
 ASSETS = Path(__file__).parent / "assets" / "heads"
 
 
@@ -38,9 +39,6 @@ def head_type_for(method: str) -> str | None:
     if method in ("cerberus", "cerberus-nogate", "cerberus+lookup"):
         return "cerberus"
     raise CerberusError(f"Unknown method {method!r}; use one of {', '.join(METHODS)}.")
-
-
-DEFAULT_WEIGHTS = {"cpu": "int4", "cuda": "bfloat16"}  # --weights auto without a calibration
 
 
 @dataclass
@@ -154,7 +152,7 @@ def choose_weights(
 ) -> LoadedModel:
     """The model in the format to run: ``requested`` unless ``auto``; ``auto`` takes the calibrated
     fastest format of ``method``'s heads on this machine (cerberus heads for methods without heads),
-    else ``DEFAULT_WEIGHTS``. ``lm`` was loaded with ``auto`` (the default format) or ``requested``."""
+    else the device's default (``runtime.resolve_weights``). ``lm`` was loaded with ``requested``."""
     if requested != "auto":
         return lm.with_weights(lm.weights, "flag")
     if lm.runtime.name != "lean":

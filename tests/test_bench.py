@@ -27,7 +27,7 @@ from cerberus_decoding.bench.run import (
 )
 from cerberus_decoding.models import CerberusError
 
-FIVE = {"tokens_per_second", "speedup", "mean_accepted", "speculative_share", "mismatches"}
+METRICS = {"tokens_per_second", "speedup", "mean_accepted", "speculative_share", "mismatches", "ttft_ms"}
 
 
 def _write(tmp_path, lines):
@@ -160,7 +160,7 @@ def test_metrics_and_mismatch_details(tiny_lm):
     assert fast["mismatches"] == 1
     assert fast["categories"]["a"]["speedup"] == pytest.approx(4.0)
     assert fast["categories"]["a"]["mismatches"] == 0
-    assert fast["categories"]["b"]["mismatches"] == 1 and set(fast["categories"]["b"]) == FIVE
+    assert fast["categories"]["b"]["mismatches"] == 1 and set(fast["categories"]["b"]) == METRICS
     assert first_difference([1, 2], [1, 2]) is None and first_difference([1, 2], [1, 2, 3]) == 2
 
 
@@ -252,9 +252,9 @@ def test_tiny_bench_run_writes_results_report_and_charts(tmp_path):
     assert results["methods"]["hf"]["mismatches"] is None
     assert 0 <= results["methods"]["hf"]["agreement"]["identical_share"] <= 1
     for name, entry in results["methods"].items():
-        assert set(entry) == FIVE | {"categories"} | ({"agreement"} if name == "hf" else set())
+        assert set(entry) == METRICS | {"categories"} | ({"agreement"} if name == "hf" else set())
         assert list(entry["categories"]) == ["writing", "qa"]
-        assert all(set(c) == FIVE for c in entry["categories"].values())
+        assert all(set(c) == METRICS for c in entry["categories"].values())
         assert entry["tokens_per_second"] > 0
     methods = results["methods"]
     assert methods["ar"]["mismatches"] == 0 and methods["medusa"]["mismatches"] == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-FIELDS = ("tokens_per_second", "speedup", "mean_accepted", "speculative_share", "mismatches")
+FIELDS = ("tokens_per_second", "speedup", "mean_accepted", "speculative_share", "mismatches", "ttft_ms")
 SPEEDUP_PNG, ACCEPTED_PNG = "speedup.png", "accepted.png"
 # methods whose mean accepted length is 1 by construction: left out of the acceptance chart
 ONE_TOKEN_METHODS = ("ar", "hf")
@@ -21,6 +21,7 @@ def _row(entry: dict) -> list[str]:
         _fmt(entry["speedup"], ".2f", "x"),
         _fmt(entry["mean_accepted"]),
         _fmt(entry["speculative_share"], ".0%"),
+        _fmt(entry.get("ttft_ms"), ".0f"),
         _mismatch_cell(entry),
     ]
 
@@ -57,7 +58,7 @@ def print_table(results: dict, console=None) -> None:
         title += " - INTERRUPTED"
     table = Table(title=title)
     table.add_column("method", no_wrap=True)  # cerberus-nogate[typical] whole
-    for name in ("tokens/s", "speedup", "mean accepted", "speculative", "mismatches"):
+    for name in ("tokens/s", "speedup", "mean accepted", "speculative", "TTFT ms", "mismatches"):
         table.add_column(name, justify="right")
     for method, entry in results["methods"].items():
         table.add_row(escape(method), *_row(entry))
@@ -175,7 +176,7 @@ def write_markdown(results: dict, out: Path) -> Path:
         "## Overall",
         "",
         _md_table(
-            ["method", "tokens/s", "speedup", "mean accepted", "speculative share", "mismatches"],
+            ["method", "tokens/s", "speedup", "mean accepted", "speculative share", "TTFT ms (median)", "mismatches"],
             [[f"`{m}`", *_row(results["methods"][m])] for m in methods],
         ),
     ]

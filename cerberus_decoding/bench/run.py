@@ -18,6 +18,7 @@ from ..engine import SamplingConfig
 from ..methods import METHODS, build_decoder
 from ..models import CerberusError, LoadedModel
 from ..sampling import ACCEPTANCES, DEFAULT_ACCEPTANCE
+from .llamacpp import LLAMA_CPP, generate_greedy, load_llama
 from .questions import Question
 
 REFERENCE = "ar"
@@ -35,6 +36,7 @@ class Turn:
     seconds: float
     steps: int | None  # forwards of the base model while decoding; None where unknown
     speculative_steps: int | None  # None where the method has no such notion
+    first_token_seconds: float | None = None  # time to the first new token (prompt processing included)
 
 
 @dataclass
@@ -78,9 +80,11 @@ def parse_methods(spec: str | list[str], temperature: float = 0.0) -> list[str]:
         method, acceptance = split_acceptance(name)
         if acceptance is not None and temperature <= 0:
             raise CerberusError(f"{name}: an acceptance rule only matters when sampling; add --temperature T > 0.")
-        if acceptance is not None and (method == REFERENCE or hf_kind(method) is not None):
+        if acceptance is not None and (method == REFERENCE or is_peer(method)):
             raise CerberusError(f"{name}: {method} has no drafts to accept; name it without [{acceptance}].")
-        if acceptance is None and temperature > 0 and method != REFERENCE and hf_kind(method) is None:
+        if method == LLAMA_CPP and temperature > 0:
+            raise CerberusError(f"The {LLAMA_CPP} row decodes greedily; drop it or --temperature.")
+        if acceptance is None and temperature > 0 and method != REFERENCE and not is_peer(method):
             out += [f"{method}[{a}]" for a in ACCEPTANCES]
         else:
             out.append(name)
@@ -109,6 +113,11 @@ def hf_kind(method: str) -> str | None:
     return None
 
 
+def is_peer(method: str) -> bool:
+    """A method that is not our engine: transformers' generate or llama.cpp."""
+    return hf_kind(method) is not None or method == LLAMA_CPP
+
+
 def _sync(lm: LoadedModel) -> None:
     if lm.device.type == "cuda":
         torch.cuda.synchronize(lm.device)
@@ -121,12 +130,19 @@ def engine_runner(
     config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, acceptance=acceptance)
 
     def run(ids: list[int]) -> Turn:
+        first = []
+
+        def on_text(_piece: str) -> None:  # the first text a user would see
+            if not first:
+                first.append(time.perf_counter() - start)
+
         _sync(decoder.lm)
         start = time.perf_counter()
-        result = decoder.generate(ids, config)
+        result = decoder.generate(ids, config, on_text=on_text)
         _sync(decoder.lm)
         seconds = time.perf_counter() - start
-        return Turn(ids, result.token_ids, result.text, seconds, len(result.steps), result.speculative_steps)
+        ttft = first[0] if first else seconds
+        return Turn(ids, result.token_ids, result.text, seconds, len(result.steps), result.speculative_steps, ttft)
 
     return run
 
@@ -142,6 +158,22 @@ def hf_runner(
     if lookup:
         kwargs["prompt_lookup_num_tokens"] = PLD_LOOKUP_TOKENS
 
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstToken(BaseStreamer):
+        """Notes when generate() hands over its first new token (its first put() is the prompt)."""
+
+        def __init__(self, start: float):
+            self.start, self.puts, self.seconds = start, 0, None
+
+        def put(self, value):
+            self.puts += 1
+            if self.puts == 2:
+                self.seconds = time.perf_counter() - self.start
+
+        def end(self):
+            pass
+
     @torch.inference_mode()
     def run(ids: list[int]) -> Turn:
         n = min(max_new_tokens, lm.context_length - len(ids))  # the engine clamps to the context the same way
@@ -150,13 +182,27 @@ def hf_runner(
             torch.manual_seed(seed)
         _sync(lm)
         start = time.perf_counter()
-        out = lm.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, **kwargs)
+        streamer = FirstToken(start)
+        out = lm.model.generate(
+            input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, streamer=streamer, **kwargs
+        )
         _sync(lm)
         seconds = time.perf_counter() - start
         new = out[0, len(ids) :].tolist()
         text = lm.tokenizer.decode(new, skip_special_tokens=True)
         # plain greedy is one forward per token; how many forwards assisted generation made is not exposed
-        return Turn(ids, new, text, seconds, None if lookup else len(new), None)
+        return Turn(ids, new, text, seconds, None if lookup else len(new), None, streamer.seconds)
+
+    return run
+
+
+def llamacpp_runner(lm: LoadedModel, eos_ids: set[int], max_new_tokens: int) -> Runner:
+    llama = load_llama(lm)
+
+    def run(ids: list[int]) -> Turn:
+        new, seconds, first = generate_greedy(llama, ids, eos_ids, max_new_tokens)
+        text = lm.tokenizer.decode(new, skip_special_tokens=True)
+        return Turn(ids, new, text, seconds, len(new), None, first)  # one decode call per token
 
     return run
 
@@ -187,6 +233,8 @@ def build_runners(
             runners[name] = engine_runner(reference, max_new_tokens, temperature, seed=seed)
         elif kind is not None:
             runners[name] = hf_runner(lm, reference.eos_ids, max_new_tokens, kind == HF_PLD, temperature, seed)
+        elif method == LLAMA_CPP:
+            runners[name] = llamacpp_runner(lm, reference.eos_ids, max_new_tokens)
         else:  # build_decoder validates the name and the heads
             if method not in decoders:
                 decoders[method] = build_decoder(lm, method, heads, gate, threshold, tree, calibrate=calibrate)
@@ -282,9 +330,9 @@ def logit_gap(lm: LoadedModel, prompt_ids: list[int], prefix: list[int]) -> floa
 
 
 def other_numerics(lm: LoadedModel, method: str) -> bool:
-    """True for a method that runs another weight format than ``ar`` (transformers' generate runs the
-    float32 model): its output is compared by agreement, not counted as mismatches."""
-    return hf_kind(method) is not None and (lm.runtime.name, lm.weights) != ("hf", "float32")
+    """True for a method that runs other numerics than ``ar`` (transformers' generate runs the float32
+    model, llama.cpp quantizes activations): its output is compared by agreement, not counted as mismatches."""
+    return method == LLAMA_CPP or (hf_kind(method) is not None and (lm.runtime.name, lm.weights) != ("hf", "float32"))
 
 
 def agreement(bench: BenchRun, method: str) -> dict:
@@ -350,6 +398,7 @@ def _fields(rows: list[Measurement], ref_rows: list[Measurement], mismatched: se
     ref_tokens, ref_seconds = sum(r.tokens for r in ref_rows), sum(r.seconds for r in ref_rows)
     ref_tps = ref_tokens / ref_seconds if ref_seconds > 0 else 0.0
     turns = [t for r in rows for t in r.turns]
+    firsts = [t.first_token_seconds for t in turns]
     steps = _total([t.steps for t in turns])
     spec = _total([t.speculative_steps for t in turns])
     return {
@@ -358,6 +407,7 @@ def _fields(rows: list[Measurement], ref_rows: list[Measurement], mismatched: se
         "mean_accepted": round(tokens / steps, 4) if steps else None,
         "speculative_share": round(spec / steps, 4) if steps and spec is not None else None,
         "mismatches": sum(r.question.question_id in mismatched for r in rows),
+        "ttft_ms": None if None in firsts or not firsts else round(1000 * statistics.median(firsts), 2),
     }
 
 
