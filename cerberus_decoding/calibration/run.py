@@ -216,16 +216,23 @@ def calibrate(
     choices = {w: _choice(rows, trees, w, ungated) for w in measured}
     best = max(choices, key=lambda w: choices[w]["predicted"]["tokens_per_s"])
 
-    flm = lm.with_weights(best)
-    check_seconds = max(0.0, start + budget_seconds - time.perf_counter())
-    check = check_choice(
-        flm, load_heads(heads_dir, flm).pack_for(best), choices[best], prompts[used:] or prompts, check_seconds, 64
-    )
-    check["weights"] = best
-    speculates = choices[best]["threshold"] > -math.inf
-    check["fallback"] = bool(not ungated and speculates and check["ratio"] < CHECK_TOLERANCE)
-    if check["fallback"]:  # predicted to pay, measured not to: run AR steps (the gate never speculates)
-        choices[best] |= {"threshold": -math.inf, "thresholds": dict.fromkeys(ENTROPY_GATES, -math.inf)}
+    # check by running: the best format, and (full runs) every other one that speculates, since a
+    # user may force it with --weights; a choice below CHECK_TOLERANCE x AR falls back to AR steps
+    checks = {}
+    order = [best] + ([] if quick else [w for w in choices if w != best and choices[w]["threshold"] > -math.inf])
+    for i, weights in enumerate(order):
+        flm = lm.with_weights(weights)
+        seconds = max(0.0, start + budget_seconds - time.perf_counter()) / (len(order) - i)
+        heads_w = load_heads(heads_dir, flm).pack_for(weights)
+        check = check_choice(flm, heads_w, choices[weights], prompts[used:] or prompts, seconds, 64)
+        speculates = choices[weights]["threshold"] > -math.inf
+        check["fallback"] = bool(not ungated and speculates and check["ratio"] < CHECK_TOLERANCE)
+        if check["fallback"]:  # predicted to pay, measured not to: the gate never speculates
+            choices[weights] |= {"threshold": -math.inf, "thresholds": dict.fromkeys(ENTROPY_GATES, -math.inf)}
+            choices[weights]["predicted"]["tokens_per_s"] = choices[weights]["predicted"]["ar_tokens_per_s"]
+        checks[weights] = check | {"weights": weights}
+        del flm, heads_w
+    check = checks[best]
 
     fit, overheads = measured[best]["cost_fit_ms"], measured[best]["overhead_ms"]
     ar_ms, spec_ms = step_costs(fit, overheads, len(choices[best]["tree"]))
@@ -245,6 +252,7 @@ def calibrate(
         "weights": best,
         "choices": choices,
         "check": check,
+        "checks": checks,
         "measured": {
             "formats": {w: {k: {str(q): v for q, v in m[k].items()} for k in m} for w, m in measured.items()},
             "context": context,
@@ -297,6 +305,12 @@ def format_summary(data: dict) -> str:
             f"{p['tokens_per_s']:.1f} tokens/s vs AR {p['ar_tokens_per_s']:.1f} "
             f"({p['tokens_per_s'] / p['ar_tokens_per_s']:.2f}x, speculating on {p['speculative_share']:.0%} of steps)",
         ]
+    for weights, c in data.get("checks", {}).items():
+        if weights != data["weights"]:
+            lines.append(
+                f"checked {weights} too: {c['tokens_per_s']:.1f} vs AR {c['ar_tokens_per_s']:.1f} tokens/s "
+                f"({c['ratio']:.2f}x)" + (" -> falls back to AR steps" if c["fallback"] else "")
+            )
     ch = data["check"]
     lines.append(
         f"chosen: {data['weights']}; checked by running it on {ch['prompts']} prompts: "
