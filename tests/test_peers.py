@@ -51,7 +51,7 @@ def test_llama_cpp_is_fed_the_ids_ar_gets(lm, monkeypatch):
     turn = run_conversation(runners[LLAMA_CPP], reference, question)[0]
     assert fake.fed[0] == "reset" and fake.fed[1] == ar_turn.prompt_ids  # the prompt, as ids, as ar got it
     assert fake.fed[2:] == [[7], [7]]  # then one token at a time, its own greedy choices
-    assert turn.token_ids == [7, 7, 7, eos]  # stops after EOS, as our engine does
+    assert turn.token_ids == [7, 7, eos]  # stops after EOS (kept, never fed), as our engine does
     assert turn.first_token_seconds is not None and turn.first_token_seconds <= turn.seconds
     assert other_numerics(lm, LLAMA_CPP)  # agreement, never mismatches
 
