@@ -94,6 +94,13 @@ def test_the_choice_is_the_known_best_of_a_synthetic_table():
     assert ungated["threshold"] == math.inf and ungated["tree"] == trees[3]
 
 
+def test_the_loaded_format_stays_unless_another_is_clearly_faster():
+    predicted = {"int4": 37.81, "int8": 37.84, "float32": 15.0}
+    assert choose.fastest_format(predicted, "int4") == "int4"  # 0.1% is timing noise
+    assert choose.fastest_format(predicted | {"int8": 41.0}, "int4") == "int8"  # 8% is not
+    assert choose.fastest_format(predicted, "bfloat16") == "int8"  # not measured: the fastest
+
+
 def test_a_steep_cost_curve_turns_speculation_off():
     formats, ranks, entropies = synthetic_calibration()
     rows, trees = choose.predict_table({"steep": formats["steep"]}, ranks, entropies, top_k=10, n_bins=4)

@@ -178,3 +178,13 @@ def best_row(rows: list[dict], **where) -> dict:
     if not matching:
         raise ValueError(f"no calibration row with {where}")
     return max(matching, key=lambda r: r["tokens_per_s"])  # max keeps the first of equals
+
+
+def fastest_format(predicted: dict[str, float], preferred: str, margin: float = 0.05) -> str:
+    """The format with the most predicted tokens/s, except that ``preferred`` (the one loaded: the
+    device default under --weights auto) stays unless another beats it by more than ``margin``.
+    A short calibration's step timings carry a few percent of noise; a switch must be worth it."""
+    best = max(predicted, key=predicted.get)
+    if preferred in predicted and predicted[preferred] >= (1 - margin) * predicted[best]:
+        return preferred
+    return best

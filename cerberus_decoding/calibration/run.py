@@ -28,7 +28,16 @@ from ..heads import load_heads
 from ..models import CerberusError, LoadedModel
 from ..runtime import hardware, machine
 from ..tree import build_tree, expected_length
-from .choose import accepted_lengths, accuracy_table, best_row, entropy_bins, monotone_costs, predict_table, step_costs
+from .choose import (
+    accepted_lengths,
+    accuracy_table,
+    best_row,
+    entropy_bins,
+    fastest_format,
+    monotone_costs,
+    predict_table,
+    step_costs,
+)
 from .files import VERSION, calibration_path, hardware_key, read_calibration, write_calibration
 from .measure import COST_QS, measure_costs, measure_overheads, observe
 
@@ -214,7 +223,7 @@ def calibrate(
     except ValueError as e:
         raise CerberusError(f"Cannot calibrate: {e}; raise --max-new-tokens or --budget-seconds.") from e
     choices = {w: _choice(rows, trees, w, ungated) for w in measured}
-    best = max(choices, key=lambda w: choices[w]["predicted"]["tokens_per_s"])
+    best = fastest_format({w: c["predicted"]["tokens_per_s"] for w, c in choices.items()}, lm.weights)
 
     # check by running: the best format, and (full runs) every other one that speculates, since a
     # user may force it with --weights; a choice below CHECK_TOLERANCE x AR falls back to AR steps
