@@ -57,7 +57,8 @@ class EffectiveConfig:
         settings = [f"weights {self.weights} ({self.source['weights']})"]
         if self.tree is not None:
             settings.append(f"{len(self.tree)}-node tree ({self.source['tree']})")
-            gate = "gate off" if self.gate == "off" else f"gate {self.gate} < {self.threshold:.3g}"
+            gate = f"gate {self.gate} < {self.threshold:.3g}"
+            gate = "gate off" if self.gate == "off" else "never speculates" if self.threshold == -math.inf else gate
             settings.append(f"{gate} ({self.source['threshold' if self.gate != 'off' else 'gate']})")
         return f"{self.method}: " + ", ".join(settings) + f"; {self.calibration}"
 
