@@ -399,8 +399,8 @@ def bench(
 
     from .bench import benchmark, load_questions, parse_methods, results_dict, select_questions
     from .bench.report import print_table, write_all
-    from .bench.run import default_methods
-    from .methods import choose_weights
+    from .bench.run import default_methods, is_peer, split_acceptance
+    from .methods import choose_weights, head_type_for
     from .models import load_model
 
     check_options(seed=seed, threshold=gate_threshold, tree=tree)
@@ -415,8 +415,9 @@ def bench(
         fail("no questions selected")
     methods = methods or default_methods()
     lm = load_model(model, weights.value, device.value, runtime.value)
-    speculative = [m for m in names if "cerberus" in m or "medusa" in m]
-    lm = choose_weights(lm, weights.value, speculative[0].split("[")[0] if speculative else "ar", heads, calibrate)
+    # one format for every row: the one calibrated for the first method with heads (ar: cerberus heads)
+    ours = [m for m in (split_acceptance(n)[0] for n in names) if not is_peer(m)]
+    lm = choose_weights(lm, weights.value, next((m for m in ours if head_type_for(m)), "ar"), heads, calibrate)
     run = benchmark(
         lm,
         chosen,
@@ -646,9 +647,9 @@ def calibrate(
     format, tree and gate threshold with the most tokens/s, check the choice by running it, and write
     it to $CERBERUS_CACHE/calibration/ (used with these heads on this machine from then on)."""
     from .calibration.files import calibration_path, shipped_path, write_calibration
-    from .calibration.run import QUICK_SECONDS, calibration_prompts, format_summary
+    from .calibration.run import HELD_OUT, QUICK_SECONDS, calibration_prompts, format_summary
     from .calibration.run import calibrate as run_calibration
-    from .methods import default_heads_dir
+    from .methods import heads_path
     from .models import load_model
     from .runtime.formats import WEIGHTS
 
@@ -662,9 +663,9 @@ def calibrate(
             fail(f"--formats: unknown weight format {f!r}; use {', '.join(w for w in WEIGHTS if w != 'auto')}")
     texts = calibration_prompts(prompts)
     lm = load_model(model, weights.value, device.value, runtime.value)
-    heads_dir = default_heads_dir(lm, head_type) if heads == "default" else Path(heads)
+    heads_dir = heads_path(lm, head_type, heads)  # the head types are also method names
     budget = QUICK_SECONDS if quick else budget_seconds
-    source = prompts or "held-out training prompts"
+    source = prompts or HELD_OUT
     data = run_calibration(
         lm,
         heads_dir,

@@ -417,8 +417,7 @@ def create_app(
         return app.openapi()
 
     # the configuration was settled (and a first-use calibration run) before the server listens
-    effective = getattr(decoder, "config", None)
-    config = None if effective is None else effective.to_json() | {"why": effective.why()}
+    config = None if decoder.config is None else decoder.config.to_json() | {"why": decoder.config.why()}
 
     @app.get("/health")
     async def health():

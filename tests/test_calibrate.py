@@ -192,7 +192,7 @@ def fake_calibration(key: str, **choice) -> dict:
         "hardware_text": "test",
         "weights": "float32",
         "choices": {"float32": choice},
-        "check": {},
+        "checks": {},
     }
 
 
@@ -317,7 +317,7 @@ def test_calibrate_end_to_end(tiny_lm, heads_dir):
     assert set(saved["measured"]["formats"]["float32"]["cost_ms"]) == {"1", "2", "4", "8"}
     choice = saved["choices"]["float32"]
     assert len(choice["tree"]) <= 6 and set(choice["thresholds"]) == {"hidden", "logits"}
-    assert saved["check"]["prompts"] >= 1 and saved["check"]["weights"] == "float32"
+    assert saved["checks"]["float32"]["prompts"] >= 1 and saved["checks"]["float32"]["weights"] == "float32"
     assert "chosen: float32" in run.format_summary(saved)
     dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir))
     assert dec.tree.size == len(choice["tree"]) + 1 and dec.threshold == choice["threshold"]

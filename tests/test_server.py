@@ -324,6 +324,7 @@ class BrokenDecoder:
 
     method = "ar"
     vocab_size = 100
+    config = None  # built in code: no effective configuration to report
 
     def encode(self, prompt, raw=False):
         return [1, 2, 3]

@@ -225,12 +225,14 @@ def build_runners(
     ``methods`` as parse_methods returns them: ``name[acceptance]`` runs ``name`` with that rule."""
     reference = build_decoder(lm, REFERENCE)
     runners: dict[str, Runner] = {}
-    decoders = {REFERENCE: reference}  # one decoder per method, shared by its acceptance rules
+    configs = {}
+    decoders = {}  # one decoder per method, shared by its acceptance rules
     for name in methods:
         method, acceptance = split_acceptance(name)
         kind = hf_kind(method)
         if method == REFERENCE:
             runners[name] = engine_runner(reference, max_new_tokens, temperature, seed=seed)
+            configs[name] = reference.config
         elif kind is not None:
             runners[name] = hf_runner(lm, reference.eos_ids, max_new_tokens, kind == HF_PLD, temperature, seed)
         elif method == LLAMA_CPP:
@@ -240,9 +242,7 @@ def build_runners(
                 decoders[method] = build_decoder(lm, method, heads, gate, threshold, tree, calibrate=calibrate)
             rule = acceptance or DEFAULT_ACCEPTANCE
             runners[name] = engine_runner(decoders[method], max_new_tokens, temperature, rule, seed)
-    configs = {
-        name: decoders[split_acceptance(name)[0]].config for name in methods if split_acceptance(name)[0] in decoders
-    }
+            configs[name] = decoders[method].config
     return runners, reference, configs
 
 

@@ -46,6 +46,7 @@ QUICK_SECONDS = 60.0  # the automatic first-use calibration
 QUICK_QS = (1, 2, 4, 8, 16, 32)
 CHECK_TOLERANCE = 0.97  # a choice that runs slower than this x AR in the check falls back to AR steps
 NO_CALIBRATE_ENV = "CERBERUS_NO_CALIBRATE"
+HELD_OUT = "held-out training prompts"  # what the default calibration prompts are, in reports
 
 
 def calibration_prompts(source: str | None = None) -> list[str]:
@@ -185,7 +186,7 @@ def calibrate(
     context: int = 300,
     progress: bool = False,
     write: bool = True,
-    prompt_source: str = "held-out training prompts",
+    prompt_source: str = HELD_OUT,
     qs: tuple[int, ...] | None = None,
     repeats: int | None = None,
 ) -> dict:
@@ -241,13 +242,13 @@ def calibrate(
             choices[weights]["predicted"]["tokens_per_s"] = choices[weights]["predicted"]["ar_tokens_per_s"]
         checks[weights] = check | {"weights": weights}
         del flm, heads_w
-    check = checks[best]
 
     fit, overheads = measured[best]["cost_fit_ms"], measured[best]["overhead_ms"]
     ar_ms, spec_ms = step_costs(fit, overheads, len(choices[best]["tree"]))
     full = (ranks >= 0).all(axis=1)
     accepted = accepted_lengths(ranks[full], choices[best]["tree"])
     accuracy = accuracy_table(ranks, top_k)
+    here = machine(lm.device)
     data = {
         "version": VERSION,
         "kind": "quick" if quick else "full",
@@ -255,13 +256,12 @@ def calibrate(
         "model": lm.name,
         "heads": heads_dir.name,
         "head_type": heads.config.head_type,
-        "hardware": machine(lm.device),
-        "hardware_key": hardware_key(machine(lm.device)),
+        "hardware": here,
+        "hardware_key": hardware_key(here),
         "hardware_text": hardware(lm.device),
         "weights": best,
         "choices": choices,
-        "check": check,
-        "checks": checks,
+        "checks": checks,  # by format; the chosen one is always checked
         "measured": {
             "formats": {w: {k: {str(q): v for q, v in m[k].items()} for k in m} for w, m in measured.items()},
             "context": context,
@@ -314,13 +314,14 @@ def format_summary(data: dict) -> str:
             f"{p['tokens_per_s']:.1f} tokens/s vs AR {p['ar_tokens_per_s']:.1f} "
             f"({p['tokens_per_s'] / p['ar_tokens_per_s']:.2f}x, speculating on {p['speculative_share']:.0%} of steps)",
         ]
-    for weights, c in data.get("checks", {}).items():
-        if weights != data["weights"]:
-            lines.append(
-                f"checked {weights} too: {c['tokens_per_s']:.1f} vs AR {c['ar_tokens_per_s']:.1f} tokens/s "
-                f"({c['ratio']:.2f}x)" + (" -> falls back to AR steps" if c["fallback"] else "")
-            )
-    ch = data["check"]
+    for weights, c in data["checks"].items():
+        if weights == data["weights"]:
+            continue
+        lines.append(
+            f"checked {weights} too: {c['tokens_per_s']:.1f} vs AR {c['ar_tokens_per_s']:.1f} tokens/s "
+            f"({c['ratio']:.2f}x)" + (" -> falls back to AR steps" if c["fallback"] else "")
+        )
+    ch = data["checks"][data["weights"]]
     lines.append(
         f"chosen: {data['weights']}; checked by running it on {ch['prompts']} prompts: "
         f"{ch['tokens_per_s']:.1f} vs AR {ch['ar_tokens_per_s']:.1f} tokens/s ({ch['ratio']:.2f}x)"

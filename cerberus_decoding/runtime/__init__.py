@@ -68,17 +68,16 @@ def machine(device: torch.device | str = "cpu") -> dict:
     device = torch.device(device)
     if device.type == "cuda":
         return {"device": "cuda", "name": torch.cuda.get_device_name(device), "torch": torch.__version__}
-    name, flags = platform.processor() or platform.machine(), set()
+    info = {}  # the first processor's "key: value" lines
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and name == (platform.processor() or platform.machine()):
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    name = info.get("model name") or platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
     return {
         "device": "cpu",
         "name": name,
