@@ -115,7 +115,7 @@ def analyze(
             {
                 "threshold": t,
                 "tokens_per_second": tokens / seconds,
-                "mean_accepted": tokens / len(s),
+                "mean_accepted": sum(x.accepted for x in s) / len(s),
                 "speculative_share": sum(x.mode == "spec" for x in s) / len(s),
             }
         )

@@ -1,6 +1,8 @@
 """One decoding loop for every method: auto-regressive, Medusa, Cerberus (gated or not).
 
-Every step is exactly one forward of the base model (runtime/__init__.py) over its KV cache:
+The prompt's forward gives the first new token, which is shown at once (time to first token is
+one forward). Every step is then exactly one forward of the base model (runtime/__init__.py) over
+its KV cache:
   - AR step:   feed the pending token, read the next one.
   - SPEC step: heads draft a tree from the last hidden state, feed pending token + tree (tree mask,
                explicit positions), keep the path the base model accepts (verify.py: greedy,
@@ -78,7 +80,8 @@ class Result:
 
     @property
     def mean_accepted(self) -> float:
-        return self.new_tokens / len(self.steps) if self.steps else 0.0
+        """Tokens per decoding step (the first token comes from the prompt's forward, not a step)."""
+        return sum(s.accepted for s in self.steps) / len(self.steps) if self.steps else 0.0
 
     @property
     def speculative_steps(self) -> int:
@@ -172,7 +175,7 @@ class Decoder:
         return hidden[-1]
 
     def _ar_step(self, root: torch.Tensor, cfg: SamplingConfig, generator):
-        """Feed the pending token alone -> (new tokens [1], hidden [H], logits [V], next pending token [1])."""
+        """Feed the pending token alone -> (fed tokens [1], hidden [H], logits [V], next pending token [1])."""
         pos = torch.tensor([self.cache.length], device=root.device)
         hidden = self.runtime.forward(self.cache, root, pos)  # [1, H]
         logits = self.runtime.lm_head(hidden)[0]
@@ -180,7 +183,7 @@ class Decoder:
 
     def _spec_step(self, tree: Tree, tokens: torch.Tensor, cfg: SamplingConfig, generator):
         """Feed pending token + tree, keep the accepted path ->
-        (new tokens [a+1], hidden [H], logits [V], next pending token [1])."""
+        (fed tokens [a+1]: pending + accepted drafts, hidden [H], logits [V], next pending token [1])."""
         pos = self.cache.length
         hidden = self.runtime.forward(self.cache, tokens, pos + tree.depth, tree.mask)  # [N+1, H]
         path, logits, root = verify(
@@ -209,44 +212,49 @@ class Decoder:
         start = time.perf_counter()
         hidden = self._prefill(prompt_ids, len(prompt_ids) + max_new + draft_room + 2, reuse_cache)
         logits = self.runtime.lm_head(hidden[None])[0]
-        root = sample(logits, cfg.temperature, cfg.top_p, generator)  # pending token, not yet in cache
+        root = sample(logits, cfg.temperature, cfg.top_p, generator)  # the first new token, shown now, fed next
         if self.drafter is not None:
             self.drafter.reset(prompt_ids)
 
         out: list[int] = []
         steps: list[Step] = []
         shown = TextTracker(self.tokenizer, cfg.stop)
-        finish = None
-        while finish is None:
-            t0 = time.perf_counter()
-            h_ent, l_ent = gating.entropy(hidden), gating.entropy(logits)
-            drafts = self._draft(hidden, root, h_ent, l_ent)
-            if drafts is None:
-                new, hidden, logits, root = self._ar_step(root, cfg, generator)
-            else:
-                new, hidden, logits, root = self._spec_step(*drafts, cfg, generator)
-            new_ids = new.tolist()
-            self.cached_ids.extend(new_ids)
-            # stop conditions, in order: EOS, token budget, stop strings
-            for i, t in enumerate(new_ids):
+
+        def emit(new_ids: list[int]) -> str | None:
+            """Output new tokens and stream their text -> the finish reason if generation ends here."""
+            finish = None
+            for i, t in enumerate(new_ids):  # stop conditions, in order: EOS, token budget, stop strings
                 if t in self.eos_ids:
                     new_ids, finish = new_ids[: i + 1], "stop"
                     break
             if len(out) + len(new_ids) >= max_new:
                 new_ids, finish = new_ids[: max_new - len(out)], finish or "length"
             out.extend(new_ids)
-            if self.drafter is not None:
-                self.drafter.extend(new_ids)
-            candidates = 0 if drafts is None else drafts[0].size - 1
-            mode = "ar" if drafts is None else "spec"
-            steps.append(Step(mode, h_ent, l_ent, candidates, len(new_ids), time.perf_counter() - t0))
             delta = shown.add(new_ids, final=finish is not None)
             if shown.stopped:
                 finish = "stop"
             if on_text is not None and delta and on_text(delta) is False and finish is None:
                 finish = "cancelled"
-        # the last pending token(s) were never fed; keep cached_ids in step with the cache
-        self.cached_ids = self.cached_ids[: self.cache.length]
+            return finish
+
+        finish = emit(root.tolist())
+        while finish is None:
+            t0 = time.perf_counter()
+            h_ent, l_ent = gating.entropy(hidden), gating.entropy(logits)
+            drafts = self._draft(hidden, root, h_ent, l_ent)
+            if drafts is None:
+                fed, hidden, logits, root = self._ar_step(root, cfg, generator)
+            else:
+                fed, hidden, logits, root = self._spec_step(*drafts, cfg, generator)
+            fed_ids = fed.tolist()  # the pending token (already shown) and the accepted drafts
+            self.cached_ids.extend(fed_ids)
+            if self.drafter is not None:
+                self.drafter.extend(fed_ids)
+            seconds = time.perf_counter() - t0
+            shown_before = len(out)
+            finish = emit(fed_ids[1:] + root.tolist())
+            mode, candidates = ("ar", 0) if drafts is None else ("spec", drafts[0].size - 1)
+            steps.append(Step(mode, h_ent, l_ent, candidates, len(out) - shown_before, seconds))
         return Result(out, shown.text, len(prompt_ids), time.perf_counter() - start, steps, finish, self.method)
 
     def _draft(self, hidden, root, h_ent, l_ent):

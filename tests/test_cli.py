@@ -100,7 +100,7 @@ def test_generate_json_and_stdin():
         "runtime",
         "config",
     }
-    assert out["method"] == "ar" and out["steps"] == out["new_tokens"] and out["mean_accepted"] == 1.0
+    assert out["method"] == "ar" and out["steps"] == out["new_tokens"] - 1 and out["mean_accepted"] == 1.0
     assert out["weights"] == "int4" and out["runtime"] == "lean"  # --weights auto on a CPU
     # what it ran with, and why (ar has no heads, so --weights auto takes the device's default)
     assert out["config"]["weights"] == "int4" and out["config"]["tree"] is None

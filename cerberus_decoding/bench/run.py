@@ -34,7 +34,7 @@ class Turn:
     token_ids: list[int]
     text: str
     seconds: float
-    steps: int | None  # forwards of the base model while decoding; None where unknown
+    steps: int | None  # decoding forwards after the prompt's (which gives the first token); None where unknown
     speculative_steps: int | None  # None where the method has no such notion
     first_token_seconds: float | None = None  # time to the first new token (prompt processing included)
 
@@ -191,7 +191,7 @@ def hf_runner(
         new = out[0, len(ids) :].tolist()
         text = lm.tokenizer.decode(new, skip_special_tokens=True)
         # plain greedy is one forward per token; how many forwards assisted generation made is not exposed
-        return Turn(ids, new, text, seconds, None if lookup else len(new), None, streamer.seconds)
+        return Turn(ids, new, text, seconds, None if lookup else max(len(new) - 1, 0), None, streamer.seconds)
 
     return run
 
@@ -202,7 +202,7 @@ def llamacpp_runner(lm: LoadedModel, eos_ids: set[int], max_new_tokens: int) -> 
     def run(ids: list[int]) -> Turn:
         new, seconds, first = generate_greedy(llama, ids, eos_ids, max_new_tokens)
         text = lm.tokenizer.decode(new, skip_special_tokens=True)
-        return Turn(ids, new, text, seconds, len(new), None, first)  # one decode call per token
+        return Turn(ids, new, text, seconds, max(len(new) - 1, 0), None, first)  # one eval per later token
 
     return run
 
@@ -393,6 +393,7 @@ def _total(values: list[int | None]) -> int | None:
 
 def _fields(rows: list[Measurement], ref_rows: list[Measurement], mismatched: set) -> dict:
     tokens = sum(r.tokens for r in rows)
+    step_tokens = sum(max(len(t.token_ids) - 1, 0) for r in rows for t in r.turns)  # the first comes from the prompt
     seconds = sum(r.seconds for r in rows)
     tps = tokens / seconds if seconds > 0 else 0.0
     ref_tokens, ref_seconds = sum(r.tokens for r in ref_rows), sum(r.seconds for r in ref_rows)
@@ -404,7 +405,7 @@ def _fields(rows: list[Measurement], ref_rows: list[Measurement], mismatched: se
     return {
         "tokens_per_second": round(tps, 3),
         "speedup": round(tps / ref_tps, 4) if ref_tps > 0 else None,
-        "mean_accepted": round(tokens / steps, 4) if steps else None,
+        "mean_accepted": round(step_tokens / steps, 4) if steps else None,
         "speculative_share": round(spec / steps, 4) if steps and spec is not None else None,
         "mismatches": sum(r.question.question_id in mismatched for r in rows),
         "ttft_ms": None if None in firsts or not firsts else round(1000 * statistics.median(firsts), 2),
