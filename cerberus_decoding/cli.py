@@ -581,6 +581,10 @@ def train(
         0, "--max-positions", min=0, help="Train on the first N distilled positions only (0 = all): accuracy vs size."
     ),
     loss_decay: float = typer.Option(0.8, "--loss-decay", min=0.0, help="Head k's loss weighs DECAY**k."),
+    soft_targets: int = typer.Option(
+        0, "--soft-targets", min=0, help="Also learn the base model's top-K distribution at each target (0 = off)."
+    ),
+    soft_weight: float = typer.Option(0.5, "--soft-weight", min=0.0, max=1.0, help="Share of the soft-target loss."),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     model: str = ModelOpt,
@@ -616,6 +620,8 @@ def train(
         max_steps=max_steps,
         max_positions=max_positions,
         loss_decay=loss_decay,
+        soft_targets=soft_targets,
+        soft_weight=soft_weight,
         seed=seed,
     )
     typer.echo(json.dumps(run(lm, data, out, cfg, resume=resume, device=train_device)))

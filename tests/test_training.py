@@ -120,6 +120,34 @@ def test_training_reduces_the_loss(tiny_lm, tiny_data, tmp_path, head_type, root
     assert config["head_type"] == head_type and config["root_token"] is root_token
 
 
+def test_soft_targets_point_at_the_labels_and_reduce_to_the_hard_loss():
+    """Head k at i learns the base model's distribution at position i + k + 1 of the same answer."""
+    tokens, rows = torch.tensor([5, 6, 7, 8, 9, 4, 3]), torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    labels = train_mod.head_labels(tokens, rows, 3)
+    where = train_mod.target_positions(rows, 3)
+    valid = labels != train_mod.IGNORE
+    assert torch.equal(tokens[where][valid], labels[valid]) and valid.sum() == 3 + 2 + 1 + 2 + 1
+    hidden, w = torch.randn(7, 16), torch.randn(10, 16)
+    ids, probs = train_mod.teacher_topk(hidden, w, 4, chunk=3)
+    full = (hidden @ w.T).softmax(-1)
+    assert torch.equal(ids, full.topk(4, -1).indices) and torch.allclose(probs.sum(-1), torch.ones(7))
+    assert torch.allclose(probs, full.gather(-1, ids) / full.gather(-1, ids).sum(-1, keepdim=True))
+    # one-hot soft targets on the labels give exactly the hard loss, whatever their weight
+    logits, head_labels = torch.randn(7, 3, 10), labels.clamp_min(0)
+    hard, _ = train_mod.head_loss(logits, labels, 0.8)
+    one_hot = (head_labels[..., None], torch.ones(7, 3, 1))
+    mixed, _ = train_mod.head_loss(logits, labels, 0.8, one_hot, 0.7)
+    assert torch.allclose(hard, mixed)
+    spread = (ids[where], probs[where])  # a real distribution: a different loss
+    assert not torch.allclose(hard, train_mod.head_loss(logits, labels, 0.8, spread, 0.7)[0])
+
+
+def test_training_with_soft_targets_reduces_the_loss(tiny_lm, tiny_data, tmp_path):
+    train(tiny_lm, tiny_data, tmp_path, _cfg(soft_targets=8))
+    history = torch.load(tmp_path / "trainer_state.pt", weights_only=False)["history"]["loss"]
+    assert sum(history[-5:]) / 5 < 0.8 * sum(history[:5]) / 5
+
+
 def test_resume_after_interruption_is_exact(tiny_lm, tiny_data, tmp_path, monkeypatch):
     train(tiny_lm, tiny_data, tmp_path / "full", _cfg())
     full = torch.load(tmp_path / "full" / "trainer_state.pt", weights_only=False)["history"]["loss"]

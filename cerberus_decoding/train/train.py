@@ -40,6 +40,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup: float = 0.05  # share of steps
     loss_decay: float = 0.8  # head k weighs decay**k
+    soft_targets: int = 0  # > 0: also learn the base model's top-k distribution at each target (self-distillation)
+    soft_weight: float = 0.5  # share of the soft-target loss when soft_targets > 0
     holdout: float = 0.05  # share of answers held out for evaluation
     eval_every: int = 200
     save_every: int = 200
@@ -106,16 +108,51 @@ def to_head_vocab(labels: torch.Tensor, vocab_ids: torch.Tensor, vocab_size: int
     return out
 
 
-def head_loss(logits: torch.Tensor, labels: torch.Tensor, decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+def head_loss(
+    logits: torch.Tensor, labels: torch.Tensor, decay: float, soft=None, soft_weight: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, K, V'], labels [B, K] -> weighted loss, per-head losses [K] (detached). No host sync:
-    a head with no valid label in the batch contributes 0."""
+    a head with no valid label in the batch contributes 0. ``soft`` = (ids [B, K, k], probs [B, K, k]):
+    the base model's top-k distribution at each target (head vocabulary), mixed in with ``soft_weight``."""
     total, per_head = logits.new_zeros(()), []
     for k in range(logits.shape[1]):
+        valid = labels[:, k] != IGNORE
         loss_sum = F.cross_entropy(logits[:, k].float(), labels[:, k], ignore_index=IGNORE, reduction="sum")
-        loss_k = loss_sum / (labels[:, k] != IGNORE).sum().clamp_min(1)
+        loss_k = loss_sum / valid.sum().clamp_min(1)
+        if soft is not None:
+            log_q = logits[:, k].float().log_softmax(-1).gather(-1, soft[0][:, k])  # [B, k]
+            soft_sum = -((soft[1][:, k] * log_q).sum(-1) * valid).sum()
+            loss_k = (1 - soft_weight) * loss_k + soft_weight * soft_sum / valid.sum().clamp_min(1)
         total = total + decay**k * loss_k
         per_head.append(loss_k.detach())
     return total, torch.stack(per_head)
+
+
+@torch.no_grad()
+def teacher_topk(hidden: torch.Tensor, head_weight: torch.Tensor, k: int, chunk: int = 8192):
+    """The base model's next-token distribution at each position, restricted to the head vocabulary and
+    cut to its top k (renormalized): hidden [N, H], head_weight [V', H] (the LM head's head-vocab rows)
+    -> ids [N, k] (head-vocab indices), probs [N, k]."""
+    ids, probs = [], []
+    w = head_weight.float()
+    for i in range(0, hidden.shape[0], chunk):
+        p = (hidden[i : i + chunk].float() @ w.T).softmax(-1)  # [n, V']
+        top = p.topk(k, dim=-1)
+        ids.append(top.indices)
+        probs.append(top.values / top.values.sum(-1, keepdim=True))
+    return torch.cat(ids), torch.cat(probs)
+
+
+def target_positions(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[N] answer id per position -> [N, K]: the position whose token head k learns at i (i + k + 1 in the
+    same answer), or 0 where there is none (those labels are IGNORE; the index is only kept in range)."""
+    n = rows.numel()
+    out = torch.zeros(n, num_heads, dtype=torch.long)
+    for k in range(num_heads):
+        shift = k + 1
+        same = rows[shift:] == rows[:-shift]
+        out[: n - shift, k] = torch.where(same, torch.arange(shift, n), 0)
+    return out
 
 
 @torch.no_grad()
@@ -259,6 +296,10 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     elif cfg.own_lm_head:
         heads.init_own_lm_heads()
     train_targets = to_head_vocab(train_y, heads.vocab_ids, weight.shape[0])
+    soft = None
+    if cfg.soft_targets:  # [N, K] positions -> the base model's top-k there, gathered per batch
+        soft_ids, soft_probs = teacher_topk(hidden, weight[heads.vocab_ids], cfg.soft_targets)
+        soft = (target_positions(rows, cfg.num_heads)[train_idx], soft_ids, soft_probs)
 
     params = [p for p in heads.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -283,6 +324,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     core = acc.unwrap_model(heads)
     if acc.device.type != "cpu":  # the whole data set on the accelerator: no host gather per step
         train_h, train_targets, train_r = train_h.to(acc.device), train_targets.to(acc.device), train_r.to(acc.device)
+        soft = None if soft is None else tuple(t.to(acc.device) for t in soft)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup), last_epoch=step - 1)
 
     orders: dict[int, torch.Tensor] = {}
@@ -333,7 +375,12 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         idx = batch_indices(step)
         h = train_h[idx].float().to(acc.device)
         y = train_targets[idx].to(acc.device)
-        loss, per_head = head_loss(heads(h, train_r[idx].to(acc.device)), y, cfg.loss_decay)
+        batch_soft = None
+        if soft is not None:
+            where = soft[0][idx]  # [B, K] positions of the targets
+            batch_soft = (soft[1][where], soft[2][where])  # [B, K, k] each
+        logits = heads(h, train_r[idx].to(acc.device))
+        loss, per_head = head_loss(logits, y, cfg.loss_decay, batch_soft, cfg.soft_weight)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         opt.step()
