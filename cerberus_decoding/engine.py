@@ -263,7 +263,7 @@ class Decoder:
         topk = None
         if heads_on:
             self.heads_calls += 1
-            topk = self.heads.topk_tokens(hidden, self.tree.top_k, root)  # [K, k] token ids
+            topk = self.heads.topk_tokens(hidden, self.tree.top_k, root, self.tree.num_heads)  # [depth, k] ids
         if self.drafter is not None:
             return self.drafter.draft(root, self.tree if heads_on else None, topk)
         if not heads_on:

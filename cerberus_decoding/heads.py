@@ -131,15 +131,16 @@ class DraftHeads(nn.Module):
         for head in self.lm_heads:
             head.weight.data.copy_(self.shared_weight)
 
-    def states(self, h: torch.Tensor, root: torch.Tensor | None = None) -> torch.Tensor:
-        """h [..., H], root [...] token ids (root_token heads) -> [..., K, H]"""
+    def states(self, h: torch.Tensor, root: torch.Tensor | None = None, heads: int | None = None) -> torch.Tensor:
+        """h [..., H], root [...] token ids (root_token heads) -> [..., K, H]; only the first ``heads``
+        heads when given (a head never reads a later one)"""
         prev = h
         if self.config.root_token:
             if root is None:
                 raise CerberusError("These heads read the root token; pass it.")
             prev = self.embed_weight[root].to(h.dtype)  # [..., H]
         outs = []
-        for blocks in self.blocks:
+        for blocks in self.blocks[:heads]:
             if self.config.head_type == "cerberus":
                 z = blocks[0](torch.cat([h, prev], dim=-1), residual=h)
             else:
@@ -153,7 +154,8 @@ class DraftHeads(nn.Module):
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """[..., K, H] -> [..., K, V'] (indices into ``vocab_ids``)"""
         if self.config.own_lm_head:
-            return torch.stack([head(states[..., k, :]) for k, head in enumerate(self.lm_heads)], -2)
+            heads = self.lm_heads[: states.shape[-2]]
+            return torch.stack([head(states[..., k, :]) for k, head in enumerate(heads)], -2)
         if self.packed_logits is not None:
             return self.packed_logits(states)
         return states @ self.shared_weight.T  # one matmul for all heads
@@ -172,14 +174,14 @@ class DraftHeads(nn.Module):
             self.packed_logits = dense(self.shared_weight, "int8")
         return self
 
-    def forward(self, h: torch.Tensor, root: torch.Tensor | None = None) -> torch.Tensor:
-        return self.logits(self.states(h, root))
+    def forward(self, h: torch.Tensor, root: torch.Tensor | None = None, heads: int | None = None) -> torch.Tensor:
+        return self.logits(self.states(h, root, heads))
 
-    def topk_tokens(self, h: torch.Tensor, k: int, root: torch.Tensor | None = None) -> torch.Tensor:
-        """h [H], root [] or [1] -> [K, k] token ids, best first."""
+    def topk_tokens(self, h: torch.Tensor, k: int, root: torch.Tensor | None = None, heads: int | None = None):
+        """h [H], root [] or [1] -> [K, k] token ids, best first ([heads, k]: only the heads a tree reaches)."""
         if root is not None:
             root = root.reshape(())
-        idx = self.forward(h, root).topk(k, dim=-1).indices
+        idx = self.forward(h, root, heads).topk(k, dim=-1).indices
         return self.vocab_ids[idx]
 
 

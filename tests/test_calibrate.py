@@ -67,9 +67,10 @@ def synthetic_calibration(n: int = 40):
     good = np.arange(n) % 2 == 0
     ranks = np.where(good[:, None], 0, 10).repeat(3, axis=1)  # 3 heads, top_k 10: 10 = missed
     entropies = {"logits": np.where(good, 0.5, 3.0), "hidden": np.random.default_rng(0).uniform(0, 1, n)}
+    free = {"step": 0, "spec": 0, "heads": [0] * 3}
     formats = {
-        "steep": {"cost_ms": {1: 10.0, 2: 21.0, 4: 41.0, 8: 81.0, 16: 161.0}, "overhead_ms": {"step": 0, "spec": 0}},
-        "flat": {"cost_ms": {1: 10.0, 2: 11.0, 4: 12.0, 8: 13.0, 16: 14.0}, "overhead_ms": {"step": 0, "spec": 0}},
+        "steep": {"cost_ms": {1: 10.0, 2: 21.0, 4: 41.0, 8: 81.0, 16: 161.0}, "overhead_ms": free},
+        "flat": {"cost_ms": {1: 10.0, 2: 11.0, 4: 12.0, 8: 13.0, 16: 14.0}, "overhead_ms": free},
     }
     return formats, ranks, entropies
 
@@ -92,6 +93,17 @@ def test_the_choice_is_the_known_best_of_a_synthetic_table():
     # Medusa heads run ungated: the best tree when always speculating
     ungated = run._choice(rows, trees, "flat", ungated=True)
     assert ungated["threshold"] == math.inf and ungated["tree"] == trees[3]
+
+
+def test_a_tree_pays_for_the_heads_it_reaches():
+    """Deep heads that cost more than the tokens they add: the choice stops at depth 1."""
+    formats, ranks, entropies = synthetic_calibration()
+    flat = formats["flat"] | {"overhead_ms": {"step": 0, "spec": 0, "heads": [1.0, 30.0, 60.0]}}
+    rows, trees = choose.predict_table({"flat": flat}, ranks, entropies, top_k=10, n_bins=4)
+    best = choose.best_row(rows)
+    assert max(len(c) for c in trees[best["nodes"]]) == 1
+    # confident half: 2 tokens per (11 + 1) ms; the other half: AR steps of 10 ms
+    assert best["tokens_per_s"] == pytest.approx(1000 * 3 / 22)
 
 
 def test_the_loaded_format_stays_unless_another_is_clearly_faster():

@@ -44,10 +44,11 @@ def cost_at(costs: dict, q: float) -> float:
     return float(np.interp(q, qs, [costs[k] if k in costs else costs[str(k)] for k in qs]))
 
 
-def step_costs(costs: dict, overheads: dict, num_nodes: int) -> tuple[float, float]:
-    """(AR step ms, speculative step ms with an N-node tree)."""
+def step_costs(costs: dict, overheads: dict, choices) -> tuple[float, float]:
+    """(AR step ms, speculative step ms with this tree: its verification, and the heads it reaches)."""
     ar = cost_at(costs, 1) + overheads["step"]
-    return ar, cost_at(costs, num_nodes + 1) + overheads["step"] + overheads["spec"]
+    heads_ms = overheads["heads"][max(len(c) for c in choices) - 1]
+    return ar, cost_at(costs, len(choices) + 1) + overheads["step"] + overheads["spec"] + heads_ms
 
 
 def accuracy_table(ranks: np.ndarray, top_k: int, prior: float = 10.0) -> list[list[float]]:
@@ -134,7 +135,7 @@ def predict_table(
 ) -> tuple[list[dict], dict[int, list[list[int]]]]:
     """The predicted tokens/s of every (weights, tree size, gate, threshold), and the tree of each size.
 
-    ``formats``: weights -> {"cost_ms": {q: ms}, "overhead_ms": {"step", "spec"}} as measured.
+    ``formats``: weights -> {"cost_ms": {q: ms}, "overhead_ms": {"step", "spec", "heads"}} as measured.
     ``ranks`` [T, K], ``entropies`` {gate: [T]}: ``measure.observe`` over the calibration answers.
     Rows are ordered from less to more work (smaller trees, lower thresholds) so that ``best_row``
     breaks ties towards less work.
@@ -152,7 +153,7 @@ def predict_table(
     for weights, m in formats.items():
         fit = monotone_costs(m["cost_ms"])
         for n in (n for n in trees if n in tree_sizes(fit)):
-            ar_ms, spec_ms = step_costs(fit, m["overhead_ms"], n)
+            ar_ms, spec_ms = step_costs(fit, m["overhead_ms"], trees[n])
             for gate in ENTROPY_GATES:
                 values = entropies[gate][full]
                 for th in candidates[gate]:

@@ -25,7 +25,7 @@ from ..heads import _atomic_write
 from ..models import CerberusError, cache_root
 from ..tree import build_tree
 
-VERSION = 2
+VERSION = 3  # 3: overheads per tree depth (a step runs only the heads its tree reaches)
 SHIPPED_DIR = "calibration"
 
 

@@ -95,8 +95,9 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
     """Milliseconds a step spends outside the verification forward (medians).
 
     ``step``: what every step pays (both gate entropies, detokenising the answer so far).
-    ``spec``: what only a speculative step pays (heads' top-k, tree tokens, path selection, compaction),
-    measured on a tree with ``top_k`` ranks at depth 1 and a chain through every head.
+    ``spec``: what only a speculative step pays besides the heads (tree tokens, path selection,
+    compaction), measured on a tree with ``top_k`` ranks at depth 1 and a chain through every head.
+    ``heads``: the heads' top-k for a tree of depth d = 1..K (a step runs only the heads its tree reaches).
     """
     rt, device, tokenizer = lm.runtime, lm.device, lm.tokenizer
     k = heads.config.num_heads
@@ -111,15 +112,21 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
     hidden = hidden[0]
     root = logits.argmax(-1, keepdim=True)
     answer = torch.randint(vocab, (128,), generator=g).tolist()  # a mid-length answer to detokenise
-    step, spec = [], []
+    step, spec, by_depth = [], [], [[] for _ in range(k)]
     for _ in range(repeats + 1):
+        for d in range(1, k + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            topk = heads.topk_tokens(hidden, tree.top_k, root, d)  # [d, top_k]
+            _sync(device)
+            by_depth[d - 1].append(time.perf_counter() - t0)
         _sync(device)
         t0 = time.perf_counter()
         gating.entropy(hidden)
         gating.entropy(logits)
         tokenizer.decode(answer, skip_special_tokens=True)
         t1 = time.perf_counter()
-        tokens = tree.candidates(root, heads.topk_tokens(hidden, tree.top_k, root))  # [N+1]
+        tokens = tree.candidates(root, topk)  # [N+1]
         _sync(device)
         t2 = time.perf_counter()
         cache.truncate(context)
@@ -132,7 +139,11 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
         t4 = time.perf_counter()
         step.append(t1 - t0)
         spec.append((t2 - t1) + (t4 - t3))
-    return {"step": _median_ms(step[1:]), "spec": _median_ms(spec[1:])}  # first round: warm-up
+    return {  # first round: warm-up
+        "step": _median_ms(step[1:]),
+        "spec": _median_ms(spec[1:]),
+        "heads": [_median_ms(t[1:]) for t in by_depth],
+    }
 
 
 # ---- 2. how often the heads are right ---------------------------------------------------------------

@@ -244,7 +244,7 @@ def calibrate(
         del flm, heads_w
 
     fit, overheads = measured[best]["cost_fit_ms"], measured[best]["overhead_ms"]
-    ar_ms, spec_ms = step_costs(fit, overheads, len(choices[best]["tree"]))
+    ar_ms, spec_ms = step_costs(fit, overheads, choices[best]["tree"])
     full = (ranks >= 0).all(axis=1)
     accepted = accepted_lengths(ranks[full], choices[best]["tree"])
     accuracy = accuracy_table(ranks, top_k)
