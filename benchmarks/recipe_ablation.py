@@ -11,7 +11,7 @@ Train the runs first, one per option, on the same distilled data and the same po
     python benchmarks/recipe_ablation.py runs/ablation/* [--out docs/training_ablation.png]
 
 (a later --num-layers overrides the first). Prints per-head held-out top-1 / top-5 with the difference
-to the first run, and plots top-1 per head.
+to the first run and the share of held-out targets outside the head vocabulary, and plots top-1 per head.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def load_runs(dirs: list[Path]) -> dict[str, dict]:
 def table(runs: dict[str, dict]) -> Table:
     base = next(iter(runs.values()))["eval"]
     t = Table(title="held-out accuracy per head (difference to the first run)")
-    for col in ("run", "top-1 heads 1..K", "top-5 heads 1..K", "head 1 top-1 vs first", "vocab missed", "seconds"):
+    columns = ("run", "top-1 heads 1..K", "top-5 heads 1..K", "head 1 top-1 vs first", "vocab missed", "seconds")
+    for col in columns:
         t.add_column(col)
     for name, s in runs.items():
         e = s["eval"]
@@ -47,7 +48,7 @@ def table(runs: dict[str, dict]) -> Table:
             " / ".join(f"{x:.3f}" for x in e["top1"]),
             " / ".join(f"{x:.3f}" for x in e["top5"]),
             f"{e['top1'][0] - base['top1'][0]:+.3f}",
-            f"{s['head_vocab_missed']:.3f}",
+            f"{s.get('heldout_vocab_missed', s['head_vocab_missed']):.3f}",
             f"{s['seconds']:.0f}",
         )
     return t

@@ -407,6 +407,9 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         "train_positions": n_train,
         "eval_positions": int(held.sum()),
         "head_vocab_missed": round(missed, 4),
+        "heldout_vocab_missed": round(
+            1.0 - float(torch.isin(eval_y[eval_y != IGNORE], core.vocab_ids.cpu()).float().mean()), 4
+        ),
         "eval": history["eval"][-1] if history["eval"] else None,
     }
     if groups is not None:  # held-out accuracy per data source and category
