@@ -58,7 +58,10 @@ class EffectiveConfig:
         if self.tree is not None:
             settings.append(f"{len(self.tree)}-node tree ({self.source['tree']})")
             gate = f"gate {self.gate} < {self.threshold:.3g}"
-            gate = "gate off" if self.gate == "off" else "never speculates" if self.threshold == -math.inf else gate
+            if self.gate == "off":
+                gate = "gate off"
+            elif math.isinf(self.threshold):
+                gate = "never speculates" if self.threshold < 0 else "always speculates"
             settings.append(f"{gate} ({self.source['threshold' if self.gate != 'off' else 'gate']})")
         return f"{self.method}: " + ", ".join(settings) + f"; {self.calibration}"
 

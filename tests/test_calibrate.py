@@ -242,6 +242,10 @@ def test_a_matching_calibration_is_used_and_says_so(tiny_lm, heads_dir):
     assert dec.tree.size == 5 and dec.threshold == 3.0 and dec.config.source["tree"] == "flag"
     nogate = build_decoder(tiny_lm, "cerberus-nogate", heads=str(heads_dir))
     assert nogate.threshold == math.inf and nogate.tree.size == 4
+    # infinite thresholds read as what they do
+    for threshold, says in ((math.inf, "always speculates"), (-math.inf, "never speculates")):
+        dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir), threshold=threshold)
+        assert f"3-node tree (calibrated), {says} (flag)" in dec.config.why()
 
 
 def test_a_shipped_calibration_is_read_after_the_users(tiny_lm, heads_dir):
