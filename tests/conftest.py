@@ -42,6 +42,20 @@ def lm() -> LoadedModel:
     return load_model("default", "int4", "cpu")
 
 
+def references_for(lm: LoadedModel, prompts: list[str], max_new_tokens: int) -> dict[str, tuple[list[int], list[int]]]:
+    """prompt -> (its ids, greedy AR's new tokens) in ``lm``'s format."""
+    from cerberus_decoding.engine import Decoder, SamplingConfig
+
+    ar, config = Decoder(lm), SamplingConfig(max_new_tokens=max_new_tokens)
+    return {p: (ids := ar.encode(p), ar.generate(ids, config).token_ids) for p in prompts}
+
+
+@pytest.fixture(scope="session")
+def references(lm) -> dict[str, tuple[list[int], list[int]]]:
+    """Greedy int4 AR on 8 real prompts x 128 tokens: what every lossless test compares against."""
+    return references_for(lm, PROMPTS[:8], 128)
+
+
 @pytest.fixture(scope="session")
 def lm_f32() -> LoadedModel:
     return load_model("default", "float32", "cpu")

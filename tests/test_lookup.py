@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from cerberus_decoding.lookup import LookupDrafter, NgramIndex, continuation, union_tree
 from cerberus_decoding.tree import DEFAULT_TREE, build_tree, tree_from_parents
 
-from .conftest import assert_lossless
+from .conftest import assert_lossless, references_for
 
 
 def reference_match(tokens, root, ngram, max_len, min_ngram=1):
@@ -263,15 +263,13 @@ def test_greedy_lookup_methods_are_lossless(lm):
     from cerberus_decoding.engine import SamplingConfig
     from cerberus_decoding.methods import build_decoder
 
-    ar = build_decoder(lm, "ar")
     pld = build_decoder(lm, "pld")
     # a finite gate threshold: confident steps verify heads + chain, the others the chain alone
     both = build_decoder(lm, "cerberus+lookup", heads="none", gate="logits", threshold=1.0)
     cfg = SamplingConfig(max_new_tokens=128)
     spec_steps = {"pld": 0, "cerberus+lookup": 0}
-    for prompt in PROMPTS:
-        ids = ar.encode(prompt)
-        ref = ar.generate(ids, cfg).token_ids
+    # the prompts that copy from their input, and one that repeats itself (the rest: tests/test_lossless.py)
+    for ids, ref in references_for(lm, PROMPTS[:6] + PROMPTS[-1:], 128).values():
         for name, dec in (("pld", pld), ("cerberus+lookup", both)):
             result = dec.generate(ids, cfg)
             assert_lossless(lm, ids, ref, result.token_ids)

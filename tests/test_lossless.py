@@ -15,11 +15,11 @@ import math
 
 import pytest
 
-from cerberus_decoding.engine import Decoder, SamplingConfig
+from cerberus_decoding.engine import SamplingConfig
 from cerberus_decoding.methods import build_decoder
 from cerberus_decoding.models import load_model
 
-from .conftest import PROMPTS, assert_lossless
+from .conftest import PROMPTS, assert_lossless, references_for
 
 pytestmark = pytest.mark.slow
 N_TOKENS = 128
@@ -27,16 +27,6 @@ CONFIG = SamplingConfig(max_new_tokens=N_TOKENS)
 SHORT = SamplingConfig(max_new_tokens=48)  # greedy: the first 48 tokens of the 128-token references
 # 7 nodes over 3 depths, with siblings: rows on and off the tree's main chain
 TREE = [[0], [1], [0, 0], [1, 0], [0, 0, 0], [0, 1], [2]]
-
-
-def references_for(lm, prompts, config):
-    ar = Decoder(lm)
-    return {p: (ids := ar.encode(p), ar.generate(ids, config).token_ids) for p in prompts}
-
-
-@pytest.fixture(scope="module")
-def references(lm):
-    return references_for(lm, PROMPTS[:8], CONFIG)
 
 
 @pytest.mark.parametrize("method", ["cerberus-nogate", "medusa", "cerberus+lookup"])
@@ -64,7 +54,7 @@ def test_other_formats_are_lossless(lm_f32, weights):
     slower than int4 on a CPU without AVX-512."""
     fmt = lm_f32 if weights == "float32" else load_model("default", "bfloat16", "cpu")
     config = SamplingConfig(max_new_tokens=48)
-    for ids, reference in references_for(fmt, PROMPTS[:3], config).values():
+    for ids, reference in references_for(fmt, PROMPTS[:3], config.max_new_tokens).values():
         for method in ("cerberus-nogate", "cerberus+lookup"):
             got = build_decoder(fmt, method, heads="default", tree=TREE).generate(ids, config).token_ids
             assert_lossless(fmt, ids, reference, got)
