@@ -80,13 +80,20 @@ def load_distilled(data_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, to
 
 def head_labels(tokens: torch.Tensor, rows: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[N] tokens of concatenated answers -> [N, K] labels: head k at i gets token i+k+1 of the same answer."""
-    n = tokens.numel()
-    labels = torch.full((n, num_heads), IGNORE, dtype=torch.long)
+    where = target_positions(rows, num_heads)
+    return torch.where(where >= 0, tokens[where.clamp_min(0)], IGNORE)
+
+
+def target_positions(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[N] answer id per position -> [N, K]: the position whose token head k learns at i (i + k + 1 in the
+    same answer), or -1 where the answer ends before it."""
+    n = rows.numel()
+    out = torch.full((n, num_heads), -1, dtype=torch.long)
     for k in range(num_heads):
         shift = k + 1
         same = rows[shift:] == rows[:-shift]
-        labels[: n - shift, k] = torch.where(same, tokens[shift:], torch.full_like(tokens[shift:], IGNORE))
-    return labels
+        out[: n - shift, k] = torch.where(same, torch.arange(shift, n), -1)
+    return out
 
 
 def frequent_vocab(labels: torch.Tensor, size: int, vocab_size: int) -> tuple[torch.Tensor, float]:
@@ -141,18 +148,6 @@ def teacher_topk(hidden: torch.Tensor, head_weight: torch.Tensor, k: int, chunk:
         ids.append(top.indices)
         probs.append(top.values / top.values.sum(-1, keepdim=True))
     return torch.cat(ids), torch.cat(probs)
-
-
-def target_positions(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[N] answer id per position -> [N, K]: the position whose token head k learns at i (i + k + 1 in the
-    same answer), or 0 where there is none (those labels are IGNORE; the index is only kept in range)."""
-    n = rows.numel()
-    out = torch.zeros(n, num_heads, dtype=torch.long)
-    for k in range(num_heads):
-        shift = k + 1
-        same = rows[shift:] == rows[:-shift]
-        out[: n - shift, k] = torch.where(same, torch.arange(shift, n), 0)
-    return out
 
 
 @torch.no_grad()
@@ -299,7 +294,8 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     soft = None
     if cfg.soft_targets:  # [N, K] positions -> the base model's top-k there, gathered per batch
         soft_ids, soft_probs = teacher_topk(hidden, weight[heads.vocab_ids], cfg.soft_targets)
-        soft = (target_positions(rows, cfg.num_heads)[train_idx], soft_ids, soft_probs)
+        where = target_positions(rows, cfg.num_heads)[train_idx].clamp_min(0)  # no target: its label is IGNORE
+        soft = (where, soft_ids, soft_probs)
 
     params = [p for p in heads.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
