@@ -126,6 +126,8 @@ def test_soft_targets_point_at_the_labels_and_reduce_to_the_hard_loss():
     labels = train_mod.head_labels(tokens, rows, 3)
     where = train_mod.target_positions(rows, 3)
     valid = labels != train_mod.IGNORE
+    assert labels[0].tolist() == [6, 7, 8] and labels[4].tolist() == [4, 3, train_mod.IGNORE]
+    assert labels[3].tolist() == [train_mod.IGNORE] * 3  # the answer ends: nothing to learn
     assert torch.equal(tokens[where][valid], labels[valid]) and valid.sum() == 3 + 2 + 1 + 2 + 1
     hidden, w = torch.randn(7, 16), torch.randn(10, 16)
     ids, probs = train_mod.teacher_topk(hidden, w, 4, chunk=3)
