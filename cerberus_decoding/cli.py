@@ -503,7 +503,17 @@ def distill(
         "adding up to 1: e.g. 'dolly15k=0.5,math=0.3,builtin=0.2'. Drawn at random with --seed.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the prompt selection and order."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    batch_size: int = typer.Option(
+        32, "--batch-size", min=1, help="Prompts per shard (and per forward on --runtime hf)."
+    ),
+    rows: int = typer.Option(
+        8, "--rows", min=1, help="Sequences the lean runtime decodes together (continuous batching)."
+    ),
+    hidden: bool = typer.Option(
+        True,
+        "--hidden/--no-hidden",
+        help="Store float32 hidden states for training (--no-hidden: answers only, in the generating format).",
+    ),
     max_new_tokens: int = typer.Option(192, "--max-new-tokens", min=1),
     max_tokens: int = typer.Option(
         0, "--max-tokens", min=0, help="Start no new batch once this many answer tokens are distilled (0 = all)."
@@ -546,12 +556,14 @@ def distill(
         out,
         batch_size,
         max_new_tokens,
+        keep_hidden=hidden,
         source=source,
         worker=worker,
         workers=workers,
         answers=recorded,
         max_tokens=max_tokens,
         deadline=deadline,
+        rows_per_step=rows,
     )
     typer.echo(json.dumps(summary))
 

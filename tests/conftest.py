@@ -92,6 +92,14 @@ def tiny_lm(lm) -> LoadedModel:
     return LoadedModel(model, lm.tokenizer, "tiny-llama", torch.device("cpu"), torch.float32)
 
 
+@pytest.fixture(scope="session")
+def tiny_lean(tiny_lm) -> LoadedModel:
+    """tiny_lm on the lean runtime in float32 (the CPU distillation path)."""
+    from cerberus_decoding.runtime import build_runtime
+
+    return dataclasses.replace(tiny_lm, runtime=build_runtime(tiny_lm.model, "float32", "lean"))
+
+
 def top2_gap(lm: LoadedModel, prefix: list[int]) -> float:
     from cerberus_decoding.bench.run import logit_gap
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cerberus_decoding.models import CerberusError
-from cerberus_decoding.train.distill import chat_ids, distill, generate_batch, teacher_forced
+from cerberus_decoding.train.distill import chat_ids, distill, generate_rows, teacher_forced
 from cerberus_decoding.train.prompts import Prompt, load_prompts, parse_mix, read_prompt_file
 
 
@@ -96,35 +96,66 @@ QUESTIONS = [
 ]
 
 
-def test_batched_distillation_gives_the_unbatched_greedy_answers(lm_hf):
-    """Left-padded batches (generation) and right-padded batches (teacher forcing) against one prompt
-    at a time, float32: equal tokens, or a divergence at a proven near-tie."""
+def test_lean_batched_distillation_gives_exactly_the_greedy_answers_of_generate(lm, references):
+    """The CPU path: int4, 3 rows decoded together while finished rows take new prompts. Every answer
+    is bitwise the one greedy generation gives for that prompt alone (no tie allowance)."""
+    prompts = [ids for ids, _ in references.values()]
+    rows = generate_rows(lm.runtime, prompts, 128, lm.tokenizer.eos_token_id, 3, False, lm.device)
+    for (_, want), (tokens, hidden) in zip(references.values(), rows, strict=True):
+        assert tokens.tolist() == want and hidden is None
+
+
+def test_padded_batch_distillation_gives_the_unbatched_greedy_answers(lm_hf):
+    """The GPU path (transformers' left-padded batch) against one prompt at a time, float32: equal
+    tokens, or a divergence at a proven near-tie; the teacher-forced pass recomputes the same tokens."""
     from cerberus_decoding.bench.run import logit_gap
 
-    tok = lm_hf.tokenizer
+    tok, rt = lm_hf.tokenizer, lm_hf.runtime
     prompts = [chat_ids(tok, q) for q in QUESTIONS]
     eos = tok.eos_token_id
-    batched = generate_batch(lm_hf, prompts, 32, eos, eos)
+    batched = rt.generate_padded(prompts, 32, eos, eos, True)
     for ids, (tokens, _) in zip(prompts, batched, strict=True):
-        alone = generate_batch(lm_hf, [ids], 32, eos, eos)[0][0].tolist()
+        alone = rt.generate_padded([ids], 32, eos, eos, False)[0][0].tolist()
         got = tokens.tolist()
         if got != alone:
             i = next((i for i, (a, b) in enumerate(zip(got, alone, strict=False)) if a != b), min(len(got), len(alone)))
             assert logit_gap(lm_hf, ids, alone[:i]) < 1e-3, f"batched generation diverged at token {i}"
-    forced = teacher_forced(lm_hf.model, prompts, [t.tolist() for t, _ in batched], tokens_per_forward=4096)
+    forced = teacher_forced(rt, prompts, [t.tolist() for t, _ in batched], lm_hf.device)
     for (tokens, hidden), (targets, forced_hidden) in zip(batched, forced, strict=True):
-        assert torch.equal(tokens, targets)  # the model's own greedy choices, recomputed in one padded pass
+        assert torch.equal(tokens, targets)  # the model's own greedy choices, recomputed in one forward
         torch.testing.assert_close(hidden.float(), forced_hidden.float(), atol=0.05, rtol=0.02)
 
 
-def test_a_killed_distillation_resumes_without_losing_or_repeating_anything(tiny_lm, tmp_path):
+def test_recorded_answers_continue_with_another_generator_and_say_which_made_which(tiny_lm, tiny_lean, tmp_path):
+    """A run's first shards taken from an answers file as they are (no forward), the rest generated
+    on the lean runtime: answers.safetensors holds all of them and records each shard's generator."""
+    from safetensors import safe_open
+
+    from cerberus_decoding.train.distill import read_answers
+
+    prompts = [f"Give me tip number {i} for cooking rice." for i in range(12)]
+    first = tmp_path / "first"
+    distill(tiny_lm, prompts, first, batch_size=4, max_new_tokens=16, keep_hidden=False, source="mixed")
+    recorded, made_by = read_answers(first / "answers.safetensors", "mixed")
+    assert len(recorded) == 12 and set(made_by) == {"float32 hf cpu"}
+    out = tmp_path / "out"
+    distill(tiny_lean, prompts, out, 4, 16, keep_hidden=False, source="mixed", answers=(recorded[:8], made_by[:8]))
+    distill(tiny_lean, prompts, out, 4, 16, keep_hidden=False, source="mixed", rows_per_step=3)
+    answers, made_by = read_answers(out / "answers.safetensors", "mixed")
+    assert answers[:8] == recorded[:8] and len(answers) == 12
+    assert made_by == ["float32 hf cpu (recorded)"] * 8 + ["float32 lean cpu"] * 4
+    with safe_open(str(out / "shard-00000.safetensors"), "pt") as f:
+        assert "hidden" not in f.keys()
+
+
+def test_a_killed_distillation_resumes_without_losing_or_repeating_anything(tiny_lm, tiny_lean, tmp_path):
     """Kill a run in the middle of a batch; the same command then finishes and the shards hold every
     prompt's answer exactly once, equal to an uninterrupted run."""
     from safetensors.torch import load_file
 
     prompts = [f"Tell me fact number {i} about the sea." for i in range(12)]
     reference = tmp_path / "reference"
-    distill(tiny_lm, prompts, reference, batch_size=4, max_new_tokens=48, source="kill-test")
+    distill(tiny_lean, prompts, reference, batch_size=4, max_new_tokens=48, source="kill-test")
     out = tmp_path / "killed"
     saved = tmp_path / "tiny-model"
     tiny_lm.model.save_pretrained(saved)
@@ -133,16 +164,18 @@ def test_a_killed_distillation_resumes_without_losing_or_repeating_anything(tiny
 import sys, time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from cerberus_decoding.models import LoadedModel
+from cerberus_decoding.runtime import build_runtime
 from cerberus_decoding.train import distill as d
-real = d.generate_batch
+real = d.generate_rows
 def slow(*a, **k):
     out = real(*a, **k)
     print("batch", flush=True)
     time.sleep(60)  # killed here: a batch computed but not yet written
     return out
-d.generate_batch = slow
+d.generate_rows = slow
 model = AutoModelForCausalLM.from_pretrained({str(saved)!r}).eval().requires_grad_(False)
-lm = LoadedModel(model, AutoTokenizer.from_pretrained({str(saved)!r}), "tiny-llama", torch.device("cpu"), torch.float32)
+tok = AutoTokenizer.from_pretrained({str(saved)!r})
+lm = LoadedModel(model, tok, "tiny-llama", torch.device("cpu"), torch.float32, build_runtime(model, "float32", "lean"))
 d.distill(lm, {prompts!r}, {str(out)!r}, batch_size=4, max_new_tokens=48, source="kill-test")
 """
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -150,7 +183,7 @@ d.distill(lm, {prompts!r}, {str(out)!r}, batch_size=4, max_new_tokens=48, source
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert not (out / "shard-00000.safetensors").exists()
-    distill(tiny_lm, prompts, out, batch_size=4, max_new_tokens=48, source="kill-test")
+    distill(tiny_lean, prompts, out, batch_size=4, max_new_tokens=48, source="kill-test")
     for b in range(3):
         got, want = load_file(out / f"shard-{b:05d}.safetensors"), load_file(reference / f"shard-{b:05d}.safetensors")
         assert torch.equal(got["lengths"], want["lengths"]) and torch.equal(got["tokens"], want["tokens"])
@@ -170,5 +203,5 @@ def test_the_committed_answers_match_the_shipped_prompt_selection(tmp_path):
     packed = root / "distilled" / "SmolLM2-135M-Instruct" / "instructions-40000.answers.safetensors.xz"
     answers = tmp_path / "answers.safetensors"
     answers.write_bytes(lzma.decompress(packed.read_bytes()))
-    rows = read_answers(answers, source)
+    rows, _ = read_answers(answers, source)
     assert len(rows) == 10240 and sum(map(len, rows)) == 1_601_619

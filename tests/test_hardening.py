@@ -336,7 +336,6 @@ def _cases(tmp: Path, tiny_lm, tiny_data: Path, run_dir: Path, small_vocab_heads
     bad_shard.mkdir()
     settings = {
         "model": "tiny-llama",
-        "dtype": "float32",
         "batch_size": 1,
         "max_new_tokens": 4,
         "source": "builtin:1:0",

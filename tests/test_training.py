@@ -80,11 +80,12 @@ def test_distill_split_over_workers_gives_the_same_shards(tiny_lm, tiny_data, tm
 def test_recorded_answers_rebuild_the_shards_without_generating(tiny_lm, tiny_data, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    from cerberus_decoding.runtime.hf import HFRuntime
     from cerberus_decoding.train import distill as distill_mod
 
     answers = distill_mod.read_answers(tiny_data / "answers.safetensors", "test")
-    assert len(answers) == 24
-    monkeypatch.setattr(distill_mod, "generate_batch", None)  # generating would fail: only teacher forcing runs
+    assert len(answers[0]) == 24 and set(answers[1]) == {"float32 hf cpu"}
+    monkeypatch.setattr(HFRuntime, "generate_padded", None)  # generating would fail: only teacher forcing runs
     distill(tiny_lm, builtin_prompts(24), tmp_path, 8, 32, source="test", answers=answers)
     for name in ("shard-00000.safetensors", "shard-00002.safetensors"):
         rebuilt, generated = load_file(tmp_path / name), load_file(tiny_data / name)

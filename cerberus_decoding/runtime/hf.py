@@ -123,3 +123,48 @@ class HFRuntime:
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden)
+
+    @torch.inference_mode()
+    def generate_padded(self, prompts: list[list[int]], max_new_tokens: int, eos: int, pad: int, keep_hidden: bool):
+        """Greedy answers for a batch of prompts in one left-padded batch (transformers' own batching:
+        the GPU path of distillation, thousands of rows) -> list of (tokens [n], hidden [n, H] bf16 or None)."""
+        from transformers import DynamicCache
+
+        model, device = self.model, self.model.device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        cache = DynamicCache(config=model.config)
+        hidden = model.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, cache=cache
+        ).last_hidden_state[:, -1]  # [B, H]
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        tokens, hiddens = [], []
+        last_pos = positions[:, -1]
+        for _ in range(max_new_tokens):
+            nxt = model.lm_head(hidden).argmax(-1)  # [B]
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            tokens.append(nxt)
+            hiddens.append(hidden.to(torch.bfloat16))
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            last_pos = last_pos + 1
+            hidden = model.model(
+                input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None], use_cache=True, cache=cache
+            ).last_hidden_state[:, -1]
+        toks = torch.stack(tokens, 1).cpu()  # [B, n]
+        hids = torch.stack(hiddens, 1).cpu()  # [B, n, H]
+        out = []
+        for i in range(len(prompts)):
+            row = toks[i]
+            ends = (row == eos).nonzero()
+            n = int(ends[0]) + 1 if len(ends) else row.numel()
+            out.append((row[:n].clone(), hids[i, :n].clone() if keep_hidden else None))
+        return out

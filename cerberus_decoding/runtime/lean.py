@@ -139,27 +139,64 @@ class LeanLlama(torch.nn.Module):
         slots = torch.arange(q) if rows is None else rows.slots
         slots = (slots + start).to(ids.device)
         cache.slot_of = None if rows is None else rows.slots.to(ids.device)
+
+        def attend(i: int, xq, xk, xv) -> torch.Tensor:
+            k, v = cache.layers[i]
+            xk, xv = xk.transpose(0, 1), xv.transpose(0, 1)  # [Hkv, q, D]
+            k.index_copy_(1, slots, xk)  # this forward's entries into their slots
+            v.index_copy_(1, slots, xv)
+            if rows is None and q > 1:
+                return self._attend_causal(k, v, xq, start)
+            attn = self._attend_rows(k, v, xq, xk, xv, rows, start)
+            if rows is not None and rows.off_chain:  # they borrowed the chain's slots: put it back
+                k.index_copy_(1, slots, xk)
+                v.index_copy_(1, slots, xv)
+            return attn
+
+        hidden = self._layers(ids, positions, attend)
+        cache.length = start + q
+        return hidden
+
+    def forward_rows(self, caches: list[KVCache], ids, positions) -> torch.Tensor:
+        """One new token for each of B sequences, each with its own cache: ids, positions [B] ->
+        hidden [B, H]. The projections run on the B rows at once; each row attends alone, exactly as
+        the one-token step (so every row is bitwise the token it would be decoded alone)."""
+        for c in caches:
+            if c.length + 1 > c.capacity:
+                raise CerberusError(f"KV cache overflow: {c.length + 1} > {c.capacity} entries")
+
+        def attend(i: int, xq, xk, xv) -> torch.Tensor:
+            group = xq.view(len(caches), self.num_kv_heads, -1, self.head_dim)  # [B, Hkv, Hq / Hkv, D]
+            out = []
+            for b, c in enumerate(caches):
+                k, v = c.layers[i]
+                n = c.length
+                k[:, n] = xk[b]
+                v[:, n] = xv[b]
+                out.append(F.scaled_dot_product_attention(group[b, None], k[None, :, : n + 1], v[None, :, : n + 1]))
+            return torch.cat(out).reshape(len(caches), -1)
+
+        hidden = self._layers(ids, positions, attend)
+        for c in caches:
+            c.length += 1
+            c.slot_of = None
+        return hidden
+
+    def _layers(self, ids, positions, attend) -> torch.Tensor:
+        """The transformer over q tokens: ids, positions [q] -> normalized hidden [q, H].
+        ``attend(layer, xq [q, Hq, D], xk [q, Hkv, D], xv [q, Hkv, D]) -> [q, Hq D]`` stores K/V and
+        computes attention."""
+        q = ids.numel()
         cos, sin = self.cos[positions, None], self.sin[positions, None]  # [q, 1, D]
         x = self.embed[ids]  # [q, H]
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        for layer, (k, v) in zip(self.layers, cache.layers, strict=True):
+        for i, layer in enumerate(self.layers):
             qkv = layer["wqkv"](F.rms_norm(x, x.shape[-1:], layer["attn_norm"], self.eps))  # [q, (Hq + 2 Hkv) D]
             qk = _rope(qkv[:, : (Hq + Hkv) * D].view(q, Hq + Hkv, D), cos, sin)  # [q, Hq + Hkv, D]
-            xk = qk[:, Hq:].transpose(0, 1)  # [Hkv, q, D]
-            xv = qkv[:, (Hq + Hkv) * D :].view(q, Hkv, D).transpose(0, 1)
-            k.index_copy_(1, slots, xk)  # this forward's entries into their slots
-            v.index_copy_(1, slots, xv)
-            if rows is not None or q == 1:
-                attn = self._attend_rows(k, v, qk[:, :Hq], xk, xv, rows, start)
-                if rows is not None and rows.off_chain:  # they borrowed the chain's slots: put it back
-                    k.index_copy_(1, slots, xk)
-                    v.index_copy_(1, slots, xv)
-            else:
-                attn = self._attend_causal(k, v, qk[:, :Hq], start)
-            x = x + layer["wo"](attn)
+            xv = qkv[:, (Hq + Hkv) * D :].view(q, Hkv, D)
+            x = x + layer["wo"](attend(i, qk[:, :Hq], qk[:, Hq:], xv))
             gate, up = layer["w13"](F.rms_norm(x, x.shape[-1:], layer["mlp_norm"], self.eps)).chunk(2, dim=-1)
             x = x + layer["w2"](F.silu(gate) * up)
-        cache.length = start + q
         return F.rms_norm(x, x.shape[-1:], self.norm, self.eps)
 
     def _attend_rows(self, k, v, xq, xk, xv, rows, start: int) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Self-distillation: the base model's own greedy answers, with the hidden states that produced them.
 
 Output directory:
-  settings.json          what was run (model, dtype, prompts, batch size, ...)
+  settings.json          what was run (model, generator, prompts, batch size, ...)
   prompts.jsonl          source and category of every distilled prompt, in order (per-source reports)
-  shard-00000.safetensors, ...   one per batch, written atomically:
+  shard-00000.safetensors, ...   one per batch of prompts, written atomically; metadata ``generator``:
       tokens  [T] int32   generated tokens of every answer, concatenated
       lengths [R] int32   tokens per answer
       hidden  [T, H] bf16 (optional) last hidden state that predicted each token
@@ -13,17 +13,21 @@ A killed run loses at most the batch in flight; running the same command again c
 ``max_tokens`` / ``deadline`` stop a run early after whole batches; ``answers.safetensors`` then holds
 the answers of the batches done so far, in prompt order.
 
-Targets are the base model's float32 greedy choices, the dtype that verifies on CPU: a run in
-another dtype generates in that dtype, then ``teacher_forced`` recomputes tokens and hidden states
-with a float32 forward over prompt + answer (right-padded batches: causal attention makes the
-padding invisible). The same pass rebuilds shards from a recorded answers file, several times
-faster than generating. Prompts longer than ``MAX_PROMPT_TOKENS`` are skipped (counted in settings).
+Generation goes through the runtime API. The lean runtime decodes ``rows_per_step`` sequences at
+once with continuous batching (``generate_rows``): each answer is bitwise the one ``cerberus
+generate`` gives in that weight format. The hf runtime uses transformers' padded batch (the GPU
+path, thousands of rows a forward).
+
+Hidden states are float32 and so are their targets (the base model's float32 greedy choices): a run in
+another format generates its answers, then ``teacher_forced`` recomputes tokens and hidden states with
+a float32 forward over prompt + answer. The same pass rebuilds shards from a recorded answers file.
+Without hidden states (``keep_hidden=False``) the answers stay the generating format's own.
+Prompts longer than ``MAX_PROMPT_TOKENS`` are skipped (counted in settings).
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import time
 from pathlib import Path
@@ -46,81 +50,82 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
 
 
 @torch.inference_mode()
-def generate_batch(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: int, eos: int, pad: int):
-    """Greedy answers for a batch of prompts (left-padded) -> list of (tokens [n], hidden [n, H])."""
-    from transformers import DynamicCache
+def generate_rows(
+    runtime, prompts: list[list[int]], max_new_tokens: int, eos: int, rows: int, keep_hidden: bool, device
+):
+    """Greedy answers, ``rows`` sequences decoded together; a finished row takes the next prompt
+    (continuous batching) -> list of (tokens [n], hidden [n, H] bf16 or None), in prompt order.
+    Each sequence has its own cache and ``runtime.forward_rows`` computes every row exactly as the
+    one-token step, so each answer is bitwise the one ``cerberus generate`` gives in that format."""
+    out: list = [None] * len(prompts)
+    waiting = iter(range(len(prompts)))
+    capacity = max(map(len, prompts)) + max_new_tokens
 
-    model, device = lm.model, lm.device
-    # transformers renamed ``past_key_values`` to ``cache`` in 5.2x; take whichever this version has
-    kw = "cache" if "cache" in inspect.signature(type(model.model).forward).parameters else "past_key_values"
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    cache = DynamicCache(config=model.config)
-    hidden = model.model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{kw: cache}
-    ).last_hidden_state[:, -1]  # [B, H]
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    tokens, hiddens = [], []
-    last_pos = positions[:, -1]
-    for _ in range(max_new_tokens):
-        nxt = model.lm_head(hidden).argmax(-1)  # [B]
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        tokens.append(nxt)
-        hiddens.append(hidden.to(torch.bfloat16))
-        done |= nxt == eos
-        if bool(done.all()):
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        last_pos = last_pos + 1
-        hidden = model.model(
-            input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None], use_cache=True, **{kw: cache}
-        ).last_hidden_state[:, -1]
-    toks = torch.stack(tokens, 1).cpu()  # [B, n]
-    hids = torch.stack(hiddens, 1).cpu()  # [B, n, H]
-    out = []
-    for i in range(len(prompts)):
-        row = toks[i]
-        ends = (row == eos).nonzero()
-        n = int(ends[0]) + 1 if len(ends) else row.numel()
-        out.append((row[:n].clone(), hids[i, :n].clone()))
+    def start(cache) -> dict | None:
+        """Prefill the next prompt into ``cache`` -> its row, or None when no prompt is left."""
+        i = next(waiting, None)
+        if i is None:
+            return None
+        cache.truncate(0)
+        ids = torch.tensor(prompts[i], device=device)
+        hidden = runtime.forward(cache, ids, torch.arange(len(ids), device=device))[-1:]  # [1, H]
+        return {"index": i, "cache": cache, "tokens": [], "hidden": [], "last": hidden}
+
+    live = [row for _ in range(min(rows, len(prompts))) if (row := start(runtime.new_cache(capacity, device)))]
+    while live:
+        hidden = torch.cat([row["last"] for row in live])  # [B, H]
+        chosen = runtime.lm_head(hidden).argmax(-1)  # [B]
+        going, fed, joined = [], [], []
+        for row, token, h in zip(live, chosen.tolist(), hidden, strict=True):
+            row["tokens"].append(token)
+            if keep_hidden:
+                row["hidden"].append(h.to(torch.bfloat16))
+            if token != eos and len(row["tokens"]) < max_new_tokens:
+                going.append(row)
+                fed.append(token)
+                continue
+            hiddens = torch.stack(row["hidden"]).cpu() if keep_hidden else None
+            out[row["index"]] = (torch.tensor(row["tokens"]), hiddens)
+            if (new := start(row["cache"])) is not None:
+                joined.append(new)  # its first token is chosen at the next step
+        if going:
+            caches = [row["cache"] for row in going]
+            positions = torch.tensor([c.length for c in caches], device=device)
+            hidden = runtime.forward_rows(caches, torch.tensor(fed, device=device), positions)  # [b, H]
+            for row, h in zip(going, hidden.split(1), strict=True):
+                row["last"] = h
+        live = going + joined
     return out
 
 
 @torch.inference_mode()
-def teacher_forced(model, prompts: list[list[int]], answers: list[list[int]], tokens_per_forward: int = 8192):
-    """Prompts and their answers -> list of (tokens [n], hidden [n, H]): at each answer position, the
-    model's own greedy choice and the hidden state that made it. Sequences go right-padded in groups
-    of similar length (at most ``tokens_per_forward`` padded tokens a forward): under causal
-    attention the padding after a sequence cannot change it."""
-    seqs = [p + a[:-1] for p, a in zip(prompts, answers, strict=True)]  # the last answer token is never fed
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out: list = [None] * len(seqs)
-    start = 0
-    while start < len(order):
-        end = start + 1
-        while end < len(order) and (end + 1 - start) * len(seqs[order[end]]) <= tokens_per_forward:
-            end += 1
-        group = order[start:end]
-        width = len(seqs[group[-1]])
-        ids = torch.zeros((len(group), width), dtype=torch.long)
-        for row, i in enumerate(group):
-            ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-        hidden = model.model(input_ids=ids.to(model.device)).last_hidden_state  # [b, T, H]
-        for row, i in enumerate(group):
-            h = hidden[row, len(prompts[i]) - 1 : len(seqs[i])]  # [n, H]: the states that chose answer i
-            out[i] = (model.lm_head(h).argmax(-1).cpu(), h.to(torch.bfloat16).cpu())
-        start = end
+def teacher_forced(runtime, prompts: list[list[int]], answers: list[list[int]], device):
+    """Prompts and their answers -> list of (tokens [n], hidden [n, H] bf16): at each answer position,
+    the model's own greedy choice and the hidden state that made it, from one forward over each
+    prompt + answer."""
+    out = []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        seq = torch.tensor(prompt + answer[:-1], device=device)  # the last answer token is never fed
+        cache = runtime.new_cache(len(seq), device)
+        hidden = runtime.forward(cache, seq, torch.arange(len(seq), device=device))[len(prompt) - 1 :]  # [n, H]
+        out.append((runtime.lm_head(hidden).argmax(-1).cpu(), hidden.to(torch.bfloat16).cpu()))
     return out
 
 
-def read_answers(path: str | Path, source: str) -> list[list[int]]:
-    """The answers recorded by an earlier distill run over the same prompts."""
+def float32_runtime(lm: LoadedModel):
+    """The runtime that recomputes targets: ``lm``'s own in float32, or a float32 one of the same kind."""
+    from ..runtime import build_runtime
+
+    if lm.weights == "float32":
+        return lm.runtime
+    in_float32 = next(lm.model.parameters()).dtype == torch.float32  # lean formats keep a float32 copy
+    model = lm.model if in_float32 else copy.deepcopy(lm.model).float()
+    return build_runtime(model, "float32", lm.runtime.name)
+
+
+def read_answers(path: str | Path, source: str) -> tuple[list[list[int]], list[str]]:
+    """The answers recorded by an earlier distill run over the same prompts -> (answers, what
+    generated each one)."""
     from safetensors import safe_open
 
     try:
@@ -138,27 +143,39 @@ def read_answers(path: str | Path, source: str) -> list[list[int]]:
     for n in lengths:
         rows.append(tokens[i : i + n])
         i += n
-    return rows
+    per_shard = int(meta.get("batch_size") or 1)
+    made_by = [f"{meta.get('dtype', 'unrecorded')} (runtime unrecorded)"] * len(rows)  # files before generators
+    for first, last, generator in json.loads(meta.get("generators", "[]")):
+        made_by[first * per_shard : (last + 1) * per_shard] = [generator] * ((last + 1 - first) * per_shard)
+    return rows, made_by[: len(rows)]
 
 
 def write_answers(out: Path, settings: dict, shards: int) -> int:
-    """Collect the answers of shards 0..shards-1 into one compact file (no hidden states) -> answers."""
+    """Collect the answers of shards 0..shards-1 into one compact file (no hidden states) -> answers.
+    Its metadata says what generated which shards (``generators``: [[first, last, generator], ...])."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     parts: dict[str, list[torch.Tensor]] = {"tokens": [], "lengths": []}
+    generators: list[list] = []
     for b in range(shards):
         path = out / f"shard-{b:05d}.safetensors"
         try:
             with safe_open(str(path), "pt") as f:  # reads only these two tensors, not the hidden states
                 for k, v in parts.items():
                     v.append(f.get_tensor(k))
+                generator = (f.metadata() or {}).get("generator", "unrecorded")
         except Exception as e:
             raise CerberusError(
                 f"Distilled shard {path} is corrupt ({e}); delete it and run the same distill command again."
             ) from None
+        if generators and generators[-1][2] == generator:
+            generators[-1][1] = b
+        else:
+            generators.append([b, b, generator])
     tensors = {k: torch.cat(v).to(torch.int32).contiguous() for k, v in parts.items()}
-    meta = {k: str(settings[k]) for k in ("model", "dtype", "source", "batch_size", "max_new_tokens")}
+    meta = {k: str(settings[k]) for k in ("model", "source", "batch_size", "max_new_tokens")}
+    meta["generators"] = json.dumps(generators)
     _atomic_write(out / "answers.safetensors", lambda p: save_file(tensors, p, metadata=meta))
     return len(tensors["lengths"])
 
@@ -190,15 +207,18 @@ def distill(
     source: str = "",
     worker: int = 0,
     workers: int = 1,
-    answers: list[list[int]] | None = None,
+    answers: tuple[list[list[int]], list[str]] | None = None,
     max_tokens: int = 0,
     deadline: float = 0.0,
+    rows_per_step: int = 8,
 ) -> dict:
     """Distil ``prompts`` into ``out_dir``, one shard per batch. ``worker``/``workers``: this process does
     batches worker, worker + workers, ...; several processes can share one directory. ``answers``
-    (from ``read_answers``): take these answers instead of generating; only the hidden states are computed.
-    ``max_tokens`` (> 0): start no batch once the shards hold that many tokens; ``deadline`` (> 0): nor
-    after that many seconds. Both stop after whole batches, so the same command resumes."""
+    (from ``read_answers``): take these answers instead of generating; only the hidden states are computed
+    (none with ``keep_hidden=False``: the shards are written straight from the file). ``rows_per_step``:
+    sequences the lean runtime decodes together (``generate_rows``). ``max_tokens`` (> 0): start no
+    batch once the shards hold that many tokens; ``deadline`` (> 0): nor after that many seconds.
+    Both stop after whole batches, so the same command resumes."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -212,7 +232,7 @@ def distill(
             kept.append(p)
     settings = {
         "model": lm.name,
-        "dtype": str(lm.dtype).replace("torch.", ""),
+        "generator": f"{lm.weights} {lm.runtime.name} {lm.device.type}",
         "prompts": len(kept),
         "skipped_long_prompts": len(prompts) - len(kept),
         "source": source,
@@ -224,13 +244,14 @@ def distill(
     settings_file = out / "settings.json"
     if settings_file.exists():
         old = read_settings(settings_file)
-        changed = {k for k in ("model", "dtype", "batch_size", "max_new_tokens", "source") if old.get(k) != settings[k]}
+        changed = {k for k in ("model", "batch_size", "max_new_tokens", "source") if old.get(k) != settings[k]}
         if changed:
             raise CerberusError(
                 f"{out} was distilled with other settings ({', '.join(sorted(changed))}); "
                 "use a new --out directory or the same settings to resume."
             )
     if answers is not None:
+        answers, recorded_by = answers
         if len(answers) > len(kept):
             raise CerberusError(f"The answers file has {len(answers)} answers for {len(kept)} prompts.")
         encoded, kept = encoded[: len(answers)], kept[: len(answers)]  # an early-stopped run answered a prefix
@@ -247,11 +268,10 @@ def distill(
     todo = [b for b in mine if not shard[b].exists()]
     done_tokens = sum(int(shard_lengths(shard[b]).sum()) for b in mine if shard[b].exists()) if max_tokens else 0
     total_tokens, t0 = 0, time.perf_counter()
-    # generation runs transformers' model (lean formats keep a float32 copy of it); float32 targets:
-    # a bfloat16 model (``--runtime hf --weights bfloat16``) recomputes them with a float32 copy
-    in_float32 = next(lm.model.parameters()).dtype == torch.float32
-    verifier = lm.model if in_float32 else copy.deepcopy(lm.model).float()
-    tokens_per_forward = 8192 if lm.device.type == "cpu" else 262144
+    runtime, device = lm.runtime, lm.device
+    # targets are float32 greedy choices: another format's answers are recomputed in float32
+    targets = float32_runtime(lm) if keep_hidden and (answers is not None or lm.weights != "float32") else None
+    own_hidden = keep_hidden and targets is None  # the generating forward's hidden states are the targets'
     desc = f"distilling {worker}/{workers}"
     bar = tqdm(todo, desc=desc, unit="batch", initial=len(mine) - len(todo), total=len(mine))
     for b in bar:
@@ -262,18 +282,24 @@ def distill(
             break
         batch = encoded[b * batch_size : (b + 1) * batch_size]
         if answers is not None:
-            rows = teacher_forced(verifier, batch, answers[b * batch_size : (b + 1) * batch_size], tokens_per_forward)
+            made_by = f"{recorded_by[b * batch_size]} (recorded)"
+            rows = [(torch.tensor(a), None) for a in answers[b * batch_size : (b + 1) * batch_size]]
+        elif runtime.name == "hf":  # transformers' own padded batch: thousands of rows on a GPU
+            made_by, rows = settings["generator"], runtime.generate_padded(batch, max_new_tokens, eos, pad, own_hidden)
         else:
-            rows = generate_batch(lm, batch, max_new_tokens, eos, pad)
-            if verifier is not lm.model:
-                rows = teacher_forced(verifier, batch, [r[0].tolist() for r in rows], tokens_per_forward)
+            made_by = settings["generator"]
+            rows = generate_rows(runtime, batch, max_new_tokens, eos, rows_per_step, own_hidden, device)
+        if targets is not None:
+            rows = teacher_forced(targets, batch, [r[0].tolist() for r in rows], device)
+            made_by += ", float32 targets"
         tensors = {
             "tokens": torch.cat([r[0] for r in rows]).to(torch.int32),
             "lengths": torch.tensor([len(r[0]) for r in rows], dtype=torch.int32),
         }
         if keep_hidden:
             tensors["hidden"] = torch.cat([r[1] for r in rows]).contiguous()
-        _atomic_write(shard[b], lambda p, t=tensors: save_file(t, p))
+        meta = {"generator": made_by}
+        _atomic_write(shard[b], lambda p, t=tensors, m=meta: save_file(t, p, metadata=m))
         total_tokens += int(tensors["lengths"].sum())
         bar.set_postfix(tok_s=f"{total_tokens / (time.perf_counter() - t0):.0f}")
     bar.close()
