@@ -105,9 +105,10 @@ def test_lean_batched_distillation_gives_exactly_the_greedy_answers_of_generate(
         assert tokens.tolist() == want and hidden is None
 
 
-def test_padded_batch_distillation_gives_the_unbatched_greedy_answers(lm_hf):
+def test_padded_batch_distillation_gives_the_unbatched_greedy_answers(lm_hf, lm_f32):
     """The GPU path (transformers' left-padded batch) against one prompt at a time, float32: equal
-    tokens, or a divergence at a proven near-tie; the teacher-forced pass recomputes the same tokens."""
+    tokens, or a divergence at a proven near-tie; the teacher-forced pass (right-padded, on either
+    runtime) recomputes the same tokens."""
     from cerberus_decoding.bench.run import logit_gap
 
     tok, rt = lm_hf.tokenizer, lm_hf.runtime
@@ -120,10 +121,11 @@ def test_padded_batch_distillation_gives_the_unbatched_greedy_answers(lm_hf):
         if got != alone:
             i = next((i for i, (a, b) in enumerate(zip(got, alone, strict=False)) if a != b), min(len(got), len(alone)))
             assert logit_gap(lm_hf, ids, alone[:i]) < 1e-3, f"batched generation diverged at token {i}"
-    forced = teacher_forced(rt, prompts, [t.tolist() for t, _ in batched], lm_hf.device)
-    for (tokens, hidden), (targets, forced_hidden) in zip(batched, forced, strict=True):
-        assert torch.equal(tokens, targets)  # the model's own greedy choices, recomputed in one forward
-        torch.testing.assert_close(hidden.float(), forced_hidden.float(), atol=0.05, rtol=0.02)
+    for runtime in (rt, lm_f32.runtime):
+        forced = teacher_forced(runtime, prompts, [t.tolist() for t, _ in batched], 4096, lm_hf.device)
+        for (tokens, hidden), (targets, forced_hidden) in zip(batched, forced, strict=True):
+            assert torch.equal(tokens, targets)  # the model's own greedy choices, recomputed in one forward
+            torch.testing.assert_close(hidden.float(), forced_hidden.float(), atol=0.05, rtol=0.02)
 
 
 def test_recorded_answers_continue_with_another_generator_and_say_which_made_which(tiny_lm, tiny_lean, tmp_path):

@@ -7,7 +7,10 @@ A runtime holds the weights in one format and offers::
     logits = runtime.lm_head(hidden)                                  # [q, H] -> [q, V]
 
 and the cache offers ``length``, ``truncate(n)`` and ``compact(start, rows)`` (keep the rows of the
-last forward, e.g. the accepted tree path). Two runtimes: ``lean`` (runtime/lean.py, our own
+last forward, e.g. the accepted tree path). For distillation::
+
+    hidden = runtime.forward_padded(ids)                     # [B, T] right-padded, no cache -> [B, T, H]
+    hidden = runtime.forward_rows(caches, ids, positions)    # lean: one token for each of B caches -> [B, H] Two runtimes: ``lean`` (runtime/lean.py, our own
 forward, every weight format) and ``hf`` (runtime/hf.py, the unmodified transformers model).
 """
 

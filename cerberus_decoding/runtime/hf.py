@@ -124,6 +124,10 @@ class HFRuntime:
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden)
 
+    def forward_padded(self, ids: torch.Tensor) -> torch.Tensor:
+        """Causal forward of B right-padded sequences, no cache: ids [B, T] -> hidden [B, T, H]."""
+        return self.model.model(input_ids=ids).last_hidden_state
+
     @torch.inference_mode()
     def generate_padded(self, prompts: list[list[int]], max_new_tokens: int, eos: int, pad: int, keep_hidden: bool):
         """Greedy answers for a batch of prompts in one left-padded batch (transformers' own batching:

@@ -182,6 +182,20 @@ class LeanLlama(torch.nn.Module):
             c.slot_of = None
         return hidden
 
+    def forward_padded(self, ids: torch.Tensor) -> torch.Tensor:
+        """Causal forward of B right-padded sequences from position 0, no cache (teacher forcing):
+        ids [B, T] -> hidden [B, T, H]. Padding after a sequence cannot change it."""
+        B, T = ids.shape
+        rep = self.num_heads // self.num_kv_heads
+
+        def attend(i: int, xq, xk, xv) -> torch.Tensor:  # [B T, heads, D] -> [B T, Hq D]
+            q, k, v = (x.view(B, T, -1, self.head_dim).transpose(1, 2) for x in (xq, xk, xv))  # [B, heads, T, D]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B * T, -1)
+
+        positions = torch.arange(T, device=ids.device).repeat(B)
+        return self._layers(ids.flatten(), positions, attend).view(B, T, -1)
+
     def _layers(self, ids, positions, attend) -> torch.Tensor:
         """The transformer over q tokens: ids, positions [q] -> normalized hidden [q, H].
         ``attend(layer, xq [q, Hq, D], xk [q, Hkv, D], xv [q, Hkv, D]) -> [q, Hq D]`` stores K/V and

@@ -72,6 +72,7 @@ def generate_rows(
         return {"index": i, "cache": cache, "tokens": [], "hidden": [], "last": hidden}
 
     live = [row for _ in range(min(rows, len(prompts))) if (row := start(runtime.new_cache(capacity, device)))]
+    bar = tqdm(total=len(prompts), desc="answers", unit="answer", leave=False, disable=len(prompts) < 64)
     while live:
         hidden = torch.cat([row["last"] for row in live])  # [B, H]
         chosen = runtime.lm_head(hidden).argmax(-1)  # [B]
@@ -86,6 +87,7 @@ def generate_rows(
                 continue
             hiddens = torch.stack(row["hidden"]).cpu() if keep_hidden else None
             out[row["index"]] = (torch.tensor(row["tokens"]), hiddens)
+            bar.update()
             if (new := start(row["cache"])) is not None:
                 joined.append(new)  # its first token is chosen at the next step
         if going:
@@ -95,20 +97,33 @@ def generate_rows(
             for row, h in zip(going, hidden.split(1), strict=True):
                 row["last"] = h
         live = going + joined
+    bar.close()
     return out
 
 
 @torch.inference_mode()
-def teacher_forced(runtime, prompts: list[list[int]], answers: list[list[int]], device):
+def teacher_forced(runtime, prompts: list[list[int]], answers: list[list[int]], tokens_per_forward: int, device):
     """Prompts and their answers -> list of (tokens [n], hidden [n, H] bf16): at each answer position,
-    the model's own greedy choice and the hidden state that made it, from one forward over each
-    prompt + answer."""
-    out = []
-    for prompt, answer in zip(prompts, answers, strict=True):
-        seq = torch.tensor(prompt + answer[:-1], device=device)  # the last answer token is never fed
-        cache = runtime.new_cache(len(seq), device)
-        hidden = runtime.forward(cache, seq, torch.arange(len(seq), device=device))[len(prompt) - 1 :]  # [n, H]
-        out.append((runtime.lm_head(hidden).argmax(-1).cpu(), hidden.to(torch.bfloat16).cpu()))
+    the model's own greedy choice and the hidden state that made it. Sequences go right-padded in
+    groups of similar length (at most ``tokens_per_forward`` padded tokens a forward): under causal
+    attention the padding after a sequence cannot change it."""
+    seqs = [p + a[:-1] for p, a in zip(prompts, answers, strict=True)]  # the last answer token is never fed
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out: list = [None] * len(seqs)
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end + 1 - start) * len(seqs[order[end]]) <= tokens_per_forward:
+            end += 1
+        group = order[start:end]
+        ids = torch.zeros((len(group), len(seqs[group[-1]])), dtype=torch.long)
+        for row, i in enumerate(group):
+            ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+        hidden = runtime.forward_padded(ids.to(device))  # [b, T, H]
+        for row, i in enumerate(group):
+            h = hidden[row, len(prompts[i]) - 1 : len(seqs[i])]  # [n, H]: the states that chose answer i
+            out[i] = (runtime.lm_head(h).argmax(-1).cpu(), h.to(torch.bfloat16).cpu())
+        start = end
     return out
 
 
@@ -272,6 +287,7 @@ def distill(
     # targets are float32 greedy choices: another format's answers are recomputed in float32
     targets = float32_runtime(lm) if keep_hidden and (answers is not None or lm.weights != "float32") else None
     own_hidden = keep_hidden and targets is None  # the generating forward's hidden states are the targets'
+    tokens_per_forward = 8192 if device.type == "cpu" else 262144
     desc = f"distilling {worker}/{workers}"
     bar = tqdm(todo, desc=desc, unit="batch", initial=len(mine) - len(todo), total=len(mine))
     for b in bar:
@@ -290,7 +306,7 @@ def distill(
             made_by = settings["generator"]
             rows = generate_rows(runtime, batch, max_new_tokens, eos, rows_per_step, own_hidden, device)
         if targets is not None:
-            rows = teacher_forced(targets, batch, [r[0].tolist() for r in rows], device)
+            rows = teacher_forced(targets, batch, [r[0].tolist() for r in rows], tokens_per_forward, device)
             made_by += ", float32 targets"
         tensors = {
             "tokens": torch.cat([r[0] for r in rows]).to(torch.int32),
