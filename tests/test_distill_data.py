@@ -207,3 +207,29 @@ def test_the_committed_answers_match_the_shipped_prompt_selection(tmp_path):
     answers.write_bytes(lzma.decompress(packed.read_bytes()))
     rows, _ = read_answers(answers, source)
     assert len(rows) == 10240 and sum(map(len, rows)) == 1_601_619
+
+
+def test_a_bfloat16_run_stores_float32_targets_along_its_own_answers(tiny_lm, tmp_path):
+    """The GPU path's settings (hf runtime, bfloat16), run on the CPU: answers generated in bfloat16,
+    then targets and hidden states recomputed by a float32 forward (of the bfloat16 weights, the only
+    ones such a run holds) along them."""
+    import copy
+    import dataclasses
+
+    from safetensors import safe_open
+
+    from cerberus_decoding.runtime.hf import HFRuntime
+
+    bf16 = copy.deepcopy(tiny_lm.model).to(torch.bfloat16)
+    lm = dataclasses.replace(tiny_lm, model=bf16, dtype=torch.bfloat16, runtime=HFRuntime(bf16, "bfloat16"))
+    prompts = [f"Name a river, number {i}." for i in range(4)]
+    distill(lm, prompts, tmp_path, batch_size=4, max_new_tokens=12, source="bf16")
+    ids = [chat_ids(lm.tokenizer, p) for p in prompts]
+    eos = lm.tokenizer.eos_token_id
+    answers = [t.tolist() for t, _ in lm.runtime.generate_padded(ids, 12, eos, eos, False)]
+    want = teacher_forced(HFRuntime(copy.deepcopy(bf16).float(), "float32"), ids, answers, 4096, lm.device)
+    with safe_open(str(tmp_path / "shard-00000.safetensors"), "pt") as f:
+        assert f.metadata()["generator"] == "bfloat16 hf cpu, float32 targets"
+        assert torch.equal(f.get_tensor("tokens"), torch.cat([t for t, _ in want]).to(torch.int32))
+        assert torch.equal(f.get_tensor("hidden"), torch.cat([h for _, h in want]))
+    assert next(bf16.parameters()).dtype == torch.bfloat16  # the float32 copy left the model alone
