@@ -10,8 +10,10 @@ and the cache offers ``length``, ``truncate(n)`` and ``compact(start, rows)`` (k
 last forward, e.g. the accepted tree path). For distillation::
 
     hidden = runtime.forward_padded(ids)                     # [B, T] right-padded, no cache -> [B, T, H]
-    hidden = runtime.forward_rows(caches, ids, positions)    # lean: one token for each of B caches -> [B, H] Two runtimes: ``lean`` (runtime/lean.py, our own
-forward, every weight format) and ``hf`` (runtime/hf.py, the unmodified transformers model).
+    hidden = runtime.forward_rows(caches, ids, positions)    # lean: one token for each of B caches -> [B, H]
+
+Two runtimes: ``lean`` (runtime/lean.py, our own forward, every weight format) and ``hf``
+(runtime/hf.py, the unmodified transformers model).
 """
 
 from __future__ import annotations
