@@ -99,9 +99,9 @@ QUESTIONS = [
 def test_lean_batched_distillation_gives_exactly_the_greedy_answers_of_generate(lm, references):
     """The CPU path: int4, 3 rows decoded together while finished rows take new prompts. Every answer
     is bitwise the one greedy generation gives for that prompt alone (no tie allowance)."""
-    prompts = [ids for ids, _ in references.values()]
-    rows = generate_rows(lm.runtime, prompts, 128, lm.tokenizer.eos_token_id, 3, False, lm.device)
-    for (_, want), (tokens, hidden) in zip(references.values(), rows, strict=True):
+    chosen = list(references.values())[:5]  # the last two join as rows finish
+    rows = generate_rows(lm.runtime, [ids for ids, _ in chosen], 128, lm.tokenizer.eos_token_id, 3, False, lm.device)
+    for (_, want), (tokens, hidden) in zip(chosen, rows, strict=True):
         assert tokens.tolist() == want and hidden is None
 
 
