@@ -114,9 +114,9 @@ def test_padded_batch_distillation_gives_the_unbatched_greedy_answers(lm_hf, lm_
     tok, rt = lm_hf.tokenizer, lm_hf.runtime
     prompts = [chat_ids(tok, q) for q in QUESTIONS]
     eos = tok.eos_token_id
-    batched = rt.generate_padded(prompts, 32, eos, eos, True)
+    batched = rt.generate_padded(prompts, 24, eos, eos, True)
     for ids, (tokens, _) in zip(prompts, batched, strict=True):
-        alone = rt.generate_padded([ids], 32, eos, eos, False)[0][0].tolist()
+        alone = rt.generate_padded([ids], 24, eos, eos, False)[0][0].tolist()
         got = tokens.tolist()
         if got != alone:
             i = next((i for i, (a, b) in enumerate(zip(got, alone, strict=False)) if a != b), min(len(got), len(alone)))

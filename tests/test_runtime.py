@@ -68,11 +68,11 @@ def test_lean_float32_forward_matches_transformers(tiny_lm):
 
 @pytest.mark.slow
 def test_lean_float32_greedy_equals_transformers_on_real_prompts(lm_f32, lm_hf):
-    """8 real prompts x 64 tokens: the lean float32 forward decodes what transformers decodes; the
+    """6 real prompts x 48 tokens: the lean float32 forward decodes what transformers decodes; the
     prompts' final hidden states agree within 1e-3 (absolute; float32 rounding of two op orders)."""
     lean, hf = Decoder(lm_f32), Decoder(lm_hf)
-    cfg = SamplingConfig(max_new_tokens=64)
-    for prompt in PROMPTS[:8]:
+    cfg = SamplingConfig(max_new_tokens=48)
+    for prompt in PROMPTS[:6]:
         ids = lean.encode(prompt)
         assert_lossless(lm_hf, ids, hf.generate(ids, cfg).token_ids, lean.generate(ids, cfg).token_ids)
     x = torch.tensor(ids)
