@@ -145,7 +145,7 @@ def test_recorded_answers_continue_with_another_generator_and_say_which_made_whi
     distill(tiny_lean, prompts, out, 4, 16, keep_hidden=False, source="mixed", rows_per_step=3)
     answers, made_by = read_answers(out / "answers.safetensors", "mixed")
     assert answers[:8] == recorded[:8] and len(answers) == 12
-    assert made_by == ["float32 hf cpu (recorded)"] * 8 + ["float32 lean cpu"] * 4
+    assert made_by == ["float32 hf cpu"] * 8 + ["float32 lean cpu"] * 4
     with safe_open(str(out / "shard-00000.safetensors"), "pt") as f:
         assert "hidden" not in f.keys()
 
@@ -192,21 +192,28 @@ d.distill(lm, {prompts!r}, {str(out)!r}, batch_size=4, max_new_tokens=48, source
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file left behind
 
 
-def test_the_committed_answers_match_the_shipped_prompt_selection(tmp_path):
-    """`make heads` rebuilds the shipped heads' data from the committed answers: they must belong to the
-    selection that corpus/heads.mix makes (the identifier carries a digest of the prompts)."""
+def test_the_committed_answers_match_the_shipped_prompt_selection(lm, tmp_path):
+    """`make heads` rebuilds the heads' data from the committed answers: they must belong to the
+    selection that corpus/heads.mix makes (the identifier carries a digest of the prompts), and the
+    CPU path's answers are the int4 runtime's own greedy answers to those prompts."""
     from pathlib import Path
 
-    from cerberus_decoding.train.distill import read_answers
+    from cerberus_decoding.engine import Decoder, SamplingConfig
+    from cerberus_decoding.train.distill import MAX_PROMPT_TOKENS, read_answers
 
     root = Path(__file__).resolve().parent.parent
     mix = (root / "corpus" / "heads.mix").read_text().strip()
-    _, source = load_prompts(str(root / "corpus" / "instructions"), 40000, mix, seed=0)
+    chosen, source = load_prompts(str(root / "corpus" / "instructions"), 40000, mix, seed=0)
     packed = root / "distilled" / "SmolLM2-135M-Instruct" / "instructions-40000.answers.safetensors.xz"
     answers = tmp_path / "answers.safetensors"
     answers.write_bytes(lzma.decompress(packed.read_bytes()))
-    rows, _ = read_answers(answers, source)
-    assert len(rows) == 10240 and sum(map(len, rows)) == 1_601_619
+    rows, made_by = read_answers(answers, source)
+    assert len(rows) == 11264 and sum(map(len, rows)) == 1_761_653
+    # shards 0-9 from the GPU path (the shipped heads' data), shard 10 from the CPU path
+    assert made_by[10239] == "bfloat16 hf cuda, float32 targets" and made_by[10240] == "int4 lean cpu"
+    prompts = [ids for p in chosen[:11400] if len(ids := chat_ids(lm.tokenizer, p.text)) <= MAX_PROMPT_TOKENS]
+    i = min(range(10240, 10272), key=lambda i: len(rows[i]))  # a short one of shard 10's answers
+    assert Decoder(lm).generate(prompts[i], SamplingConfig(max_new_tokens=256)).token_ids == rows[i]
 
 
 def test_a_bfloat16_run_stores_float32_targets_along_its_own_answers(tiny_lm, tmp_path):

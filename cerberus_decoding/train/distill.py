@@ -159,7 +159,7 @@ def read_answers(path: str | Path, source: str) -> tuple[list[list[int]], list[s
         rows.append(tokens[i : i + n])
         i += n
     per_shard = int(meta.get("batch_size") or 1)
-    made_by = [f"{meta.get('dtype', 'unrecorded')} (runtime unrecorded)"] * len(rows)  # files before generators
+    made_by = [f"{meta.get('dtype', 'unrecorded')}, runtime unrecorded"] * len(rows)  # files before generators
     for first, last, generator in json.loads(meta.get("generators", "[]")):
         made_by[first * per_shard : (last + 1) * per_shard] = [generator] * ((last + 1 - first) * per_shard)
     return rows, made_by[: len(rows)]
@@ -298,7 +298,7 @@ def distill(
             break
         batch = encoded[b * batch_size : (b + 1) * batch_size]
         if answers is not None:
-            made_by = f"{recorded_by[b * batch_size]} (recorded)"
+            made_by = recorded_by[b * batch_size]
             rows = [(torch.tensor(a), None) for a in answers[b * batch_size : (b + 1) * batch_size]]
         elif runtime.name == "hf":  # transformers' own padded batch: thousands of rows on a GPU
             made_by, rows = settings["generator"], runtime.generate_padded(batch, max_new_tokens, eos, pad, own_hidden)
