@@ -240,3 +240,9 @@ def test_a_bfloat16_run_stores_float32_targets_along_its_own_answers(tiny_lm, tm
         assert torch.equal(f.get_tensor("tokens"), torch.cat([t for t, _ in want]).to(torch.int32))
         assert torch.equal(f.get_tensor("hidden"), torch.cat([h for _, h in want]))
     assert next(bf16.parameters()).dtype == torch.bfloat16  # the float32 copy left the model alone
+    from cerberus_decoding.train.distill import read_answers
+
+    rebuilt = tmp_path / "rebuilt"  # float32 targets recomputed again: the label says it once
+    distill(lm, prompts, rebuilt, 4, 12, source="bf16", answers=read_answers(tmp_path / "answers.safetensors", "bf16"))
+    with safe_open(str(rebuilt / "shard-00000.safetensors"), "pt") as f:
+        assert f.metadata()["generator"] == "bfloat16 hf cpu, float32 targets"

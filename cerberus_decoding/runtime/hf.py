@@ -154,7 +154,8 @@ class HFRuntime:
             nxt = model.lm_head(hidden).argmax(-1)  # [B]
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             tokens.append(nxt)
-            hiddens.append(hidden.to(torch.bfloat16))
+            if keep_hidden:
+                hiddens.append(hidden.to(torch.bfloat16))
             done |= nxt == eos
             if bool(done.all()):
                 break
@@ -164,7 +165,7 @@ class HFRuntime:
                 input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None], use_cache=True, cache=cache
             ).last_hidden_state[:, -1]
         toks = torch.stack(tokens, 1).cpu()  # [B, n]
-        hids = torch.stack(hiddens, 1).cpu()  # [B, n, H]
+        hids = torch.stack(hiddens, 1).cpu() if keep_hidden else None  # [B, n, H]
         out = []
         for i in range(len(prompts)):
             row = toks[i]

@@ -40,6 +40,7 @@ from ..models import CerberusError, LoadedModel
 from .prompts import Prompt
 
 MAX_PROMPT_TOKENS = 1024
+FLOAT32_TARGETS = ", float32 targets"  # how a shard's generator says its targets were recomputed
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
@@ -297,17 +298,18 @@ def distill(
             bar.write(f"stopping after {done_tokens + total_tokens} tokens (--max-tokens / --deadline)")
             break
         batch = encoded[b * batch_size : (b + 1) * batch_size]
+        made_by = settings["generator"]
         if answers is not None:
             made_by = recorded_by[b * batch_size]
             rows = [(torch.tensor(a), None) for a in answers[b * batch_size : (b + 1) * batch_size]]
         elif runtime.name == "hf":  # transformers' own padded batch: thousands of rows on a GPU
-            made_by, rows = settings["generator"], runtime.generate_padded(batch, max_new_tokens, eos, pad, own_hidden)
+            rows = runtime.generate_padded(batch, max_new_tokens, eos, pad, own_hidden)
         else:
-            made_by = settings["generator"]
             rows = generate_rows(runtime, batch, max_new_tokens, eos, rows_per_step, own_hidden, device)
         if targets is not None:
             rows = teacher_forced(targets, batch, [r[0].tolist() for r in rows], tokens_per_forward, device)
-            made_by += ", float32 targets"
+            # recomputing float32 targets of answers whose targets were float32 already changes nothing
+            made_by = made_by.removesuffix(FLOAT32_TARGETS) + FLOAT32_TARGETS
         tensors = {
             "tokens": torch.cat([r[0] for r in rows]).to(torch.int32),
             "lengths": torch.tensor([len(r[0]) for r in rows], dtype=torch.int32),
