@@ -41,7 +41,7 @@ HEADS_DIR := cerberus_decoding/assets/heads/SmolLM2-135M-Instruct
 ANSWERS_XZ := distilled/SmolLM2-135M-Instruct/instructions-40000.answers.safetensors.xz
 heads: $(STAMP)
 	mkdir -p data && xz -dkc $(ANSWERS_XZ) > data/instructions-40000.answers.safetensors
-	CLI=$(BIN)/cerberus DEVICE=cpu WEIGHTS=float32 BATCH=256 DISTILL_SECONDS=0 TRAIN_SECONDS=0 CURVE= \
+	CLI=$(BIN)/cerberus DEVICE=cpu WEIGHTS=float32 BATCH=256 GENERATE=0 TRAIN_SECONDS=0 STAGES="distill train" \
 		ANSWERS=data/instructions-40000.answers.safetensors scripts/make_heads.sh out/heads-cpu
 	for t in medusa cerberus; do rm -rf $(HEADS_DIR)/$$t && cp -r runs/$$t/heads $(HEADS_DIR)/$$t && \
 		$(BIN)/cerberus calibrate --heads $(HEADS_DIR)/$$t --device cpu --into-heads || exit 1; done

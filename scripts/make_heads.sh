@@ -3,11 +3,13 @@
 #   GPU (`make heads-gpu`): distil by generation and train both heads, in one command of under 10 minutes;
 #       every stage is time-boxed and leaves its results in OUT_DIR as it ends: distill.json,
 #       answers.safetensors.xz (what distilled/ commits), heads.tar (runs/*/heads), reports.tar.
-#   CPU (`make heads`): ANSWERS=the committed answers, DEVICE=cpu, no time limits: the hidden states are
-#       rebuilt by teacher forcing (resumable), then the same training.
+#       With ANSWERS (the committed answers) it first rebuilds their shards, then generates more.
+#   CPU (`make heads`): ANSWERS=the committed answers, GENERATE=0, DEVICE=cpu, no time limits: the hidden
+#       states are rebuilt by teacher forcing (resumable), then the same training.
 # Usage: scripts/make_heads.sh OUT_DIR, with the default model installed and this repository importable.
-# Environment: DEVICE, WEIGHTS, ANSWERS, PROMPTS, BATCH, MAX_NEW, DISTILL_SECONDS, TRAIN_SECONDS (0 = no limit),
-# EPOCHS, TRAIN_BATCH, LR, CURVE, BUDGET, DATA, RUNS, CLI.
+# Environment: DEVICE, WEIGHTS, RUNTIME, ANSWERS, GENERATE, PROMPTS, BATCH, MAX_NEW, DISTILL_SECONDS,
+# DISTILL_TOKENS, TRAIN_SECONDS (0 = no limit), EPOCHS, TRAIN_BATCH, LR, CURVE, BUDGET, DATA, RUNS, CLI,
+# STAGES (any of distill, train, curve; all three by default).
 set -uo pipefail
 out=${1:-out/heads-gpu}
 mkdir -p "$out"
@@ -15,15 +17,14 @@ cli=${CLI:-python3 -m cerberus_decoding.cli}
 device=${DEVICE:-cuda}
 data=${DATA:-data/distill-instructions}
 runs=${RUNS:-runs}
+stages=${STAGES:-distill train curve}
 start=$SECONDS
-$cli distill --prompts corpus/instructions --mix "$(cat corpus/heads.mix)" --num-prompts "${PROMPTS:-40000}" \
-    --seed 0 --device "$device" --runtime hf --weights "${WEIGHTS:-bfloat16}" --batch-size "${BATCH:-1024}" \
-    --max-new-tokens "${MAX_NEW:-256}" --deadline "${DISTILL_SECONDS:-170}" --out "$data" \
-    ${ANSWERS:+--answers "$ANSWERS"} | tee "$out/distill.json"
-[ -f "$data/answers.safetensors" ] || { echo "distill produced no answers"; exit 1; }
-python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.compress(open(sys.argv[1],'rb').read()))" \
-    "$data/answers.safetensors" "$out/answers.safetensors.xz"
-echo "distilled in $((SECONDS - start)) s"
+
+distill() {  # distill ARGS...: the one prompt selection every shard of the run belongs to
+    $cli distill --prompts corpus/instructions --mix "$(cat corpus/heads.mix)" --num-prompts "${PROMPTS:-40000}" \
+        --seed 0 --device "$device" --weights "${WEIGHTS:-bfloat16}" --batch-size "${BATCH:-1024}" \
+        --max-new-tokens "${MAX_NEW:-256}" --out "$data" "$@"
+}
 
 train() {  # train NAME ARGS...: the same recipe for every run
     local name=$1
@@ -33,16 +34,37 @@ train() {  # train NAME ARGS...: the same recipe for every run
         --save-every 500 --out "$runs/$name" "$@" | tail -1
     echo "$name done at $((SECONDS - start)) s"
 }
-train medusa --heads-type medusa
-train cerberus --heads-type cerberus
-heads=()
-for t in medusa cerberus; do  # the final heads, or the last checkpoint of a run that ran out of time
-    if [ -d "$runs/$t/heads" ]; then heads+=("$runs/$t/heads"); elif [ -d "$runs/$t/latest" ]; then heads+=("$runs/$t/latest"); fi
-done
-tar -cf "$out/heads.tar" "${heads[@]}" $(ls "$runs"/*/summary.json 2>/dev/null)
-for n in ${CURVE:-250000 500000 1000000 2000000}; do  # accuracy vs data size, while time is left
-    [ $((SECONDS - start)) -lt "${BUDGET:-430}" ] || break
-    train "curve-$n" --heads-type cerberus --max-positions "$n"
-done
+
+if [[ " $stages " == *" distill "* ]]; then
+    if [ -n "${ANSWERS:-}" ]; then  # recorded answers: their shards rebuilt by teacher forcing
+        distill --runtime "${RUNTIME:-lean}" --answers "$ANSWERS" | tee "$out/recorded.json"
+    fi
+    if [ "${GENERATE:-1}" = 1 ]; then  # new answers while time and the token budget last
+        grow=(--deadline "${DISTILL_SECONDS:-170}" --max-tokens "${DISTILL_TOKENS:-0}")
+        distill --runtime "${RUNTIME:-lean}" "${grow[@]}" | tee "$out/distill.json" ||
+            { echo "the ${RUNTIME:-lean} runtime failed; generating with --runtime hf"; distill --runtime hf "${grow[@]}" | tee "$out/distill.json"; }
+    fi
+    [ -f "$data/answers.safetensors" ] || { echo "distill produced no answers"; exit 1; }
+    python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.compress(open(sys.argv[1],'rb').read()))" \
+        "$data/answers.safetensors" "$out/answers.safetensors.xz"
+    echo "distilled in $((SECONDS - start)) s"
+fi
+
+if [[ " $stages " == *" train "* ]]; then
+    train medusa --heads-type medusa
+    train cerberus --heads-type cerberus
+    heads=()
+    for t in medusa cerberus; do  # the final heads, or the last checkpoint of a run that ran out of time
+        if [ -d "$runs/$t/heads" ]; then heads+=("$runs/$t/heads"); elif [ -d "$runs/$t/latest" ]; then heads+=("$runs/$t/latest"); fi
+    done
+    tar -cf "$out/heads.tar" "${heads[@]}" $(ls "$runs"/*/summary.json 2>/dev/null)
+fi
+
+if [[ " $stages " == *" curve "* ]]; then
+    for n in ${CURVE:-250000 500000 1000000 2000000}; do  # accuracy vs data size, while time is left
+        [ $((SECONDS - start)) -lt "${BUDGET:-430}" ] || break
+        train "curve-$n" --heads-type cerberus --max-positions "$n"
+    done
+fi
 tar -cf "$out/reports.tar" $(ls "$runs"/*/summary.json 2>/dev/null) "$data/settings.json"
 echo "all done in $((SECONDS - start)) s"

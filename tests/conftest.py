@@ -33,7 +33,10 @@ PROMPTS = [
 ]
 
 TIE_BOUND = 1e-3  # float32: a first divergence is only acceptable where the top-2 logits are this close
-EXACT_FORMATS = ("bfloat16", "int8", "int4")  # row-invariant kernels: speculative output is bitwise AR's
+EXACT_FORMATS = ("bfloat16", "int8", "int4")  # row-invariant CPU kernels: speculative output is bitwise AR's
+# CUDA bfloat16: cuBLAS may choose another kernel for q rows than for one, so the proven-tie rule
+# applies there, with the bound of two bfloat16 steps at logits of 16-32 (their usual size)
+CUDA_BF16_TIE_BOUND = 0.25
 
 
 @pytest.fixture(scope="session")
@@ -108,11 +111,13 @@ def top2_gap(lm: LoadedModel, prefix: list[int]) -> float:
 
 def assert_lossless(lm: LoadedModel, prompt_ids: list[int], reference: list[int], got: list[int]) -> None:
     """``got`` must equal the greedy AR ``reference`` of the same format: bitwise for the row-invariant
-    formats; in float32 a divergence passes only at a proven near-tie."""
+    formats on a CPU; in float32 (and bfloat16 on CUDA) a divergence passes only at a proven near-tie."""
     if got == reference:
         return
-    assert lm.weights not in EXACT_FORMATS, f"{lm.weights}: speculative output differs from AR (no tie allowance)"
+    exact = lm.weights in EXACT_FORMATS and lm.device.type == "cpu"
+    assert not exact, f"{lm.weights}: speculative output differs from AR (no tie allowance)"
+    bound = CUDA_BF16_TIE_BOUND if lm.device.type == "cuda" and lm.weights == "bfloat16" else TIE_BOUND
     i = next((k for k, (a, b) in enumerate(zip(reference, got, strict=False)) if a != b), min(len(reference), len(got)))
     assert i < min(len(reference), len(got)), f"lengths differ without a token difference at {i}"
     gap = top2_gap(lm, prompt_ids + reference[:i])
-    assert gap < TIE_BOUND, f"outputs differ at token {i} where the top-2 logit gap is {gap:.4g} (not a tie)"
+    assert gap < bound, f"outputs differ at token {i} where the top-2 logit gap is {gap:.4g} (not a tie)"

@@ -105,13 +105,15 @@ def test_lean_batched_distillation_gives_exactly_the_greedy_answers_of_generate(
         assert tokens.tolist() == want and hidden is None
 
 
-def test_padded_batch_distillation_gives_the_unbatched_greedy_answers(lm_hf, lm_f32):
-    """The GPU path (transformers' left-padded batch) against one prompt at a time, float32: equal
-    tokens, or a divergence at a proven near-tie; the teacher-forced pass (right-padded, on either
-    runtime) recomputes the same tokens."""
+@pytest.mark.parametrize("runtime", ["hf", "lean"])
+def test_padded_batch_distillation_gives_the_unbatched_greedy_answers(lm_hf, lm_f32, runtime):
+    """The GPU path (one left-padded batch: transformers' own, or the lean runtime's over a shared
+    cache) against one prompt at a time, float32: equal tokens, or a divergence at a proven near-tie;
+    the teacher-forced pass (right-padded, on either runtime) recomputes the same tokens."""
     from cerberus_decoding.bench.run import logit_gap
 
-    tok, rt = lm_hf.tokenizer, lm_hf.runtime
+    lm = lm_hf if runtime == "hf" else lm_f32
+    tok, rt = lm.tokenizer, lm.runtime
     prompts = [chat_ids(tok, q) for q in QUESTIONS]
     eos = tok.eos_token_id
     batched = rt.generate_padded(prompts, 24, eos, eos, True)
@@ -120,9 +122,9 @@ def test_padded_batch_distillation_gives_the_unbatched_greedy_answers(lm_hf, lm_
         got = tokens.tolist()
         if got != alone:
             i = next((i for i, (a, b) in enumerate(zip(got, alone, strict=False)) if a != b), min(len(got), len(alone)))
-            assert logit_gap(lm_hf, ids, alone[:i]) < 1e-3, f"batched generation diverged at token {i}"
-    for runtime in (rt, lm_f32.runtime):
-        forced = teacher_forced(runtime, prompts, [t.tolist() for t, _ in batched], 4096, lm_hf.device)
+            assert logit_gap(lm, ids, alone[:i]) < 1e-3, f"batched generation diverged at token {i}"
+    for forcing in (lm_hf.runtime, lm_f32.runtime):
+        forced = teacher_forced(forcing, prompts, [t.tolist() for t, _ in batched], 4096, lm.device)
         for (tokens, hidden), (targets, forced_hidden) in zip(batched, forced, strict=True):
             assert torch.equal(tokens, targets)  # the model's own greedy choices, recomputed in one forward
             torch.testing.assert_close(hidden.float(), forced_hidden.float(), atol=0.05, rtol=0.02)
@@ -208,9 +210,11 @@ def test_the_committed_answers_match_the_shipped_prompt_selection(lm, tmp_path):
     answers = tmp_path / "answers.safetensors"
     answers.write_bytes(lzma.decompress(packed.read_bytes()))
     rows, made_by = read_answers(answers, source)
-    assert len(rows) == 11264 and sum(map(len, rows)) == 1_761_653
-    # shards 0-9 from the GPU path (the shipped heads' data), shard 10 from the CPU path
+    assert len(rows) == 17408 and sum(map(len, rows)) == 2_717_444  # what the shipped heads were trained on
+    # shards 0-9 and 11-16 from the GPU path (transformers', then the lean runtime's padded batch),
+    # shard 10 from the CPU path
     assert made_by[10239] == "bfloat16 hf cuda, float32 targets" and made_by[10240] == "int4 lean cpu"
+    assert made_by[11264] == made_by[-1] == "bfloat16 lean cuda, float32 targets"
     prompts = [ids for p in chosen[:11400] if len(ids := chat_ids(lm.tokenizer, p.text)) <= MAX_PROMPT_TOKENS]
     i = min(range(10240, 10272), key=lambda i: len(rows[i]))  # a short one of shard 10's answers
     assert Decoder(lm).generate(prompts[i], SamplingConfig(max_new_tokens=256)).token_ids == rows[i]

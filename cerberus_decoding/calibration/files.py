@@ -32,8 +32,9 @@ SHIPPED_DIR = "calibration"
 def hardware_key(machine: dict) -> str:
     """A readable, file-name-safe key for ``runtime.machine()``: its main fields plus a hash of all
     of them, e.g. ``cpu-amd-epyc-avx2-2t-torch2.13.0-1a2b3c4d``."""
-    main = [machine["device"], machine["name"], machine.get("isa", ""), f"{machine['threads']}t"]
-    main = main if machine["device"] == "cpu" else [machine["device"], machine["name"]]
+    main = [machine["device"], machine["name"]]
+    if machine["device"] == "cpu":  # a GPU's dict has no ISA or thread count
+        main += [machine.get("isa", ""), f"{machine['threads']}t"]
     slug = re.sub(r"[^a-z0-9.]+", "-", "-".join(main + [f"torch{machine['torch'].split('+')[0]}"]).lower())
     digest = hashlib.sha256(json.dumps(machine, sort_keys=True).encode()).hexdigest()[:8]
     return f"{slug.strip('-')}-{digest}"

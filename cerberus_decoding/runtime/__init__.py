@@ -11,6 +11,7 @@ last forward, e.g. the accepted tree path). For distillation::
 
     hidden = runtime.forward_padded(ids)                     # [B, T] right-padded, no cache -> [B, T, H]
     hidden = runtime.forward_rows(caches, ids, positions)    # lean: one token for each of B caches -> [B, H]
+    rows = runtime.generate_padded(prompts, max_new_tokens, eos, pad, keep_hidden)  # one left-padded batch
 
 Two runtimes: ``lean`` (runtime/lean.py, our own forward, every weight format) and ``hf``
 (runtime/hf.py, the unmodified transformers model).
@@ -62,6 +63,18 @@ def build_runtime(hf_model, weights: str, runtime: str, gguf: Path | None = None
         cfg = hf_model.config
         blocks = read_q4_blocks(gguf, cfg.num_attention_heads, cfg.num_key_value_heads)
     return LeanLlama(hf_model, weights, blocks)
+
+
+def answers(tokens: torch.Tensor, hidden: torch.Tensor | None, eos: int) -> list:
+    """A padded batch's greedy steps, tokens [B, n] and hidden [B, n, H] (or None), -> one
+    (tokens [m], hidden [m, H] or None) per row, each cut after its first ``eos``."""
+    tokens, hidden = tokens.cpu(), None if hidden is None else hidden.cpu()
+    out = []
+    for i, row in enumerate(tokens):
+        ends = (row == eos).nonzero()
+        n = int(ends[0]) + 1 if len(ends) else row.numel()
+        out.append((row[:n].clone(), None if hidden is None else hidden[i, :n].clone()))
+    return out
 
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")  # what changes the kernels

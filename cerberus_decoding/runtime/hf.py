@@ -13,8 +13,12 @@ the rest.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import answers
 
 
 class BufferLayer(CacheLayerMixin):
@@ -102,6 +106,9 @@ class HFRuntime:
 
     def __init__(self, model, weights: str):
         self.model, self.weights, self.dtype = model, weights, model.dtype
+        # transformers renamed ``past_key_values`` to ``cache`` in 5.2x; pass whichever this one takes
+        takes = inspect.signature(type(model.model).forward).parameters
+        self.cache_kw = "cache" if "cache" in takes else "past_key_values"
 
     def new_cache(self, capacity: int, device) -> KVCache:
         return KVCache(self.model.config.num_hidden_layers, capacity)
@@ -116,8 +123,8 @@ class HFRuntime:
             input_ids=ids.view(1, -1),
             position_ids=positions.view(1, -1),
             attention_mask=mask,
-            cache=cache,
             use_cache=True,
+            **{self.cache_kw: cache},
         )
         return out.last_hidden_state[0]
 
@@ -145,7 +152,7 @@ class HFRuntime:
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=model.config)
         hidden = model.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, cache=cache
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self.cache_kw: cache}
         ).last_hidden_state[:, -1]  # [B, H]
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         tokens, hiddens = [], []
@@ -162,14 +169,10 @@ class HFRuntime:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             last_pos = last_pos + 1
             hidden = model.model(
-                input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None], use_cache=True, cache=cache
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=last_pos[:, None],
+                use_cache=True,
+                **{self.cache_kw: cache},
             ).last_hidden_state[:, -1]
-        toks = torch.stack(tokens, 1).cpu()  # [B, n]
-        hids = torch.stack(hiddens, 1).cpu() if keep_hidden else None  # [B, n, H]
-        out = []
-        for i in range(len(prompts)):
-            row = toks[i]
-            ends = (row == eos).nonzero()
-            n = int(ends[0]) + 1 if len(ends) else row.numel()
-            out.append((row[:n].clone(), hids[i, :n].clone() if keep_hidden else None))
-        return out
+        return answers(torch.stack(tokens, 1), torch.stack(hiddens, 1) if keep_hidden else None, eos)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import CerberusError
+from . import answers
 from .formats import Linear, activation_dtype, dense, int4_from_blocks
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -195,6 +196,70 @@ class LeanLlama(torch.nn.Module):
 
         positions = torch.arange(T, device=ids.device).repeat(B)
         return self._layers(ids.flatten(), positions, attend).view(B, T, -1)
+
+    @torch.inference_mode()
+    def generate_padded(self, prompts: list[list[int]], max_new_tokens: int, eos: int, pad: int, keep_hidden: bool):
+        """Greedy answers for a batch of prompts decoded together, left-padded, over one shared cache
+        (the GPU path of distillation: thousands of rows a forward) -> list of (tokens [n], hidden
+        [n, H] bf16 or None). Not bitwise what decoding one prompt alone gives (padding changes the
+        kernels' shapes), but the same model in the same format."""
+        B, P, N = len(prompts), max(len(p) for p in prompts), max_new_tokens
+        Hkv, D, device = self.num_kv_heads, self.head_dim, self.embed.device
+        rep = self.num_heads // Hkv
+        ids = torch.full((B, P), pad, dtype=torch.long)
+        real = torch.ones((B, P + N), dtype=torch.bool)  # [B, P + N]: which keys are tokens, not padding
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p) :] = torch.tensor(p)
+            real[i, : P - len(p)] = False
+        ids, real = ids.to(device), real.to(device)
+        positions = (real[:, :P].cumsum(-1) - 1).clamp_min(0)  # [B, P]
+        k = torch.zeros(self.num_layers, B, Hkv, P + N, D, dtype=self.dtype, device=device)
+        v = torch.zeros_like(k)
+        # a padding query also sees itself, so no softmax row is empty (its NaN would reach real rows)
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        eye = torch.eye(P, dtype=torch.bool, device=device)
+
+        hidden = []
+        step = max(1, 262144 // P)  # prompt rows a forward
+        for r0 in range(0, B, step):
+            rows = slice(r0, min(B, r0 + step))
+            b = rows.stop - rows.start
+            mask = (causal & real[rows, None, None, :P]) | eye  # [b, 1, P, P]
+
+            def attend_prompt(i: int, xq, xk, xv, rows=rows, b=b, mask=mask) -> torch.Tensor:
+                q, kk, vv = (x.view(b, P, -1, D).transpose(1, 2) for x in (xq, xk, xv))  # [b, heads, P, D]
+                k[i, rows, :, :P], v[i, rows, :, :P] = kk, vv
+                kk, vv = kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1)
+                out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)  # [b, Hq, P, D]
+                return out.transpose(1, 2).reshape(b * P, -1)
+
+            h = self._layers(ids[rows].flatten(), positions[rows].flatten(), attend_prompt)
+            hidden.append(h.view(b, P, -1)[:, -1])
+        hidden = torch.cat(hidden)  # [B, H]: the state after each prompt's last token
+
+        position = positions[:, -1]  # [B]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        tokens, hiddens = [], []
+        for t in range(N):
+            nxt = self.lm_head(hidden).argmax(-1)  # [B]
+            nxt = torch.where(done, pad, nxt)
+            tokens.append(nxt)
+            if keep_hidden:
+                hiddens.append(hidden.to(torch.bfloat16))
+            done |= nxt == eos
+            if t == N - 1 or bool(done.all()):
+                break
+            end, position = P + t + 1, position + 1
+
+            def attend_step(i: int, xq, xk, xv, end=end) -> torch.Tensor:
+                k[i, :, :, end - 1], v[i, :, :, end - 1] = xk, xv
+                group = xq.view(B, Hkv, rep, D)  # the query heads sharing a kv head as its queries
+                keys, values = k[i, :, :, :end], v[i, :, :, :end]  # [B, Hkv, end, D]
+                out = F.scaled_dot_product_attention(group, keys, values, attn_mask=real[:, None, None, :end])
+                return out.reshape(B, -1)
+
+            hidden = self._layers(nxt, position, attend_step)
+        return answers(torch.stack(tokens, 1), torch.stack(hiddens, 1) if keep_hidden else None, eos)
 
     def _layers(self, ids, positions, attend) -> torch.Tensor:
         """The transformer over q tokens: ids, positions [q] -> normalized hidden [q, H].

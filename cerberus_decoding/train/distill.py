@@ -15,8 +15,8 @@ the answers of the batches done so far, in prompt order.
 
 Generation goes through the runtime API. The lean runtime decodes ``rows_per_step`` sequences at
 once with continuous batching (``generate_rows``): each answer is bitwise the one ``cerberus
-generate`` gives in that weight format. The hf runtime uses transformers' padded batch (the GPU
-path, thousands of rows a forward).
+generate`` gives in that weight format. On a GPU (and on the hf runtime) a batch is one
+left-padded batch over a shared cache, ``runtime.generate_padded``: thousands of rows a forward.
 
 Hidden states are float32 and so are their targets (the base model's float32 greedy choices): a run in
 another format generates its answers, then ``teacher_forced`` recomputes tokens and hidden states with
@@ -302,7 +302,7 @@ def distill(
         if answers is not None:
             made_by = recorded_by[b * batch_size]
             rows = [(torch.tensor(a), None) for a in answers[b * batch_size : (b + 1) * batch_size]]
-        elif runtime.name == "hf":  # transformers' own padded batch: thousands of rows on a GPU
+        elif device.type == "cuda" or runtime.name == "hf":  # one padded batch: thousands of rows on a GPU
             rows = runtime.generate_padded(batch, max_new_tokens, eos, pad, own_hidden)
         else:
             rows = generate_rows(runtime, batch, max_new_tokens, eos, rows_per_step, own_hidden, device)
