@@ -225,6 +225,10 @@ def test_the_hardware_key_tells_machines_apart():
         keys.add(files.hardware_key(here | change))
     assert len(keys) == 6
     assert files.hardware_key(dict(here)) == files.hardware_key(here)  # stable
+    # a GPU's machine() has no ISA or thread count (this once raised KeyError on the first CUDA run)
+    gpu = {"device": "cuda", "name": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130"}
+    keys.add(files.hardware_key(gpu))
+    assert files.hardware_key(gpu).startswith("cuda-nvidia-h100-80gb-hbm3-torch2.11.0-")
     assert all("/" not in k and " " not in k for k in keys)  # a file name
 
 

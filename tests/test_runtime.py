@@ -137,3 +137,22 @@ def test_cli_rejects_a_format_the_runtime_lacks(capsys):
         cli.main(["generate", "hi", "--weights", "int4", "--runtime", "hf"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "--runtime lean" in err[0]
+
+
+def test_the_hf_runtime_hands_its_cache_to_older_transformers_too():
+    """transformers before 5.2x names the cache argument ``past_key_values`` (the GPU machines run
+    5.17): the hf runtime must pass its cache under the name the model's forward takes."""
+    from types import SimpleNamespace
+
+    from cerberus_decoding.runtime.hf import HFRuntime
+
+    class OlderModel(torch.nn.Module):  # the signature of LlamaModel.forward in transformers 5.17
+        def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+            self.got = past_key_values
+            return SimpleNamespace(last_hidden_state=torch.zeros(1, input_ids.shape[1], 4))
+
+    inner = OlderModel()
+    rt = HFRuntime(SimpleNamespace(model=inner, dtype=torch.float32), "float32")
+    cache = object()
+    rt.forward(cache, torch.tensor([5, 6]), torch.tensor([0, 1]))
+    assert rt.cache_kw == "past_key_values" and inner.got is cache
