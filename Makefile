@@ -35,8 +35,8 @@ lint: $(STAMP)
 # The shipped default heads (docs/training.md), one recipe (scripts/make_heads.sh) on two paths:
 # `make heads` (CPU): rebuilds the hidden states from the committed answers by teacher forcing
 # (resumable, hours on 2 cores), trains both heads, calibrates them and copies them into the package.
-# `make heads-gpu` (one GPU, under 10 minutes): generates the answers too; copy answers.safetensors.xz
-# into distilled/ and the heads from heads.tar to reproduce the shipped ones.
+# `make heads-gpu` (one GPU, under 10 minutes): rebuilds the committed answers' shards, generates more
+# after them, trains; copy answers.safetensors.xz into distilled/ and the heads from heads.tar.
 HEADS_DIR := cerberus_decoding/assets/heads/SmolLM2-135M-Instruct
 ANSWERS_XZ := distilled/SmolLM2-135M-Instruct/instructions-40000.answers.safetensors.xz
 heads: $(STAMP)
@@ -47,7 +47,8 @@ heads: $(STAMP)
 		$(BIN)/cerberus calibrate --heads $(HEADS_DIR)/$$t --device cpu --into-heads || exit 1; done
 
 heads-gpu:
-	scripts/make_heads.sh out/heads-gpu
+	mkdir -p data && xz -dkc $(ANSWERS_XZ) > data/instructions-40000.answers.safetensors
+	ANSWERS=data/instructions-40000.answers.safetensors scripts/make_heads.sh out/heads-gpu
 
 # our methods and llama.cpp side by side, same GGUF, same prompt ids, same threads (docs/results.md);
 # installs the [peers] extra first: llama-cpp-python compiles llama.cpp for 8-10 minutes on 2 cores
