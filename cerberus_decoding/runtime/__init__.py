@@ -65,7 +65,7 @@ def build_runtime(hf_model, weights: str, runtime: str, gguf: Path | None = None
     return LeanLlama(hf_model, weights, blocks)
 
 
-def answers(tokens: torch.Tensor, hidden: torch.Tensor | None, eos: int) -> list:
+def split_answers(tokens: torch.Tensor, hidden: torch.Tensor | None, eos: int) -> list:
     """A padded batch's greedy steps, tokens [B, n] and hidden [B, n, H] (or None), -> one
     (tokens [m], hidden [m, H] or None) per row, each cut after its first ``eos``."""
     tokens, hidden = tokens.cpu(), None if hidden is None else hidden.cpu()

@@ -18,7 +18,7 @@ import inspect
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import answers
+from . import split_answers
 
 
 class BufferLayer(CacheLayerMixin):
@@ -175,4 +175,4 @@ class HFRuntime:
                 use_cache=True,
                 **{self.cache_kw: cache},
             ).last_hidden_state[:, -1]
-        return answers(torch.stack(tokens, 1), torch.stack(hiddens, 1) if keep_hidden else None, eos)
+        return split_answers(torch.stack(tokens, 1), torch.stack(hiddens, 1) if keep_hidden else None, eos)

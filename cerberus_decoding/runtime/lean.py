@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import CerberusError
-from . import answers
+from . import split_answers
 from .formats import Linear, activation_dtype, dense, int4_from_blocks
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -259,7 +259,7 @@ class LeanLlama(torch.nn.Module):
                 return out.reshape(B, -1)
 
             hidden = self._layers(nxt, position, attend_step)
-        return answers(torch.stack(tokens, 1), torch.stack(hiddens, 1) if keep_hidden else None, eos)
+        return split_answers(torch.stack(tokens, 1), torch.stack(hiddens, 1) if keep_hidden else None, eos)
 
     def _layers(self, ids, positions, attend) -> torch.Tensor:
         """The transformer over q tokens: ids, positions [q] -> normalized hidden [q, H].
