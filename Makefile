@@ -39,16 +39,18 @@ lint: $(STAMP)
 # after them, trains; copy answers.safetensors.xz into distilled/ and the heads from heads.tar.
 HEADS_DIR := cerberus_decoding/assets/heads/SmolLM2-135M-Instruct
 ANSWERS_XZ := distilled/SmolLM2-135M-Instruct/instructions-40000.answers.safetensors.xz
-heads: $(STAMP)
-	mkdir -p data && xz -dkc $(ANSWERS_XZ) > data/instructions-40000.answers.safetensors
+ANSWERS := data/instructions-40000.answers.safetensors
+$(ANSWERS): $(ANSWERS_XZ)
+	mkdir -p data && xz -dkc $(ANSWERS_XZ) > $@
+
+heads: $(STAMP) $(ANSWERS)
 	CLI=$(BIN)/cerberus DEVICE=cpu WEIGHTS=float32 BATCH=256 GENERATE=0 TRAIN_SECONDS=0 STAGES="distill train" \
-		ANSWERS=data/instructions-40000.answers.safetensors scripts/make_heads.sh out/heads-cpu
+		ANSWERS=$(ANSWERS) scripts/make_heads.sh out/heads-cpu
 	for t in medusa cerberus; do rm -rf $(HEADS_DIR)/$$t && cp -r runs/$$t/heads $(HEADS_DIR)/$$t && \
 		$(BIN)/cerberus calibrate --heads $(HEADS_DIR)/$$t --device cpu --into-heads || exit 1; done
 
-heads-gpu:
-	mkdir -p data && xz -dkc $(ANSWERS_XZ) > data/instructions-40000.answers.safetensors
-	ANSWERS=data/instructions-40000.answers.safetensors scripts/make_heads.sh out/heads-gpu
+heads-gpu: $(ANSWERS)
+	ANSWERS=$(ANSWERS) scripts/make_heads.sh out/heads-gpu
 
 # our methods and llama.cpp side by side, same GGUF, same prompt ids, same threads (docs/results.md);
 # installs the [peers] extra first: llama-cpp-python compiles llama.cpp for 8-10 minutes on 2 cores

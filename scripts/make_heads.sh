@@ -15,6 +15,7 @@ out=${1:-out/heads-gpu}
 mkdir -p "$out"
 cli=${CLI:-python3 -m cerberus_decoding.cli}
 device=${DEVICE:-cuda}
+runtime=${RUNTIME:-lean}
 data=${DATA:-data/distill-instructions}
 runs=${RUNS:-runs}
 stages=${STAGES:-distill train curve}
@@ -37,12 +38,12 @@ train() {  # train NAME ARGS...: the same recipe for every run
 
 if [[ " $stages " == *" distill "* ]]; then
     if [ -n "${ANSWERS:-}" ]; then  # recorded answers: their shards rebuilt by teacher forcing
-        distill --runtime "${RUNTIME:-lean}" --answers "$ANSWERS" | tee "$out/recorded.json"
+        distill --runtime "$runtime" --answers "$ANSWERS" | tee "$out/recorded.json"
     fi
     if [ "${GENERATE:-1}" = 1 ]; then  # new answers while time and the token budget last
         grow=(--deadline "${DISTILL_SECONDS:-170}" --max-tokens "${DISTILL_TOKENS:-0}")
-        distill --runtime "${RUNTIME:-lean}" "${grow[@]}" | tee "$out/distill.json" ||
-            { echo "the ${RUNTIME:-lean} runtime failed; generating with --runtime hf"; distill --runtime hf "${grow[@]}" | tee "$out/distill.json"; }
+        distill --runtime "$runtime" "${grow[@]}" | tee "$out/distill.json" ||
+            { echo "the $runtime runtime failed; generating with --runtime hf"; distill --runtime hf "${grow[@]}" | tee "$out/distill.json"; }
     fi
     [ -f "$data/answers.safetensors" ] || { echo "distill produced no answers"; exit 1; }
     python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.compress(open(sys.argv[1],'rb').read()))" \
