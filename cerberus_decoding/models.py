@@ -88,7 +88,8 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _gguf_cache_dir(gguf: Path) -> Path:
+def gguf_cache_dir(gguf: Path) -> Path:
+    """Where a GGUF's conversion (and its 4-bit tensor index) is cached, keyed by the file's identity."""
     st = gguf.stat()
     key = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -172,7 +173,7 @@ def _cached_gguf(gguf: Path) -> Path:
     with open(gguf, "rb") as f:
         if f.read(4) != b"GGUF":
             raise CerberusError(f"{gguf} is not a GGUF file (bad magic bytes); is it corrupt or truncated?")
-    target = _gguf_cache_dir(gguf)
+    target = gguf_cache_dir(gguf)
     if not (target / "model.safetensors").is_file():
         _convert_gguf(gguf, target)
     return target

@@ -266,10 +266,10 @@ def test_greedy_lookup_methods_are_lossless(lm):
     pld = build_decoder(lm, "pld")
     # a finite gate threshold: confident steps verify heads + chain, the others the chain alone
     both = build_decoder(lm, "cerberus+lookup", heads="none", gate="logits", threshold=1.0)
-    cfg = SamplingConfig(max_new_tokens=96)
+    cfg = SamplingConfig(max_new_tokens=64)
     spec_steps = {"pld": 0, "cerberus+lookup": 0}
     # the prompts that copy from their input, and one that repeats itself (the rest: tests/test_lossless.py)
-    for ids, ref in references_for(lm, PROMPTS[:6] + PROMPTS[-1:], 96).values():
+    for ids, ref in references_for(lm, PROMPTS[:6] + PROMPTS[-1:], 64).values():
         for name, dec in (("pld", pld), ("cerberus+lookup", both)):
             result = dec.generate(ids, cfg)
             assert_lossless(lm, ids, ref, result.token_ids)

@@ -3,16 +3,24 @@
 Q4_0 / Q4_1 store 32 weights per block: ``w = d * (q - 8)`` and ``w = d * q + m``. The int4 kernel
 computes ``w = (q - 8) * scale + zero``, so ``scale = d`` and ``zero = m + 8 d`` (Q4_1) or 0 (Q4_0)
 reproduce the file's weights with no de-quantize / re-quantize round trip.
+
+Parsing a GGUF's header with the ``gguf`` library reads every metadata field (49k vocabulary strings
+and merges: about 9 s on a 2-core CPU), so where each 4-bit tensor lies in the file is kept in a
+small index next to the converted weights (models.gguf_cache_dir) and the blocks are memory-mapped.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType, GGUFReader
 
-from ..models import CerberusError
+from ..models import CerberusError, gguf_cache_dir
 
 # GGUF name of each projection of block i, keyed by the Hugging Face module name
 PROJECTIONS = {
@@ -26,33 +34,72 @@ PROJECTIONS = {
 }
 
 
+INDEX_FILE = "q4_tensors.json"
+INDEX_VERSION = 1
+BLOCK_BYTES = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20}  # per block of 32 weights
+
+
 def read_q4_blocks(path: Path, num_heads: int, num_kv_heads: int) -> dict[str, tuple]:
     """``{hf_name: (q [N, K] uint8, scale [N, K/32], zero [N, K/32])}`` for every Q4_0/Q4_1 projection.
 
     Tensors of other types are left out (the caller quantizes them on load).
     """
-    from gguf import GGMLQuantizationType, GGUFReader
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for t in q4_tensor_index(path):
+        blocks = data[t["offset"] : t["offset"] + t["rows"] * t["row_bytes"]]
+        blocks = np.asarray(blocks).reshape(t["rows"], -1, BLOCK_BYTES[t["type"]])  # [N, K/32, bytes]
+        q, scale, zero = _unpack(blocks, has_min=t["type"] == GGMLQuantizationType.Q4_1)
+        kind = t["kind"]
+        if kind in ("attn_q", "attn_k"):  # llama.cpp stores q/k rows permuted for its RoPE layout
+            order = _unpermute_rows(q.shape[0], num_heads if kind == "attn_q" else num_kv_heads)
+            q, scale, zero = q[order], scale[order], zero[order]
+        out[f"model.layers.{t['layer']}.{t['hf']}"] = (q, scale, zero)
+    return out
 
+
+def q4_tensor_index(path: Path) -> list[dict]:
+    """Where each Q4_0/Q4_1 projection lies in the GGUF: read from the cached index, or parsed once
+    with the ``gguf`` library and cached (written atomically; an unreadable index is rebuilt)."""
+    index_path = gguf_cache_dir(path) / INDEX_FILE
+    try:
+        index = json.loads(index_path.read_text())
+        if index.get("version") == INDEX_VERSION and index.get("size") == path.stat().st_size:
+            return index["tensors"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    tensors = _parse_q4_tensors(path)
+    try:  # a cache that cannot be written only costs the next load the parse again
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=index_path.parent, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"version": INDEX_VERSION, "size": path.stat().st_size, "tensors": tensors}, f)
+            os.replace(tmp, index_path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    except OSError:
+        pass
+    return tensors
+
+
+def _parse_q4_tensors(path: Path) -> list[dict]:
     try:
         reader = GGUFReader(path)
     except Exception as e:
         raise CerberusError(f"Cannot read GGUF file {path}: {e}") from e
-    kinds = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20}  # bytes per block
-    out = {}
+    tensors = []
     for t in reader.tensors:
         parts = t.name.split(".")  # blk.{i}.{name}.weight
-        if len(parts) != 4 or parts[0] != "blk" or t.tensor_type not in kinds:
+        hf = next((k for k, v in PROJECTIONS.items() if len(parts) == 4 and v == parts[2]), None)
+        if parts[0] != "blk" or hf is None or t.tensor_type not in BLOCK_BYTES:
             continue
-        hf = next((k for k, v in PROJECTIONS.items() if v == parts[2]), None)
-        if hf is None:
-            continue
-        blocks = np.asarray(t.data).reshape(t.data.shape[0], -1, kinds[t.tensor_type])  # [N, K/32, bytes]
-        q, scale, zero = _unpack(blocks, t.tensor_type == GGMLQuantizationType.Q4_1)
-        if parts[2] in ("attn_q", "attn_k"):  # llama.cpp stores q/k rows permuted for its RoPE layout
-            order = _unpermute_rows(q.shape[0], num_heads if parts[2] == "attn_q" else num_kv_heads)
-            q, scale, zero = q[order], scale[order], zero[order]
-        out[f"model.layers.{parts[1]}.{hf}"] = (q, scale, zero)
-    return out
+        rows, row_bytes = (int(n) for n in t.data.shape)  # quantized data: [N, bytes per row]
+        tensors.append(
+            {"layer": int(parts[1]), "kind": parts[2], "hf": hf, "type": int(t.tensor_type), "rows": rows}
+            | {"row_bytes": row_bytes, "offset": int(t.data_offset)}
+        )
+    return tensors
 
 
 def _unpack(blocks: np.ndarray, has_min: bool):
