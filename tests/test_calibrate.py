@@ -86,13 +86,20 @@ def test_the_choice_is_the_known_best_of_a_synthetic_table():
     assert 0.5 < best["threshold"] <= 3.0 and best["speculative_share"] == 0.5
     assert best["tokens_per_s"] == pytest.approx(1000 * 5 / 22)
     assert best["tokens_per_s"] == max(r["tokens_per_s"] for r in rows)
-    # and run's per-format choice is that row as a decoder configuration
-    choice = run._choice(rows, trees, "flat", ungated=False)
+    # and run's per-format candidates start with that row as a decoder configuration, then the best
+    # rows of the next-best tree sizes, in predicted order
+    candidates = run._choices(rows, trees, "flat", ungated=False, n=3)
+    choice = candidates[0]
     assert (choice["tree"], choice["gate"], choice["threshold"]) == (trees[3], "logits", best["threshold"])
     assert choice["thresholds"]["logits"] == best["threshold"]
+    sizes = [len(c["tree"]) for c in candidates]
+    assert len(set(sizes)) == 3 and sizes[0] == 3
+    rates = [c["predicted"]["tokens_per_s"] for c in candidates]
+    assert rates == sorted(rates, reverse=True)
+    assert rates[1] == max(choose.best_row(rows, weights="flat", nodes=n)["tokens_per_s"] for n in trees if n != 3)
     # Medusa heads run ungated: the best tree when always speculating
-    ungated = run._choice(rows, trees, "flat", ungated=True)
-    assert ungated["threshold"] == math.inf and ungated["tree"] == trees[3]
+    ungated = run._choices(rows, trees, "flat", ungated=True, n=1)
+    assert len(ungated) == 1 and ungated[0]["threshold"] == math.inf and ungated[0]["tree"] == trees[3]
 
 
 def test_a_tree_pays_for_the_heads_it_reaches():
@@ -341,6 +348,34 @@ def test_calibrate_end_to_end(tiny_lm, heads_dir):
     assert "chosen: float32" in run.format_summary(saved)
     dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir))
     assert dec.tree.size == len(choice["tree"]) + 1 and dec.threshold == choice["threshold"]
+
+
+def test_the_check_races_the_leading_trees_and_keeps_the_fastest_measured(tiny_lm, heads_dir, monkeypatch):
+    """Predictions of close candidates are noisy: the check runs the best three tree sizes and AR on
+    the same prompts and keeps the fastest measured. Here the prediction is forced to speculate and
+    the measurement made to favour the second candidate."""
+    real_choices, real_check = run._choices, run.check_choices
+    forced = lambda *a, **k: [c | {"threshold": math.inf} for c in real_choices(*a, **k)]  # noqa: E731
+    monkeypatch.setattr(run, "_choices", forced)
+    raced = []
+
+    def measured(lm, heads, tried, prompts, seconds, max_new_tokens):
+        out = real_check(lm, heads, tried, prompts, seconds, max_new_tokens)  # really run each of them
+        raced.append([c["tree"] for c in tried])
+        for c, rate in zip(out["candidates"], (30.0, 40.0, 20.0), strict=False):
+            c |= {"tokens_per_s": rate, "ratio": rate / 25.0}
+        return out
+
+    monkeypatch.setattr(run, "check_choices", measured)
+    prompts = ["Write a short poem about the sea.", "Why is the sky blue?", "List three colours."]
+    kw = dict(max_new_tokens=24, top_k=4, context=32, n_bins=4, qs=(1, 2, 4, 8), repeats=2, write=False)
+    data = run.calibrate(tiny_lm, heads_dir, prompts, budget_seconds=20, **kw)
+    check = data["checks"]["float32"]
+    assert len(raced) == 1 and len(raced[0]) == 3 and len({len(t) for t in raced[0]}) == 3
+    assert [c["nodes"] for c in check["candidates"]] == [len(t) for t in raced[0]]
+    assert data["choices"]["float32"]["tree"] == raced[0][1]  # the second predicted, the fastest measured
+    assert (check["tokens_per_s"], check["fallback"]) == (40.0, False) and check["prompts"] >= 1
+    assert "raced 3 trees" in run.format_summary(data)
 
 
 def test_the_effective_configuration_follows_the_precedence(tiny_lm, heads_dir):

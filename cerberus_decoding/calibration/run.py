@@ -45,6 +45,7 @@ CALIBRATION_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "calibra
 QUICK_SECONDS = 60.0  # the automatic first-use calibration
 QUICK_QS = (1, 2, 4, 8, 16, 32)
 CHECK_TOLERANCE = 0.97  # a choice that runs slower than this x AR in the check falls back to AR steps
+CANDIDATES = 3  # tree sizes the check races on the fastest format, best predicted first (quick: 2)
 NO_CALIBRATE_ENV = "CERBERUS_NO_CALIBRATE"
 HELD_OUT = "held-out training prompts"  # what the default calibration prompts are, in reports
 
@@ -133,44 +134,63 @@ def _observe_prompts(lm, heads, prompts, max_new_tokens, top_k, deadline, progre
     return {k: np.concatenate(v) for k, v in obs.items()}, used
 
 
-def _choice(rows: list[dict], trees: dict, weights: str, ungated: bool) -> dict:
-    """The best row for one weight format as a decoder configuration, with the best threshold of
-    each gate for the same tree (so ``--gate hidden`` gets a threshold on its own scale)."""
-    best = best_row(rows, weights=weights, **({"threshold": math.inf} if ungated else {}))
-    thresholds = {g: best_row(rows, weights=weights, nodes=best["nodes"], gate=g)["threshold"] for g in ENTROPY_GATES}
-    return {
-        "tree": trees[best["nodes"]],
-        "gate": best["gate"],
-        "threshold": best["threshold"],
-        "thresholds": thresholds,
-        "predicted": {k: best[k] for k in ("tokens_per_s", "ar_tokens_per_s", "speculative_share")},
-    }
+def _choices(rows: list[dict], trees: dict, weights: str, ungated: bool, n: int) -> list[dict]:
+    """The ``n`` best tree sizes for one weight format, best predicted first, each as a decoder
+    configuration with its best threshold, and the best threshold of each gate for the same tree (so
+    ``--gate hidden`` gets a threshold on its own scale)."""
+    where = {"weights": weights} | ({"threshold": math.inf} if ungated else {})
+    sizes = sorted({r["nodes"] for r in rows if r["weights"] == weights})
+    per_size = [best_row(rows, **where, nodes=size) for size in sizes]
+    out = []
+    for best in sorted(per_size, key=lambda r: -r["tokens_per_s"])[:n]:  # a stable sort: ties keep fewer nodes
+        same_tree = {"weights": weights, "nodes": best["nodes"]}
+        thresholds = {g: best_row(rows, **same_tree, gate=g)["threshold"] for g in ENTROPY_GATES}
+        out.append(
+            {
+                "tree": trees[best["nodes"]],
+                "gate": best["gate"],
+                "threshold": best["threshold"],
+                "thresholds": thresholds,
+                "predicted": {k: best[k] for k in ("tokens_per_s", "ar_tokens_per_s", "speculative_share")},
+            }
+        )
+    return out
 
 
-def check_choice(lm: LoadedModel, heads, choice: dict, prompts: list[str], seconds: float, max_new_tokens: int) -> dict:
-    """Run the choice and plain AR (same format) on held-out prompts, alternating, for ``seconds``
-    (at least one prompt each): measured tokens/s of both and their ratio."""
-    ar = Decoder(lm, method="ar")
-    spec = Decoder(lm, heads, build_tree(choice["tree"]), gate=choice["gate"], threshold=choice["threshold"])
+def check_choices(
+    lm: LoadedModel, heads, choices: list[dict], prompts: list[str], seconds: float, max_new_tokens: int
+) -> dict:
+    """Run the candidate choices and plain AR (same format) on held-out prompts for ``seconds`` (at
+    least one prompt each), every prompt by all of them in a rotating order: the measured tokens/s
+    of AR and of each candidate, and each candidate's ratio to AR."""
+    decoders = [("ar", Decoder(lm, method="ar"))] + [
+        (i, Decoder(lm, heads, build_tree(c["tree"]), gate=c["gate"], threshold=c["threshold"]))
+        for i, c in enumerate(choices)
+    ]
     config = SamplingConfig(max_new_tokens=max_new_tokens)
-    totals = {"ar": [0, 0.0], "spec": [0, 0.0]}
-    deadline, used, pair = time.perf_counter() + seconds, 0, 0.0
+    totals = {name: [0, 0.0] for name, _ in decoders}
+    deadline, used, round_s = time.perf_counter() + seconds, 0, 0.0
     for prompt in prompts:
-        if used and time.perf_counter() + pair > deadline:  # the next pair would overrun the budget
+        if used and time.perf_counter() + round_s > deadline:  # the next round would overrun the budget
             break
         started = time.perf_counter()
-        ids = ar.encode(prompt)
+        ids = decoders[0][1].encode(prompt)
         if len(ids) + max_new_tokens + 64 > lm.context_length:
             continue
-        for name, decoder in (("ar", ar), ("spec", spec)) if used % 2 == 0 else (("spec", spec), ("ar", ar)):
+        shift = used % len(decoders)  # who runs first rotates, so drifting load spreads evenly
+        for name, decoder in decoders[shift:] + decoders[:shift]:
             t0 = time.perf_counter()
             result = decoder.generate(ids, config)
             totals[name][0] += len(result.token_ids)
             totals[name][1] += time.perf_counter() - t0
-        used, pair = used + 1, time.perf_counter() - started
-    ar_rate = totals["ar"][0] / max(totals["ar"][1], 1e-9)
-    rate = totals["spec"][0] / max(totals["spec"][1], 1e-9)
-    return {"prompts": used, "ar_tokens_per_s": ar_rate, "tokens_per_s": rate, "ratio": rate / max(ar_rate, 1e-9)}
+        used, round_s = used + 1, time.perf_counter() - started
+    rate = {name: n / max(s, 1e-9) for name, (n, s) in totals.items()}
+    candidates = [
+        {"nodes": len(c["tree"]), "gate": c["gate"], "threshold": c["threshold"], "tokens_per_s": rate[i]}
+        | {"ratio": rate[i] / max(rate["ar"], 1e-9)}
+        for i, c in enumerate(choices)
+    ]
+    return {"prompts": used, "ar_tokens_per_s": rate["ar"], "candidates": candidates}
 
 
 def calibrate(
@@ -223,18 +243,29 @@ def calibrate(
         rows, trees = predict_table(measured, ranks, {g: obs[g] for g in ENTROPY_GATES}, top_k, n_bins)
     except ValueError as e:
         raise CerberusError(f"Cannot calibrate: {e}; raise --max-new-tokens or --budget-seconds.") from e
-    choices = {w: _choice(rows, trees, w, ungated) for w in measured}
+    candidates = {w: _choices(rows, trees, w, ungated, 2 if quick else CANDIDATES) for w in measured}
+    choices = {w: c[0] for w, c in candidates.items()}
     best = fastest_format({w: c["predicted"]["tokens_per_s"] for w, c in choices.items()}, lm.weights)
 
-    # check by running: the best format, and (full runs) every other one that speculates, since a
-    # user may force it with --weights; a choice below CHECK_TOLERANCE x AR falls back to AR steps
+    # check by running: the best format's leading candidates against each other (the prediction's
+    # order is noisy where candidates are close), and in full runs every other format whose choice
+    # speculates (a user may force it with --weights); the fastest candidate measured wins, and if
+    # it runs below CHECK_TOLERANCE x AR the format falls back to AR steps
     checks = {}
     order = [best] + ([] if quick else [w for w in choices if w != best and choices[w]["threshold"] > -math.inf])
     for i, weights in enumerate(order):
         flm = lm.with_weights(weights)
         seconds = max(0.0, start + budget_seconds - time.perf_counter()) / (len(order) - i)
         heads_w = load_heads(heads_dir, flm).pack_for(weights)
-        check = check_choice(flm, heads_w, choices[weights], prompts[used:] or prompts, seconds, 64)
+        tried = candidates[weights] if weights == best else [choices[weights]]
+        if tried[0]["threshold"] > -math.inf:  # race the ones that speculate (AR runs in every round)
+            tried = [c for c in tried if c["threshold"] > -math.inf]
+        else:  # predicted: speculation never pays here; nothing to race
+            tried = tried[:1]
+        check = check_choices(flm, heads_w, tried, prompts[used:] or prompts, seconds, 64)
+        winner = max(range(len(tried)), key=lambda j: check["candidates"][j]["tokens_per_s"])
+        choices[weights] = tried[winner]
+        check |= {k: check["candidates"][winner][k] for k in ("tokens_per_s", "ratio")}
         speculates = choices[weights]["threshold"] > -math.inf
         check["fallback"] = bool(not ungated and speculates and check["ratio"] < CHECK_TOLERANCE)
         if check["fallback"]:  # predicted to pay, measured not to: the gate never speculates
@@ -322,9 +353,15 @@ def format_summary(data: dict) -> str:
             f"({c['ratio']:.2f}x)" + (" -> falls back to AR steps" if c["fallback"] else "")
         )
     ch = data["checks"][data["weights"]]
+    raced = ch.get("candidates", [])
+    if len(raced) > 1:
+        lines.append(
+            f"raced {len(raced)} trees on the same prompts: "
+            + ", ".join(f"{c['nodes']} nodes {c['tokens_per_s']:.1f} tokens/s ({c['ratio']:.2f}x)" for c in raced)
+        )
     lines.append(
-        f"chosen: {data['weights']}; checked by running it on {ch['prompts']} prompts: "
-        f"{ch['tokens_per_s']:.1f} vs AR {ch['ar_tokens_per_s']:.1f} tokens/s ({ch['ratio']:.2f}x)"
-        + (" -> slower than AR: falls back to AR steps" if ch["fallback"] else "")
+        f"chosen: {data['weights']}, {len(data['choices'][data['weights']]['tree'])}-node tree; checked by running "
+        f"it on {ch['prompts']} prompts: {ch['tokens_per_s']:.1f} vs AR {ch['ar_tokens_per_s']:.1f} tokens/s "
+        f"({ch['ratio']:.2f}x)" + (" -> slower than AR: falls back to AR steps" if ch["fallback"] else "")
     )
     return "\n".join(lines)
