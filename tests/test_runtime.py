@@ -16,7 +16,8 @@ from cerberus_decoding.tree import build_tree
 from .conftest import PROMPTS, assert_lossless
 
 # root, two depth-1 nodes, chains below both: main-chain rows and off-chain rows
-TREE = build_tree([[0], [1], [0, 0], [1, 0], [0, 0, 0], [0, 1], [2]])
+TREE_NODES = [[0], [1], [0, 0], [1, 0], [0, 0, 0], [0, 1], [2]]
+TREE = build_tree(TREE_NODES)
 
 
 def rows_vs_one_token_steps(rt, prefix: list[int], tokens: list[int]):
@@ -54,6 +55,37 @@ def test_default_model_int4_rows_equal_one_token_steps_bitwise(lm):
     tokens = torch.randint(1000, (TREE.size,), generator=torch.Generator().manual_seed(1)).tolist()
     tree_rows, singles = rows_vs_one_token_steps(lm.runtime, ids, tokens)
     assert torch.equal(tree_rows, singles)
+
+
+def test_masked_tree_attention_matches_one_token_steps(tiny_lm):
+    """CUDA's default: the whole tree in one attention call per layer. Not bitwise (a kernel over a
+    block of rows), but each row is the one-token step at that node up to float32 rounding."""
+    rt = LeanLlama(tiny_lm.model, "float32", tree_attention="masked")
+    g = torch.Generator().manual_seed(3)
+    prefix, tokens = torch.randint(5000, (21,), generator=g).tolist(), torch.randint(5000, (TREE.size,), generator=g)
+    tree_rows, singles = rows_vs_one_token_steps(rt, prefix, tokens.tolist())
+    torch.testing.assert_close(tree_rows, singles, atol=1e-5, rtol=1e-4)
+    with pytest.raises(CerberusError, match="tree attention"):
+        LeanLlama(tiny_lm.model, "float32", tree_attention="fast")
+
+
+@pytest.mark.slow
+def test_masked_tree_attention_is_lossless_on_the_default_model(lm_f32):
+    """The masked path with the shipped heads decodes what float32 AR decodes (proven-tie rule)."""
+    import dataclasses
+
+    from cerberus_decoding.methods import build_decoder
+
+    masked = LeanLlama(lm_f32.model, "float32", tree_attention="masked")
+    fmt = dataclasses.replace(lm_f32, runtime=masked)
+    cfg = SamplingConfig(max_new_tokens=32)
+    decoder = build_decoder(fmt, "cerberus-nogate", heads="default", tree=TREE_NODES)
+    for prompt in PROMPTS[2:4]:
+        ids = decoder.encode(prompt)
+        reference = Decoder(lm_f32).generate(ids, cfg).token_ids
+        result = decoder.generate(ids, cfg)
+        assert_lossless(fmt, ids, reference, result.token_ids)
+        assert result.mean_accepted > 1.2  # the heads' drafts were verified and kept
 
 
 def test_lean_float32_forward_matches_transformers(tiny_lm):

@@ -12,6 +12,12 @@ one-token step at that node:
   their keys gathered into a contiguous copy, which this kernel treats the same (measured, and
   checked by tests/test_runtime.py). With row-invariant projections (formats.py) the whole forward
   is then row-for-row identical to decoding the accepted path one token at a time.
+
+On CUDA a step of a small model is bound by kernel launches, not arithmetic, and one attention call
+per row and layer makes a verification cost grow with the tree (2.6x a step at 16 rows on an H100).
+There the default is ``tree_attention = "masked"``: one call per layer over every row under the
+tree mask, like transformers' forward. It is not bitwise the one-token step, so CUDA's lossless
+rule is the proven near-tie (cuBLAS is not row-invariant either); CPUs keep the exact rows.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from . import split_answers
 from .formats import Linear, activation_dtype, dense, int4_from_blocks
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+TREE_ATTENTION = ("rows", "masked")  # exact, one call per row (CPU default) / one masked call per layer (CUDA)
 
 
 class KVCache:
@@ -58,7 +65,7 @@ class LeanLlama(torch.nn.Module):
 
     name = "lean"
 
-    def __init__(self, hf_model, weights: str, q4_blocks: dict | None = None):
+    def __init__(self, hf_model, weights: str, q4_blocks: dict | None = None, tree_attention: str | None = None):
         super().__init__()
         cfg = hf_model.config
         arch = (getattr(cfg, "architectures", None) or [type(hf_model).__name__])[0]
@@ -119,6 +126,9 @@ class LeanLlama(torch.nn.Module):
         half = self.head_dim // 2
         sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)  # signed, for _rope's roll
         self.cos, self.sin = (t.to(self.dtype) for t in (cos[0], sin))  # [max_pos, D]
+        self.tree_attention = tree_attention or ("masked" if device.type == "cuda" else "rows")
+        if self.tree_attention not in TREE_ATTENTION:
+            raise CerberusError(f"Unknown tree attention {self.tree_attention!r}; use one of {TREE_ATTENTION}.")
 
     def new_cache(self, capacity: int, device) -> KVCache:
         return KVCache(self.num_layers, self.num_kv_heads, capacity, self.head_dim, self.dtype, device)
@@ -136,7 +146,8 @@ class LeanLlama(torch.nn.Module):
         q, start = ids.numel(), cache.length
         if start + q > cache.capacity:
             raise CerberusError(f"KV cache overflow: {start + q} > {cache.capacity} entries")
-        rows = _TreeRows(tree_mask) if tree_mask is not None else None
+        masked = tree_mask is not None and self.tree_attention == "masked"
+        rows = _TreeRows(tree_mask) if tree_mask is not None and not masked else None
         slots = torch.arange(q) if rows is None else rows.slots
         slots = (slots + start).to(ids.device)
         cache.slot_of = None if rows is None else rows.slots.to(ids.device)
@@ -146,8 +157,8 @@ class LeanLlama(torch.nn.Module):
             xk, xv = xk.transpose(0, 1), xv.transpose(0, 1)  # [Hkv, q, D]
             k.index_copy_(1, slots, xk)  # this forward's entries into their slots
             v.index_copy_(1, slots, xv)
-            if rows is None and q > 1:
-                return self._attend_causal(k, v, xq, start)
+            if rows is None and q > 1:  # a prompt, or a tree under one mask
+                return self._attend_block(k, v, xq, start, tree_mask)
             attn = self._attend_rows(k, v, xq, xk, xv, rows, start)
             if rows is not None and rows.off_chain:  # they borrowed the chain's slots: put it back
                 k.index_copy_(1, slots, xk)
@@ -298,16 +309,19 @@ class LeanLlama(torch.nn.Module):
                 out[r] = F.scaled_dot_product_attention(group[r, None], k[None, :, :end], v[None, :, :end])
         return torch.cat(out).reshape(q, -1) if q > 1 else out[0].reshape(1, -1)
 
-    def _attend_causal(self, k, v, xq, start: int) -> torch.Tensor:
-        """A prompt: each token sees the cache and the tokens before it. xq [q, Hq, D] -> [q, Hq D]"""
+    def _attend_block(self, k, v, xq, start: int, tree_mask=None) -> torch.Tensor:
+        """The q rows in one call: a prompt (each token sees the cache and the tokens before it) or,
+        with ``tree_mask`` [q, q], a tree (each node sees the cache, its ancestors and itself).
+        xq [q, Hq, D] -> [q, Hq D]"""
         q, rep = xq.shape[0], self.num_heads // self.num_kv_heads
         keys = k[:, : start + q].repeat_interleave(rep, 0)[None]  # [1, Hq, T, D]
         values = v[:, : start + q].repeat_interleave(rep, 0)[None]
         query = xq.transpose(0, 1)[None]  # [1, Hq, q, D]
-        if start == 0:
+        if start == 0 and tree_mask is None:
             out = F.scaled_dot_product_attention(query, keys, values, is_causal=True)
         else:
-            mask = torch.ones(q, start + q, dtype=torch.bool, device=xq.device).tril(start)
+            mask = torch.ones(q, start + q, dtype=torch.bool, device=xq.device)  # [q, T]
+            mask[:, start:] = mask[:, start:].tril() if tree_mask is None else tree_mask
             out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
         return out[0].transpose(0, 1).reshape(q, -1)
 
