@@ -45,7 +45,7 @@ def test_int4_speculative_greedy_is_bitwise_ar(lm, references, method):
 @pytest.mark.parametrize("method", ["medusa", "cerberus-nogate"])
 def test_untrained_heads_are_lossless(lm, references, method):
     decoder = build_decoder(lm, method, heads="none", tree=TREE)
-    for ids, reference in list(references.values())[:3]:
+    for ids, reference in list(references.values())[:2]:
         assert decoder.generate(ids, SHORT).token_ids == reference[:48]
 
 
