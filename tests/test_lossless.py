@@ -55,8 +55,8 @@ def test_other_formats_are_lossless(lm_f32, weights):
     prompt: both run several times slower than int4 on a CPU without AVX-512."""
     fmt = lm_f32 if weights == "float32" else load_model("default", "bfloat16", "cpu")
     config = SamplingConfig(max_new_tokens=48)
-    methods = ("cerberus-nogate", "cerberus+lookup", "cerberus-nogate")  # one per prompt: time
-    for (ids, reference), method in zip(references_for(fmt, PROMPTS[:3], 48).values(), methods, strict=True):
+    methods = ("cerberus-nogate", "cerberus+lookup")  # one per prompt: time
+    for (ids, reference), method in zip(references_for(fmt, PROMPTS[:2], 48).values(), methods, strict=True):
         got = build_decoder(fmt, method, heads="default", tree=TREE).generate(ids, config).token_ids
         assert_lossless(fmt, ids, reference, got)
 
