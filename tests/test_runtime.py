@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cerberus_decoding.engine import Decoder, SamplingConfig
+from cerberus_decoding.heads import TEMP_SUFFIX
 from cerberus_decoding.models import CerberusError, default_gguf_path, gguf_cache_dir
 from cerberus_decoding.runtime import build_runtime, gguf, resolve_weights
 from cerberus_decoding.runtime.formats import dense, dequantize, int4_from_blocks
@@ -141,7 +142,7 @@ def test_the_gguf_tensor_index_is_parsed_once_and_rebuilt_when_unreadable(lm, tm
     index.write_text('{"version": 1, "tensors": [')  # a half-written or damaged index
     assert len(read_q4_blocks(path, *heads)) == len(first) and calls == [path]
     assert gguf.q4_tensor_index(path) == parsed and len(calls) == 1  # rewritten whole
-    assert not [p for p in index.parent.iterdir() if p.name.startswith(".tmp-")]
+    assert not list(index.parent.glob(f"*{TEMP_SUFFIX}"))  # no temp file left behind
 
 
 def test_gguf_q4_blocks_pack_within_the_documented_bound(lm_f32):

@@ -12,14 +12,13 @@ small index next to the converted weights (models.gguf_cache_dir) and the blocks
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 
+from ..heads import _atomic_write
 from ..models import CerberusError, gguf_cache_dir
 
 # GGUF name of each projection of block i, keyed by the Hugging Face module name
@@ -60,24 +59,20 @@ def read_q4_blocks(path: Path, num_heads: int, num_kv_heads: int) -> dict[str, t
 
 def q4_tensor_index(path: Path) -> list[dict]:
     """Where each Q4_0/Q4_1 projection lies in the GGUF: read from the cached index, or parsed once
-    with the ``gguf`` library and cached (written atomically; an unreadable index is rebuilt)."""
+    with the ``gguf`` library and cached (written atomically; an unreadable index is rebuilt). The
+    cache directory is keyed by the file's path, size and modification time."""
     index_path = gguf_cache_dir(path) / INDEX_FILE
     try:
         index = json.loads(index_path.read_text())
-        if index.get("version") == INDEX_VERSION and index.get("size") == path.stat().st_size:
+        if index.get("version") == INDEX_VERSION:
             return index["tensors"]
     except (OSError, ValueError, AttributeError):
         pass
     tensors = _parse_q4_tensors(path)
+    index = json.dumps({"version": INDEX_VERSION, "tensors": tensors})
     try:  # a cache that cannot be written only costs the next load the parse again
         index_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=index_path.parent, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"version": INDEX_VERSION, "size": path.stat().st_size, "tensors": tensors}, f)
-            os.replace(tmp, index_path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        _atomic_write(index_path, lambda p: Path(p).write_text(index))
     except OSError:
         pass
     return tensors
@@ -91,8 +86,10 @@ def _parse_q4_tensors(path: Path) -> list[dict]:
     tensors = []
     for t in reader.tensors:
         parts = t.name.split(".")  # blk.{i}.{name}.weight
-        hf = next((k for k, v in PROJECTIONS.items() if len(parts) == 4 and v == parts[2]), None)
-        if parts[0] != "blk" or hf is None or t.tensor_type not in BLOCK_BYTES:
+        if len(parts) != 4 or parts[0] != "blk" or t.tensor_type not in BLOCK_BYTES:
+            continue
+        hf = next((k for k, v in PROJECTIONS.items() if v == parts[2]), None)
+        if hf is None:
             continue
         rows, row_bytes = (int(n) for n in t.data.shape)  # quantized data: [N, bytes per row]
         tensors.append(
