@@ -73,6 +73,7 @@ def analyze(
     out.mkdir(parents=True, exist_ok=True)
     method = "cerberus-nogate" if head_type == "cerberus" else "medusa"
     always = build_decoder(lm, method, heads=heads, gate="off")
+    always.trace_entropies = True
     steps, _, _ = run_all(always, prompts, max_new_tokens, "always speculate")
     spec = [s for s in steps if s.mode == "spec"]
     accepted = np.array([s.accepted for s in spec], dtype=float)

@@ -194,6 +194,7 @@ def generate(
         return generate_with_llamacpp(prompt, model, device, raw, max_new_tokens, as_json)
     trace_file = open_trace(trace)
     decoder = make_decoder(model, weights, runtime, device, method, heads, gate, gate_threshold, tree, calibrate)
+    decoder.trace_entropies = trace_file is not None
     ids = decoder.encode(prompt, raw=raw)
     cfg = SamplingConfig(max_new_tokens, temperature, top_p, seed, list(stop or []), acceptance.value)
     stream = None if as_json else (lambda s: print(s, end="", flush=True))

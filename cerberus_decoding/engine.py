@@ -53,8 +53,8 @@ class SamplingConfig:
 @dataclass
 class Step:
     mode: str  # "ar" or "spec"
-    hidden_entropy: float  # entropy of the hidden state this step's decision read
-    logits_entropy: float  # entropy of the next-token distribution at that state
+    hidden_entropy: float  # entropy of the hidden state this step's decision read (NaN: not computed)
+    logits_entropy: float  # entropy of the next-token distribution at that state (NaN: not computed)
     candidates: int  # tree nodes verified (0 on an AR step)
     accepted: int  # tokens this step produced (1 + accepted draft tokens)
     seconds: float
@@ -134,6 +134,7 @@ class Decoder:
         self.cache = None  # the runtime's KV cache of this decoder's sequence
         self.cached_ids: list[int] = []  # tokens whose K/V the cache holds, in order
         self.heads_calls = 0  # counts draft-head invocations (the gate must skip them on AR steps)
+        self.trace_entropies = False  # compute both entropies every step (analyze, --trace), not just the gate's
         self.config = None  # methods.EffectiveConfig: what it runs with and why (set by build_decoder)
 
     # ---- prompts -------------------------------------------------------------------------
@@ -240,7 +241,7 @@ class Decoder:
         finish = emit(root.tolist())
         while finish is None:
             t0 = time.perf_counter()
-            h_ent, l_ent = gating.entropy(hidden), gating.entropy(logits)
+            h_ent, l_ent = self._entropies(hidden, logits)
             drafts = self._draft(hidden, root, h_ent, l_ent)
             if drafts is None:
                 fed, hidden, logits, root = self._ar_step(root, cfg, generator)
@@ -256,6 +257,15 @@ class Decoder:
             mode, candidates = ("ar", 0) if drafts is None else ("spec", drafts[0].size - 1)
             steps.append(Step(mode, h_ent, l_ent, candidates, len(out) - shown_before, seconds))
         return Result(out, shown.text, len(prompt_ids), time.perf_counter() - start, steps, finish, self.method)
+
+    def _entropies(self, hidden, logits) -> tuple[float, float]:
+        """(hidden, logits) entropies of this step's decision: the one the gate reads, both when
+        tracing, NaN otherwise (each is a softmax over its vector: about 1 ms for the logits on a
+        CPU, which a plain AR step must not pay)."""
+        gate = self.gate if self.heads is not None and math.isfinite(self.threshold) else "off"
+        hidden_entropy = gating.entropy(hidden) if self.trace_entropies or gate == "hidden" else math.nan
+        logits_entropy = gating.entropy(logits) if self.trace_entropies or gate == "logits" else math.nan
+        return hidden_entropy, logits_entropy
 
     def _draft(self, hidden, root, h_ent, l_ent):
         """The tree of this step and its tokens, or None for a plain AR step."""

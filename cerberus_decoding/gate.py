@@ -6,6 +6,8 @@ hidden vector itself, the paper's wording) and ``logits`` (the next-token distri
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 ENTROPY_GATES = ("hidden", "logits")  # the gates that read an entropy (and have a threshold)
@@ -22,5 +24,7 @@ def speculate(gate: str, threshold: float, hidden_entropy: float, logits_entropy
     """True: run heads + tree this step. False: a plain one-token step."""
     if gate == "off":
         return True
+    if math.isinf(threshold):  # always (+inf) or never (-inf), whatever the entropy (maybe not computed)
+        return threshold > 0
     value = hidden_entropy if gate == "hidden" else logits_entropy
-    return value < threshold  # +inf: always speculate, -inf: never
+    return value < threshold

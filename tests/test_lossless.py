@@ -70,6 +70,8 @@ def test_gate_limits(lm, references):
     r = never.generate(ids, SHORT)
     assert r.token_ids == reference[:48] and never.heads_calls == 0
     assert all(s.mode == "ar" and s.accepted == 1 for s in r.steps)
+    # a gate that cannot change its answer reads no entropy (a softmax over the vocabulary a step)
+    assert all(math.isnan(s.logits_entropy) and math.isnan(s.hidden_entropy) for s in r.steps)
     a, b = always.generate(ids, SHORT), nogate.generate(ids, SHORT)
     assert a.token_ids == b.token_ids == reference[:48]
     assert [s.accepted for s in a.steps] == [s.accepted for s in b.steps]
@@ -88,7 +90,13 @@ def test_gate_mixes_modes_and_stays_lossless(lm, references):
         calls_before = gated.heads_calls
         r2 = gated.generate(ids, SHORT)
         assert gated.heads_calls - calls_before == r2.speculative_steps  # heads run only on SPEC steps
+        # each step reads the entropy its gate needs, the other only when traced
+        assert all(math.isfinite(s.logits_entropy) and math.isnan(s.hidden_entropy) for s in r.steps)
     assert modes == {"ar", "spec"}
+    gated.trace_entropies = True
+    traced = gated.generate(ids, SHORT)
+    assert traced.token_ids == r.token_ids
+    assert all(math.isfinite(s.logits_entropy) and math.isfinite(s.hidden_entropy) for s in traced.steps)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -94,7 +94,8 @@ def measure_costs(
 def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, repeats: int = 5) -> dict:
     """Milliseconds a step spends outside the verification forward (medians).
 
-    ``step``: what every step pays (both gate entropies, detokenising the answer so far).
+    ``step``: what every step pays (the gate's entropy, timed for the logits, the dearer of the two;
+    detokenising the answer so far).
     ``spec``: what only a speculative step pays besides the heads (tree tokens, path selection,
     compaction), measured on a tree with ``top_k`` ranks at depth 1 and a chain through every head.
     ``heads``: the heads' top-k for a tree of depth d = 1..K (a step runs only the heads its tree reaches).
@@ -122,7 +123,6 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
             by_depth[d - 1].append(time.perf_counter() - t0)
         _sync(device)
         t0 = time.perf_counter()
-        gating.entropy(hidden)
         gating.entropy(logits)
         tokenizer.decode(answer, skip_special_tokens=True)
         t1 = time.perf_counter()

@@ -99,10 +99,10 @@ class LeanLlama(torch.nn.Module):
             p = f"model.layers.{i}."
             self.layers.append(
                 {
-                    "attn_norm": state[p + "input_layernorm.weight"].to(self.dtype),
+                    "attn_norm": _doubled(state[p + "input_layernorm.weight"], self.dtype),
                     "wqkv": linear([p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"]),
                     "wo": linear([p + "self_attn.o_proj"]),
-                    "mlp_norm": state[p + "post_attention_layernorm.weight"].to(self.dtype),
+                    "mlp_norm": _doubled(state[p + "post_attention_layernorm.weight"], self.dtype),
                     "w13": linear([p + "mlp.gate_proj", p + "mlp.up_proj"]),
                     "w2": linear([p + "mlp.down_proj"]),
                 }
@@ -114,7 +114,7 @@ class LeanLlama(torch.nn.Module):
                 file=sys.stderr,
             )
         self.embed = hf_model.get_input_embeddings().weight.detach().to(self.dtype)  # [V, H]
-        self.norm = state["model.norm.weight"].to(self.dtype)
+        self.norm = _doubled(state["model.norm.weight"], self.dtype)
         # LM head [V, H]: int8 per row under int4 weights (a 4-bit LM head changed 12% of greedy
         # next tokens against float32 on real prompts; int8 changed 4%, like bfloat16)
         head_format = "int8" if weights == "int4" else weights
@@ -206,7 +206,7 @@ class LeanLlama(torch.nn.Module):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B * T, -1)
 
         positions = torch.arange(T, device=ids.device).repeat(B)
-        return self._layers(ids.flatten(), positions, attend).view(B, T, -1)
+        return self._layers(ids.flatten(), positions, attend).reshape(B, T, -1)
 
     @torch.inference_mode()
     def generate_padded(self, prompts: list[list[int]], max_new_tokens: int, eos: int, pad: int, keep_hidden: bool):
@@ -245,7 +245,7 @@ class LeanLlama(torch.nn.Module):
                 return out.transpose(1, 2).reshape(b * P, -1)
 
             h = self._layers(ids[rows].flatten(), positions[rows].flatten(), attend_prompt)
-            hidden.append(h.view(b, P, -1)[:, -1])
+            hidden.append(h.reshape(b, P, -1)[:, -1])
         hidden = torch.cat(hidden)  # [B, H]: the state after each prompt's last token
 
         position = positions[:, -1]  # [B]
@@ -281,13 +281,13 @@ class LeanLlama(torch.nn.Module):
         x = self.embed[ids]  # [q, H]
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         for i, layer in enumerate(self.layers):
-            qkv = layer["wqkv"](F.rms_norm(x, x.shape[-1:], layer["attn_norm"], self.eps))  # [q, (Hq + 2 Hkv) D]
+            qkv = layer["wqkv"](_rms_norm(x, layer["attn_norm"], self.eps))  # [q, (Hq + 2 Hkv) D]
             qk = _rope(qkv[:, : (Hq + Hkv) * D].view(q, Hq + Hkv, D), cos, sin)  # [q, Hq + Hkv, D]
             xv = qkv[:, (Hq + Hkv) * D :].view(q, Hkv, D)
             x = x + layer["wo"](attend(i, qk[:, :Hq], qk[:, Hq:], xv))
-            gate, up = layer["w13"](F.rms_norm(x, x.shape[-1:], layer["mlp_norm"], self.eps)).chunk(2, dim=-1)
+            gate, up = layer["w13"](_rms_norm(x, layer["mlp_norm"], self.eps)).chunk(2, dim=-1)
             x = x + layer["w2"](F.silu(gate) * up)
-        return F.rms_norm(x, x.shape[-1:], self.norm, self.eps)
+        return _rms_norm(x, self.norm, self.eps)
 
     def _attend_rows(self, k, v, xq, xk, xv, rows, start: int) -> torch.Tensor:
         """Each row alone, exactly as the one-token step computes it. k, v [Hkv, capacity, D] (one
@@ -347,6 +347,21 @@ class _TreeRows:
         self.slots[order] = torch.arange(q)
         self.chain = [(r, i) for i, r in enumerate(chain)]  # (row, slot)
         self.off_chain = [(r, torch.tensor(ancestors[r], device=device)) for r in order[len(chain) :]]
+
+
+def _doubled(weight: torch.Tensor, dtype) -> torch.Tensor:
+    """An RMSNorm weight [H] as the [2H] LayerNorm weight ``_rms_norm`` uses."""
+    return torch.cat([weight, weight]).to(dtype)
+
+
+def _rms_norm(x: torch.Tensor, doubled_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x [q, H] with weight w, computed as the LayerNorm of [x, -x]: that row has mean 0
+    and variance mean(x^2), so its first half is x / sqrt(mean(x^2) + eps) * w. On a CPU a decoding
+    step is bound by per-op overhead, and LayerNorm is one fused kernel where ``F.rms_norm`` runs
+    about ten (measured: 1.5 ms of a 28 ms int4 step). Row-wise like it, so row-invariant. The half
+    is made contiguous for the int4 kernel: free for one row, a copy for several."""
+    H = x.shape[-1]
+    return F.layer_norm(torch.cat([x, -x], -1), (2 * H,), doubled_weight, None, eps)[:, :H].contiguous()
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
