@@ -55,6 +55,28 @@ class NgramIndex:
         return 0, []
 
 
+def chain_hits(prompt_ids: list[int], answer_ids: list[int], max_len: int, min_ngram: int, ngram: int = 3) -> list[int]:
+    """What lookup chains would have given at each step of a greedy answer (calibration): at
+    position t (root ``answer_ids[t]``, context the prompt and the answer before it), how many
+    leading tokens of the chain equal the answer's next tokens (0..max_len; fewer near the end),
+    or -1 where no n-gram of at least ``min_ngram`` tokens matches. One value per answer token."""
+    index = NgramIndex(ngram)
+    index.reset(prompt_ids)
+    hits = []
+    for t, root in enumerate(answer_ids):
+        _, chain = index.match(root, max_len, min_ngram)
+        if chain:
+            truth = answer_ids[t + 1 : t + 1 + len(chain)]
+            n = 0
+            while n < len(truth) and chain[n] == truth[n]:
+                n += 1
+            hits.append(n)
+        else:
+            hits.append(-1)
+        index.extend([root])
+    return hits
+
+
 def continuation(tokens: list[int], root: int, start: int, max_len: int) -> list[int]:
     """``max_len`` tokens of ``tokens + [root]`` from ``start`` on. Past the end they come from the
     chain itself: a match close to the end means the text is looping, and the loop goes on."""
@@ -114,7 +136,8 @@ def union_tree(
 class LookupDrafter:
     """The engine's ``drafter``: prompt-lookup chains, merged with the heads' tree when it runs.
 
-    max_len:    longest chain (tokens after the root).
+    max_len:    longest chain (tokens after the root); 0 drafts none (calibration may find that
+                no chain pays on a machine: ``calibration.choose.best_lookup_length``).
     ngram:      longest n-gram matched (longest first, down to the minimum).
     heads:      merge the chain into the heads' tree (True), or verify the chain instead of the
                 heads' tree when there is one (False).
@@ -133,8 +156,8 @@ class LookupDrafter:
         solo_ngram: int = 2,
         budget: int | None = None,
     ):
-        if max_len < 1:
-            raise ValueError(f"max_len must be >= 1 (got {max_len}).")
+        if max_len < 0:
+            raise ValueError(f"max_len must be >= 0 (got {max_len}).")
         self.max_len, self.heads, self.budget = max_len, heads, budget
         self.min_ngram, self.solo_ngram = min_ngram, solo_ngram
         self.index = NgramIndex(ngram)
@@ -156,7 +179,7 @@ class LookupDrafter:
         self.stats["steps"] += 1
         r = int(root)
         min_n = self.min_ngram if heads_tree is not None else self.solo_ngram
-        _, chain = self.index.match(r, self.max_len, min_n)
+        _, chain = self.index.match(r, self.max_len, min_n)  # max_len 0: always empty
         if not chain:
             return None if heads_tree is None else (heads_tree, heads_tree.candidates(root, topk))
         self.stats["chains"] += 1

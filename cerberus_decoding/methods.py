@@ -17,6 +17,7 @@ from .models import CerberusError, LoadedModel
 from .tree import DEFAULT_TREE, build_tree, load_tree
 
 METHODS = ("ar", "medusa", "cerberus", "cerberus-nogate", "pld", "cerberus+lookup")
+LOOKUP_METHODS = ("pld", "cerberus+lookup")  # the methods that draft prompt-lookup chains
 LLAMA_CPP = "llama.cpp"  # the peer, not our engine: bench/llamacpp.py
 ASSETS = Path(__file__).parent / "assets" / "heads"
 
@@ -52,6 +53,7 @@ class EffectiveConfig:
     threshold: float
     calibration: str  # "quick calibration made on this machine, 2026-11-26" or "defaults: ..."
     source: dict[str, str] = field(default_factory=dict)  # setting -> why
+    lookup: int | None = None  # longest prompt-lookup chain (LOOKUP_METHODS; 0: none), else None
 
     def why(self) -> str:
         settings = [f"weights {self.weights} ({self.source['weights']})"]
@@ -63,6 +65,9 @@ class EffectiveConfig:
             elif math.isinf(self.threshold):
                 gate = "never speculates" if self.threshold < 0 else "always speculates"
             settings.append(f"{gate} ({self.source['threshold' if self.gate != 'off' else 'gate']})")
+        if self.lookup is not None:
+            chains = f"lookup chains of {self.lookup} tokens" if self.lookup else "no lookup chains"
+            settings.append(f"{chains} ({self.source['lookup']})")
         return f"{self.method}: " + ", ".join(settings) + f"; {self.calibration}"
 
     def to_json(self) -> dict:
@@ -78,17 +83,28 @@ def effective_config(
     gate: str | None = None,
     threshold: float | None = None,
     tree: list | None = None,
+    lookup: int | None = None,
 ) -> EffectiveConfig:
     """Every setting from, in rising precedence: the method's defaults, the checkpoint's defaults,
     the calibration for this machine and weight format, and the caller's flags (None: not given).
 
     Two settings are part of a method's definition rather than defaults: ``cerberus-nogate`` never
     gates, and ``medusa`` (the baseline) runs ungated unless a gate is asked for.
-    ``calibration``: (the calibration file's content, whether it shipped with the heads)."""
-    from .calibration.run import describe
+    ``calibration``: (the calibration file's content, whether it shipped with the heads; for a method
+    without heads, the Cerberus heads' calibration, which also measures lookup chains alone).
+    ``lookup``: the longest prompt-lookup chain (LOOKUP_METHODS only)."""
+    from .calibration.run import LOOKUP_MAX_LEN, describe
 
     head_type = head_type_for(method)
     eff = EffectiveConfig(method, weights, None, "off", math.inf, "no heads", {"weights": weights_why})
+    choice = calibration[0]["choices"].get(weights) if calibration else None
+    if method in LOOKUP_METHODS:
+        calibrated = (choice or {}).get("lookup", {}).get("solo" if head_type is None else "merged")
+        eff.lookup, eff.source["lookup"] = LOOKUP_MAX_LEN, "method default"
+        if calibrated is not None:
+            eff.lookup, eff.source["lookup"] = calibrated["max_len"], "calibrated"
+        if lookup is not None:
+            eff.lookup, eff.source["lookup"] = lookup, "flag"
     if head_type is None:
         return eff
     eff.tree, eff.gate = DEFAULT_TREE, "logits"
@@ -100,7 +116,6 @@ def effective_config(
         if checkpoint.tree:
             eff.tree, eff.source["tree"] = checkpoint.tree, "checkpoint"
     thresholds = {}
-    choice = calibration[0]["choices"].get(weights) if calibration else None
     if choice is not None:
         eff.calibration = describe(*calibration)
         eff.tree, eff.gate, eff.threshold = choice["tree"], choice["gate"], float(choice["threshold"])
@@ -133,6 +148,16 @@ def heads_path(lm: LoadedModel, method: str, heads: str | None) -> Path | None:
     return default_heads_dir(lm, head_type) if heads == "default" else Path(heads)
 
 
+def calibration_heads(lm: LoadedModel, method: str, heads: str | None) -> Path | None:
+    """The heads whose calibration ``method`` reads: its own, or for a method without heads the
+    shipped Cerberus heads' (their calibration holds the weight format and lookup chains for those
+    too); None when there are none."""
+    try:
+        return heads_path(lm, method if head_type_for(method) else "cerberus", heads)
+    except CerberusError:  # no shipped heads for this model
+        return None
+
+
 def machine_calibration(lm: LoadedModel, path: Path | None, calibrate: bool | None) -> tuple[dict, bool] | None:
     """The calibration of ``path`` for this machine (running a quick one when none exists and
     auto-calibration is on), and whether it shipped with the heads."""
@@ -161,11 +186,7 @@ def choose_weights(
         return lm.with_weights(lm.weights, "flag")
     if lm.runtime.name != "lean":
         return lm.with_weights(lm.weights, f"auto: the {lm.runtime.name} runtime's format")
-    try:
-        path = heads_path(lm, method if head_type_for(method) else "cerberus", heads)
-    except CerberusError:  # no shipped heads for this model
-        path = None
-    found = machine_calibration(lm, path, calibrate)
+    found = machine_calibration(lm, calibration_heads(lm, method, heads), calibrate)
     if found is None:
         return lm.with_weights(lm.weights, "auto: default for the device, no calibration")
     return lm.with_weights(found[0]["weights"], "auto: calibrated fastest on this machine")
@@ -183,14 +204,22 @@ def build_decoder(
 ) -> Decoder:
     """``heads``: a checkpoint directory, ``default`` (shipped for the model) or ``none`` (untrained).
     ``gate`` / ``threshold`` / ``tree``: flags (None: not given; see ``effective_config``).
-    ``lookup``: LookupDrafter options for ``pld`` and ``cerberus+lookup``. ``calibrate``: run a quick
-    calibration when the heads have none for this machine (None: unless $CERBERUS_NO_CALIBRATE).
-    The decoder's ``config`` says what it runs with and why."""
+    ``lookup``: LookupDrafter options for ``pld`` and ``cerberus+lookup`` (its ``max_len`` overrides
+    the calibrated chain length). ``calibrate``: run a quick calibration when the heads have none for
+    this machine (None: unless $CERBERUS_NO_CALIBRATE). The decoder's ``config`` says what it runs
+    with and why."""
     head_type = head_type_for(method)
-    drafter = LookupDrafter(**(lookup or {})) if method in ("pld", "cerberus+lookup") else None
-    if head_type is None:
-        decoder = Decoder(lm, method=method, drafter=drafter)
-        decoder.config = effective_config(method, lm.weights, lm.weights_why, None, None)
+    lookup = dict(lookup or {})
+
+    def drafter(eff: EffectiveConfig) -> LookupDrafter | None:
+        return LookupDrafter(**(lookup | {"max_len": eff.lookup})) if method in LOOKUP_METHODS else None
+
+    if head_type is None:  # ar, pld (the Cerberus heads' calibration holds pld's chain length)
+        path = calibration_heads(lm, method, heads) if method in LOOKUP_METHODS else None
+        calibration = machine_calibration(lm, path, calibrate)
+        eff = effective_config(method, lm.weights, lm.weights_why, None, calibration, lookup=lookup.get("max_len"))
+        decoder = Decoder(lm, method=method, drafter=drafter(eff))
+        decoder.config = eff
         return decoder
     path = heads_path(lm, method, heads)
     if path is None:
@@ -204,7 +233,9 @@ def build_decoder(
     draft.pack_for(lm.weights)
     calibration = machine_calibration(lm, path, calibrate)
     choices = load_tree(tree) if isinstance(tree, str) else tree
-    eff = effective_config(method, lm.weights, lm.weights_why, draft.config, calibration, gate, threshold, choices)
+    eff = effective_config(
+        method, lm.weights, lm.weights_why, draft.config, calibration, gate, threshold, choices, lookup.get("max_len")
+    )
     built = build_tree(eff.tree)
     if built.num_heads > draft.config.num_heads:
         raise CerberusError(
@@ -215,6 +246,6 @@ def build_decoder(
             f"The tree asks for rank {built.top_k - 1}, but the heads choose among {draft.vocab_ids.numel()} tokens; "
             f"use ranks below {draft.vocab_ids.numel()}."
         )
-    decoder = Decoder(lm, draft, built, gate=eff.gate, threshold=eff.threshold, method=method, drafter=drafter)
+    decoder = Decoder(lm, draft, built, gate=eff.gate, threshold=eff.threshold, method=method, drafter=drafter(eff))
     decoder.config = eff
     return decoder

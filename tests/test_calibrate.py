@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from cerberus_decoding import methods
 from cerberus_decoding.calibration import choose, files, measure, run
 from cerberus_decoding.heads import new_heads, read_heads_config, save_heads
+from cerberus_decoding.lookup import chain_hits
 from cerberus_decoding.methods import build_decoder, choose_weights, default_heads_dir, effective_config
 from cerberus_decoding.runtime import machine
 from cerberus_decoding.tree import DEFAULT_TREE
@@ -171,6 +173,35 @@ def test_observe_ranks_match_the_heads_logits(tiny_lm):
                 want = int((logits[t, d] > logits[t, d, ids[t + d + 2]]).sum())
                 assert obs["ranks"][i, d] == want
     assert len(obs["hidden"]) == len(obs["logits"]) == len(answer)
+
+
+def test_chain_hits_count_the_right_tokens_of_each_lookup_chain():
+    # prompt "1 2 3 4 5"; the answer copies "2 3 4" then leaves the text
+    prompt, answer = [1, 2, 3, 4, 5], [9, 2, 3, 4, 7, 8]
+    hits = chain_hits(prompt, answer, max_len=3, min_ngram=1)
+    # root 9: unseen; root 2: chain 3 4 5, answer goes on 3 4 7 -> 2 right; root 3 (bigram 2 3): chain
+    # 4 5 9 vs 4 7 8 -> 1; root 4: 5 9 2 vs 7 8 -> 0; root 7: unseen; root 8: unseen
+    assert hits == [-1, 2, 1, 0, -1, -1]
+    assert len(hits) == len(answer)  # one per step root, as observe's other arrays
+    assert chain_hits(prompt, answer, max_len=3, min_ngram=2)[1] == -1  # root 2 alone is a unigram
+
+
+def test_lookup_length_follows_the_cost_curve():
+    """Long chains pay where verification is flat (a GPU) and cost where it is steep (this CPU)."""
+    hits = np.array([-1] * 60 + [0] * 10 + [1] * 10 + [2] * 10 + [8] * 10)  # chains match 40% of steps
+    overheads = {"step": 1.0, "spec": 0.5, "heads": [1.0, 1.5]}
+    flat = {1: 10.0, 2: 10.5, 4: 11.0, 8: 11.5, 16: 12.0}
+    steep = {1: 10.0, 2: 13.0, 4: 21.0, 8: 37.0, 16: 70.0}
+    assert choose.best_lookup_length(hits, flat, overheads, 10)[0] == 8  # every right token of the longest hit
+    length, rate = choose.best_lookup_length(hits, steep, overheads, 10)
+    assert length == 2 and rate == choose.lookup_rate(hits, length, steep, overheads)
+    assert choose.lookup_rate(hits, 0, steep, overheads) == pytest.approx(1000 / 11.0)  # no chains: AR
+    useless = np.array([-1] * 50 + [0] * 50)  # chains that are always wrong never pay
+    assert choose.best_lookup_length(useless, flat, overheads, 10)[0] == 0
+    # merged into a tree that already yields 2 tokens a step, chains do not pay on the steep curve
+    merged = (np.full(100, 2.0), np.ones(100, dtype=bool), [[0]])
+    assert choose.best_lookup_length(hits, steep, overheads, 10, merged)[0] == 0
+    assert choose.lookup_rate(hits, 0, steep, overheads, merged) == pytest.approx(1000 * 2 / (13.0 + 2.5))
 
 
 # ---- files, first use and the effective configuration ---------------------------------------------
@@ -348,6 +379,13 @@ def test_calibrate_end_to_end(tiny_lm, heads_dir):
     assert "chosen: float32" in run.format_summary(saved)
     dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir))
     assert dec.tree.size == len(choice["tree"]) + 1 and dec.threshold == choice["threshold"]
+    # prompt-lookup chains: a length for lookup alone and one merged into the chosen tree
+    assert set(choice["lookup"]) == {"solo", "merged"}
+    assert all(0 <= c["max_len"] <= run.LOOKUP_MAX_LEN and c["tokens_per_s"] > 0 for c in choice["lookup"].values())
+    both = build_decoder(tiny_lm, "cerberus+lookup", heads=str(heads_dir))
+    assert both.drafter.max_len == choice["lookup"]["merged"]["max_len"]
+    assert both.config.source["lookup"] == "calibrated"
+    assert "longest lookup chain: pld" in run.format_summary(saved)
 
 
 def test_the_check_races_the_leading_trees_and_keeps_the_fastest_measured(tiny_lm, heads_dir, monkeypatch):
@@ -376,6 +414,20 @@ def test_the_check_races_the_leading_trees_and_keeps_the_fastest_measured(tiny_l
     assert data["choices"]["float32"]["tree"] == raced[0][1]  # the second predicted, the fastest measured
     assert (check["tokens_per_s"], check["fallback"]) == (40.0, False) and check["prompts"] >= 1
     assert "raced 3 trees" in run.format_summary(data)
+
+
+def test_lookup_methods_take_the_calibrated_chain_length(tiny_lm, heads_dir, monkeypatch):
+    lookup = {"solo": {"max_len": 3, "tokens_per_s": 9.0}, "merged": {"max_len": 0, "tokens_per_s": 8.0}}
+    files.write_calibration(files.calibration_path(heads_dir, this_key()), fake_calibration(this_key(), lookup=lookup))
+    # pld has no heads: it reads the Cerberus heads' calibration (here: the test's heads as the shipped ones)
+    monkeypatch.setattr(methods, "calibration_heads", lambda lm, method, heads: heads_dir)
+    pld = build_decoder(tiny_lm, "pld")
+    assert pld.drafter.max_len == 3 and "lookup chains of 3 tokens (calibrated)" in pld.config.why()
+    both = build_decoder(tiny_lm, "cerberus+lookup", heads=str(heads_dir))
+    assert both.drafter.max_len == 0 and "no lookup chains (calibrated)" in both.config.why()
+    flag = build_decoder(tiny_lm, "pld", lookup={"max_len": 5})
+    assert flag.drafter.max_len == 5 and flag.config.source["lookup"] == "flag"
+    assert build_decoder(tiny_lm, "ar").config.lookup is None
 
 
 def test_the_effective_configuration_follows_the_precedence(tiny_lm, heads_dir):

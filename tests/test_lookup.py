@@ -263,9 +263,10 @@ def test_greedy_lookup_methods_are_lossless(lm):
     from cerberus_decoding.engine import SamplingConfig
     from cerberus_decoding.methods import build_decoder
 
-    pld = build_decoder(lm, "pld")
+    chains = {"max_len": LookupDrafter().max_len}  # whatever length this machine's calibration chose
+    pld = build_decoder(lm, "pld", lookup=chains)
     # a finite gate threshold: confident steps verify heads + chain, the others the chain alone
-    both = build_decoder(lm, "cerberus+lookup", heads="none", gate="logits", threshold=1.0)
+    both = build_decoder(lm, "cerberus+lookup", heads="none", gate="logits", threshold=1.0, lookup=chains)
     cfg = SamplingConfig(max_new_tokens=64)
     spec_steps = {"pld": 0, "cerberus+lookup": 0}
     # prompts that copy from their input (a passage, code, a record list) and one that repeats itself

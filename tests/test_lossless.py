@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from cerberus_decoding.engine import SamplingConfig
+from cerberus_decoding.lookup import LookupDrafter
 from cerberus_decoding.methods import build_decoder
 from cerberus_decoding.models import load_model
 
@@ -28,12 +29,13 @@ CONFIG = SamplingConfig(max_new_tokens=N_TOKENS)
 SHORT = SamplingConfig(max_new_tokens=48)  # greedy: the first 48 tokens of the 128-token references
 # 7 nodes over 3 depths, with siblings: rows on and off the tree's main chain
 TREE = [[0], [1], [0, 0], [1, 0], [0, 0, 0], [0, 1], [2]]
+CHAINS = {"max_len": LookupDrafter().max_len}  # lookup chains verified, whatever this machine's calibration chose
 
 
 @pytest.mark.parametrize("method", ["cerberus-nogate", "medusa", "cerberus+lookup"])
 def test_int4_speculative_greedy_is_bitwise_ar(lm, references, method):
     """The default format: 8 real prompts x 128 tokens, shipped heads, identical tokens."""
-    decoder = build_decoder(lm, method, heads="default", tree=TREE)
+    decoder = build_decoder(lm, method, heads="default", tree=TREE, lookup=CHAINS)
     accepted = []
     for ids, reference in references.values():
         result = decoder.generate(ids, CONFIG)
@@ -57,7 +59,7 @@ def test_other_formats_are_lossless(lm_f32, weights):
     config = SamplingConfig(max_new_tokens=48)
     methods = ("cerberus-nogate", "cerberus+lookup")  # one per prompt: time
     for (ids, reference), method in zip(references_for(fmt, PROMPTS[:2], 48).values(), methods, strict=True):
-        got = build_decoder(fmt, method, heads="default", tree=TREE).generate(ids, config).token_ids
+        got = build_decoder(fmt, method, heads="default", tree=TREE, lookup=CHAINS).generate(ids, config).token_ids
         assert_lossless(fmt, ids, reference, got)
 
 
@@ -106,6 +108,6 @@ def test_cuda_speculative_greedy_equals_ar():
     gpu = load_model("default", "bfloat16", "cuda")
     references = references_for(gpu, PROMPTS[:8], N_TOKENS)
     for method in ("cerberus-nogate", "medusa", "cerberus+lookup"):
-        decoder = build_decoder(gpu, method, heads="default", tree=TREE)
+        decoder = build_decoder(gpu, method, heads="default", tree=TREE, lookup=CHAINS)
         for ids, reference in references.values():
             assert_lossless(gpu, ids, reference, decoder.generate(ids, CONFIG).token_ids)

@@ -189,3 +189,40 @@ def fastest_format(predicted: dict[str, float], preferred: str, margin: float = 
     if preferred in predicted and predicted[preferred] >= (1 - margin) * predicted[best]:
         return preferred
     return best
+
+
+def lookup_rate(hits: np.ndarray, length: int, costs: dict, overheads: dict, merged: tuple | None = None) -> float:
+    """Predicted tokens/s with prompt-lookup chains of ``length`` tokens (0: none).
+
+    ``hits`` [T]: how many tokens of the chain at each position are right, -1 where no chain
+    matches (``measure.observe``). Alone (``pld``), a position with a chain verifies root + chain
+    and yields 1 + min(hits, length) tokens; the others are plain steps. ``merged`` = (accepted [T],
+    speculate [T], tree): the heads' tree under its gate (``cerberus+lookup``); where both run, the
+    chain joins the tree's verification (costed as if it shared no node with it) and the step
+    yields the longer of the two accepted runs.
+    """
+    n = len(hits)
+    accepted, speculate, nodes, heads_ms = np.ones(n), np.zeros(n, dtype=bool), 0, 0.0
+    if merged is not None:
+        accepted, speculate, tree = merged
+        nodes, heads_ms = len(tree), overheads["heads"][max(len(c) for c in tree) - 1]
+    chain = (hits >= 0) & (length > 0)
+    heads_tokens = np.where(speculate, accepted, 1.0)
+    tokens = np.where(chain, np.maximum(1 + np.clip(hits, 0, length), heads_tokens), heads_tokens)
+    rows = 1 + np.where(speculate, nodes, 0) + np.where(chain, length, 0)  # tokens each step verifies
+    qs = sorted(int(q) for q in costs)
+    verify_ms = np.interp(rows, qs, [costs[q] if q in costs else costs[str(q)] for q in qs])
+    drafted = speculate | chain
+    ms = verify_ms + overheads["step"] + np.where(drafted, overheads["spec"], 0.0) + np.where(speculate, heads_ms, 0.0)
+    return 1000.0 * float(tokens.sum() / ms.sum())
+
+
+def best_lookup_length(
+    hits: np.ndarray, costs: dict, overheads: dict, max_len: int, merged: tuple | None = None
+) -> tuple[int, float]:
+    """(chain length 0..max_len with the most predicted tokens/s, that rate); ties keep the shorter.
+    Lengths whose verification lies beyond the measured cost curve are not considered."""
+    largest = max(int(q) for q in costs) - 1 - (len(merged[2]) if merged is not None else 0)
+    rates = [(lookup_rate(hits, n, costs, overheads, merged), n) for n in range(max(0, min(max_len, largest)) + 1)]
+    rate, length = max(rates, key=lambda r: (r[0], -r[1]))
+    return length, rate

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .. import gate as gating
+from ..lookup import LookupDrafter, chain_hits
 from ..models import LoadedModel
 from ..tree import build_tree
 from ..verify import accept_greedy
@@ -159,6 +160,8 @@ def observe(
     ``ranks`` [T, K]: rank of the true token t + d + 2 among head d's logits; ``top_k`` when it is
     not in the top-k (or outside the heads' vocabulary), -1 when the answer ends before it.
     ``hidden`` / ``logits`` [T]: the two entropies the gate can read at t.
+    ``lookup`` [T]: how many tokens of the prompt-lookup chain at t are right (``lookup.chain_hits``
+    with the drafter's defaults: the longest chain calibration considers), -1 where none matches.
 
     One forward over the whole sequence replaces per-step bookkeeping; in float32 its states match
     the incremental ones up to rounding.
@@ -188,4 +191,11 @@ def observe(
         base = rt.lm_head(h)  # [c, V]
         h_ent += [gating.entropy(x) for x in h]
         l_ent += [gating.entropy(x) for x in base]
-    return {"ranks": torch.cat(ranks).numpy(), "hidden": np.array(h_ent), "logits": np.array(l_ent)}
+    drafter = LookupDrafter()
+    hits = chain_hits(list(prompt_ids), list(answer_ids), drafter.max_len, drafter.solo_ngram, drafter.index.ngram)
+    return {
+        "ranks": torch.cat(ranks).numpy(),
+        "hidden": np.array(h_ent),
+        "logits": np.array(l_ent),
+        "lookup": np.array(hits, dtype=np.int64),
+    }

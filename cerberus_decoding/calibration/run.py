@@ -25,12 +25,14 @@ import torch
 from ..engine import Decoder, SamplingConfig
 from ..gate import ENTROPY_GATES
 from ..heads import load_heads
+from ..lookup import LookupDrafter
 from ..models import CerberusError, LoadedModel
 from ..runtime import hardware, machine
 from ..tree import build_tree, expected_length
 from .choose import (
     accepted_lengths,
     accuracy_table,
+    best_lookup_length,
     best_row,
     entropy_bins,
     fastest_format,
@@ -47,6 +49,7 @@ QUICK_QS = (1, 2, 4, 8, 16, 32)
 CHECK_TOLERANCE = 0.97  # a choice that runs slower than this x AR in the check falls back to AR steps
 CANDIDATES = 3  # tree sizes the check races on the fastest format, best predicted first (quick: 2)
 NO_CALIBRATE_ENV = "CERBERUS_NO_CALIBRATE"
+LOOKUP_MAX_LEN = LookupDrafter().max_len  # the longest prompt-lookup chain calibration considers
 HELD_OUT = "held-out training prompts"  # what the default calibration prompts are, in reports
 
 
@@ -111,7 +114,7 @@ def _observe_prompts(lm, heads, prompts, max_new_tokens, top_k, deadline, progre
 
     decoder = Decoder(lm, method="ar")
     config = SamplingConfig(max_new_tokens=max_new_tokens)
-    obs = {"ranks": [], **{g: [] for g in ENTROPY_GATES}}
+    obs = {"ranks": [], "lookup": [], **{g: [] for g in ENTROPY_GATES}}
     used = 0
     bar = tqdm(prompts, desc="acceptance", unit="prompt", disable=not progress, file=sys.stderr)
     for prompt in bar:
@@ -274,6 +277,17 @@ def calibrate(
         checks[weights] = check | {"weights": weights}
         del flm, heads_w
 
+    # prompt-lookup chains (pld, cerberus+lookup): the length with the best predicted tokens/s on each
+    # format's cost curve, alone and merged into the chosen tree under its gate (0: no chains)
+    for weights, choice in choices.items():
+        m = measured[weights]
+        speculate = obs[choice["gate"]] < choice["threshold"]
+        merged = (accepted_lengths(ranks, choice["tree"]), speculate, choice["tree"])
+        choice["lookup"] = {}
+        for kind, tree in (("solo", None), ("merged", merged)):
+            length, rate = best_lookup_length(obs["lookup"], m["cost_fit_ms"], m["overhead_ms"], LOOKUP_MAX_LEN, tree)
+            choice["lookup"][kind] = {"max_len": length, "tokens_per_s": rate}
+
     fit, overheads = measured[best]["cost_fit_ms"], measured[best]["overhead_ms"]
     ar_ms, spec_ms = step_costs(fit, overheads, choices[best]["tree"])
     full = (ranks >= 0).all(axis=1)
@@ -351,6 +365,15 @@ def format_summary(data: dict) -> str:
         lines.append(
             f"checked {weights} too: {c['tokens_per_s']:.1f} vs AR {c['ar_tokens_per_s']:.1f} tokens/s "
             f"({c['ratio']:.2f}x)" + (" -> falls back to AR steps" if c["fallback"] else "")
+        )
+    lookup = data["choices"][data["weights"]].get("lookup")
+    if lookup:
+        lines.append(
+            "longest lookup chain: "
+            + ", ".join(
+                f"{method} {lookup[kind]['max_len']} tokens (predicted {lookup[kind]['tokens_per_s']:.1f} tokens/s)"
+                for method, kind in (("pld", "solo"), ("with the heads", "merged"))
+            )
         )
     ch = data["checks"][data["weights"]]
     raced = ch.get("candidates", [])
