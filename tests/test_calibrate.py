@@ -186,21 +186,39 @@ def test_chain_hits_count_the_right_tokens_of_each_lookup_chain():
     assert chain_hits(prompt, answer, max_len=3, min_ngram=2)[1] == -1  # root 2 alone is a unigram
 
 
+def test_lookup_rate_walks_the_steps_decoding_takes():
+    """A copied run of 10 tokens with 3-token chains is 3 steps (4 + 4 + 2 tokens), not 10 good ones."""
+    hits = np.arange(9, -1, -1)  # at position t the rest of the answer, 9 - t tokens, can be copied
+    flat = {1: 10.0, 2: 10.0, 4: 10.0, 8: 10.0, 16: 10.0}
+    free = {"step": 0.0, "spec": 0.0, "heads": [0.0]}
+    assert choose.lookup_rate(hits, 3, flat, free) == pytest.approx(1000 * 10 / 30)
+    # two answers: a step never runs past the end of its answer into the next one
+    assert choose.lookup_rate(np.tile(hits, 2), 3, flat, free, answers=[10, 10]) == pytest.approx(1000 * 20 / 60)
+
+
 def test_lookup_length_follows_the_cost_curve():
     """Long chains pay where verification is flat (a GPU) and cost where it is steep (this CPU)."""
-    hits = np.array([-1] * 60 + [0] * 10 + [1] * 10 + [2] * 10 + [8] * 10)  # chains match 40% of steps
+    rng = np.random.default_rng(0)
+    # an answer: most steps have no chain, some copy runs of 2-12 tokens (at t, the rest of the run)
+    hits = []
+    while len(hits) < 400:
+        run_len = int(rng.integers(2, 13))
+        hits += [-1] * int(rng.integers(3, 12)) + list(range(run_len - 1, -1, -1))
+    hits = np.array(hits)
     overheads = {"step": 1.0, "spec": 0.5, "heads": [1.0, 1.5]}
     flat = {1: 10.0, 2: 10.5, 4: 11.0, 8: 11.5, 16: 12.0}
     steep = {1: 10.0, 2: 13.0, 4: 21.0, 8: 37.0, 16: 70.0}
-    assert choose.best_lookup_length(hits, flat, overheads, 10)[0] == 8  # every right token of the longest hit
-    length, rate = choose.best_lookup_length(hits, steep, overheads, 10)
-    assert length == 2 and rate == choose.lookup_rate(hits, length, steep, overheads)
-    assert choose.lookup_rate(hits, 0, steep, overheads) == pytest.approx(1000 / 11.0)  # no chains: AR
-    useless = np.array([-1] * 50 + [0] * 50)  # chains that are always wrong never pay
+    long, _ = choose.best_lookup_length(hits, flat, overheads, 10)
+    short, rate = choose.best_lookup_length(hits, steep, overheads, 10)
+    assert long >= 8 and 1 <= short < long
+    assert rate == choose.lookup_rate(hits, short, steep, overheads) > choose.lookup_rate(hits, 0, steep, overheads)
+    assert choose.lookup_rate(hits, 0, steep, overheads) == pytest.approx(1000 / 11.0)  # no chains: AR steps
+    useless = np.where(hits >= 0, 0, -1)  # chains that are always wrong never pay
     assert choose.best_lookup_length(useless, flat, overheads, 10)[0] == 0
-    # merged into a tree that already yields 2 tokens a step, chains do not pay on the steep curve
-    merged = (np.full(100, 2.0), np.ones(100, dtype=bool), [[0]])
-    assert choose.best_lookup_length(hits, steep, overheads, 10, merged)[0] == 0
+    # merged into a tree that yields 2 tokens every step, chains pay less, and a steep curve
+    # charges each chain on top of the tree
+    merged = (np.full(len(hits), 2.0), np.ones(len(hits), dtype=bool), [[0]])
+    assert choose.best_lookup_length(hits, steep, overheads, 10, merged)[0] <= short
     assert choose.lookup_rate(hits, 0, steep, overheads, merged) == pytest.approx(1000 * 2 / (13.0 + 2.5))
 
 

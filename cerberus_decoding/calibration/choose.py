@@ -191,15 +191,27 @@ def fastest_format(predicted: dict[str, float], preferred: str, margin: float = 
     return best
 
 
-def lookup_rate(hits: np.ndarray, length: int, costs: dict, overheads: dict, merged: tuple | None = None) -> float:
+def lookup_rate(
+    hits: np.ndarray,
+    length: int,
+    costs: dict,
+    overheads: dict,
+    merged: tuple | None = None,
+    answers: list[int] | None = None,
+) -> float:
     """Predicted tokens/s with prompt-lookup chains of ``length`` tokens (0: none).
 
     ``hits`` [T]: how many tokens of the chain at each position are right, -1 where no chain
-    matches (``measure.observe``). Alone (``pld``), a position with a chain verifies root + chain
-    and yields 1 + min(hits, length) tokens; the others are plain steps. ``merged`` = (accepted [T],
-    speculate [T], tree): the heads' tree under its gate (``cerberus+lookup``); where both run, the
-    chain joins the tree's verification (costed as if it shared no node with it) and the step
-    yields the longer of the two accepted runs.
+    matches (``measure.observe``), over answers of ``answers`` positions each (default: one). Alone
+    (``pld``), a step with a chain verifies root + chain and yields 1 + min(hits, length) tokens;
+    the others are AR steps. ``merged`` = (accepted [T], speculate [T], tree): the heads' tree under
+    its gate (``cerberus+lookup``); where both run, the chain joins the tree's verification (costed
+    as if it shared no node with it) and the step yields the longer of the two accepted runs.
+
+    The steps are walked through each answer as greedy decoding takes them: a step at position t
+    that yields a tokens is followed by the one at t + a. Greedy output is fixed, so this is exact
+    up to timing; a mean over all positions would count a run of ten copied tokens as ten good
+    steps where decoding takes three.
     """
     n = len(hits)
     accepted, speculate, nodes, heads_ms = np.ones(n), np.zeros(n, dtype=bool), 0, 0.0
@@ -207,22 +219,36 @@ def lookup_rate(hits: np.ndarray, length: int, costs: dict, overheads: dict, mer
         accepted, speculate, tree = merged
         nodes, heads_ms = len(tree), overheads["heads"][max(len(c) for c in tree) - 1]
     chain = (hits >= 0) & (length > 0)
-    heads_tokens = np.where(speculate, accepted, 1.0)
-    tokens = np.where(chain, np.maximum(1 + np.clip(hits, 0, length), heads_tokens), heads_tokens)
+    heads_tokens = np.where(speculate, accepted, 1)
+    tokens = np.where(chain, np.maximum(1 + np.clip(hits, 0, length), heads_tokens), heads_tokens).astype(int)
     rows = 1 + np.where(speculate, nodes, 0) + np.where(chain, length, 0)  # tokens each step verifies
     qs = sorted(int(q) for q in costs)
     verify_ms = np.interp(rows, qs, [costs[q] if q in costs else costs[str(q)] for q in qs])
     drafted = speculate | chain
     ms = verify_ms + overheads["step"] + np.where(drafted, overheads["spec"], 0.0) + np.where(speculate, heads_ms, 0.0)
-    return 1000.0 * float(tokens.sum() / ms.sum())
+    total_tokens, total_ms, first = 0, 0.0, 0
+    for size in answers if answers is not None else [n]:
+        t = first
+        while t < first + size:
+            total_tokens += int(tokens[t])
+            total_ms += float(ms[t])
+            t += int(tokens[t])
+        first += size
+    return 1000.0 * total_tokens / total_ms
 
 
 def best_lookup_length(
-    hits: np.ndarray, costs: dict, overheads: dict, max_len: int, merged: tuple | None = None
+    hits: np.ndarray,
+    costs: dict,
+    overheads: dict,
+    max_len: int,
+    merged: tuple | None = None,
+    answers: list[int] | None = None,
 ) -> tuple[int, float]:
     """(chain length 0..max_len with the most predicted tokens/s, that rate); ties keep the shorter.
     Lengths whose verification lies beyond the measured cost curve are not considered."""
     largest = max(int(q) for q in costs) - 1 - (len(merged[2]) if merged is not None else 0)
-    rates = [(lookup_rate(hits, n, costs, overheads, merged), n) for n in range(max(0, min(max_len, largest)) + 1)]
+    lengths = range(max(0, min(max_len, largest)) + 1)
+    rates = [(lookup_rate(hits, n, costs, overheads, merged, answers), n) for n in lengths]
     rate, length = max(rates, key=lambda r: (r[0], -r[1]))
     return length, rate

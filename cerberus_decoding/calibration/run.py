@@ -115,6 +115,7 @@ def _observe_prompts(lm, heads, prompts, max_new_tokens, top_k, deadline, progre
     decoder = Decoder(lm, method="ar")
     config = SamplingConfig(max_new_tokens=max_new_tokens)
     obs = {"ranks": [], "lookup": [], **{g: [] for g in ENTROPY_GATES}}
+    answers = []  # positions of each answer, in order (the lookup prediction walks each one)
     used = 0
     bar = tqdm(prompts, desc="acceptance", unit="prompt", disable=not progress, file=sys.stderr)
     for prompt in bar:
@@ -129,12 +130,13 @@ def _observe_prompts(lm, heads, prompts, max_new_tokens, top_k, deadline, progre
             continue
         for key, value in observe(lm, heads, ids, result.token_ids, top_k).items():
             obs[key].append(value)
+        answers.append(len(obs["lookup"][-1]))
         used += 1
         bar.set_postfix(positions=sum(len(x) for x in obs["logits"]))
     bar.close()
     if not used:
         raise CerberusError("No calibration prompt produced an answer (prompts too long for the context?).")
-    return {k: np.concatenate(v) for k, v in obs.items()}, used
+    return {k: np.concatenate(v) for k, v in obs.items()} | {"answers": answers}, used
 
 
 def _choices(rows: list[dict], trees: dict, weights: str, ungated: bool, n: int) -> list[dict]:
@@ -285,7 +287,9 @@ def calibrate(
         merged = (accepted_lengths(ranks, choice["tree"]), speculate, choice["tree"])
         choice["lookup"] = {}
         for kind, tree in (("solo", None), ("merged", merged)):
-            length, rate = best_lookup_length(obs["lookup"], m["cost_fit_ms"], m["overhead_ms"], LOOKUP_MAX_LEN, tree)
+            length, rate = best_lookup_length(
+                obs["lookup"], m["cost_fit_ms"], m["overhead_ms"], LOOKUP_MAX_LEN, tree, obs["answers"]
+            )
             choice["lookup"][kind] = {"max_len": length, "tokens_per_s": rate}
 
     fit, overheads = measured[best]["cost_fit_ms"], measured[best]["overhead_ms"]
