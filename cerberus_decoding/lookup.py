@@ -14,6 +14,10 @@ import torch
 
 from .tree import Tree, tree_from_parents
 
+MAX_LEN = 10  # longest chain by default; calibration picks a length 0..MAX_LEN per machine
+NGRAM = 3  # longest n-gram matched
+MIN_NGRAM = 2  # shortest n-gram matched, next to the heads and alone
+
 
 class NgramIndex:
     """Every n-gram (n = 1..ngram) of the context -> where its latest occurrence ends.
@@ -55,7 +59,9 @@ class NgramIndex:
         return 0, []
 
 
-def chain_hits(prompt_ids: list[int], answer_ids: list[int], max_len: int, min_ngram: int, ngram: int = 3) -> list[int]:
+def chain_hits(
+    prompt_ids: list[int], answer_ids: list[int], max_len: int, min_ngram: int, ngram: int = NGRAM
+) -> list[int]:
     """What lookup chains would have given at each step of a greedy answer (calibration): at
     position t (root ``answer_ids[t]``, context the prompt and the answer before it), how many
     leading tokens of the chain equal the answer's next tokens (0..max_len; fewer near the end),
@@ -149,11 +155,11 @@ class LookupDrafter:
 
     def __init__(
         self,
-        max_len: int = 10,
-        ngram: int = 3,
+        max_len: int = MAX_LEN,
+        ngram: int = NGRAM,
         heads: bool = True,
-        min_ngram: int = 2,
-        solo_ngram: int = 2,
+        min_ngram: int = MIN_NGRAM,
+        solo_ngram: int = MIN_NGRAM,
         budget: int | None = None,
     ):
         if max_len < 0:

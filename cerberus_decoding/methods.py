@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .engine import Decoder
 from .heads import HeadsConfig, load_heads, random_heads
+from .lookup import MAX_LEN as LOOKUP_MAX_LEN
 from .lookup import LookupDrafter
 from .models import CerberusError, LoadedModel
 from .tree import DEFAULT_TREE, build_tree, load_tree
@@ -93,7 +94,7 @@ def effective_config(
     ``calibration``: (the calibration file's content, whether it shipped with the heads; for a method
     without heads, the Cerberus heads' calibration, which also measures lookup chains alone).
     ``lookup``: the longest prompt-lookup chain (LOOKUP_METHODS only)."""
-    from .calibration.run import LOOKUP_MAX_LEN, describe
+    from .calibration.run import describe
 
     head_type = head_type_for(method)
     eff = EffectiveConfig(method, weights, None, "off", math.inf, "no heads", {"weights": weights_why})

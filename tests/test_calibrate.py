@@ -15,7 +15,7 @@ import torch
 from cerberus_decoding import methods
 from cerberus_decoding.calibration import choose, files, measure, run
 from cerberus_decoding.heads import new_heads, read_heads_config, save_heads
-from cerberus_decoding.lookup import chain_hits
+from cerberus_decoding.lookup import MAX_LEN, chain_hits
 from cerberus_decoding.methods import build_decoder, choose_weights, default_heads_dir, effective_config
 from cerberus_decoding.runtime import machine
 from cerberus_decoding.tree import DEFAULT_TREE
@@ -399,7 +399,7 @@ def test_calibrate_end_to_end(tiny_lm, heads_dir):
     assert dec.tree.size == len(choice["tree"]) + 1 and dec.threshold == choice["threshold"]
     # prompt-lookup chains: a length for lookup alone and one merged into the chosen tree
     assert set(choice["lookup"]) == {"solo", "merged"}
-    assert all(0 <= c["max_len"] <= run.LOOKUP_MAX_LEN and c["tokens_per_s"] > 0 for c in choice["lookup"].values())
+    assert all(0 <= c["max_len"] <= MAX_LEN and c["tokens_per_s"] > 0 for c in choice["lookup"].values())
     both = build_decoder(tiny_lm, "cerberus+lookup", heads=str(heads_dir))
     assert both.drafter.max_len == choice["lookup"]["merged"]["max_len"]
     assert both.config.source["lookup"] == "calibrated"

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cerberus_decoding.lookup import LookupDrafter, NgramIndex, continuation, union_tree
+from cerberus_decoding.lookup import MAX_LEN, LookupDrafter, NgramIndex, continuation, union_tree
 from cerberus_decoding.tree import DEFAULT_TREE, build_tree, tree_from_parents
 
 from .conftest import assert_lossless, references_for
@@ -263,7 +263,7 @@ def test_greedy_lookup_methods_are_lossless(lm):
     from cerberus_decoding.engine import SamplingConfig
     from cerberus_decoding.methods import build_decoder
 
-    chains = {"max_len": LookupDrafter().max_len}  # whatever length this machine's calibration chose
+    chains = {"max_len": MAX_LEN}  # whatever length this machine's calibration chose
     pld = build_decoder(lm, "pld", lookup=chains)
     # a finite gate threshold: confident steps verify heads + chain, the others the chain alone
     both = build_decoder(lm, "cerberus+lookup", heads="none", gate="logits", threshold=1.0, lookup=chains)

@@ -38,10 +38,12 @@ def monotone_costs(costs: dict) -> dict:
     return dict(zip(qs, fitted, strict=True))
 
 
-def cost_at(costs: dict, q: float) -> float:
-    """Verification cost of q tokens, linearly interpolated between measured points (ms)."""
+def cost_at(costs: dict, q):
+    """Verification cost of q tokens, linearly interpolated between measured points (ms): a float
+    for a number, an array for an array of them."""
     qs = sorted(int(k) for k in costs)
-    return float(np.interp(q, qs, [costs[k] if k in costs else costs[str(k)] for k in qs]))
+    ms = np.interp(q, qs, [costs[k] if k in costs else costs[str(k)] for k in qs])
+    return float(ms) if np.isscalar(q) else ms
 
 
 def step_costs(costs: dict, overheads: dict, choices) -> tuple[float, float]:
@@ -222,10 +224,13 @@ def lookup_rate(
     heads_tokens = np.where(speculate, accepted, 1)
     tokens = np.where(chain, np.maximum(1 + np.clip(hits, 0, length), heads_tokens), heads_tokens).astype(int)
     rows = 1 + np.where(speculate, nodes, 0) + np.where(chain, length, 0)  # tokens each step verifies
-    qs = sorted(int(q) for q in costs)
-    verify_ms = np.interp(rows, qs, [costs[q] if q in costs else costs[str(q)] for q in qs])
     drafted = speculate | chain
-    ms = verify_ms + overheads["step"] + np.where(drafted, overheads["spec"], 0.0) + np.where(speculate, heads_ms, 0.0)
+    ms = (
+        cost_at(costs, rows)
+        + overheads["step"]
+        + np.where(drafted, overheads["spec"], 0.0)
+        + np.where(speculate, heads_ms, 0.0)
+    )
     total_tokens, total_ms, first = 0, 0.0, 0
     for size in answers if answers is not None else [n]:
         t = first

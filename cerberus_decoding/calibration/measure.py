@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .. import gate as gating
-from ..lookup import LookupDrafter, chain_hits
+from ..lookup import MAX_LEN, MIN_NGRAM, chain_hits
 from ..models import LoadedModel
 from ..tree import build_tree
 from ..verify import accept_greedy
@@ -191,8 +191,7 @@ def observe(
         base = rt.lm_head(h)  # [c, V]
         h_ent += [gating.entropy(x) for x in h]
         l_ent += [gating.entropy(x) for x in base]
-    drafter = LookupDrafter()
-    hits = chain_hits(list(prompt_ids), list(answer_ids), drafter.max_len, drafter.solo_ngram, drafter.index.ngram)
+    hits = chain_hits(list(prompt_ids), list(answer_ids), MAX_LEN, MIN_NGRAM)
     return {
         "ranks": torch.cat(ranks).numpy(),
         "hidden": np.array(h_ent),

@@ -25,7 +25,7 @@ import torch
 from ..engine import Decoder, SamplingConfig
 from ..gate import ENTROPY_GATES
 from ..heads import load_heads
-from ..lookup import LookupDrafter
+from ..lookup import MAX_LEN as LOOKUP_MAX_LEN
 from ..models import CerberusError, LoadedModel
 from ..runtime import hardware, machine
 from ..tree import build_tree, expected_length
@@ -49,7 +49,6 @@ QUICK_QS = (1, 2, 4, 8, 16, 32)
 CHECK_TOLERANCE = 0.97  # a choice that runs slower than this x AR in the check falls back to AR steps
 CANDIDATES = 3  # tree sizes the check races on the fastest format, best predicted first (quick: 2)
 NO_CALIBRATE_ENV = "CERBERUS_NO_CALIBRATE"
-LOOKUP_MAX_LEN = LookupDrafter().max_len  # the longest prompt-lookup chain calibration considers
 HELD_OUT = "held-out training prompts"  # what the default calibration prompts are, in reports
 
 
