@@ -262,7 +262,7 @@ class Decoder:
         """(hidden, logits) entropies of this step's decision: the one the gate reads, both when
         tracing, NaN otherwise (each is a softmax over its vector: about 1 ms for the logits on a
         CPU, which a plain AR step must not pay)."""
-        gate = self.gate if self.heads is not None and math.isfinite(self.threshold) else "off"
+        gate = gating.reads(self.gate, self.threshold) if self.heads is not None else None
         hidden_entropy = gating.entropy(hidden) if self.trace_entropies or gate == "hidden" else math.nan
         logits_entropy = gating.entropy(logits) if self.trace_entropies or gate == "logits" else math.nan
         return hidden_entropy, logits_entropy

@@ -20,11 +20,15 @@ def entropy(x: torch.Tensor) -> float:
     return float(-(logp.exp() * logp).sum())
 
 
+def reads(gate: str, threshold: float) -> str | None:
+    """The entropy this gate's decision reads: None when the gate is off or its threshold infinite
+    (always or never, whatever the entropy), so a step need not compute it."""
+    return gate if gate in ENTROPY_GATES and math.isfinite(threshold) else None
+
+
 def speculate(gate: str, threshold: float, hidden_entropy: float, logits_entropy: float) -> bool:
     """True: run heads + tree this step. False: a plain one-token step."""
-    if gate == "off":
-        return True
-    if math.isinf(threshold):  # always (+inf) or never (-inf), whatever the entropy (maybe not computed)
-        return threshold > 0
-    value = hidden_entropy if gate == "hidden" else logits_entropy
-    return value < threshold
+    kind = reads(gate, threshold)
+    if kind is None:
+        return gate == "off" or threshold > 0
+    return (hidden_entropy if kind == "hidden" else logits_entropy) < threshold
