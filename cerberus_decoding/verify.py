@@ -64,7 +64,7 @@ def accept_greedy(tree, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Ten
     accepted: exactly the tokens greedy auto-regressive decoding would have produced.
     """
     parents = tree.parent[1:]
-    return _longest_path(tree, tokens[1:] == logits[parents].argmax(-1))
+    return _longest_path(tree, tokens[1:] == sampling.greedy(logits[parents]))
 
 
 def accept_exact(tree, tokens, logits, temperature, top_p, generator):

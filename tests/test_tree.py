@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cerberus_decoding import sampling
 from cerberus_decoding.models import CerberusError
 from cerberus_decoding.tree import DEFAULT_TREE, best_tree, build_tree, expected_length
 from cerberus_decoding.verify import accept_greedy
@@ -72,6 +73,16 @@ def test_greedy_acceptance_is_the_longest_agreeing_path(choices, seed):
     last = int(accepted[-1]) if best else 0
     assert ok(last)
     assert [nodes[int(a)] for a in accepted] == [nodes[last][: d + 1] for d in range(best)]
+
+
+def test_greedy_token_is_the_first_largest_logit_in_bfloat16():
+    """The greedy token (taken in float32 for speed) is bfloat16's own argmax, ties to the first."""
+    g = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(64, 49152, generator=g)).to(torch.bfloat16)  # coarse: many ties
+    logits[0, 7] = logits[0, 9000] = 100.0  # an exact tie for the largest
+    assert torch.equal(sampling.greedy(logits), logits.argmax(-1))
+    assert int(sampling.greedy(logits[0])) == 7
+    assert sampling.sample(logits[0], 0.0, 1.0, None).tolist() == [7]
 
 
 def test_bad_trees_are_rejected():

@@ -21,6 +21,7 @@ import torch
 from .. import gate as gating
 from ..lookup import MAX_LEN, MIN_NGRAM, chain_hits
 from ..models import LoadedModel
+from ..sampling import greedy
 from ..tree import build_tree
 from ..verify import accept_greedy
 
@@ -74,7 +75,7 @@ def measure_costs(
         ids, pos, mask = inputs[q]
         _sync(device)
         t0 = time.perf_counter()
-        rt.lm_head(rt.forward(cache, ids, pos, mask)).argmax(-1)
+        greedy(rt.lm_head(rt.forward(cache, ids, pos, mask)))
         _sync(device)
         return time.perf_counter() - t0
 
@@ -112,7 +113,7 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
     )[-1:]  # [1, H]
     logits = rt.lm_head(hidden)[0]  # [V]
     hidden = hidden[0]
-    root = logits.argmax(-1, keepdim=True)
+    root = greedy(logits).view(1)
     answer = torch.randint(vocab, (128,), generator=g).tolist()  # a mid-length answer to detokenise
     step, spec, by_depth = [], [], [[] for _ in range(k)]
     for _ in range(repeats + 1):

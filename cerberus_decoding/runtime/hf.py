@@ -18,6 +18,7 @@ import inspect
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..sampling import greedy
 from . import split_answers
 
 
@@ -158,7 +159,7 @@ class HFRuntime:
         tokens, hiddens = [], []
         last_pos = positions[:, -1]
         for _ in range(max_new_tokens):
-            nxt = model.lm_head(hidden).argmax(-1)  # [B]
+            nxt = greedy(model.lm_head(hidden))  # [B]
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             tokens.append(nxt)
             if keep_hidden:

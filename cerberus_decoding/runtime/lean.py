@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import CerberusError
+from ..sampling import greedy
 from . import split_answers
 from .formats import Linear, activation_dtype, dense, int4_from_blocks
 
@@ -252,7 +253,7 @@ class LeanLlama(torch.nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=device)
         tokens, hiddens = [], []
         for t in range(N):
-            nxt = self.lm_head(hidden).argmax(-1)  # [B]
+            nxt = greedy(self.lm_head(hidden))  # [B]
             nxt = torch.where(done, pad, nxt)
             tokens.append(nxt)
             if keep_hidden:

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from ..heads import _atomic_write, remove_stale_temp_files
 from ..models import CerberusError, LoadedModel
+from ..sampling import greedy
 from .prompts import Prompt
 
 MAX_PROMPT_TOKENS = 1024
@@ -76,7 +77,7 @@ def generate_rows(
     bar = tqdm(total=len(prompts), desc="answers", unit="answer", leave=False, disable=len(prompts) < 64)
     while live:
         hidden = torch.cat([row["last"] for row in live])  # [B, H]
-        chosen = runtime.lm_head(hidden).argmax(-1)  # [B]
+        chosen = greedy(runtime.lm_head(hidden))  # [B]
         going, fed, joined = [], [], []
         for row, token, h in zip(live, chosen.tolist(), hidden, strict=True):
             row["tokens"].append(token)
@@ -123,7 +124,7 @@ def teacher_forced(runtime, prompts: list[list[int]], answers: list[list[int]], 
         hidden = runtime.forward_padded(ids.to(device))  # [b, T, H]
         for row, i in enumerate(group):
             h = hidden[row, len(prompts[i]) - 1 : len(seqs[i])]  # [n, H]: the states that chose answer i
-            out[i] = (runtime.lm_head(h).argmax(-1).cpu(), h.to(torch.bfloat16).cpu())
+            out[i] = (greedy(runtime.lm_head(h)).cpu(), h.to(torch.bfloat16).cpu())
         start = end
     return out
 
