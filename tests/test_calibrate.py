@@ -434,6 +434,21 @@ def test_the_check_races_the_leading_trees_and_keeps_the_fastest_measured(tiny_l
     assert "raced 3 trees" in run.format_summary(data)
 
 
+@pytest.mark.parametrize(
+    ("rates", "kept"),
+    [
+        ((39.0, 40.0, 20.0), 0),  # the larger tree is 2.5% ahead: within the race's noise, the smaller stays
+        ((30.0, 40.0, 20.0), 1),  # 33% ahead: the larger tree wins
+        ((40.0, 40.0, 39.9), 0),  # equal: the smaller
+    ],
+)
+def test_a_larger_tree_must_win_the_race_by_a_margin(rates, kept):
+    tried = [{"tree": [[0]] * n} for n in (1, 2, 3)]
+    measured = [{"tokens_per_s": r} for r in rates]
+    assert run.race_winner(tried, measured) == kept
+    assert run.race_winner(tried[::-1], measured[::-1]) == 2 - kept  # by size, not by the order raced
+
+
 def test_lookup_methods_take_the_calibrated_chain_length(tiny_lm, heads_dir, monkeypatch):
     lookup = {"solo": {"max_len": 3, "tokens_per_s": 9.0}, "merged": {"max_len": 0, "tokens_per_s": 8.0}}
     files.write_calibration(files.calibration_path(heads_dir, this_key()), fake_calibration(this_key(), lookup=lookup))
