@@ -210,14 +210,18 @@ def test_the_committed_answers_match_the_shipped_prompt_selection(lm, tmp_path):
     answers = tmp_path / "answers.safetensors"
     answers.write_bytes(lzma.decompress(packed.read_bytes()))
     rows, made_by = read_answers(answers, source)
-    assert len(rows) == 17408 and sum(map(len, rows)) == 2_717_444  # what the shipped heads were trained on
+    assert len(rows) == 19456 and sum(map(len, rows)) == 3_033_637
+    # the shipped heads were trained on the first 17 shards (17,408 answers, 2,717,444 tokens)
+    assert sum(map(len, rows[:17408])) == 2_717_444
     # shards 0-9 and 11-16 from the GPU path (transformers', then the lean runtime's padded batch),
-    # shard 10 from the CPU path
+    # shards 10 (an AVX2 CPU) and 17-18 (an AVX-512 CPU) from the CPU path
     assert made_by[10239] == "bfloat16 hf cuda, float32 targets" and made_by[10240] == "int4 lean cpu"
-    assert made_by[11264] == made_by[-1] == "bfloat16 lean cuda, float32 targets"
-    prompts = [ids for p in chosen[:11400] if len(ids := chat_ids(lm.tokenizer, p.text)) <= MAX_PROMPT_TOKENS]
-    i = min(range(10240, 10272), key=lambda i: len(rows[i]))  # a short one of shard 10's answers
-    assert Decoder(lm).generate(prompts[i], SamplingConfig(max_new_tokens=256)).token_ids == rows[i]
+    assert made_by[11264] == made_by[17407] == "bfloat16 lean cuda, float32 targets"
+    assert made_by[17408] == made_by[-1] == "int4 lean cpu"
+    prompts = [ids for p in chosen[:19600] if len(ids := chat_ids(lm.tokenizer, p.text)) <= MAX_PROMPT_TOKENS]
+    for shard in (10, 17):  # a short answer of each CPU machine's shards, regenerated here
+        i = min(range(1024 * shard, 1024 * shard + 32), key=lambda i: len(rows[i]))
+        assert Decoder(lm).generate(prompts[i], SamplingConfig(max_new_tokens=256)).token_ids == rows[i]
 
 
 def test_a_bfloat16_run_stores_float32_targets_along_its_own_answers(tiny_lm, tmp_path):
