@@ -51,7 +51,8 @@ CANDIDATES = 3  # tree sizes the check races on the fastest format, best predict
 # a raced tree must run this much faster than a smaller one to be chosen over it: the race decodes a
 # few prompts (a few % of noise), and they come from the heads' training distribution, where the
 # heads accept more than on users' questions, which favours larger trees (an AVX-512 calibration
-# chose a 2-node tree 1% ahead of the 1-node one in its race; the bench then ran them at 0.95x / 1.04x)
+# kept a 2-node tree 1% ahead of the 1-node one in its race; the bench ran it at 0.95x AR, and a
+# 1-node tree at 1.04x)
 RACE_MARGIN = 0.03
 NO_CALIBRATE_ENV = "CERBERUS_NO_CALIBRATE"
 HELD_OUT = "held-out training prompts"  # what the default calibration prompts are, in reports
