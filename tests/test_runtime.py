@@ -50,6 +50,19 @@ def test_verification_rows_equal_one_token_steps_bitwise(tiny_lm, weights):
         assert torch.equal(rt.lm_head(tree_rows), torch.cat([rt.lm_head(r[None]) for r in tree_rows]))
 
 
+@pytest.mark.parametrize("shape", [(960, 576), (3072, 576), (576, 1536)])  # the default model's projections
+def test_bfloat16_layers_give_each_row_its_bits_alone(shape):
+    """Up to 32 rows. oneDNN's bfloat16 matmul is not row-invariant for the 1536-wide down
+    projection on an AVX512-BF16 CPU: there the layer runs without oneDNN (formats.dense decides)."""
+    g = torch.Generator().manual_seed(0)
+    layer = dense(torch.randn(shape, generator=g), "bfloat16")
+    x = torch.randn(32, shape[1], generator=g).to(torch.bfloat16)
+    with torch.inference_mode():
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(32)])
+        for m in range(2, 33):
+            assert torch.equal(layer(x[:m]), alone[:m]), f"{m} rows"
+
+
 @pytest.mark.slow
 def test_default_model_int4_rows_equal_one_token_steps_bitwise(lm):
     ids = Decoder(lm).encode(PROMPTS[0])

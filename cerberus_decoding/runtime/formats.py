@@ -36,7 +36,9 @@ class Linear(torch.nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fmt == "float32" or self.fmt == "bfloat16":
+        if getattr(self, "without_onednn", False):
+            y = _linear_without_onednn(x, self.weight)
+        elif self.fmt == "float32" or self.fmt == "bfloat16":
             y = F.linear(x, self.weight)
         else:  # the packed kernels take [M, K]
             rows = x.reshape(-1, x.shape[-1])
@@ -63,7 +65,37 @@ def dense(weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None) -> L
         layer.scales = scale.to(dtype)
         return layer
     layer.weight = weight.to(dtype).contiguous()
+    if fmt == "bfloat16" and weight.device.type == "cpu":
+        layer.without_onednn = not _onednn_row_invariant(tuple(layer.weight.shape))
     return layer
+
+
+_ROW_INVARIANT: dict[tuple[int, int], bool] = {}
+
+
+def _onednn_row_invariant(shape: tuple[int, int], rows: int = 32) -> bool:
+    """Whether bfloat16 ``F.linear`` (oneDNN on a CPU) gives every row the same bits among up to
+    ``rows`` rows as alone, for a weight of this shape. Measured once per shape, on this CPU: with
+    AVX512-BF16, oneDNN changes how it splits the inner dimension with the row count when it is
+    above 1024 (the down projection's 1536), so a verified row would differ from the one-token step.
+    Where it is not, layers of that shape run without oneDNN: row-invariant, as fast for one row,
+    2-3x slower for several."""
+    if shape not in _ROW_INVARIANT:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(shape, generator=g).to(torch.bfloat16)
+        x = torch.randn(rows, shape[1], generator=g).to(torch.bfloat16)
+        alone = torch.cat([F.linear(x[i : i + 1], w) for i in range(rows)])
+        _ROW_INVARIANT[shape] = all(torch.equal(F.linear(x[:m], w), alone[:m]) for m in range(2, rows + 1))
+    return _ROW_INVARIANT[shape]
+
+
+def _linear_without_onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return F.linear(x, weight)
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
 
 
 def int4_from_blocks(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Linear:
