@@ -263,7 +263,7 @@ def test_greedy_lookup_methods_are_lossless(lm):
     from cerberus_decoding.engine import SamplingConfig
     from cerberus_decoding.methods import build_decoder
 
-    chains = {"max_len": MAX_LEN}  # whatever length this machine's calibration chose
+    chains = {"max_len": MAX_LEN}  # the longest chains, whatever this machine's calibration chose
     pld = build_decoder(lm, "pld", lookup=chains)
     # a finite gate threshold: confident steps verify heads + chain, the others the chain alone
     both = build_decoder(lm, "cerberus+lookup", heads="none", gate="logits", threshold=1.0, lookup=chains)

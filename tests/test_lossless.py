@@ -29,7 +29,7 @@ CONFIG = SamplingConfig(max_new_tokens=N_TOKENS)
 SHORT = SamplingConfig(max_new_tokens=48)  # greedy: the first 48 tokens of the 128-token references
 # 7 nodes over 3 depths, with siblings: rows on and off the tree's main chain
 TREE = [[0], [1], [0, 0], [1, 0], [0, 0, 0], [0, 1], [2]]
-CHAINS = {"max_len": lookup.MAX_LEN}  # lookup chains verified, whatever this machine's calibration chose
+CHAINS = {"max_len": lookup.MAX_LEN}  # the longest lookup chains verified, whatever this machine's calibration chose
 
 
 @pytest.mark.parametrize("method", ["cerberus-nogate", "medusa", "cerberus+lookup"])

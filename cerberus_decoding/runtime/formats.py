@@ -34,9 +34,10 @@ class Linear(torch.nn.Module):
         super().__init__()
         self.fmt, self.out_features = fmt, out_features
         self.bias = bias
+        self.without_onednn = False  # bfloat16 shapes oneDNN does not compute row-invariantly (dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "without_onednn", False):
+        if self.without_onednn:
             y = _linear_without_onednn(x, self.weight)
         elif self.fmt == "float32" or self.fmt == "bfloat16":
             y = F.linear(x, self.weight)
