@@ -270,15 +270,16 @@ class Decoder:
     def _draft(self, hidden, root, h_ent, l_ent):
         """The tree of this step and its tokens, or None for a plain AR step."""
         heads_on = self.heads is not None and gating.speculate(self.gate, self.threshold, h_ent, l_ent)
-        topk = None
-        if heads_on:
+
+        def topk() -> torch.Tensor:  # [depth, k] ids; the drafter runs the heads only if it needs them
             self.heads_calls += 1
-            topk = self.heads.topk_tokens(hidden, self.tree.top_k, root, self.tree.num_heads)  # [depth, k] ids
+            return self.heads.topk_tokens(hidden, self.tree.top_k, root, self.tree.num_heads)
+
         if self.drafter is not None:
-            return self.drafter.draft(root, self.tree if heads_on else None, topk)
+            return self.drafter.draft(root, self.tree, topk) if heads_on else self.drafter.draft(root, None, None)
         if not heads_on:
             return None
-        return self.tree, self.tree.candidates(root, topk)
+        return self.tree, self.tree.candidates(root, topk())
 
 
 def _eos_ids(lm: LoadedModel) -> set[int]:

@@ -4,11 +4,14 @@ Outputs often repeat their input (summaries, extraction, code edits) or themselv
 loop). The suffix of ``context + root`` is looked up among earlier n-grams, longest first, most
 recent occurrence; the tokens that followed it are the draft chain. The chain is verified alone
 (``pld``, or a step where the gate skipped the heads) or merged into the heads' tree, sharing the
-nodes where the chain agrees with the heads. The engine verifies it as any other tree, so greedy
-decoding stays exactly the base model's.
+nodes where the chain agrees with the heads, or verified instead of the heads' tree when one matches
+(which pays where verification cost is steep: calibration picks). The engine verifies it as any other
+tree, so greedy decoding stays exactly the base model's.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -145,8 +148,8 @@ class LookupDrafter:
     max_len:    longest chain (tokens after the root); 0 drafts none (calibration may find that
                 no chain pays on a machine: ``calibration.choose.best_lookup_length``).
     ngram:      longest n-gram matched (longest first, down to the minimum).
-    heads:      merge the chain into the heads' tree (True), or verify the chain instead of the
-                heads' tree when there is one (False).
+    merge:      merge the chain into the heads' tree (True), or verify the chain instead of the
+                heads' tree when there is one (False: the heads then do not run that step).
     min_ngram:  shortest match used next to the heads' tree.
     solo_ngram: shortest match verified on a step without the heads (``pld``, or the gate chose
                 AR): a chain then costs a bigger forward than the one-token step it replaces.
@@ -157,14 +160,14 @@ class LookupDrafter:
         self,
         max_len: int = MAX_LEN,
         ngram: int = NGRAM,
-        heads: bool = True,
+        merge: bool = True,
         min_ngram: int = MIN_NGRAM,
         solo_ngram: int = MIN_NGRAM,
         budget: int | None = None,
     ):
         if max_len < 0:
             raise ValueError(f"max_len must be >= 0 (got {max_len}).")
-        self.max_len, self.heads, self.budget = max_len, heads, budget
+        self.max_len, self.merge, self.budget = max_len, merge, budget
         self.min_ngram, self.solo_ngram = min_ngram, solo_ngram
         self.index = NgramIndex(ngram)
         self.trees: dict[tuple[int, ...], Tree] = {}  # parent links -> built tree (shapes recur)
@@ -180,19 +183,20 @@ class LookupDrafter:
     def extend(self, new_ids: list[int]) -> None:
         self.index.extend(new_ids)
 
-    def draft(self, root: torch.Tensor, heads_tree: Tree | None, topk: torch.Tensor | None):
-        """root [1], heads' tree and its top-k tokens [K, k] (or None) -> (tree, tokens [N+1]) or None."""
+    def draft(self, root: torch.Tensor, heads_tree: Tree | None, topk: Callable[[], torch.Tensor] | None):
+        """root [1], the heads' tree and ``topk()``, which runs the heads -> their top-k tokens [K, k]
+        (None, None: the gate chose no heads this step) -> (tree, tokens [N+1]) or None."""
         self.stats["steps"] += 1
         r = int(root)
         min_n = self.min_ngram if heads_tree is not None else self.solo_ngram
         _, chain = self.index.match(r, self.max_len, min_n)  # max_len 0: always empty
         if not chain:
-            return None if heads_tree is None else (heads_tree, heads_tree.candidates(root, topk))
+            return None if heads_tree is None else (heads_tree, heads_tree.candidates(root, topk()))
         self.stats["chains"] += 1
-        if heads_tree is None or not self.heads:
+        if heads_tree is None or not self.merge:
             parents, tokens = list(range(len(chain))), [r, *chain]
         else:
-            heads_tokens = heads_tree.candidates(root, topk).tolist()  # [N+1]
+            heads_tokens = heads_tree.candidates(root, topk()).tolist()  # [N+1]
             budget = self.budget or heads_tree.size + self.max_len
             parents, tokens, shared = union_tree(heads_tree.parent[1:].tolist(), heads_tokens, chain, budget)
             self.stats["shared"] += shared

@@ -55,6 +55,7 @@ class EffectiveConfig:
     calibration: str  # "quick calibration made on this machine, 2026-11-26" or "defaults: ..."
     source: dict[str, str] = field(default_factory=dict)  # setting -> why
     lookup: int | None = None  # longest prompt-lookup chain (LOOKUP_METHODS; 0: none), else None
+    lookup_merge: bool | None = None  # cerberus+lookup: chain merged into the tree, or verified instead of it
 
     def why(self) -> str:
         settings = [f"weights {self.weights} ({self.source['weights']})"]
@@ -69,6 +70,9 @@ class EffectiveConfig:
         if self.lookup is not None:
             chains = f"lookup chains of {self.lookup} tokens" if self.lookup else "no lookup chains"
             settings.append(f"{chains} ({self.source['lookup']})")
+        if self.lookup and self.lookup_merge is not None:
+            how = "merged into the tree" if self.lookup_merge else "verified instead of the tree where one matches"
+            settings.append(f"{how} ({self.source['lookup_merge']})")
         return f"{self.method}: " + ", ".join(settings) + f"; {self.calibration}"
 
     def to_json(self) -> dict:
@@ -85,6 +89,7 @@ def effective_config(
     threshold: float | None = None,
     tree: list | None = None,
     lookup: int | None = None,
+    merge: bool | None = None,
 ) -> EffectiveConfig:
     """Every setting from, in rising precedence: the method's defaults, the checkpoint's defaults,
     the calibration for this machine and weight format, and the caller's flags (None: not given).
@@ -93,19 +98,26 @@ def effective_config(
     gates, and ``medusa`` (the baseline) runs ungated unless a gate is asked for.
     ``calibration``: (the calibration file's content, whether it shipped with the heads; for a method
     without heads, the Cerberus heads' calibration, which also measures lookup chains alone).
-    ``lookup``: the longest prompt-lookup chain (LOOKUP_METHODS only)."""
+    ``lookup``: the longest prompt-lookup chain (LOOKUP_METHODS only); ``merge``: whether
+    ``cerberus+lookup`` merges it into the tree or verifies it instead of the tree."""
     from .calibration.run import describe
 
     head_type = head_type_for(method)
     eff = EffectiveConfig(method, weights, None, "off", math.inf, "no heads", {"weights": weights_why})
     choice = calibration[0]["choices"].get(weights) if calibration else None
     if method in LOOKUP_METHODS:
-        calibrated = (choice or {}).get("lookup", {}).get("solo" if head_type is None else "merged")
+        kind, calibrated = calibrated_lookup((choice or {}).get("lookup", {}), head_type is not None)
         eff.lookup, eff.source["lookup"] = LOOKUP_MAX_LEN, "method default"
         if calibrated is not None:
             eff.lookup, eff.source["lookup"] = calibrated["max_len"], "calibrated"
         if lookup is not None:
             eff.lookup, eff.source["lookup"] = lookup, "flag"
+        if head_type is not None:
+            eff.lookup_merge, eff.source["lookup_merge"] = True, "method default"
+            if calibrated is not None:
+                eff.lookup_merge, eff.source["lookup_merge"] = kind == "merged", "calibrated"
+            if merge is not None:
+                eff.lookup_merge, eff.source["lookup_merge"] = merge, "flag"
     if head_type is None:
         return eff
     eff.tree, eff.gate = DEFAULT_TREE, "logits"
@@ -139,6 +151,20 @@ def effective_config(
     if eff.gate == "off":
         eff.threshold = math.inf
     return eff
+
+
+def calibrated_lookup(lookups: dict, with_heads: bool) -> tuple[str, dict | None]:
+    """The calibrated lookup chains a method runs: (kind, {"max_len", "tokens_per_s"} or None).
+    Alone: "solo". Next to the heads: "merged" into their tree or verified "instead" of it where a
+    chain matches, whichever calibration predicts faster (ties: merged; calibrations made before
+    2026-11-27 have no "instead")."""
+    if not with_heads:
+        return "solo", lookups.get("solo")
+    kinds = [k for k in ("merged", "instead") if k in lookups]
+    if not kinds:
+        return "merged", None
+    kind = max(kinds, key=lambda k: lookups[k]["tokens_per_s"])  # max keeps the first of equals
+    return kind, lookups[kind]
 
 
 def heads_path(lm: LoadedModel, method: str, heads: str | None) -> Path | None:
@@ -205,15 +231,18 @@ def build_decoder(
 ) -> Decoder:
     """``heads``: a checkpoint directory, ``default`` (shipped for the model) or ``none`` (untrained).
     ``gate`` / ``threshold`` / ``tree``: flags (None: not given; see ``effective_config``).
-    ``lookup``: LookupDrafter options for ``pld`` and ``cerberus+lookup`` (its ``max_len`` overrides
-    the calibrated chain length). ``calibrate``: run a quick calibration when the heads have none for
-    this machine (None: unless $CERBERUS_NO_CALIBRATE). The decoder's ``config`` says what it runs
-    with and why."""
+    ``lookup``: LookupDrafter options for ``pld`` and ``cerberus+lookup`` (its ``max_len`` and
+    ``merge`` override the calibrated chain length and mode). ``calibrate``: run a quick calibration
+    when the heads have none for this machine (None: unless $CERBERUS_NO_CALIBRATE). The decoder's
+    ``config`` says what it runs with and why."""
     head_type = head_type_for(method)
     lookup = dict(lookup or {})
 
     def drafter(eff: EffectiveConfig) -> LookupDrafter | None:
-        return LookupDrafter(**(lookup | {"max_len": eff.lookup})) if method in LOOKUP_METHODS else None
+        if method not in LOOKUP_METHODS:
+            return None
+        merge = {} if eff.lookup_merge is None else {"merge": eff.lookup_merge}
+        return LookupDrafter(**(lookup | {"max_len": eff.lookup} | merge))
 
     if head_type is None:  # ar, pld (the Cerberus heads' calibration holds pld's chain length)
         path = calibration_heads(lm, method, heads) if method in LOOKUP_METHODS else None
@@ -235,7 +264,16 @@ def build_decoder(
     calibration = machine_calibration(lm, path, calibrate)
     choices = load_tree(tree) if isinstance(tree, str) else tree
     eff = effective_config(
-        method, lm.weights, lm.weights_why, draft.config, calibration, gate, threshold, choices, lookup.get("max_len")
+        method,
+        lm.weights,
+        lm.weights_why,
+        draft.config,
+        calibration,
+        gate,
+        threshold,
+        choices,
+        lookup.get("max_len"),
+        lookup.get("merge"),
     )
     built = build_tree(eff.tree)
     if built.num_heads > draft.config.num_heads:

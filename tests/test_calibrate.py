@@ -222,6 +222,35 @@ def test_lookup_length_follows_the_cost_curve():
     assert choose.lookup_rate(hits, 0, steep, overheads, merged) == pytest.approx(1000 * 2 / (13.0 + 2.5))
 
 
+def test_a_chain_replaces_the_tree_where_verification_is_steep():
+    """cerberus+lookup's two ways: merge the chain into the heads' tree, or verify it instead of the
+    tree where one matches (the heads then do not run). Merging pays on a flat curve, replacing on a
+    steep one."""
+    overheads = {"step": 1.0, "spec": 0.5, "heads": [1.0, 1.5]}
+    flat_10 = dict.fromkeys((1, 2, 4, 8, 16), 10.0)
+    # t=0: a chain with 2 right tokens, the tree accepts 1 (2 tokens); t=3: no chain, the tree's 2 tokens
+    hits, tree = np.array([2, 1, 0, -1]), (np.full(4, 2.0), np.ones(4, dtype=bool), [[0]])
+    merged = choose.lookup_rate(hits, 2, flat_10, overheads, tree)
+    instead = choose.lookup_rate(hits, 2, flat_10, overheads, tree, instead=True)
+    assert merged == pytest.approx(1000 * 5 / (2 * (10 + 1 + 0.5 + 1.0)))  # both steps run the heads
+    assert instead == pytest.approx(1000 * 5 / ((10 + 1 + 0.5) + (10 + 1 + 0.5 + 1.0)))  # the chain's does not
+
+    rng = np.random.default_rng(0)
+    hits = []
+    while len(hits) < 400:
+        run_len = int(rng.integers(2, 13))
+        hits += [-1] * int(rng.integers(3, 12)) + list(range(run_len - 1, -1, -1))
+    hits = np.array(hits)
+    tree = (np.where(rng.random(len(hits)) < 0.6, 3.0, 1.0), np.ones(len(hits), dtype=bool), [[0], [0, 0]])
+    overheads["heads"] = [0.2, 0.3]  # heads cheap next to a step: what they cost here does not decide
+    flat = {1: 10.0, 2: 10.2, 4: 10.4, 8: 10.8, 16: 11.6}
+    steep = {1: 10.0, 2: 13.0, 4: 21.0, 8: 37.0, 16: 70.0}
+    for costs, merging_pays in ((flat, True), (steep, False)):
+        _, merged = choose.best_lookup_length(hits, costs, overheads, 10, tree)
+        _, instead = choose.best_lookup_length(hits, costs, overheads, 10, tree, instead=True)
+        assert (merged > instead) == merging_pays
+
+
 # ---- files, first use and the effective configuration ---------------------------------------------
 
 
@@ -397,12 +426,14 @@ def test_calibrate_end_to_end(tiny_lm, heads_dir):
     assert "chosen: float32" in run.format_summary(saved)
     dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir))
     assert dec.tree.size == len(choice["tree"]) + 1 and dec.threshold == choice["threshold"]
-    # prompt-lookup chains: a length for lookup alone and one merged into the chosen tree
-    assert set(choice["lookup"]) == {"solo", "merged"}
+    # prompt-lookup chains: a length for lookup alone, one merged into the chosen tree and one verified
+    # instead of it; cerberus+lookup runs the faster of the last two
+    assert set(choice["lookup"]) == {"solo", "merged", "instead"}
     assert all(0 <= c["max_len"] <= MAX_LEN and c["tokens_per_s"] > 0 for c in choice["lookup"].values())
     both = build_decoder(tiny_lm, "cerberus+lookup", heads=str(heads_dir))
-    assert both.drafter.max_len == choice["lookup"]["merged"]["max_len"]
-    assert both.config.source["lookup"] == "calibrated"
+    faster = max(("merged", "instead"), key=lambda k: choice["lookup"][k]["tokens_per_s"])
+    assert both.drafter.max_len == choice["lookup"][faster]["max_len"] and both.drafter.merge == (faster == "merged")
+    assert both.config.source["lookup"] == both.config.source["lookup_merge"] == "calibrated"
     assert "longest lookup chain: pld" in run.format_summary(saved)
 
 
@@ -458,6 +489,17 @@ def test_lookup_methods_take_the_calibrated_chain_length(tiny_lm, heads_dir, mon
     assert pld.drafter.max_len == 3 and "lookup chains of 3 tokens (calibrated)" in pld.config.why()
     both = build_decoder(tiny_lm, "cerberus+lookup", heads=str(heads_dir))
     assert both.drafter.max_len == 0 and "no lookup chains (calibrated)" in both.config.why()
+    # next to the heads, the faster of merging the chains into the tree and verifying them instead of it
+    lookup["instead"] = {"max_len": 4, "tokens_per_s": 8.5}
+    files.write_calibration(files.calibration_path(heads_dir, this_key()), fake_calibration(this_key(), lookup=lookup))
+    both = build_decoder(tiny_lm, "cerberus+lookup", heads=str(heads_dir))
+    assert both.drafter.max_len == 4 and not both.drafter.merge
+    assert "lookup chains of 4 tokens (calibrated), verified instead of the tree where one matches (calibrated)" in (
+        both.config.why()
+    )
+    flagged = build_decoder(tiny_lm, "cerberus+lookup", heads=str(heads_dir), lookup={"merge": True})
+    assert flagged.drafter.merge and flagged.drafter.max_len == 4 and flagged.config.source["lookup_merge"] == "flag"
+    assert build_decoder(tiny_lm, "pld").drafter.max_len == 3  # pld reads "solo" whatever the heads' choice
     flag = build_decoder(tiny_lm, "pld", lookup={"max_len": 5})
     assert flag.drafter.max_len == 5 and flag.config.source["lookup"] == "flag"
     assert build_decoder(tiny_lm, "ar").config.lookup is None

@@ -201,16 +201,35 @@ def test_drafter_chain_and_union():
     assert tokens.tolist() == [3, 4, 5, 6, 1] and tree.parent.tolist() == [0, 0, 1, 2, 3]
     assert drafter.draft(torch.tensor([9]), None, None) is None  # no match: a plain AR step
     heads = build_tree(DEFAULT_TREE)
-    topk = torch.tensor([[4, 7, 8, 9], [5, 7, 8, 9], [0, 7, 8, 9], [0, 7, 8, 9]])
-    tree, tokens = drafter.draft(torch.tensor([3]), heads, topk)
+    ranked = torch.tensor([[4, 7, 8, 9], [5, 7, 8, 9], [0, 7, 8, 9], [0, 7, 8, 9]])
+    tree, tokens = drafter.draft(torch.tensor([3]), heads, lambda: ranked)
     assert tree.size == heads.size + 2  # 4, 5 shared with the heads' [0], [0, 0]; 6, 1 appended
-    assert tokens[: heads.size].tolist() == heads.candidates(torch.tensor([3]), topk).tolist()
-    tree, tokens = drafter.draft(torch.tensor([9]), heads, topk)
+    assert tokens[: heads.size].tolist() == heads.candidates(torch.tensor([3]), ranked).tolist()
+    tree, tokens = drafter.draft(torch.tensor([9]), heads, lambda: ranked)
     assert tree is heads
     solo = LookupDrafter(max_len=4, solo_ngram=2)
     solo.reset([1, 2, 3, 4, 5, 6, 1, 2])
     assert solo.draft(torch.tensor([3]), None, None) is not None  # (2, 3) matched
     assert solo.draft(torch.tensor([5]), None, None) is None  # only (5,): too short without heads
+
+
+def test_a_chain_can_replace_the_heads_tree_and_then_the_heads_do_not_run():
+    """merge=False (where verification is steep): a matching chain is verified alone, without
+    running the heads; with no match the heads' tree is verified as usual."""
+    calls = []
+
+    def ranked():
+        calls.append(1)
+        return torch.tensor([[4, 7, 8, 9], [5, 7, 8, 9], [0, 7, 8, 9], [0, 7, 8, 9]])
+
+    drafter = LookupDrafter(max_len=4, merge=False)
+    drafter.reset([1, 2, 3, 4, 5, 6, 1, 2])
+    heads = build_tree(DEFAULT_TREE)
+    tree, tokens = drafter.draft(torch.tensor([3]), heads, ranked)
+    assert tokens.tolist() == [3, 4, 5, 6, 1] and tree.parent.tolist() == [0, 0, 1, 2, 3] and not calls
+    tree, tokens = drafter.draft(torch.tensor([9]), heads, ranked)  # no chain: the heads' tree
+    assert tree is heads and len(calls) == 1
+    assert tokens.tolist() == heads.candidates(torch.tensor([9]), ranked()).tolist()
 
 
 # ---- lossless on the default model -------------------------------------------------------------
@@ -267,14 +286,18 @@ def test_greedy_lookup_methods_are_lossless(lm):
     pld = build_decoder(lm, "pld", lookup=chains)
     # a finite gate threshold: confident steps verify heads + chain, the others the chain alone
     both = build_decoder(lm, "cerberus+lookup", heads="none", gate="logits", threshold=1.0, lookup=chains)
+    # the chain instead of the heads' tree where one matches, the tree (every step) where none does
+    instead = build_decoder(lm, "cerberus+lookup", heads="none", gate="off", lookup=chains | {"merge": False})
     cfg = SamplingConfig(max_new_tokens=64)
-    spec_steps = {"pld": 0, "cerberus+lookup": 0}
+    spec_steps = {"pld": 0, "cerberus+lookup": 0, "instead": 0}
     # prompts that copy from their input (a passage, code, a record list) and one that repeats itself
     # (the rest: tests/test_lossless.py)
     for ids, ref in references_for(lm, [PROMPTS[i] for i in (0, 2, 4, 5, -1)], 64).values():
-        for name, dec in (("pld", pld), ("cerberus+lookup", both)):
+        for name, dec in (("pld", pld), ("cerberus+lookup", both), ("instead", instead)):
             result = dec.generate(ids, cfg)
             assert_lossless(lm, ids, ref, result.token_ids)
             spec_steps[name] += result.speculative_steps
     assert all(spec_steps.values())  # the drafts were really verified, not skipped
     assert both.heads_calls > 0 and both.drafter.stats["chains"] > 0
+    # ungated, every step drafts: the chain where one matches, else the heads (never both)
+    assert 0 < instead.heads_calls == instead.drafter.stats["steps"] - instead.drafter.stats["chains"]

@@ -200,6 +200,7 @@ def lookup_rate(
     overheads: dict,
     merged: tuple | None = None,
     answers: list[int] | None = None,
+    instead: bool = False,
 ) -> float:
     """Predicted tokens/s with prompt-lookup chains of ``length`` tokens (0: none).
 
@@ -208,7 +209,8 @@ def lookup_rate(
     (``pld``), a step with a chain verifies root + chain and yields 1 + min(hits, length) tokens;
     the others are AR steps. ``merged`` = (accepted [T], speculate [T], tree): the heads' tree under
     its gate (``cerberus+lookup``); where both run, the chain joins the tree's verification (costed
-    as if it shared no node with it) and the step yields the longer of the two accepted runs.
+    as if it shared no node with it) and the step yields the longer of the two accepted runs. With
+    ``instead``, a step with a chain verifies the chain alone and the heads do not run.
 
     The steps are walked through each answer as greedy decoding takes them: a step at position t
     that yields a tokens is followed by the one at t + a. Greedy output is fixed, so this is exact
@@ -221,6 +223,8 @@ def lookup_rate(
         accepted, speculate, tree = merged
         nodes, heads_ms = len(tree), overheads["heads"][max(len(c) for c in tree) - 1]
     chain = (hits >= 0) & (length > 0)
+    if instead:
+        speculate = speculate & ~chain
     heads_tokens = np.where(speculate, accepted, 1)
     tokens = np.where(chain, np.maximum(1 + np.clip(hits, 0, length), heads_tokens), heads_tokens).astype(int)
     rows = 1 + np.where(speculate, nodes, 0) + np.where(chain, length, 0)  # tokens each step verifies
@@ -249,11 +253,12 @@ def best_lookup_length(
     max_len: int,
     merged: tuple | None = None,
     answers: list[int] | None = None,
+    instead: bool = False,
 ) -> tuple[int, float]:
     """(chain length 0..max_len with the most predicted tokens/s, that rate); ties keep the shorter.
     Lengths whose verification lies beyond the measured cost curve are not considered."""
-    largest = max(int(q) for q in costs) - 1 - (len(merged[2]) if merged is not None else 0)
+    largest = max(int(q) for q in costs) - 1 - (len(merged[2]) if merged is not None and not instead else 0)
     lengths = range(max(0, min(max_len, largest)) + 1)
-    rates = [(lookup_rate(hits, n, costs, overheads, merged, answers), n) for n in lengths]
+    rates = [(lookup_rate(hits, n, costs, overheads, merged, answers, instead), n) for n in lengths]
     rate, length = max(rates, key=lambda r: (r[0], -r[1]))
     return length, rate

@@ -293,15 +293,22 @@ def calibrate(
         del flm, heads_w
 
     # prompt-lookup chains (pld, cerberus+lookup): the length with the best predicted tokens/s on each
-    # format's cost curve, alone and merged into the chosen tree under its gate (0: no chains)
+    # format's cost curve, alone, merged into the chosen tree under its gate, and verified instead of
+    # that tree where a chain matches (0: no chains)
     for weights, choice in choices.items():
         m = measured[weights]
         speculate = obs[choice["gate"]] < choice["threshold"]
         merged = (accepted_lengths(ranks, choice["tree"]), speculate, choice["tree"])
         choice["lookup"] = {}
-        for kind, tree in (("solo", None), ("merged", merged)):
+        for kind, tree in (("solo", None), ("merged", merged), ("instead", merged)):
             length, rate = best_lookup_length(
-                obs["lookup"], m["cost_fit_ms"], m["overhead_ms"], LOOKUP_MAX_LEN, tree, obs["answers"]
+                obs["lookup"],
+                m["cost_fit_ms"],
+                m["overhead_ms"],
+                LOOKUP_MAX_LEN,
+                tree,
+                obs["answers"],
+                kind == "instead",
             )
             choice["lookup"][kind] = {"max_len": length, "tokens_per_s": rate}
 
@@ -389,7 +396,8 @@ def format_summary(data: dict) -> str:
             "longest lookup chain: "
             + ", ".join(
                 f"{method} {lookup[kind]['max_len']} tokens (predicted {lookup[kind]['tokens_per_s']:.1f} tokens/s)"
-                for method, kind in (("pld", "solo"), ("with the heads", "merged"))
+                for method, kind in (("pld", "solo"), ("merged into the tree", "merged"), ("instead of it", "instead"))
+                if kind in lookup  # calibrations before 2026-11-27 have no "instead"
             )
         )
     ch = data["checks"][data["weights"]]
