@@ -196,15 +196,19 @@ def test_lookup_rate_walks_the_steps_decoding_takes():
     assert choose.lookup_rate(np.tile(hits, 2), 3, flat, free, answers=[10, 10]) == pytest.approx(1000 * 20 / 60)
 
 
-def test_lookup_length_follows_the_cost_curve():
-    """Long chains pay where verification is flat (a GPU) and cost where it is steep (this CPU)."""
-    rng = np.random.default_rng(0)
-    # an answer: most steps have no chain, some copy runs of 2-12 tokens (at t, the rest of the run)
+def copy_runs(rng, n: int = 400) -> np.ndarray:
+    """Lookup hits of an answer: most steps have no chain, some copy runs of 2-12 tokens (at t, the
+    rest of the run)."""
     hits = []
-    while len(hits) < 400:
+    while len(hits) < n:
         run_len = int(rng.integers(2, 13))
         hits += [-1] * int(rng.integers(3, 12)) + list(range(run_len - 1, -1, -1))
-    hits = np.array(hits)
+    return np.array(hits)
+
+
+def test_lookup_length_follows_the_cost_curve():
+    """Long chains pay where verification is flat (a GPU) and cost where it is steep (this CPU)."""
+    hits = copy_runs(np.random.default_rng(0))
     overheads = {"step": 1.0, "spec": 0.5, "heads": [1.0, 1.5]}
     flat = {1: 10.0, 2: 10.5, 4: 11.0, 8: 11.5, 16: 12.0}
     steep = {1: 10.0, 2: 13.0, 4: 21.0, 8: 37.0, 16: 70.0}
@@ -236,11 +240,7 @@ def test_a_chain_replaces_the_tree_where_verification_is_steep():
     assert instead == pytest.approx(1000 * 5 / ((10 + 1 + 0.5) + (10 + 1 + 0.5 + 1.0)))  # the chain's does not
 
     rng = np.random.default_rng(0)
-    hits = []
-    while len(hits) < 400:
-        run_len = int(rng.integers(2, 13))
-        hits += [-1] * int(rng.integers(3, 12)) + list(range(run_len - 1, -1, -1))
-    hits = np.array(hits)
+    hits = copy_runs(rng)
     tree = (np.where(rng.random(len(hits)) < 0.6, 3.0, 1.0), np.ones(len(hits), dtype=bool), [[0], [0, 0]])
     overheads["heads"] = [0.2, 0.3]  # heads cheap next to a step: what they cost here does not decide
     flat = {1: 10.0, 2: 10.2, 4: 10.4, 8: 10.8, 16: 11.6}
