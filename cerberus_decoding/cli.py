@@ -600,18 +600,25 @@ def train(
     soft_weight: float = typer.Option(0.5, "--soft-weight", min=0.0, max=1.0, help="Share of the soft-target loss."),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    precision: str = typer.Option(
+        "auto",
+        "--precision",
+        help="auto | float32 | bfloat16 (autocast). auto: bfloat16 on CPUs with AVX512-BF16 or AMX, else float32.",
+    ),
     model: str = ModelOpt,
     device: Device = DeviceOpt,
 ):
     """Train Medusa or Cerberus heads on distilled data (base model frozen)."""
     from .models import load_model
-    from .train.train import TrainConfig
+    from .train.train import PRECISIONS, TrainConfig, training_precision
     from .train.train import train as run
 
     if heads_type not in ("medusa", "cerberus"):
         fail("--heads-type must be medusa or cerberus")
     if root_token and heads_type != "cerberus":
         fail("--root-token needs --heads-type cerberus")
+    if precision not in PRECISIONS:
+        fail(f"--precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     check_options(seed=seed)
     from .models import resolve_device
 
@@ -636,6 +643,7 @@ def train(
         soft_targets=soft_targets,
         soft_weight=soft_weight,
         seed=seed,
+        precision=training_precision(precision, train_device),
     )
     typer.echo(json.dumps(run(lm, data, out, cfg, resume=resume, device=train_device)))
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from cerberus_decoding.models import CerberusError
 from cerberus_decoding.train import train as train_mod
@@ -119,6 +120,37 @@ def test_training_reduces_the_loss(tiny_lm, tiny_data, tmp_path, head_type, root
     assert (tmp_path / "heads" / "config.json").is_file() and summary["steps"] == 30
     config = json.loads((tmp_path / "heads" / "config.json").read_text())
     assert config["head_type"] == head_type and config["root_token"] is root_token
+
+
+def test_bfloat16_training_reduces_the_loss_and_runs_the_heads_in_bfloat16(tiny_lm, tiny_data, tmp_path, monkeypatch):
+    dtypes = []
+    real = train_mod.head_loss
+
+    def spy(logits, *args, **kw):
+        dtypes.append(logits.dtype)
+        return real(logits, *args, **kw)
+
+    monkeypatch.setattr(train_mod, "head_loss", spy)
+    summary = train(tiny_lm, tiny_data, tmp_path, _cfg(precision="bfloat16"))
+    history = torch.load(tmp_path / "trainer_state.pt", weights_only=False)["history"]["loss"]
+    assert sum(history[-5:]) / 5 < 0.8 * sum(history[:5]) / 5
+    assert set(dtypes) == {torch.bfloat16} and summary["config"]["precision"] == "bfloat16"
+    saved = load_file(tmp_path / "heads" / "model.safetensors")
+    assert summary["steps"] == 30 and all(torch.isfinite(t.float()).all() for t in saved.values())
+
+
+def test_auto_precision_takes_bfloat16_only_where_the_cpu_has_bfloat16_dot_products(monkeypatch):
+    import cerberus_decoding.runtime as runtime
+
+    cpu = torch.device("cpu")
+    for flags, want in ((["avx2", "avx512f", "avx512_bf16"], "bfloat16"), (["avx2", "amx_bf16"], "bfloat16"),
+                        (["avx2", "avx512f"], "float32"), (["avx2"], "float32")):  # fmt: skip
+        monkeypatch.setattr(runtime, "machine", lambda device, flags=flags: {"device": "cpu", "flags": flags})
+        assert train_mod.training_precision("auto", cpu) == want
+        assert train_mod.training_precision("float32", cpu) == "float32"  # a flag wins
+    assert train_mod.training_precision("auto", torch.device("cuda")) == "float32"  # the shipped GPU recipe
+    with pytest.raises(CerberusError, match="Unknown precision 'fp8'"):
+        train_mod.training_precision("fp8", cpu)
 
 
 def test_soft_targets_point_at_the_labels_and_reduce_to_the_hard_loss():

@@ -48,6 +48,27 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); for tests and time budgets
     max_positions: int = 0  # train on the first N training positions only (0 = all): accuracy vs data size
+    precision: str = "float32"  # the heads' forward and backward: float32, or bfloat16 autocast (training_precision)
+
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def training_precision(requested: str, device: torch.device) -> str:
+    """``auto``: bfloat16 autocast on a CPU with bfloat16 dot products (AVX512-BF16 or AMX), where a
+    training step is ~1.7x faster at the same held-out accuracy (docs/training.md); float32
+    elsewhere: CPUs without them emulate bfloat16 (slower than float32), and on a GPU the shipped
+    recipe takes about a minute in float32."""
+    if requested not in PRECISIONS:
+        raise CerberusError(f"Unknown precision {requested!r}; use one of {', '.join(PRECISIONS)}.")
+    if requested != "auto":
+        return requested
+    if device.type != "cpu":
+        return "float32"
+    from ..runtime import machine
+
+    flags = machine(device)["flags"]
+    return "bfloat16" if "avx512_bf16" in flags or "amx_bf16" in flags else "float32"
 
 
 def load_distilled(data_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -375,8 +396,9 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         if soft is not None:
             where = soft[0][idx]  # [B, K] positions of the targets
             batch_soft = (soft[1][where], soft[2][where])  # [B, K, k] each
-        logits = heads(h, train_r[idx].to(acc.device))
-        loss, per_head = head_loss(logits, y, cfg.loss_decay, batch_soft, cfg.soft_weight)
+        with torch.autocast(acc.device.type, torch.bfloat16, enabled=cfg.precision == "bfloat16"):
+            logits = heads(h, train_r[idx].to(acc.device))  # [B, K, V']
+        loss, per_head = head_loss(logits, y, cfg.loss_decay, batch_soft, cfg.soft_weight)  # in float32
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         opt.step()
