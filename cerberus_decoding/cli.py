@@ -610,7 +610,7 @@ def train(
 ):
     """Train Medusa or Cerberus heads on distilled data (base model frozen)."""
     from .models import load_model
-    from .train.train import PRECISIONS, TrainConfig, training_precision
+    from .train.train import PRECISIONS, TrainConfig
     from .train.train import train as run
 
     if heads_type not in ("medusa", "cerberus"):
@@ -643,7 +643,7 @@ def train(
         soft_targets=soft_targets,
         soft_weight=soft_weight,
         seed=seed,
-        precision=training_precision(precision, train_device),
+        precision=precision,
     )
     typer.echo(json.dumps(run(lm, data, out, cfg, resume=resume, device=train_device)))
 

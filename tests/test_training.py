@@ -123,6 +123,10 @@ def test_training_reduces_the_loss(tiny_lm, tiny_data, tmp_path, head_type, root
 
 
 def test_bfloat16_training_reduces_the_loss_and_runs_the_heads_in_bfloat16(tiny_lm, tiny_data, tmp_path, monkeypatch):
+    """precision auto on a CPU with AVX512-BF16: decided when training starts, recorded as decided."""
+    import cerberus_decoding.runtime as runtime
+
+    monkeypatch.setattr(runtime, "machine", lambda device: {"device": "cpu", "flags": ["avx2", "avx512_bf16"]})
     dtypes = []
     real = train_mod.head_loss
 
@@ -131,7 +135,7 @@ def test_bfloat16_training_reduces_the_loss_and_runs_the_heads_in_bfloat16(tiny_
         return real(logits, *args, **kw)
 
     monkeypatch.setattr(train_mod, "head_loss", spy)
-    summary = train(tiny_lm, tiny_data, tmp_path, _cfg(precision="bfloat16"))
+    summary = train(tiny_lm, tiny_data, tmp_path, _cfg(precision="auto"))
     history = torch.load(tmp_path / "trainer_state.pt", weights_only=False)["history"]["loss"]
     assert sum(history[-5:]) / 5 < 0.8 * sum(history[:5]) / 5
     assert set(dtypes) == {torch.bfloat16} and summary["config"]["precision"] == "bfloat16"
