@@ -610,15 +610,13 @@ def train(
 ):
     """Train Medusa or Cerberus heads on distilled data (base model frozen)."""
     from .models import load_model
-    from .train.train import PRECISIONS, TrainConfig
+    from .train.train import TrainConfig
     from .train.train import train as run
 
     if heads_type not in ("medusa", "cerberus"):
         fail("--heads-type must be medusa or cerberus")
     if root_token and heads_type != "cerberus":
         fail("--root-token needs --heads-type cerberus")
-    if precision not in PRECISIONS:
-        fail(f"--precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     check_options(seed=seed)
     from .models import resolve_device
 

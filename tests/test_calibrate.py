@@ -196,6 +196,9 @@ def test_lookup_rate_walks_the_steps_decoding_takes():
     assert choose.lookup_rate(np.tile(hits, 2), 3, flat, free, answers=[10, 10]) == pytest.approx(1000 * 20 / 60)
 
 
+STEEP = {1: 10.0, 2: 13.0, 4: 21.0, 8: 37.0, 16: 70.0}  # verification cost by tokens: this CPU's shape
+
+
 def copy_runs(rng, n: int = 400) -> np.ndarray:
     """Lookup hits of an answer: most steps have no chain, some copy runs of 2-12 tokens (at t, the
     rest of the run)."""
@@ -211,19 +214,18 @@ def test_lookup_length_follows_the_cost_curve():
     hits = copy_runs(np.random.default_rng(0))
     overheads = {"step": 1.0, "spec": 0.5, "heads": [1.0, 1.5]}
     flat = {1: 10.0, 2: 10.5, 4: 11.0, 8: 11.5, 16: 12.0}
-    steep = {1: 10.0, 2: 13.0, 4: 21.0, 8: 37.0, 16: 70.0}
     long, _ = choose.best_lookup_length(hits, flat, overheads, 10)
-    short, rate = choose.best_lookup_length(hits, steep, overheads, 10)
+    short, rate = choose.best_lookup_length(hits, STEEP, overheads, 10)
     assert long >= 8 and 1 <= short < long
-    assert rate == choose.lookup_rate(hits, short, steep, overheads) > choose.lookup_rate(hits, 0, steep, overheads)
-    assert choose.lookup_rate(hits, 0, steep, overheads) == pytest.approx(1000 / 11.0)  # no chains: AR steps
+    assert rate == choose.lookup_rate(hits, short, STEEP, overheads) > choose.lookup_rate(hits, 0, STEEP, overheads)
+    assert choose.lookup_rate(hits, 0, STEEP, overheads) == pytest.approx(1000 / 11.0)  # no chains: AR steps
     useless = np.where(hits >= 0, 0, -1)  # chains that are always wrong never pay
     assert choose.best_lookup_length(useless, flat, overheads, 10)[0] == 0
     # merged into a tree that yields 2 tokens every step, chains pay less, and a steep curve
     # charges each chain on top of the tree
     merged = (np.full(len(hits), 2.0), np.ones(len(hits), dtype=bool), [[0]])
-    assert choose.best_lookup_length(hits, steep, overheads, 10, merged)[0] <= short
-    assert choose.lookup_rate(hits, 0, steep, overheads, merged) == pytest.approx(1000 * 2 / (13.0 + 2.5))
+    assert choose.best_lookup_length(hits, STEEP, overheads, 10, merged)[0] <= short
+    assert choose.lookup_rate(hits, 0, STEEP, overheads, merged) == pytest.approx(1000 * 2 / (13.0 + 2.5))
 
 
 def test_a_chain_replaces_the_tree_where_verification_is_steep():
@@ -244,8 +246,7 @@ def test_a_chain_replaces_the_tree_where_verification_is_steep():
     tree = (np.where(rng.random(len(hits)) < 0.6, 3.0, 1.0), np.ones(len(hits), dtype=bool), [[0], [0, 0]])
     overheads["heads"] = [0.2, 0.3]  # heads cheap next to a step: what they cost here does not decide
     flat = {1: 10.0, 2: 10.2, 4: 10.4, 8: 10.8, 16: 11.6}
-    steep = {1: 10.0, 2: 13.0, 4: 21.0, 8: 37.0, 16: 70.0}
-    for costs, merging_pays in ((flat, True), (steep, False)):
+    for costs, merging_pays in ((flat, True), (STEEP, False)):
         _, merged = choose.best_lookup_length(hits, costs, overheads, 10, tree)
         _, instead = choose.best_lookup_length(hits, costs, overheads, 10, tree, instead=True)
         assert (merged > instead) == merging_pays

@@ -48,9 +48,7 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); for tests and time budgets
     max_positions: int = 0  # train on the first N training positions only (0 = all): accuracy vs data size
-    precision: str = (
-        "float32"  # the heads' forward and backward: float32, bfloat16 (autocast) or auto (training_precision)
-    )
+    precision: str = "float32"  # the heads' matmuls: float32, bfloat16 (autocast) or auto (training_precision)
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")
