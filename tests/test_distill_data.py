@@ -210,14 +210,14 @@ def test_the_committed_answers_match_the_shipped_prompt_selection(lm, tmp_path):
     answers = tmp_path / "answers.safetensors"
     answers.write_bytes(lzma.decompress(packed.read_bytes()))
     rows, made_by = read_answers(answers, source)
-    assert len(rows) == 19456 and sum(map(len, rows)) == 3_033_637
-    # the shipped heads were trained on the first 17 shards (17,408 answers, 2,717,444 tokens)
-    assert sum(map(len, rows[:17408])) == 2_717_444
-    # shards 0-9 and 11-16 from the GPU path (transformers', then the lean runtime's padded batch),
-    # shards 10 (an AVX2 CPU) and 17-18 (an AVX-512 CPU) from the CPU path
+    # the shipped heads were trained on all 23 shards (23,552 answers; 5% of them held out)
+    assert len(rows) == 23552 and sum(map(len, rows)) == 3_673_231
+    # shards 0-9, 11-16 and 19-22 from the GPU path (transformers', then the lean runtime's padded
+    # batch), shards 10 (an AVX2 CPU) and 17-18 (an AVX-512 CPU) from the CPU path
     assert made_by[10239] == "bfloat16 hf cuda, float32 targets" and made_by[10240] == "int4 lean cpu"
     assert made_by[11264] == made_by[17407] == "bfloat16 lean cuda, float32 targets"
-    assert made_by[17408] == made_by[-1] == "int4 lean cpu"
+    assert made_by[17408] == made_by[19455] == "int4 lean cpu"
+    assert made_by[19456] == made_by[-1] == "bfloat16 lean cuda, float32 targets"
     prompts = [ids for p in chosen[:19600] if len(ids := chat_ids(lm.tokenizer, p.text)) <= MAX_PROMPT_TOKENS]
     for shard in (10, 17):  # a short answer of each CPU machine's shards, regenerated here
         i = min(range(1024 * shard, 1024 * shard + 32), key=lambda i: len(rows[i]))
@@ -227,7 +227,8 @@ def test_the_committed_answers_match_the_shipped_prompt_selection(lm, tmp_path):
 def test_a_bfloat16_run_stores_float32_targets_along_its_own_answers(tiny_lm, tmp_path):
     """The GPU path's settings (hf runtime, bfloat16), run on the CPU: answers generated in bfloat16,
     then targets and hidden states recomputed by a float32 forward (of the bfloat16 weights, the only
-    ones such a run holds) along them."""
+    ones such a run holds) along them. answers.safetensors keeps the bfloat16 answers themselves, so
+    rebuilding from it gives the same shards and writes the same file back."""
     import copy
     import dataclasses
 
@@ -243,14 +244,40 @@ def test_a_bfloat16_run_stores_float32_targets_along_its_own_answers(tiny_lm, tm
     eos = lm.tokenizer.eos_token_id
     answers = [t.tolist() for t, _ in lm.runtime.generate_padded(ids, 12, eos, eos, False)]
     want = teacher_forced(HFRuntime(copy.deepcopy(bf16).float(), "float32"), ids, answers, 4096, lm.device)
+    targets = torch.cat([t for t, _ in want]).to(torch.int32)
     with safe_open(str(tmp_path / "shard-00000.safetensors"), "pt") as f:
         assert f.metadata()["generator"] == "bfloat16 hf cpu, float32 targets"
-        assert torch.equal(f.get_tensor("tokens"), torch.cat([t for t, _ in want]).to(torch.int32))
+        assert torch.equal(f.get_tensor("tokens"), targets)
         assert torch.equal(f.get_tensor("hidden"), torch.cat([h for _, h in want]))
     assert next(bf16.parameters()).dtype == torch.bfloat16  # the float32 copy left the model alone
     from cerberus_decoding.train.distill import read_answers
 
+    recorded, made_by = read_answers(tmp_path / "answers.safetensors", "bf16")
+    assert recorded == answers and made_by == ["bfloat16 hf cpu"] * 4  # the answers, not their targets
     rebuilt = tmp_path / "rebuilt"  # float32 targets recomputed again: the label says it once
-    distill(lm, prompts, rebuilt, 4, 12, source="bf16", answers=read_answers(tmp_path / "answers.safetensors", "bf16"))
+    distill(lm, prompts, rebuilt, 4, 12, source="bf16", answers=(recorded, made_by))
     with safe_open(str(rebuilt / "shard-00000.safetensors"), "pt") as f:
         assert f.metadata()["generator"] == "bfloat16 hf cpu, float32 targets"
+        assert torch.equal(f.get_tensor("tokens"), targets)  # the same path, so the same targets
+    assert read_answers(rebuilt / "answers.safetensors", "bf16") == (recorded, made_by)  # a fixed point
+
+
+def test_rebuilding_from_recorded_answers_writes_them_back(tiny_lm, tmp_path):
+    """The heads learn the float32 targets along recorded answers; answers.safetensors must keep the
+    answers themselves (the path the hidden states were computed along), or the next rebuild from it
+    would teacher-force along the targets: another path. Answers the model would never give make the
+    targets differ from them everywhere."""
+    from safetensors import safe_open
+
+    from cerberus_decoding.train.distill import read_answers
+
+    prompts = [f"Count to {i}." for i in range(3)]
+    g = torch.Generator().manual_seed(0)
+    recorded = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 9, 7)]
+    made_by = ["bfloat16 lean cuda"] * 3
+    distill(tiny_lm, prompts, tmp_path, batch_size=4, max_new_tokens=12, source="s", answers=(recorded, made_by))
+    with safe_open(str(tmp_path / "shard-00000.safetensors"), "pt") as f:
+        targets, path = f.get_tensor("tokens"), f.get_tensor("answers")
+        assert f.metadata()["generator"] == "bfloat16 lean cuda, float32 targets"
+    assert path.tolist() == sum(recorded, []) and not torch.equal(targets, path)
+    assert read_answers(tmp_path / "answers.safetensors", "s") == (recorded, made_by)

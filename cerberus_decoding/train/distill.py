@@ -4,11 +4,13 @@ Output directory:
   settings.json          what was run (model, generator, prompts, batch size, ...)
   prompts.jsonl          source and category of every distilled prompt, in order (per-source reports)
   shard-00000.safetensors, ...   one per batch of prompts, written atomically; metadata ``generator``:
-      tokens  [T] int32   generated tokens of every answer, concatenated
+      tokens  [T] int32   generated tokens of every answer, concatenated (the heads' targets)
       lengths [R] int32   tokens per answer
       hidden  [T, H] bf16 (optional) last hidden state that predicted each token
-  answers.safetensors    when every shard is done: all answers' tokens and lengths, no hidden states
-                         (a few MB: commit it, and ``--answers`` rebuilds the shards without generating)
+      answers [T] int32   (when targets were recomputed) the answers the hidden states were computed
+                          along; metadata ``answers_generator`` says what made them
+  answers.safetensors    when every shard is done: all answers and lengths, no hidden states (a few MB:
+                         commit it, and ``--answers`` rebuilds the shards without generating)
 A killed run loses at most the batch in flight; running the same command again continues.
 ``max_tokens`` / ``deadline`` stop a run early after whole batches; ``answers.safetensors`` then holds
 the answers of the batches done so far, in prompt order.
@@ -21,7 +23,9 @@ left-padded batch over a shared cache, ``runtime.generate_padded``: thousands of
 Hidden states are float32 and so are their targets (the base model's float32 greedy choices): a run in
 another format generates its answers, then ``teacher_forced`` recomputes tokens and hidden states with
 a float32 forward over prompt + answer. The same pass rebuilds shards from a recorded answers file.
-Without hidden states (``keep_hidden=False``) the answers stay the generating format's own.
+``answers.safetensors`` keeps the answers themselves, not the recomputed targets, so rebuilding from it
+is a fixed point (targets recomputed along recomputed targets would follow another path). Without
+hidden states (``keep_hidden=False``) the answers stay the generating format's own.
 Prompts longer than ``MAX_PROMPT_TOKENS`` are skipped (counted in settings).
 """
 
@@ -178,10 +182,12 @@ def write_answers(out: Path, settings: dict, shards: int) -> int:
     for b in range(shards):
         path = out / f"shard-{b:05d}.safetensors"
         try:
-            with safe_open(str(path), "pt") as f:  # reads only these two tensors, not the hidden states
-                for k, v in parts.items():
-                    v.append(f.get_tensor(k))
-                generator = (f.metadata() or {}).get("generator", "unrecorded")
+            with safe_open(str(path), "pt") as f:  # reads only the answers and lengths, not the hidden states
+                recomputed = "answers" in f.keys()  # targets recomputed: keep the answers they were computed along
+                parts["tokens"].append(f.get_tensor("answers" if recomputed else "tokens"))
+                parts["lengths"].append(f.get_tensor("lengths"))
+                meta = f.metadata() or {}
+                generator = meta.get("answers_generator" if recomputed else "generator", "unrecorded")
         except Exception as e:
             raise CerberusError(
                 f"Distilled shard {path} is corrupt ({e}); delete it and run the same distill command again."
@@ -307,17 +313,21 @@ def distill(
             rows = runtime.generate_padded(batch, max_new_tokens, eos, pad, own_hidden)
         else:
             rows = generate_rows(runtime, batch, max_new_tokens, eos, rows_per_step, own_hidden, device)
+        meta = {}
         if targets is not None:
+            path = torch.cat([r[0] for r in rows]).to(torch.int32)  # what the hidden states are computed along
             rows = teacher_forced(targets, batch, [r[0].tolist() for r in rows], tokens_per_forward, device)
-            # recomputing float32 targets of answers whose targets were float32 already changes nothing
-            made_by = made_by.removesuffix(FLOAT32_TARGETS) + FLOAT32_TARGETS
+            meta["answers_generator"] = made_by
+            made_by = made_by.removesuffix(FLOAT32_TARGETS) + FLOAT32_TARGETS  # said once, however often recomputed
         tensors = {
             "tokens": torch.cat([r[0] for r in rows]).to(torch.int32),
             "lengths": torch.tensor([len(r[0]) for r in rows], dtype=torch.int32),
         }
+        if targets is not None:
+            tensors["answers"] = path
         if keep_hidden:
             tensors["hidden"] = torch.cat([r[1] for r in rows]).contiguous()
-        meta = {"generator": made_by}
+        meta["generator"] = made_by
         _atomic_write(shard[b], lambda p, t=tensors, m=meta: save_file(t, p, metadata=m))
         total_tokens += int(tensors["lengths"].sum())
         bar.set_postfix(tok_s=f"{total_tokens / (time.perf_counter() - t0):.0f}")
