@@ -122,9 +122,9 @@ def assert_lossless(lm: LoadedModel, prompt_ids: list[int], reference: list[int]
     assert not exact, f"{lm.weights}: speculative output differs from AR (no tie allowance)"
     i = next((k for k, (a, b) in enumerate(zip(reference, got, strict=False)) if a != b), min(len(reference), len(got)))
     assert i < min(len(reference), len(got)), f"lengths differ without a token difference at {i}"
-    ids = torch.tensor(prompt_ids + reference[:i], device=lm.device)
-    hidden = lm.runtime.forward(lm.runtime.new_cache(ids.numel(), lm.device), ids, torch.arange(ids.numel()))
-    top, second = lm.runtime.lm_head(hidden[-1:])[0].float().topk(2).values.tolist()
+    from cerberus_decoding.bench.run import top2_logits
+
+    top, second = top2_logits(lm, prompt_ids, reference[:i])
     gap, bound = top - second, tie_bound(lm, top)
     assert gap <= bound, (
         f"outputs differ at token {i} where the top-2 logit gap is {gap:.4g} (top logit {top:.4g}; not a tie)"

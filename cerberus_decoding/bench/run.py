@@ -317,16 +317,22 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 @torch.inference_mode()
+def top2_logits(lm: LoadedModel, prompt_ids: list[int], prefix: list[int]) -> tuple[float, float]:
+    """The base model's two largest logits for the token after prompt + prefix (one forward)."""
+    ids = torch.tensor(prompt_ids + prefix, device=lm.device)
+    hidden = lm.runtime.forward(lm.runtime.new_cache(ids.numel(), lm.device), ids, torch.arange(ids.numel()))
+    top, second = lm.runtime.lm_head(hidden[-1:])[0].float().topk(2).values.tolist()
+    return top, second
+
+
 def logit_gap(lm: LoadedModel, prompt_ids: list[int], prefix: list[int]) -> float:
-    """Top-1 minus top-2 logit of the base model for the token after prompt + prefix (one forward).
+    """Top-1 minus top-2 logit of the base model for the token after prompt + prefix.
 
     A tiny gap means a near-tie, where rounding (bfloat16, a different kernel or batch shape) can
     legitimately flip the greedy choice.
     """
-    ids = torch.tensor(prompt_ids + prefix, device=lm.device)
-    hidden = lm.runtime.forward(lm.runtime.new_cache(ids.numel(), lm.device), ids, torch.arange(ids.numel()))
-    top = lm.runtime.lm_head(hidden[-1:])[0].float().topk(2).values
-    return float(top[0] - top[1])
+    top, second = top2_logits(lm, prompt_ids, prefix)
+    return top - second
 
 
 def other_numerics(lm: LoadedModel, method: str) -> bool:

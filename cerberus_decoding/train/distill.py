@@ -313,21 +313,19 @@ def distill(
             rows = runtime.generate_padded(batch, max_new_tokens, eos, pad, own_hidden)
         else:
             rows = generate_rows(runtime, batch, max_new_tokens, eos, rows_per_step, own_hidden, device)
-        meta = {}
-        if targets is not None:
-            path = torch.cat([r[0] for r in rows]).to(torch.int32)  # what the hidden states are computed along
+        meta, answered = {"generator": made_by}, {}
+        if targets is not None:  # keep the answers the hidden states are computed along, beside their targets
+            answered["answers"] = torch.cat([r[0] for r in rows]).to(torch.int32)
             rows = teacher_forced(targets, batch, [r[0].tolist() for r in rows], tokens_per_forward, device)
-            meta["answers_generator"] = made_by
-            made_by = made_by.removesuffix(FLOAT32_TARGETS) + FLOAT32_TARGETS  # said once, however often recomputed
+            # "float32 targets" said once, however often they were recomputed
+            meta = {"generator": made_by.removesuffix(FLOAT32_TARGETS) + FLOAT32_TARGETS, "answers_generator": made_by}
         tensors = {
             "tokens": torch.cat([r[0] for r in rows]).to(torch.int32),
             "lengths": torch.tensor([len(r[0]) for r in rows], dtype=torch.int32),
+            **answered,
         }
-        if targets is not None:
-            tensors["answers"] = path
         if keep_hidden:
             tensors["hidden"] = torch.cat([r[1] for r in rows]).contiguous()
-        meta["generator"] = made_by
         _atomic_write(shard[b], lambda p, t=tensors, m=meta: save_file(t, p, metadata=m))
         total_tokens += int(tensors["lengths"].sum())
         bar.set_postfix(tok_s=f"{total_tokens / (time.perf_counter() - t0):.0f}")
