@@ -18,6 +18,7 @@ from pathlib import Path
 from cerberus_decoding.calibration.measure import COST_QS, measure_costs
 from cerberus_decoding.models import load_model
 from cerberus_decoding.runtime import hardware
+from cerberus_decoding.runtime.lean import TREE_ATTENTION
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,6 +29,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--qs", default=",".join(map(str, COST_QS)), help="comma list of token counts")
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds over all q (median kept)")
     ap.add_argument("--context", type=int, default=300, help="cached tokens before the verified ones")
+    ap.add_argument(
+        "--tree-attention",
+        default=None,
+        help="comma list of the lean runtime's tree attention paths (rows, masked; default: the device's)",
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "verify_cost.png")
     return ap.parse_args(argv)
 
@@ -63,18 +69,25 @@ def main(argv=None) -> None:
     if 1 not in qs:
         qs = (1, *qs)  # the ratio needs the AR step
     curves, device = {}, None
+    paths = args.tree_attention.split(",") if args.tree_attention else [None]
+    if unknown := set(paths) - {None, *TREE_ATTENTION}:
+        sys.exit(f"Unknown tree attention {', '.join(sorted(unknown))}; use {', '.join(TREE_ATTENTION)}.")
     for dtype in args.weights.split(","):
         dtype = dtype.strip()
         hf = dtype == "hf"
         lm = load_model(args.model, "float32" if hf else dtype, args.device, "hf" if hf else "lean")
         device = lm.device.type
-        print(f"measuring {lm.name} {dtype} on {device} ...", file=sys.stderr, flush=True)
-        costs = measure_costs(lm, qs, args.context, args.repeats, progress=True)
-        curves[dtype] = costs
-        print(f"\n{dtype} on {device}, {args.context}-token cache")
-        print(f"{'q':>4} {'ms':>9} {'x q=1':>7}")
-        for q in qs:
-            print(f"{q:>4} {costs[q]:9.2f} {costs[q] / costs[1]:7.2f}")
+        for path in [None] if hf else paths:
+            name = dtype if path is None else f"{dtype} {path}"
+            if path is not None:
+                lm.runtime.tree_attention = path
+            print(f"measuring {lm.name} {name} on {device} ...", file=sys.stderr, flush=True)
+            costs = measure_costs(lm, qs, args.context, args.repeats, progress=True)
+            curves[name] = costs
+            print(f"\n{name} on {device}, {args.context}-token cache")
+            print(f"{'q':>4} {'ms':>9} {'x q=1':>7}")
+            for q in qs:
+                print(f"{q:>4} {costs[q]:9.2f} {costs[q] / costs[1]:7.2f}")
         del lm
     title = f"{args.model} on {device} ({hardware(device)}), {args.context}-token cache, median of {args.repeats}"
     plot(curves, title, args.out)

@@ -22,10 +22,12 @@ rule is the proven near-tie (cuBLAS is not row-invariant either); CPUs keep the 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..models import CerberusError
 from ..sampling import greedy
@@ -34,6 +36,10 @@ from .formats import Linear, activation_dtype, dense, int4_from_blocks
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 TREE_ATTENTION = ("rows", "masked")  # exact, one call per row (CPU default) / one masked call per layer (CUDA)
+# Attention kernels allowed on CUDA. Not cuDNN's, which torch picks first on an H100: it builds and
+# caches a graph per shape, and a decoding step's keys grow by one every step, so each step would
+# pay a build (docs/runtime.md, CUDA).
+CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class KVCache:
@@ -152,14 +158,17 @@ class LeanLlama(torch.nn.Module):
         slots = torch.arange(q) if rows is None else rows.slots
         slots = (slots + start).to(ids.device)
         cache.slot_of = None if rows is None else rows.slots.to(ids.device)
+        block = rows is None and q > 1
+        causal_prompt = start == 0 and tree_mask is None
+        mask = self._block_mask(start, q, tree_mask, ids.device) if block and not causal_prompt else None
 
         def attend(i: int, xq, xk, xv) -> torch.Tensor:
             k, v = cache.layers[i]
             xk, xv = xk.transpose(0, 1), xv.transpose(0, 1)  # [Hkv, q, D]
             k.index_copy_(1, slots, xk)  # this forward's entries into their slots
             v.index_copy_(1, slots, xv)
-            if rows is None and q > 1:  # a prompt, or a tree under one mask
-                return self._attend_block(k, v, xq, start, tree_mask)
+            if block:  # a prompt, or a tree under one mask
+                return self._attend_block(k, v, xq, start, mask)
             attn = self._attend_rows(k, v, xq, xk, xv, rows, start)
             if rows is not None and rows.off_chain:  # they borrowed the chain's slots: put it back
                 k.index_copy_(1, slots, xk)
@@ -281,13 +290,14 @@ class LeanLlama(torch.nn.Module):
         cos, sin = self.cos[positions, None], self.sin[positions, None]  # [q, 1, D]
         x = self.embed[ids]  # [q, H]
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        for i, layer in enumerate(self.layers):
-            qkv = layer["wqkv"](_rms_norm(x, layer["attn_norm"], self.eps))  # [q, (Hq + 2 Hkv) D]
-            qk = _rope(qkv[:, : (Hq + Hkv) * D].view(q, Hq + Hkv, D), cos, sin)  # [q, Hq + Hkv, D]
-            xv = qkv[:, (Hq + Hkv) * D :].view(q, Hkv, D)
-            x = x + layer["wo"](attend(i, qk[:, :Hq], qk[:, Hq:], xv))
-            gate, up = layer["w13"](_rms_norm(x, layer["mlp_norm"], self.eps)).chunk(2, dim=-1)
-            x = x + layer["w2"](F.silu(gate) * up)
+        with sdpa_kernel(CUDA_SDPA_BACKENDS) if x.is_cuda else contextlib.nullcontext():
+            for i, layer in enumerate(self.layers):
+                qkv = layer["wqkv"](_rms_norm(x, layer["attn_norm"], self.eps))  # [q, (Hq + 2 Hkv) D]
+                qk = _rope(qkv[:, : (Hq + Hkv) * D].view(q, Hq + Hkv, D), cos, sin)  # [q, Hq + Hkv, D]
+                xv = qkv[:, (Hq + Hkv) * D :].view(q, Hkv, D)
+                x = x + layer["wo"](attend(i, qk[:, :Hq], qk[:, Hq:], xv))
+                gate, up = layer["w13"](_rms_norm(x, layer["mlp_norm"], self.eps)).chunk(2, dim=-1)
+                x = x + layer["w2"](F.silu(gate) * up)
         return _rms_norm(x, self.norm, self.eps)
 
     def _attend_rows(self, k, v, xq, xk, xv, rows, start: int) -> torch.Tensor:
@@ -310,21 +320,28 @@ class LeanLlama(torch.nn.Module):
                 out[r] = F.scaled_dot_product_attention(group[r, None], k[None, :, :end], v[None, :, :end])
         return torch.cat(out).reshape(q, -1) if q > 1 else out[0].reshape(1, -1)
 
-    def _attend_block(self, k, v, xq, start: int, tree_mask=None) -> torch.Tensor:
-        """The q rows in one call: a prompt (each token sees the cache and the tokens before it) or,
-        with ``tree_mask`` [q, q], a tree (each node sees the cache, its ancestors and itself).
-        xq [q, Hq, D] -> [q, Hq D]"""
-        q, rep = xq.shape[0], self.num_heads // self.num_kv_heads
-        keys = k[:, : start + q].repeat_interleave(rep, 0)[None]  # [1, Hq, T, D]
-        values = v[:, : start + q].repeat_interleave(rep, 0)[None]
-        query = xq.transpose(0, 1)[None]  # [1, Hq, q, D]
-        if start == 0 and tree_mask is None:
-            out = F.scaled_dot_product_attention(query, keys, values, is_causal=True)
-        else:
-            mask = torch.ones(q, start + q, dtype=torch.bool, device=xq.device)  # [q, T]
-            mask[:, start:] = mask[:, start:].tril() if tree_mask is None else tree_mask
-            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
-        return out[0].transpose(0, 1).reshape(q, -1)
+    def _block_mask(self, start: int, q: int, tree_mask, device) -> torch.Tensor:
+        """[rep q, start + q] bool, built once per forward for every layer's ``_attend_block``: the
+        keys each of its grouped query rows reads (the cache, then the block's causal run or tree)."""
+        mask = torch.ones(q, start + q, dtype=torch.bool, device=device)  # [q, T]
+        mask[:, start:] = torch.ones(q, q, dtype=torch.bool, device=device).tril() if tree_mask is None else tree_mask
+        return mask.repeat(self.num_heads // self.num_kv_heads, 1)
+
+    def _attend_block(self, k, v, xq, start: int, mask=None) -> torch.Tensor:
+        """The q rows in one call: a prompt from position 0 (``mask`` None: causal), or under
+        ``_block_mask`` a tree or a prompt after the cache. xq [q, Hq, D] -> [q, Hq D]"""
+        q, Hkv, D = xq.shape[0], self.num_kv_heads, self.head_dim
+        rep = self.num_heads // Hkv
+        if mask is None:
+            keys = k[:, :q].repeat_interleave(rep, 0)[None]  # [1, Hq, q, D]
+            values = v[:, :q].repeat_interleave(rep, 0)[None]
+            out = F.scaled_dot_product_attention(xq.transpose(0, 1)[None], keys, values, is_causal=True)
+            return out[0].transpose(0, 1).reshape(q, -1)
+        # the rep query heads that share a kv head stacked as rows: the cache is read as it lies, no copy
+        query = xq.view(q, Hkv, rep, D).permute(1, 2, 0, 3).reshape(1, Hkv, rep * q, D)  # [1, Hkv, rep q, D]
+        keys, values = k[None, :, : start + q], v[None, :, : start + q]  # [1, Hkv, T, D]
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)  # [1, Hkv, rep q, D]
+        return out.view(Hkv, rep, q, D).permute(2, 0, 1, 3).reshape(q, -1)
 
 
 class _TreeRows:
