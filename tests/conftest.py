@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import pytest
 import torch
 
+from cerberus_decoding.bench.run import bitwise_exact, tie_bound, top2_logits
 from cerberus_decoding.models import LoadedModel, load_model
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -32,13 +32,6 @@ PROMPTS = [
     "Describe the plot of a heist movie in three sentences.",
     "Fix the bug: def is_even(n): return n % 2 == 1",
 ]
-
-TIE_BOUND = 1e-3  # float32: a first divergence is only acceptable where the top-2 logits are this close
-EXACT_FORMATS = ("bfloat16", "int8", "int4")  # row-invariant CPU kernels: speculative output is bitwise AR's
-# CUDA bfloat16: cuBLAS may choose another kernel for q rows than for one, and the tree's attention
-# is one masked call (runtime/lean.py), so the proven-tie rule applies there, with a bound of this
-# many bfloat16 steps at the top logit's size: the resolution of the logits themselves
-CUDA_BF16_TIE_STEPS = 2
 
 
 @pytest.fixture(scope="session")
@@ -105,25 +98,14 @@ def tiny_lean(tiny_lm) -> LoadedModel:
     return dataclasses.replace(tiny_lm, runtime=build_runtime(tiny_lm.model, "float32", "lean"))
 
 
-def tie_bound(lm: LoadedModel, top: float) -> float:
-    """The largest top-2 logit gap at which a divergence from AR is a proven near-tie."""
-    if lm.device.type == "cuda" and lm.weights == "bfloat16":
-        step = 2.0 ** (math.floor(math.log2(abs(top))) - 7)  # bfloat16: 8 significant bits
-        return CUDA_BF16_TIE_STEPS * step
-    return TIE_BOUND
-
-
 def assert_lossless(lm: LoadedModel, prompt_ids: list[int], reference: list[int], got: list[int]) -> None:
     """``got`` must equal the greedy AR ``reference`` of the same format: bitwise for the row-invariant
     formats on a CPU; in float32 (and bfloat16 on CUDA) a divergence passes only at a proven near-tie."""
     if got == reference:
         return
-    exact = lm.weights in EXACT_FORMATS and lm.device.type == "cpu"
-    assert not exact, f"{lm.weights}: speculative output differs from AR (no tie allowance)"
+    assert not bitwise_exact(lm), f"{lm.weights}: speculative output differs from AR (no tie allowance)"
     i = next((k for k, (a, b) in enumerate(zip(reference, got, strict=False)) if a != b), min(len(reference), len(got)))
     assert i < min(len(reference), len(got)), f"lengths differ without a token difference at {i}"
-    from cerberus_decoding.bench.run import top2_logits
-
     top, second = top2_logits(lm, prompt_ids, reference[:i])
     gap, bound = top - second, tie_bound(lm, top)
     assert gap <= bound, (

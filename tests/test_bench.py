@@ -14,20 +14,25 @@ from cerberus_decoding.bench import (
     parse_questions,
     select_questions,
 )
+from cerberus_decoding.bench.report import _mismatch_cell
 from cerberus_decoding.bench.run import (
+    FLOAT32_TIE_GAP,
     BenchRun,
     Measurement,
     Turn,
+    bitwise_exact,
     first_difference,
     logit_gap,
     mismatch_details,
     parse_methods,
     run_bench,
     summarize,
+    tie_bound,
+    top2_logits,
 )
 from cerberus_decoding.models import CerberusError
 
-METRICS = {"tokens_per_second", "speedup", "mean_accepted", "speculative_share", "mismatches", "ttft_ms"}
+METRICS = {"tokens_per_second", "speedup", "mean_accepted", "speculative_share", "mismatches", "ties", "ttft_ms"}
 
 
 def _write(tmp_path, lines):
@@ -152,6 +157,8 @@ def test_metrics_and_mismatch_details(tiny_lm):
     assert (d["question_id"], d["turn"], d["position"], d["ar_token"], d["token"]) == (2, 2, 1, 4, 9)
     assert d["logit_gap"] == pytest.approx(logit_gap(tiny_lm, [1, 2, 3], [3]), abs=1e-5)
     assert d["logit_gap"] >= 0
+    # float32: a divergence is excused only where ar's own top-2 logits are within 1e-3
+    assert d["tie"] == (d["logit_gap"] <= FLOAT32_TIE_GAP) and not d["tie"]
     summary = summarize(run, details)
     ar, fast = summary["ar"], summary["fast"]
     assert ar["speedup"] == 1.0 and ar["mismatches"] == 0 and ar["speculative_share"] == 0.0
@@ -161,11 +168,32 @@ def test_metrics_and_mismatch_details(tiny_lm):
     assert fast["mean_accepted"] == pytest.approx(5 / 3, abs=1e-4) and fast["speculative_share"] == pytest.approx(
         1 / 3, abs=1e-4
     )
-    assert fast["mismatches"] == 1
+    assert fast["mismatches"] == 1 and fast["ties"] == 0
+    # the same divergence, now at a proven near-tie: counted as a tie and shown as one
+    tied = {"fast": [dict(d, tie=True)]}
+    assert summarize(run, tied)["fast"]["ties"] == 1
+    assert _mismatch_cell(summarize(run, tied)["fast"]) == "1 (at a tie)"
+    assert _mismatch_cell(fast) == "1"
     assert fast["categories"]["a"]["speedup"] == pytest.approx(4.0)
     assert fast["categories"]["a"]["mismatches"] == 0
     assert fast["categories"]["b"]["mismatches"] == 1 and set(fast["categories"]["b"]) == METRICS
     assert first_difference([1, 2], [1, 2]) is None and first_difference([1, 2], [1, 2, 3]) == 2
+
+
+def test_tie_rule_follows_the_format(tiny_lm):
+    """Where a divergence from ar may pass as a proven near-tie: never in a format a CPU verifies
+    bitwise; within 1e-3 in float32; within two bfloat16 steps at the top logit's size in bfloat16
+    (on CUDA, where its kernels are not row-invariant)."""
+    assert not bitwise_exact(tiny_lm) and tie_bound(tiny_lm, 25.0) == FLOAT32_TIE_GAP
+    bf16 = tiny_lm.with_weights("bfloat16")
+    assert bitwise_exact(bf16)  # on a CPU: any divergence is a bug, whatever the gap
+    assert tie_bound(bf16, 20.0) == 0.25 and tie_bound(bf16, 12.0) == 0.125 and tie_bound(bf16, -40.0) == 0.5
+    q = Question(1, "a", ("x",))
+    run = BenchRun(["ar", "fast"], [q])
+    run.measurements[1, "ar"] = _measure(q, "ar", [[5, 6]], 1.0, [1], [0])
+    run.measurements[1, "fast"] = _measure(q, "fast", [[5, 7]], 1.0, [1], [1])
+    (d,) = mismatch_details(bf16, run)["fast"]
+    assert d["tie"] is False and d["top_logit"] == pytest.approx(top2_logits(bf16, [1, 2, 3], [5])[0], abs=1e-3)
 
 
 class _Ref:

@@ -3,7 +3,7 @@
 int4, int8 and bfloat16 run kernels that compute every row of a verification forward exactly as
 the one-token step (runtime/lean.py), so there the output must be bitwise AR's: no tie allowance.
 float32 matmuls are not row-invariant (~3e-7), so there a difference passes only at a proven
-near-tie (top-2 logit gap below conftest.TIE_BOUND at the first differing token).
+near-tie (top-2 logit gap within bench.run.tie_bound at the first differing token).
 
 Untrained heads (random blocks: they rarely guess right, so this exercises rejection) and the
 shipped trained heads (long accepted paths, cache compaction every step).

@@ -30,6 +30,10 @@ def _mismatch_cell(entry: dict) -> str:
     """Mismatches against ar; for a method in another weight format, its agreement with ar instead."""
     agree = entry.get("agreement")
     if agree is None or agree.get("identical_share") is None:
+        ties = entry.get("ties")
+        if ties:  # divergences at proven near-ties (bench/run.py, tie_bound)
+            n = entry["mismatches"]
+            return f"{n} ({'at a tie' if n == 1 else 'all at ties'})" if ties == n else f"{n} ({ties} at ties)"
         return _fmt(entry["mismatches"], "d")  # None when sampling: outputs differ by design
     return f"other format: {agree['identical_share']:.0%} identical, {agree['tokens_before_divergence']:.0f} tok agree"
 
@@ -208,7 +212,9 @@ def write_markdown(results: dict, out: Path) -> Path:
     else:
         parts.append(
             "Logit gap = top-1 minus top-2 logit of the base model at the first differing position, "
-            "given ar's prefix. A gap near 0 is a near-tie that rounding may flip."
+            "given ar's prefix. A gap near 0 is a near-tie that rounding may flip; 'tie' says whether it "
+            "is within the format's proven near-tie bound (docs/bench.md; never in a format that "
+            "verifies bitwise)."
         )
         parts.append("")
         rows = [
@@ -221,12 +227,12 @@ def write_markdown(results: dict, out: Path) -> Path:
                 _md_cell(d["ar_piece"]),
                 _md_cell(d["piece"]),
                 _fmt(d["logit_gap"], ".4f"),
+                {True: "yes", False: "**no**"}.get(d.get("tie"), "-"),
             ]
             for m, d in mismatches
         ]
-        parts.append(
-            _md_table(["method", "question", "category", "turn", "position", "ar token", "token", "logit gap"], rows)
-        )
+        header = ["method", "question", "category", "turn", "position", "ar token", "token", "logit gap", "tie"]
+        parts.append(_md_table(header, rows))
     parts += ["", "Metrics are explained in docs/bench.md.", ""]
     path = out / "report.md"
     out.mkdir(parents=True, exist_ok=True)

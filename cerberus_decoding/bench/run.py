@@ -6,6 +6,7 @@ the inner one, so slow drift of the machine (heat, other load) spreads over all 
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -325,6 +326,29 @@ def top2_logits(lm: LoadedModel, prompt_ids: list[int], prefix: list[int]) -> tu
     return top, second
 
 
+# The lossless rule. Row-invariant formats on a CPU verify bitwise as the one-token step computes
+# (runtime/lean.py), so any divergence from ar there is a bug. Elsewhere (float32; bfloat16 on
+# CUDA, whose kernels differ between q rows and one) a divergence is a proven near-tie when ar's own
+# top-2 logit gap at that token is at most ``tie_bound``.
+EXACT_FORMATS = ("bfloat16", "int8", "int4")
+FLOAT32_TIE_GAP = 1e-3  # float32 rounding between kernels moves a logit by ~1e-6
+BF16_TIE_STEPS = 2  # CUDA bfloat16: this many representable steps at the top logit's size
+
+
+def bitwise_exact(lm: LoadedModel) -> bool:
+    """True where speculative greedy output must equal ar's bit for bit, with no tie allowance."""
+    return lm.weights in EXACT_FORMATS and lm.device.type == "cpu"
+
+
+def tie_bound(lm: LoadedModel, top: float) -> float:
+    """The largest top-2 logit gap at which a divergence from ar is a proven near-tie (not for
+    ``bitwise_exact`` formats). For bfloat16 logits that is their own resolution at ``top``."""
+    if lm.weights == "bfloat16":
+        step = 2.0 ** (math.floor(math.log2(abs(top))) - 7)  # bfloat16: 8 significant bits
+        return BF16_TIE_STEPS * step
+    return FLOAT32_TIE_GAP
+
+
 def logit_gap(lm: LoadedModel, prompt_ids: list[int], prefix: list[int]) -> float:
     """Top-1 minus top-2 logit of the base model for the token after prompt + prefix.
 
@@ -382,11 +406,18 @@ def mismatch_details(lm: LoadedModel, bench: BenchRun) -> dict[str, list[dict]]:
                         "token": m_tok,
                         "ar_piece": None if ar_tok is None else tok.decode([ar_tok]),
                         "piece": None if m_tok is None else tok.decode([m_tok]),
-                        "logit_gap": round(logit_gap(lm, a.prompt_ids, a.token_ids[:pos]), 6),
+                        **_tie(lm, a.prompt_ids, a.token_ids[:pos]),
                     }
                 )
                 break  # one per question: later turns' prompts already differ
     return details
+
+
+def _tie(lm: LoadedModel, prompt_ids: list[int], prefix: list[int]) -> dict:
+    """At a divergence: ar's logit gap there and whether it is a proven near-tie."""
+    top, second = top2_logits(lm, prompt_ids, prefix)
+    tie = not bitwise_exact(lm) and top - second <= tie_bound(lm, top)
+    return {"logit_gap": round(top - second, 6), "top_logit": round(top, 4), "tie": tie}
 
 
 # ---- metrics ------------------------------------------------------------------------------------
@@ -397,7 +428,8 @@ def _total(values: list[int | None]) -> int | None:
     return None if any(v is None for v in values) else sum(values)
 
 
-def _fields(rows: list[Measurement], ref_rows: list[Measurement], mismatched: set) -> dict:
+def _fields(rows: list[Measurement], ref_rows: list[Measurement], mismatched: dict[int, bool]) -> dict:
+    """The metrics over ``rows``; ``mismatched``: question id -> whether its divergence is a proven tie."""
     tokens = sum(r.tokens for r in rows)
     step_tokens = sum(max(len(t.token_ids) - 1, 0) for r in rows for t in r.turns)  # the first comes from the prompt
     seconds = sum(r.seconds for r in rows)
@@ -414,6 +446,7 @@ def _fields(rows: list[Measurement], ref_rows: list[Measurement], mismatched: se
         "mean_accepted": round(step_tokens / steps, 4) if steps else None,
         "speculative_share": round(spec / steps, 4) if steps and spec is not None else None,
         "mismatches": sum(r.question.question_id in mismatched for r in rows),
+        "ties": sum(mismatched.get(r.question.question_id, False) for r in rows),
         "ttft_ms": None if None in firsts or not firsts else round(1000 * statistics.median(firsts), 2),
     }
 
@@ -429,7 +462,7 @@ def summarize(bench: BenchRun, details: dict[str, list[dict]], sampled: bool = F
     categories = list(dict.fromkeys(q.category for q in questions))
     out = {}
     for method in bench.methods:
-        mismatched = {d["question_id"] for d in details.get(method, [])}
+        mismatched = {d["question_id"]: d["tie"] for d in details.get(method, [])}
 
         def rows(qs, m=method):
             return [bench.measurements[q.question_id, m] for q in qs]
@@ -440,11 +473,10 @@ def summarize(bench: BenchRun, details: dict[str, list[dict]], sampled: bool = F
             qs = [q for q in questions if q.category == cat]
             entry["categories"][cat] = _fields(rows(qs), rows(qs, REFERENCE), mismatched)
         if sampled:
-            entry["mismatches"] = None
-            for cat in entry["categories"].values():
-                cat["mismatches"] = None
+            for e in (entry, *entry["categories"].values()):
+                e["mismatches"] = e["ties"] = None
         elif method != REFERENCE and method not in details:  # another weight format: agreement instead
-            entry["mismatches"] = None
+            entry["mismatches"] = entry["ties"] = None
             entry["agreement"] = agreement(bench, method)
         out[method] = entry
     return out
