@@ -34,6 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="comma list of the lean runtime's tree attention paths (rows, masked; default: the device's)",
     )
+    ap.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="also measure each lean format replayed from CUDA graphs (CERBERUS_CUDA_GRAPHS=1; experimental)",
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "verify_cost.png")
     return ap.parse_args(argv)
 
@@ -77,10 +82,12 @@ def main(argv=None) -> None:
         hf = dtype == "hf"
         lm = load_model(args.model, "float32" if hf else dtype, args.device, "hf" if hf else "lean")
         device = lm.device.type
-        for path in [None] if hf else paths:
-            name = dtype if path is None else f"{dtype} {path}"
-            if path is not None:
-                lm.runtime.tree_attention = path
+        variants = [(p, False) for p in paths] + ([(paths[-1], True)] if args.cuda_graphs else [])
+        for path, graphs in [(None, False)] if hf else variants:
+            name = " ".join(filter(None, [dtype, path, "graphs" if graphs else None]))
+            if not hf:
+                lm.runtime.tree_attention = path or lm.runtime.tree_attention
+                lm.runtime.cuda_graphs = graphs
             print(f"measuring {lm.name} {name} on {device} ...", file=sys.stderr, flush=True)
             costs = measure_costs(lm, qs, args.context, args.repeats, progress=True)
             curves[name] = costs

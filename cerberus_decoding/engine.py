@@ -27,6 +27,8 @@ from .stops import TextTracker
 from .tree import Tree
 from .verify import verify
 
+CACHE_ROUND = 256  # KV cache capacity is allocated in multiples of this many tokens
+
 
 @dataclass
 class SamplingConfig:
@@ -164,12 +166,13 @@ class Decoder:
         """Feed the prompt (reusing the cached prefix if allowed) -> hidden state at its last token."""
         device = self.lm.device
         keep = 0
-        if reuse and self.cache is not None and self.cache.capacity >= capacity:
-            while keep < min(len(self.cached_ids), len(prompt_ids) - 1) and self.cached_ids[keep] == prompt_ids[keep]:
+        if self.cache is not None and self.cache.capacity >= capacity:  # this decoder's own cache, reused
+            shared = min(len(self.cached_ids), len(prompt_ids) - 1) if reuse else 0
+            while keep < shared and self.cached_ids[keep] == prompt_ids[keep]:
                 keep += 1
             self.cache.truncate(keep)
-        else:
-            self.cache = self.runtime.new_cache(capacity, device)
+        else:  # room rounded up, so that the next prompts fit too (and keep a CUDA graph's buffers)
+            self.cache = self.runtime.new_cache(-(-capacity // CACHE_ROUND) * CACHE_ROUND, device)
         new = torch.tensor(prompt_ids[keep:], device=device)
         hidden = self.runtime.forward(self.cache, new, torch.arange(keep, len(prompt_ids), device=device))
         self.cached_ids = list(prompt_ids)
@@ -203,7 +206,9 @@ class Decoder:
         reuse_cache: bool = False,
     ) -> Result:
         """Generate after ``prompt_ids``. ``on_text`` gets each new piece of text; returning False
-        stops generation. ``reuse_cache`` keeps the K/V of a shared prefix from the last call (chat)."""
+        stops generation. ``reuse_cache`` keeps the K/V of a shared prefix from the last call (chat):
+        those were computed step by step, a fresh prefill computes them in one block, so the output
+        equals a fresh call's up to near-ties of the logits (tests/test_engine.py)."""
         cfg = config or SamplingConfig()
         cfg.validate()
         self.check_fits(len(prompt_ids))

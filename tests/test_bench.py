@@ -182,12 +182,13 @@ def test_metrics_and_mismatch_details(tiny_lm):
 
 def test_tie_rule_follows_the_format(tiny_lm):
     """Where a divergence from ar may pass as a proven near-tie: never in a format a CPU verifies
-    bitwise; within 1e-3 in float32; within two bfloat16 steps at the top logit's size in bfloat16
-    (on CUDA, where its kernels are not row-invariant)."""
+    bitwise; within 1e-3 in float32; within two bfloat16 steps at the top logit's size where the
+    logits are bfloat16 (on CUDA, whose kernels are not row-invariant)."""
     assert not bitwise_exact(tiny_lm) and tie_bound(tiny_lm, 25.0) == FLOAT32_TIE_GAP
     bf16 = tiny_lm.with_weights("bfloat16")
     assert bitwise_exact(bf16)  # on a CPU: any divergence is a bug, whatever the gap
     assert tie_bound(bf16, 20.0) == 0.25 and tie_bound(bf16, 12.0) == 0.125 and tie_bound(bf16, -40.0) == 0.5
+    assert tie_bound(tiny_lm.with_weights("int8"), 20.0) == 0.25  # bfloat16 activations, so bfloat16 logits
     q = Question(1, "a", ("x",))
     run = BenchRun(["ar", "fast"], [q])
     run.measurements[1, "ar"] = _measure(q, "ar", [[5, 6]], 1.0, [1], [0])

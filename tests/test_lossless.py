@@ -111,3 +111,21 @@ def test_cuda_speculative_greedy_equals_ar():
         decoder = build_decoder(gpu, method, heads="default", tree=TREE, lookup=CHAINS)
         for ids, reference in references.values():
             assert_lossless(gpu, ids, reference, decoder.generate(ids, CONFIG).token_ids)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replay_is_lossless():
+    """The experimental CUDA-graph path (runtime.cuda_graphs): AR and speculative steps replayed
+    from graphs decode what eager AR decodes (proven bfloat16 near-tie rule), on 3 prompts."""
+    gpu = load_model("default", "bfloat16", "cuda")
+    references = references_for(gpu, PROMPTS[:3], 64)
+    gpu.runtime.cuda_graphs = True
+    try:
+        for method in ("ar", "cerberus-nogate"):
+            decoder = build_decoder(gpu, method, heads="default", tree=TREE)
+            for ids, reference in references.values():
+                result = decoder.generate(ids, SamplingConfig(max_new_tokens=64))
+                assert_lossless(gpu, ids, reference, result.token_ids)
+                assert decoder.cache.graphs, "the steps were not replayed from graphs"
+    finally:
+        gpu.runtime.cuda_graphs = False

@@ -84,6 +84,29 @@ def test_masked_tree_attention_matches_one_token_steps(tiny_lm):
         LeanLlama(tiny_lm.model, "float32", tree_attention="fast")
 
 
+def test_static_forward_matches_the_step_and_the_tree(tiny_lm):
+    """The fixed-shape forward a CUDA graph replays (every row attends to the whole cache under a
+    mask) computes the one-token step and a tree verification as the regular forward does, and
+    writes the same K/V (float32, within rounding)."""
+    rt = LeanLlama(tiny_lm.model, "float32", tree_attention="masked")
+    g = torch.Generator().manual_seed(4)
+    prefix, tokens = torch.randint(5000, (21,), generator=g), torch.randint(5000, (TREE.size,), generator=g)
+    with torch.inference_mode():
+        caches = [rt.new_cache(40, "cpu") for _ in range(2)]
+        for c in caches:
+            rt.forward(c, prefix, torch.arange(21))
+        start = torch.tensor(21)
+        step = rt.forward(caches[0], tokens[:1], torch.tensor([21]))
+        fixed = rt.static_forward(caches[1], tokens[:1], torch.tensor([21]), start, torch.ones(1, 1, dtype=torch.bool))
+        torch.testing.assert_close(fixed, step, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(caches[1].k, caches[0].k, atol=1e-5, rtol=1e-4)
+        caches[0].truncate(21)
+        tree = rt.forward(caches[0], tokens, 21 + TREE.depth, TREE.mask)
+        fixed = rt.static_forward(caches[1], tokens, 21 + TREE.depth, start, TREE.mask)
+        torch.testing.assert_close(fixed, tree, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(caches[1].v, caches[0].v, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_masked_tree_attention_is_lossless_on_the_default_model(lm_f32):
     """The masked path with the shipped heads decodes what float32 AR decodes (proven-tie rule)."""

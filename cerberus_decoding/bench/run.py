@@ -332,7 +332,7 @@ def top2_logits(lm: LoadedModel, prompt_ids: list[int], prefix: list[int]) -> tu
 # top-2 logit gap at that token is at most ``tie_bound``.
 EXACT_FORMATS = ("bfloat16", "int8", "int4")
 FLOAT32_TIE_GAP = 1e-3  # float32 rounding between kernels moves a logit by ~1e-6
-BF16_TIE_STEPS = 2  # CUDA bfloat16: this many representable steps at the top logit's size
+BF16_TIE_STEPS = 2  # bfloat16 logits: this many representable steps at the top logit's size
 
 
 def bitwise_exact(lm: LoadedModel) -> bool:
@@ -342,8 +342,9 @@ def bitwise_exact(lm: LoadedModel) -> bool:
 
 def tie_bound(lm: LoadedModel, top: float) -> float:
     """The largest top-2 logit gap at which a divergence from ar is a proven near-tie (not for
-    ``bitwise_exact`` formats). For bfloat16 logits that is their own resolution at ``top``."""
-    if lm.weights == "bfloat16":
+    ``bitwise_exact`` formats). For bfloat16 logits (every format but float32: the activations'
+    dtype) that is their own resolution at ``top``."""
+    if lm.dtype == torch.bfloat16:
         step = 2.0 ** (math.floor(math.log2(abs(top))) - 7)  # bfloat16: 8 significant bits
         return BF16_TIE_STEPS * step
     return FLOAT32_TIE_GAP

@@ -23,6 +23,7 @@ rule is the proven near-tie (cuBLAS is not row-invariant either); CPUs keep the 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 import torch
@@ -52,6 +53,7 @@ class KVCache:
         self.capacity = capacity
         self.length = 0
         self.slot_of: torch.Tensor | None = None  # row -> offset of the last tree forward's entries
+        self.graphs: dict = {}  # q -> _StepGraph (LeanLlama.cuda_graphs), freed with the cache
 
     def truncate(self, length: int) -> None:
         """Forget every entry from ``length`` on (a rejected draft, or an edited chat history)."""
@@ -134,6 +136,8 @@ class LeanLlama(torch.nn.Module):
         sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)  # signed, for _rope's roll
         self.cos, self.sin = (t.to(self.dtype) for t in (cos[0], sin))  # [max_pos, D]
         self.tree_attention = tree_attention or ("masked" if device.type == "cuda" else "rows")
+        # Experimental, off by default until measured on a GPU: replay CUDA steps from graphs
+        self.cuda_graphs = os.environ.get("CERBERUS_CUDA_GRAPHS") == "1"
         if self.tree_attention not in TREE_ATTENTION:
             raise CerberusError(f"Unknown tree attention {self.tree_attention!r}; use one of {TREE_ATTENTION}.")
 
@@ -153,6 +157,8 @@ class LeanLlama(torch.nn.Module):
         q, start = ids.numel(), cache.length
         if start + q > cache.capacity:
             raise CerberusError(f"KV cache overflow: {start + q} > {cache.capacity} entries")
+        if self.cuda_graphs and ids.is_cuda and start > 0 and (q == 1 or tree_mask is not None):
+            return self._replay(cache, ids, positions, tree_mask)
         masked = tree_mask is not None and self.tree_attention == "masked"
         rows = _TreeRows(tree_mask) if tree_mask is not None and not masked else None
         slots = torch.arange(q) if rows is None else rows.slots
@@ -282,6 +288,41 @@ class LeanLlama(torch.nn.Module):
             hidden = self._layers(nxt, position, attend_step)
         return split_answers(torch.stack(tokens, 1), torch.stack(hiddens, 1) if keep_hidden else None, eos)
 
+    def static_forward(self, cache: KVCache, ids, positions, start, tree) -> torch.Tensor:
+        """``forward`` with every shape fixed by the cache's capacity, as a CUDA graph needs: the q
+        tokens' K/V go to slots ``start + [0, q)`` (``start`` a 0-d tensor) and each row attends to
+        the whole cache under a mask: the context ``[0, start)`` and the rows ``tree`` [q, q] marks
+        (causal for a chain). Row for row the same attention as the masked path (float32: within
+        rounding; tests/test_runtime.py). ids, positions [q] -> hidden [q, H]; ``cache.length`` is
+        left to the caller."""
+        q, Hkv, D = ids.numel(), self.num_kv_heads, self.head_dim
+        rep, capacity = self.num_heads // Hkv, cache.capacity
+        slots = start + torch.arange(q, device=ids.device)  # [q]
+        mask = (torch.arange(capacity, device=ids.device) < start).expand(q, capacity).clone()  # [q, T]
+        mask.index_copy_(1, slots, tree)
+        mask = mask.repeat(rep, 1)  # [rep q, T], the grouped query rows' order
+
+        def attend(i: int, xq, xk, xv) -> torch.Tensor:
+            k, v = cache.layers[i]
+            k.index_copy_(1, slots, xk.transpose(0, 1))
+            v.index_copy_(1, slots, xv.transpose(0, 1))
+            query = xq.view(q, Hkv, rep, D).permute(1, 2, 0, 3).reshape(1, Hkv, rep * q, D)  # [1, Hkv, rep q, D]
+            out = F.scaled_dot_product_attention(query, k[None], v[None], attn_mask=mask)  # [1, Hkv, rep q, D]
+            return out.view(Hkv, rep, q, D).permute(2, 0, 1, 3).reshape(q, -1)
+
+        return self._layers(ids, positions, attend)
+
+    def _replay(self, cache: KVCache, ids, positions, tree_mask) -> torch.Tensor:
+        """A one-token step or a verification replayed from the CUDA graph of this cache and row
+        count (captured on first use): one launch instead of ~450 for a host-bound step."""
+        q, start = ids.numel(), cache.length
+        graph = cache.graphs.get(q)
+        if graph is None:
+            graph = cache.graphs[q] = _StepGraph(self, cache, q)
+        hidden = graph.replay(ids, positions, start, tree_mask)
+        cache.length, cache.slot_of = start + q, None
+        return hidden
+
     def _layers(self, ids, positions, attend) -> torch.Tensor:
         """The transformer over q tokens: ids, positions [q] -> normalized hidden [q, H].
         ``attend(layer, xq [q, Hq, D], xk [q, Hkv, D], xv [q, Hkv, D]) -> [q, Hq D]`` stores K/V and
@@ -342,6 +383,43 @@ class LeanLlama(torch.nn.Module):
         keys, values = k[None, :, : start + q], v[None, :, : start + q]  # [1, Hkv, T, D]
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)  # [1, Hkv, rep q, D]
         return out.view(Hkv, rep, q, D).permute(2, 0, 1, 3).reshape(q, -1)
+
+
+class _StepGraph:
+    """``LeanLlama.static_forward`` over one cache for q rows, captured as a CUDA graph. Inputs are
+    copied into static buffers before each replay; the output buffer is overwritten by the next."""
+
+    def __init__(self, model: LeanLlama, cache: KVCache, q: int):
+        device = cache.k.device
+        self.ids = torch.zeros(q, dtype=torch.long, device=device)
+        self.positions = torch.zeros(q, dtype=torch.long, device=device)
+        self.start = torch.zeros((), dtype=torch.long, device=device)
+        self.tree = torch.ones(q, q, dtype=torch.bool, device=device).tril()
+
+        def body():
+            return model.static_forward(cache, self.ids, self.positions, self.start, self.tree)
+
+        self.body, self.graph, self.hidden = body, None, None
+
+    def replay(self, ids, positions, start: int, tree_mask) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.start.fill_(start)
+        if tree_mask is not None:
+            self.tree.copy_(tree_mask)
+        if self.graph is None:  # warm up on a side stream, then capture (torch.cuda.graphs' recipe).
+            # Warm-up runs with this step's real inputs: they write the K/V the replay writes again.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self.body()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.hidden = self.body()
+        self.graph.replay()
+        return self.hidden.clone()
 
 
 class _TreeRows:
