@@ -19,10 +19,12 @@ Two runtimes: ``lean`` (runtime/lean.py, our own forward, every weight format) a
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..models import CerberusError
 from .formats import WEIGHTS, activation_dtype
@@ -44,6 +46,18 @@ def resolve_weights(weights: str, device: torch.device, runtime: str) -> str:
     if device.type == "cuda" and weights in ("int8", "int4"):
         raise CerberusError(f"--weights {weights} has no CUDA kernel here; use --weights bfloat16 on a GPU.")
     return weights
+
+
+# Attention kernels allowed on CUDA. Not cuDNN's, which torch picks first on an H100: it builds and
+# caches a graph per shape, and a decoding step's keys grow by one every step, so each step would
+# pay a build (docs/runtime.md, CUDA).
+CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attention_kernels(device: torch.device):
+    """The context every runtime computes attention in: ``CUDA_SDPA_BACKENDS`` on CUDA, torch's
+    own choice elsewhere."""
+    return sdpa_kernel(CUDA_SDPA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def build_runtime(hf_model, weights: str, runtime: str, gguf: Path | None = None):

@@ -19,7 +19,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..sampling import greedy
-from . import split_answers
+from . import attention_kernels, split_answers
 
 
 class BufferLayer(CacheLayerMixin):
@@ -120,13 +120,14 @@ class HFRuntime:
             past = cache.length
             mask = torch.ones(1, 1, ids.numel(), past + ids.numel(), dtype=torch.bool, device=ids.device)
             mask[0, 0, :, past:] = tree_mask
-        out = self.model.model(
-            input_ids=ids.view(1, -1),
-            position_ids=positions.view(1, -1),
-            attention_mask=mask,
-            use_cache=True,
-            **{self.cache_kw: cache},
-        )
+        with attention_kernels(ids.device):
+            out = self.model.model(
+                input_ids=ids.view(1, -1),
+                position_ids=positions.view(1, -1),
+                attention_mask=mask,
+                use_cache=True,
+                **{self.cache_kw: cache},
+            )
         return out.last_hidden_state[0]
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -134,12 +135,17 @@ class HFRuntime:
 
     def forward_padded(self, ids: torch.Tensor) -> torch.Tensor:
         """Causal forward of B right-padded sequences, no cache: ids [B, T] -> hidden [B, T, H]."""
-        return self.model.model(input_ids=ids).last_hidden_state
+        with attention_kernels(ids.device):
+            return self.model.model(input_ids=ids).last_hidden_state
 
     @torch.inference_mode()
     def generate_padded(self, prompts: list[list[int]], max_new_tokens: int, eos: int, pad: int, keep_hidden: bool):
         """Greedy answers for a batch of prompts in one left-padded batch (transformers' own batching:
         the GPU path of distillation, thousands of rows) -> list of (tokens [n], hidden [n, H] bf16 or None)."""
+        with attention_kernels(self.model.device):
+            return self._generate_padded(prompts, max_new_tokens, eos, pad, keep_hidden)
+
+    def _generate_padded(self, prompts, max_new_tokens: int, eos: int, pad: int, keep_hidden: bool):
         from transformers import DynamicCache
 
         model, device = self.model, self.model.device

@@ -22,25 +22,19 @@ rule is the proven near-tie (cuBLAS is not row-invariant either); CPUs keep the 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..models import CerberusError
 from ..sampling import greedy
-from . import split_answers
+from . import attention_kernels, split_answers
 from .formats import Linear, activation_dtype, dense, int4_from_blocks
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 TREE_ATTENTION = ("rows", "masked")  # exact, one call per row (CPU default) / one masked call per layer (CUDA)
-# Attention kernels allowed on CUDA. Not cuDNN's, which torch picks first on an H100: it builds and
-# caches a graph per shape, and a decoding step's keys grow by one every step, so each step would
-# pay a build (docs/runtime.md, CUDA).
-CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class KVCache:
@@ -331,7 +325,7 @@ class LeanLlama(torch.nn.Module):
         cos, sin = self.cos[positions, None], self.sin[positions, None]  # [q, 1, D]
         x = self.embed[ids]  # [q, H]
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        with sdpa_kernel(CUDA_SDPA_BACKENDS) if x.is_cuda else contextlib.nullcontext():
+        with attention_kernels(x.device):
             for i, layer in enumerate(self.layers):
                 qkv = layer["wqkv"](_rms_norm(x, layer["attn_norm"], self.eps))  # [q, (Hq + 2 Hkv) D]
                 qk = _rope(qkv[:, : (Hq + Hkv) * D].view(q, Hq + Hkv, D), cos, sin)  # [q, Hq + Hkv, D]
