@@ -29,14 +29,20 @@ SPEC = ["--method", "medusa", "--heads", "none"]
 PROMPT = "Write a short poem about the sea."
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: bound all at once, so the OS cannot hand out one twice (two servers once
+    got the same port, and the second one's tests talked to the first)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
-def start_server(args: list[str], log) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_server(args: list[str], log, port: int) -> tuple[subprocess.Popen, str]:
     env = {k: v for k, v in os.environ.items() if k != "CERBERUS_API_KEY"}  # the key comes from args only
     proc = subprocess.Popen([*CLI, "serve", "--port", str(port), *args], stdout=log, stderr=subprocess.STDOUT, env=env)
     return proc, f"http://127.0.0.1:{port}"
@@ -61,8 +67,9 @@ def servers(tmp_path_factory):
     """(main url, keyed url); both load at once to save time, both are killed at the end."""
     logs = tmp_path_factory.mktemp("server-logs")
     main_log, keyed_log = open(logs / "main.log", "w"), open(logs / "keyed.log", "w")
-    main = start_server(SPEC, main_log)
-    keyed = start_server(["--method", "ar", "--api-key", KEY, "--model-name", "tiny"], keyed_log)
+    ports = free_ports(2)
+    main = start_server(SPEC, main_log, ports[0])
+    keyed = start_server(["--method", "ar", "--api-key", KEY, "--model-name", "tiny"], keyed_log, ports[1])
     try:
         wait_healthy(*main, logs / "main.log")
         wait_healthy(*keyed, logs / "keyed.log")
