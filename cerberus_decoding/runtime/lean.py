@@ -168,7 +168,7 @@ class LeanLlama(torch.nn.Module):
             k.index_copy_(1, slots, xk)  # this forward's entries into their slots
             v.index_copy_(1, slots, xv)
             if block:  # a prompt, or a tree under one mask
-                return self._attend_block(k, v, xq, start, mask)
+                return self._attend_block(k, v, xq, start + q, mask)
             attn = self._attend_rows(k, v, xq, xk, xv, rows, start)
             if rows is not None and rows.off_chain:  # they borrowed the chain's slots: put it back
                 k.index_copy_(1, slots, xk)
@@ -289,20 +289,17 @@ class LeanLlama(torch.nn.Module):
         (causal for a chain). Row for row the same attention as the masked path (float32: within
         rounding; tests/test_runtime.py). ids, positions [q] -> hidden [q, H]; ``cache.length`` is
         left to the caller."""
-        q, Hkv, D = ids.numel(), self.num_kv_heads, self.head_dim
-        rep, capacity = self.num_heads // Hkv, cache.capacity
+        q, capacity = ids.numel(), cache.capacity
         slots = start + torch.arange(q, device=ids.device)  # [q]
         mask = (torch.arange(capacity, device=ids.device) < start).expand(q, capacity).clone()  # [q, T]
         mask.index_copy_(1, slots, tree)
-        mask = mask.repeat(rep, 1)  # [rep q, T], the grouped query rows' order
+        mask = mask.repeat(self.num_heads // self.num_kv_heads, 1)  # [rep q, T], the grouped query rows' order
 
         def attend(i: int, xq, xk, xv) -> torch.Tensor:
             k, v = cache.layers[i]
             k.index_copy_(1, slots, xk.transpose(0, 1))
             v.index_copy_(1, slots, xv.transpose(0, 1))
-            query = xq.view(q, Hkv, rep, D).permute(1, 2, 0, 3).reshape(1, Hkv, rep * q, D)  # [1, Hkv, rep q, D]
-            out = F.scaled_dot_product_attention(query, k[None], v[None], attn_mask=mask)  # [1, Hkv, rep q, D]
-            return out.view(Hkv, rep, q, D).permute(2, 0, 1, 3).reshape(q, -1)
+            return self._attend_block(k, v, xq, capacity, mask)
 
         return self._layers(ids, positions, attend)
 
@@ -362,19 +359,20 @@ class LeanLlama(torch.nn.Module):
         mask[:, start:] = torch.ones(q, q, dtype=torch.bool, device=device).tril() if tree_mask is None else tree_mask
         return mask.repeat(self.num_heads // self.num_kv_heads, 1)
 
-    def _attend_block(self, k, v, xq, start: int, mask=None) -> torch.Tensor:
-        """The q rows in one call: a prompt from position 0 (``mask`` None: causal), or under
-        ``_block_mask`` a tree or a prompt after the cache. xq [q, Hq, D] -> [q, Hq D]"""
+    def _attend_block(self, k, v, xq, n_keys: int, mask=None) -> torch.Tensor:
+        """The q rows in one call over the cache's first ``n_keys`` entries: a prompt from position 0
+        (``mask`` None: causal), or under a mask of ``_block_mask`` or ``static_forward`` a tree or a
+        prompt after the cache. xq [q, Hq, D] -> [q, Hq D]"""
         q, Hkv, D = xq.shape[0], self.num_kv_heads, self.head_dim
         rep = self.num_heads // Hkv
         if mask is None:
-            keys = k[:, :q].repeat_interleave(rep, 0)[None]  # [1, Hq, q, D]
-            values = v[:, :q].repeat_interleave(rep, 0)[None]
+            keys = k[:, :n_keys].repeat_interleave(rep, 0)[None]  # [1, Hq, q, D]
+            values = v[:, :n_keys].repeat_interleave(rep, 0)[None]
             out = F.scaled_dot_product_attention(xq.transpose(0, 1)[None], keys, values, is_causal=True)
             return out[0].transpose(0, 1).reshape(q, -1)
         # the rep query heads that share a kv head stacked as rows: the cache is read as it lies, no copy
         query = xq.view(q, Hkv, rep, D).permute(1, 2, 0, 3).reshape(1, Hkv, rep * q, D)  # [1, Hkv, rep q, D]
-        keys, values = k[None, :, : start + q], v[None, :, : start + q]  # [1, Hkv, T, D]
+        keys, values = k[None, :, :n_keys], v[None, :, :n_keys]  # [1, Hkv, T, D]
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)  # [1, Hkv, rep q, D]
         return out.view(Hkv, rep, q, D).permute(2, 0, 1, 3).reshape(q, -1)
 
