@@ -5,11 +5,13 @@ layer did not put into h_t is lost to them. The context layer gives Cerberus hea
 the price of one small attention layer. At every answer position i it forms
 
     x_i = W_in [h_i ; E[g_i]]                 (the state, and the token g_i the base model chose from it)
-    a_i = x_i + W_out Attn(RMSNorm(x))_i       (causal over x_0..x_i, RoPE on the position in the answer)
+    a_i = E[g_i] + W_out Attn(RMSNorm(x))_i    (causal over x_0..x_i, RoPE on the position in the answer)
 
-and the Cerberus chain starts from a_t instead of E[g_t] (heads.py). Its keys and values of past
-positions are kept between decoding steps (``DraftContext``), so a step feeds only the positions it
-accepted. The context is the answer, not the prompt: training data holds the answers' hidden states.
+and the Cerberus chain starts from a_t instead of E[g_t] (heads.py): the root token's embedding plus
+what attention over the answer adds (W_out starts at zero, so untrained it is the root-token chain).
+Its keys and values of past positions are kept between decoding steps (``DraftContext``), so a step
+feeds only the positions it accepted. The context is the answer, not the prompt: training data holds
+the answers' hidden states.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class ContextLayer(nn.Module):
         self.norm = nn.RMSNorm(H, eps=1e-6)
         self.qkv = nn.Linear(H, 3 * H, bias=False)
         self.out = nn.Linear(H, H, bias=False)
-        nn.init.zeros_(self.out.weight)  # untrained: a = x, no attention
+        nn.init.zeros_(self.out.weight)  # untrained: a = E[g], the root-token heads' start
         self.packed: dict = {}  # pack: the projections in a faster format, inference only
 
     def pack(self, weights: str) -> None:
@@ -63,19 +65,19 @@ class ContextLayer(nn.Module):
         return self.packed[name](x) if name in self.packed else getattr(self, name)(x)
 
     def project(self, h: torch.Tensor, emb: torch.Tensor, positions: torch.Tensor):
-        """h, emb [..., T, H], positions [..., T] -> x [..., T, H], q, k, v [..., T, heads, D]."""
+        """h, emb [..., T, H], positions [..., T] -> q, k, v [..., T, heads, D]."""
         x = self._linear("inp", torch.cat([h, emb], dim=-1))
         *lead, T, H = x.shape
         q, k, v = self._linear("qkv", self._norm(x)).view(*lead, T, 3, self.heads, H // self.heads).unbind(-3)
-        return x, rope(q, positions), rope(k, positions), v
+        return rope(q, positions), rope(k, positions), v
 
     def sequences(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """Whole answers at once (training, offline scoring): h, emb [B, L, H] -> a [B, L, H].
         Answers padded at the end are fine: causal attention never reads a later position."""
         B, L, H = h.shape
-        x, q, k, v = self.project(h, emb, torch.arange(L, device=h.device).expand(B, L))
+        q, k, v = self.project(h, emb, torch.arange(L, device=h.device).expand(B, L))
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return x + self._linear("out", y.transpose(1, 2).reshape(B, L, H))
+        return emb + self._linear("out", y.transpose(1, 2).reshape(B, L, H))
 
     def extend(self, context: DraftContext) -> torch.Tensor:
         """Feed the positions ``context`` holds pending -> a [H] of the last one (decoding)."""
@@ -84,11 +86,12 @@ class ContextLayer(nn.Module):
         context.pending.clear()
         n, H = h.shape
         positions = torch.arange(context.length, context.length + n, device=h.device)
-        x, q, k, v = self.project(h, context.embed(tokens).to(h.dtype), positions)
+        emb = context.embed(tokens).to(h.dtype)
+        q, k, v = self.project(h, emb, positions)
         keys, values = context.append(k, v)  # [P + n, heads, D]
         # only the last position's output is read; the others only leave their keys and values
         y = F.scaled_dot_product_attention(q[-1:].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1))
-        return x[-1] + self._linear("out", y.transpose(0, 1).reshape(1, H))[0]
+        return emb[-1] + self._linear("out", y.transpose(0, 1).reshape(1, H))[0]
 
 
 class DraftContext:

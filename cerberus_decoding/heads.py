@@ -191,15 +191,15 @@ class DraftHeads(nn.Module):
         return self
 
     def forward(
-        self, h: torch.Tensor, root: torch.Tensor | None = None, heads: int | None = None, context=None, valid=None
+        self, h: torch.Tensor, root: torch.Tensor | None = None, heads: int | None = None, context=None, where=None
     ) -> torch.Tensor:
-        """-> logits [..., K, V']. ``valid`` [B, L] bool: h [B, L, H] and root [B, L] are whole answers
+        """-> logits [..., K, V']. ``where`` [B, L] bool: h [B, L, H] and root [B, L] are whole answers
         padded at the end; the context layer reads them as sequences, and the logits are those of the
-        valid positions, [n, K, V'] (training and offline scoring)."""
-        if valid is not None:
+        positions ``where`` marks, [n, K, V'] (training and offline scoring)."""
+        if where is not None:
             context = self.context_states(h, root)
-            h, root = h[valid], root[valid]
-            context = None if context is None else context[valid]
+            h, root = h[where], root[where]
+            context = None if context is None else context[where]
         return self.logits(self.states(h, root, heads, context))
 
     def context_states(self, h: torch.Tensor, root: torch.Tensor) -> torch.Tensor | None:

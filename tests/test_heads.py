@@ -137,7 +137,7 @@ def test_context_layer_heads_round_trip_and_decode_as_they_train(lm_f32, tmp_pat
     g = torch.Generator().manual_seed(0)
     h = torch.randn(19, lm_f32.model.config.hidden_size, generator=g)  # [T, H]: an answer's states
     roots = torch.randint(49152, (19,), generator=g)  # the token chosen from each
-    whole = loaded(h[None], roots[None], valid=torch.ones(1, 19, dtype=torch.bool))  # [T, K, V']
+    whole = loaded(h[None], roots[None], where=torch.ones(1, 19, dtype=torch.bool))  # [T, K, V']
     assert whole.shape == (19, 4, 49152)
     context, end = loaded.new_context(), 0
     for n in (1, 4, 1, 2, 5, 6):  # positions kept per step (AR steps, accepted paths)

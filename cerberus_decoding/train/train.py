@@ -24,6 +24,11 @@ from ..heads import DraftHeads, HeadsConfig, _atomic_write, model_fingerprint, r
 from ..models import CerberusError
 
 IGNORE = -100
+# A context layer reads whole answers, but the positions of a few answers are too alike to make a batch
+# (trained on batches of whole answers, head 1 lost 0.08 top-1, docs/training.md). So each step reads
+# answers holding about CONTEXT_SPREAD x batch_size positions and takes the loss at batch_size of them;
+# each position is read once per epoch.
+CONTEXT_SPREAD = 8
 
 
 @dataclass
@@ -220,7 +225,7 @@ def evaluate(
         h = hidden[idx].to(device, dtype)
         r = roots[idx].to(device)
         y = labels[idx if valid is None else idx[valid]].to(device)
-        logits = heads(h, r, valid=None if valid is None else valid.to(device))  # [B, K, V']
+        logits = heads(h, r, where=None if valid is None else valid.to(device))  # [B, K, V']
         top5 = heads.vocab_ids[logits.topk(5, dim=-1).indices]  # [B, K, 5] ids
         valid = y != IGNORE
         hit1 += ((top5[..., 0] == y) & valid).sum(0)
@@ -386,22 +391,28 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     orders: dict[int, torch.Tensor] = {}
 
     spans = answer_spans(rows[train_idx]) if cfg.context_layer else None
+    groups_per_round = max(1, steps_per_epoch // CONTEXT_SPREAD)
 
     def batch_indices(s: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Step s -> (positions [B] or [B, L] of whole answers, valid [B, L] or None) of this process."""
+        """Step s -> this process's positions: [B] loose positions, or for a context layer whole answers
+        [B, L] with the mask [B, L] of the positions the loss reads."""
         epoch, offset = divmod(s, steps_per_epoch)
         if epoch not in orders:  # one permutation per epoch, a function of (seed, epoch) only: resumable
             orders.clear()
-            n = n_train if spans is None else spans[0].numel()  # positions, or answers for a context layer
-            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1000 + epoch))
-            if spans is not None:
-                orders[epoch] = answer_groups(spans[1], steps_per_epoch, orders[epoch])
+            g = torch.Generator().manual_seed(cfg.seed + 1000 + epoch)
+            if spans is None:
+                orders[epoch] = torch.randperm(n_train, generator=g)
+            else:  # groups of answers, and each position's turn (the one of CONTEXT_SPREAD steps it is read)
+                groups = answer_groups(spans[1], groups_per_round, torch.randperm(spans[0].numel(), generator=g))
+                orders[epoch] = (groups, torch.randint(CONTEXT_SPREAD, (n_train,), generator=g))
         if spans is None:
             idx = orders[epoch][offset * cfg.batch_size : (offset + 1) * cfg.batch_size]
             return idx[acc.process_index :: acc.num_processes].to(train_h.device), None  # this process's slice
-        answers = orders[epoch][offset][acc.process_index :: acc.num_processes]
+        groups, turn = orders[epoch]
+        answers = groups[offset % len(groups)][acc.process_index :: acc.num_processes]
         idx, valid = padded_answers(spans[0][answers], spans[1][answers])
-        return idx.to(train_h.device), valid.to(train_h.device)
+        read = valid & (turn[idx] == (offset // len(groups)) % CONTEXT_SPREAD)
+        return idx.to(train_h.device), read.to(train_h.device)
 
     def checkpoint(final: bool = False) -> None:
         if not acc.is_main_process:
@@ -438,8 +449,8 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     t0 = time.perf_counter()
     heads.train()
     while step < total:
-        idx, valid = batch_indices(step)
-        flat = idx if valid is None else idx[valid]  # [B] positions the loss reads
+        idx, read = batch_indices(step)
+        flat = idx if read is None else idx[read]  # [B] positions the loss reads
         h = train_h[idx].float().to(acc.device)
         y = train_targets[flat].to(acc.device)
         batch_soft = None
@@ -447,7 +458,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
             where = soft[0][flat]  # [B, K] positions of the targets
             batch_soft = (soft[1][where], soft[2][where])  # [B, K, k] each
         with torch.autocast(acc.device.type, torch.bfloat16, enabled=cfg.precision == "bfloat16"):
-            logits = heads(h, train_r[idx].to(acc.device), valid=valid)  # [B, K, V']
+            logits = heads(h, train_r[idx].to(acc.device), where=read)  # [B, K, V']
         loss, per_head = head_loss(logits, y, cfg.loss_decay, batch_soft, cfg.soft_weight)  # in float32
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
