@@ -46,11 +46,10 @@ def main() -> None:
     for d in dirs:
         heads = load_heads(d, lm).eval()
         labels = head_labels(tokens, rows, heads.config.num_heads)
-        scores = {"all": evaluate(heads, hidden, labels, tokens, rows)}
+        scores = {"all": evaluate(heads, hidden, labels, tokens)}
         for name, member in sorted(groups.items()):
             if name.startswith("category:"):
-                subset = (t[member] for t in (hidden, labels, tokens, rows))
-                scores[name.removeprefix("category:")] = evaluate(heads, *subset)
+                scores[name.removeprefix("category:")] = evaluate(heads, hidden[member], labels[member], tokens[member])
         for group, s in scores.items():
             table.add_row(
                 f"{heads.config.head_type}",

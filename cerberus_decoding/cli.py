@@ -584,12 +584,6 @@ def train(
         help="Cerberus: start the head chain from the embedding of the token the base model just chose "
         "(default for cerberus; --no-root-token is the paper's chain, docs/training.md).",
     ),
-    context_layer: bool = typer.Option(
-        False,
-        "--context-layer",
-        help="Cerberus with --root-token: start the chain from one attention layer over the answer so far "
-        "(trains on batches of whole answers; docs/training.md).",
-    ),
     epochs: float = typer.Option(3.0, "--epochs", min=0.01),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     lr: float = typer.Option(1e-3, "--lr", min=0.0),
@@ -623,8 +617,6 @@ def train(
         fail("--heads-type must be medusa or cerberus")
     if root_token and heads_type != "cerberus":
         fail("--root-token needs --heads-type cerberus")
-    if context_layer and (heads_type != "cerberus" or root_token is False):
-        fail("--context-layer needs --heads-type cerberus with --root-token")
     check_options(seed=seed)
     from .models import resolve_device
 
@@ -638,7 +630,6 @@ def train(
         head_vocab=head_vocab,
         own_lm_head=own_lm_head,
         root_token=root_token,
-        context_layer=context_layer,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,

@@ -136,7 +136,6 @@ class Decoder:
         self.cache = None  # the runtime's KV cache of this decoder's sequence
         self.cached_ids: list[int] = []  # tokens whose K/V the cache holds, in order
         self.heads_calls = 0  # counts draft-head invocations (the gate must skip them on AR steps)
-        self.context = None  # the heads' DraftContext of the answer being generated (context_layer heads)
         self.trace_entropies = False  # compute both entropies every step (analyze, --trace), not just the gate's
         self.config = None  # methods.EffectiveConfig: what it runs with and why (set by build_decoder)
 
@@ -180,22 +179,22 @@ class Decoder:
         return hidden[-1]
 
     def _ar_step(self, root: torch.Tensor, cfg: SamplingConfig, generator):
-        """Feed the pending token alone -> (fed tokens [1], hidden [1, H], logits [V], next pending token [1])."""
+        """Feed the pending token alone -> (fed tokens [1], hidden [H], logits [V], next pending token [1])."""
         pos = torch.tensor([self.cache.length], device=root.device)
         hidden = self.runtime.forward(self.cache, root, pos)  # [1, H]
         logits = self.runtime.lm_head(hidden)[0]
-        return root, hidden, logits, sample(logits, cfg.temperature, cfg.top_p, generator)
+        return root, hidden[0], logits, sample(logits, cfg.temperature, cfg.top_p, generator)
 
     def _spec_step(self, tree: Tree, tokens: torch.Tensor, cfg: SamplingConfig, generator):
-        """Feed pending token + tree, keep the accepted path -> (fed tokens [a+1]: pending + accepted
-        drafts, their hidden states [a+1, H], logits [V], next pending token [1])."""
+        """Feed pending token + tree, keep the accepted path ->
+        (fed tokens [a+1]: pending + accepted drafts, hidden [H], logits [V], next pending token [1])."""
         pos = self.cache.length
         hidden = self.runtime.forward(self.cache, tokens, pos + tree.depth, tree.mask)  # [N+1, H]
         path, logits, root = verify(
             tree, tokens, hidden, self.runtime.lm_head, cfg.temperature, cfg.top_p, cfg.acceptance, generator
         )
         self.cache.compact(pos, path)
-        return tokens[path], hidden[path], logits, root
+        return tokens[path], hidden[int(path[-1])], logits, root
 
     # ---- generation ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -222,9 +221,6 @@ class Decoder:
         root = sample(logits, cfg.temperature, cfg.top_p, generator)  # the first new token, shown now, fed next
         if self.drafter is not None:
             self.drafter.reset(prompt_ids)
-        self.context = self.heads.new_context() if self.heads is not None else None  # context_layer heads
-        if self.context is not None:
-            self.context.add(hidden, root)
 
         out: list[int] = []
         steps: list[Step] = []
@@ -253,12 +249,9 @@ class Decoder:
             h_ent, l_ent = self._entropies(hidden, logits)
             drafts = self._draft(hidden, root, h_ent, l_ent)
             if drafts is None:
-                fed, states, logits, root = self._ar_step(root, cfg, generator)
+                fed, hidden, logits, root = self._ar_step(root, cfg, generator)
             else:
-                fed, states, logits, root = self._spec_step(*drafts, cfg, generator)
-            hidden = states[-1]
-            if self.context is not None:  # each kept state, with the token chosen from it
-                self.context.add(states, torch.cat([fed[1:], root]))
+                fed, hidden, logits, root = self._spec_step(*drafts, cfg, generator)
             fed_ids = fed.tolist()  # the pending token (already shown) and the accepted drafts
             self.cached_ids.extend(fed_ids)
             if self.drafter is not None:
@@ -285,7 +278,7 @@ class Decoder:
 
         def topk() -> torch.Tensor:  # [depth, k] ids; the drafter runs the heads only if it needs them
             self.heads_calls += 1
-            return self.heads.topk_tokens(hidden, self.tree.top_k, root, self.tree.num_heads, self.context)
+            return self.heads.topk_tokens(hidden, self.tree.top_k, root, self.tree.num_heads)
 
         if self.drafter is not None:
             return self.drafter.draft(root, self.tree, topk) if heads_on else self.drafter.draft(root, None, None)

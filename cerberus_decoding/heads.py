@@ -7,9 +7,7 @@ LM head predicts t + 1). All heads run in one call; their logits come from one m
 Cerberus heads are chained: head k's block reads Concat(h, z_{k-1}). In the paper the chain starts
 from z_0 = h. With ``root_token`` it starts from the input embedding of token t + 1 instead: the
 step's root, which the base model has already chosen when the heads run, so the heads no longer
-have to guess it. Same cost (one embedding row), same sequential link. With ``context_layer`` the chain
-starts from one causal attention layer over the answer so far (context_layer.py), which reads h and the
-root token at every position: the heads can look back.
+have to guess it. Same cost (one embedding row), same sequential link.
 
 A checkpoint is a directory with ``config.json`` and ``model.safetensors``. The config records the
 base model's fingerprint so that heads are never run on a model they were not trained for.
@@ -28,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .context_layer import ContextLayer, DraftContext
 from .models import CerberusError, process_alive
 
 HEAD_TYPES = ("medusa", "cerberus")
@@ -57,7 +54,6 @@ class HeadsConfig:
     head_vocab_size: int = 0  # 0 = full vocabulary
     own_lm_head: bool = False
     root_token: bool = False  # cerberus only: the chain starts from the root token's embedding
-    context_layer: bool = False  # root_token only: ... from an attention layer over the answer (context_layer.py)
     base_model: dict = field(default_factory=dict)
     gate: str = "logits"  # default gate for this checkpoint: hidden | logits | off
     gate_threshold: float = float("inf")
@@ -94,8 +90,6 @@ class DraftHeads(nn.Module):
             raise CerberusError(f"Unknown head type {config.head_type!r}; use one of {HEAD_TYPES}.")
         if config.root_token and config.head_type != "cerberus":
             raise CerberusError("root_token needs Cerberus heads (it is where their chain starts).")
-        if config.context_layer and not config.root_token:
-            raise CerberusError("context_layer needs root_token heads (the layer reads each position's chosen token).")
         self.config = config
         H, K, L = config.hidden_size, config.num_heads, config.num_layers
         sequential = config.head_type == "cerberus"
@@ -111,7 +105,6 @@ class DraftHeads(nn.Module):
         self.register_buffer("shared_weight", torch.empty(0), persistent=False)  # [V', H]
         self.packed_logits = None  # pack_for: a faster format of shared_weight, inference only
         self.register_buffer("embed_weight", torch.empty(0), persistent=False)  # [V, H], root_token only
-        self.context_layer = ContextLayer(H) if config.context_layer else None
         if lm_head_weight is not None:
             self.attach_lm_head(lm_head_weight)
 
@@ -138,21 +131,14 @@ class DraftHeads(nn.Module):
         for head in self.lm_heads:
             head.weight.data.copy_(self.shared_weight)
 
-    def states(
-        self, h: torch.Tensor, root: torch.Tensor | None = None, heads: int | None = None, context=None
-    ) -> torch.Tensor:
+    def states(self, h: torch.Tensor, root: torch.Tensor | None = None, heads: int | None = None) -> torch.Tensor:
         """h [..., H], root [...] token ids (root_token heads) -> [..., K, H]; only the first ``heads``
-        heads when given (a head never reads a later one). ``context`` [..., H]: the context layer's
-        output at these positions (context_layer heads; ``context_states`` computes it)."""
+        heads when given (a head never reads a later one)"""
         prev = h
         if self.config.root_token:
             if root is None:
                 raise CerberusError("These heads read the root token; pass it.")
             prev = self.embed_weight[root].to(h.dtype)  # [..., H]
-        if self.context_layer is not None:
-            if context is None:
-                raise CerberusError("These heads read the answer so far through their context layer; pass it.")
-            prev = context
         outs = []
         for blocks in self.blocks[:heads]:
             if self.config.head_type == "cerberus":
@@ -186,43 +172,16 @@ class DraftHeads(nn.Module):
                 block.packed = dense(block.linear.weight, "int8", block.linear.bias)
         if not self.config.own_lm_head:
             self.packed_logits = dense(self.shared_weight, "int8")
-        if self.context_layer is not None:
-            self.context_layer.pack("int8")
         return self
 
-    def forward(
-        self, h: torch.Tensor, root: torch.Tensor | None = None, heads: int | None = None, context=None, where=None
-    ) -> torch.Tensor:
-        """-> logits [..., K, V']. ``where`` [B, L] bool: h [B, L, H] and root [B, L] are whole answers
-        padded at the end; the context layer reads them as sequences, and the logits are those of the
-        positions ``where`` marks, [n, K, V'] (training and offline scoring)."""
-        if where is not None:
-            context = self.context_states(h, root)
-            h, root = h[where], root[where]
-            context = None if context is None else context[where]
-        return self.logits(self.states(h, root, heads, context))
+    def forward(self, h: torch.Tensor, root: torch.Tensor | None = None, heads: int | None = None) -> torch.Tensor:
+        return self.logits(self.states(h, root, heads))
 
-    def context_states(self, h: torch.Tensor, root: torch.Tensor) -> torch.Tensor | None:
-        """Whole answers: h [B, L, H], root [B, L] -> the context layer's output [B, L, H] (None for
-        heads without one)."""
-        if self.context_layer is None:
-            return None
-        return self.context_layer.sequences(h, self.embed_weight[root].to(h.dtype))
-
-    def new_context(self) -> DraftContext | None:
-        """The per-answer state of the context layer (None for heads without one); the decoder adds
-        every position it keeps, as (hidden state, chosen token)."""
-        return DraftContext(self.embed_weight) if self.context_layer is not None else None
-
-    def topk_tokens(
-        self, h: torch.Tensor, k: int, root: torch.Tensor | None = None, heads: int | None = None, context=None
-    ):
-        """h [H], root [] or [1] -> [K, k] token ids, best first ([heads, k]: only the heads a tree reaches).
-        ``context``: the answer's ``DraftContext``, whose last added position is (h, root)."""
+    def topk_tokens(self, h: torch.Tensor, k: int, root: torch.Tensor | None = None, heads: int | None = None):
+        """h [H], root [] or [1] -> [K, k] token ids, best first ([heads, k]: only the heads a tree reaches)."""
         if root is not None:
             root = root.reshape(())
-        a = self.context_layer.extend(context).to(h.dtype) if self.context_layer is not None else None
-        idx = self.forward(h, root, heads, a).topk(k, dim=-1).indices
+        idx = self.forward(h, root, heads).topk(k, dim=-1).indices
         return self.vocab_ids[idx]
 
 
@@ -234,7 +193,6 @@ def new_heads(
     own_lm_head: bool = False,
     root_token: bool = False,
     seed: int | None = None,
-    context_layer: bool = False,
 ) -> DraftHeads:
     """Untrained heads for a loaded base model (identity blocks; predictions = base LM head's)."""
     weight = lm.model.get_output_embeddings().weight
@@ -246,7 +204,6 @@ def new_heads(
         vocab_size=int(weight.shape[0]),
         own_lm_head=own_lm_head,
         root_token=root_token,
-        context_layer=context_layer,
         base_model=model_fingerprint(lm.model, lm.name),
     )
     if seed is not None:
@@ -262,10 +219,7 @@ def random_heads(lm, head_type: str, seed: int = 0, scale: float = 0.02, **kw) -
     """Heads with random (non-zero) block weights: a stand-in for badly trained heads in tests."""
     heads = new_heads(lm, head_type, **kw)
     g = torch.Generator().manual_seed(seed)
-    params = list(heads.blocks.parameters())
-    if heads.context_layer is not None:
-        params += [p for name, p in heads.context_layer.named_parameters() if "norm" not in name]
-    for p in params:
+    for p in heads.blocks.parameters():
         p.data = (torch.randn(p.shape, generator=g) * scale).to(p)
     return heads.to(lm.dtype)
 
@@ -327,7 +281,6 @@ _CONFIG_TYPES = {
     "head_vocab_size": (int, "an integer >= 0"),
     "own_lm_head": (bool, "true or false"),
     "root_token": (bool, "true or false"),
-    "context_layer": (bool, "true or false"),
     "base_model": (dict, "an object"),
     "gate": (str, "a string"),
     "gate_threshold": ((int, float), "a number"),

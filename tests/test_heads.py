@@ -125,33 +125,3 @@ def test_root_token_decoding_is_lossless(tiny_lm):
     result = Decoder(tiny_lm, heads, build_tree(DEFAULT_TREE)).generate(ids, SamplingConfig(max_new_tokens=40))
     assert result.speculative_steps > 0
     assert_lossless(tiny_lm, ids, reference, result.token_ids)
-
-
-def test_context_layer_heads_round_trip_and_decode_as_they_train(lm_f32, tmp_path):
-    """Decoding feeds the context layer a few positions per step (its keys and values kept between
-    steps); training reads whole answers at once. Both must give the same drafts."""
-    heads = random_heads(lm_f32, "cerberus", seed=2, root_token=True, context_layer=True, num_layers=2, scale=0.05)
-    save_heads(heads, tmp_path, dtype=torch.float32)
-    loaded = load_heads(tmp_path, lm_f32)
-    assert loaded.config.context_layer and loaded.context_layer is not None
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(19, lm_f32.model.config.hidden_size, generator=g)  # [T, H]: an answer's states
-    roots = torch.randint(49152, (19,), generator=g)  # the token chosen from each
-    whole = loaded(h[None], roots[None], where=torch.ones(1, 19, dtype=torch.bool))  # [T, K, V']
-    assert whole.shape == (19, 4, 49152)
-    context, end = loaded.new_context(), 0
-    for n in (1, 4, 1, 2, 5, 6):  # positions kept per step (AR steps, accepted paths)
-        context.add(h[end : end + n], roots[end : end + n])
-        end += n
-        drafted = loaded.topk_tokens(h[end - 1], 3, roots[end - 1], context=context)  # [K, 3]
-        assert torch.equal(drafted, whole[end - 1].topk(3, dim=-1).indices)
-    # the context matters: the same last position after another answer drafts differently
-    other = loaded.new_context()
-    other.add(torch.randn(5, h.shape[1], generator=g), roots[:5])
-    other.add(h[-1:], roots[-1:])
-    assert not torch.equal(loaded.topk_tokens(h[-1], 3, roots[-1], context=other), drafted)
-
-
-def test_context_layer_needs_root_token_heads(lm_f32):
-    with pytest.raises(CerberusError, match="context_layer needs root_token"):
-        new_heads(lm_f32, "cerberus", context_layer=True)

@@ -18,7 +18,6 @@ import torch
 
 from cerberus_decoding import lookup
 from cerberus_decoding.engine import SamplingConfig
-from cerberus_decoding.heads import random_heads, save_heads
 from cerberus_decoding.methods import build_decoder
 from cerberus_decoding.models import load_model
 
@@ -50,19 +49,6 @@ def test_untrained_heads_are_lossless(lm, references, method):
     decoder = build_decoder(lm, method, heads="none", tree=TREE)
     for ids, reference in list(references.values())[:2]:
         assert decoder.generate(ids, SHORT).token_ids == reference[:48]
-
-
-def test_context_layer_heads_are_lossless(lm, references, tmp_path):
-    """Heads whose chain starts from an attention layer over the answer (random weights): the layer's
-    own state follows the accepted tokens step by step, and the output stays bitwise AR's."""
-    save_heads(random_heads(lm, "cerberus", seed=5, root_token=True, context_layer=True, num_layers=2), tmp_path)
-    for method in ("cerberus-nogate", "cerberus+lookup"):
-        decoder = build_decoder(lm, method, heads=str(tmp_path), tree=TREE, lookup=CHAINS)
-        for ids, reference in list(references.values())[:2]:
-            result = decoder.generate(ids, SHORT)
-            assert result.token_ids == reference[:48]
-            kept = len(decoder.cached_ids) - len(ids) + 1  # the prompt's last state and every fed token's
-            assert decoder.context.length + len(decoder.context.pending) == kept  # each once
 
 
 @pytest.mark.parametrize("weights", ["float32", "bfloat16"])

@@ -112,31 +112,14 @@ def _cfg(**kw):
     return TrainConfig(**base)
 
 
-@pytest.mark.parametrize(
-    "head_type,root_token,context_layer",
-    [("cerberus", False, False), ("cerberus", True, False), ("medusa", False, False), ("cerberus", True, True)],
-)
-def test_training_reduces_the_loss(tiny_lm, tiny_data, tmp_path, head_type, root_token, context_layer):
-    cfg = _cfg(head_type=head_type, root_token=root_token, context_layer=context_layer)
-    summary = train(tiny_lm, tiny_data, tmp_path, cfg)
+@pytest.mark.parametrize("head_type,root_token", [("cerberus", False), ("cerberus", True), ("medusa", False)])
+def test_training_reduces_the_loss(tiny_lm, tiny_data, tmp_path, head_type, root_token):
+    summary = train(tiny_lm, tiny_data, tmp_path, _cfg(head_type=head_type, root_token=root_token))
     history = torch.load(tmp_path / "trainer_state.pt", weights_only=False)["history"]["loss"]
     assert sum(history[-5:]) / 5 < 0.8 * sum(history[:5]) / 5
     assert (tmp_path / "heads" / "config.json").is_file() and summary["steps"] == 30
     config = json.loads((tmp_path / "heads" / "config.json").read_text())
     assert config["head_type"] == head_type and config["root_token"] is root_token
-    assert config["context_layer"] is context_layer
-
-
-def test_context_layer_batches_are_whole_answers_covering_each_epoch_once():
-    rows = torch.repeat_interleave(torch.arange(7), torch.tensor([5, 1, 9, 3, 3, 8, 2]))  # 31 positions
-    starts, lengths = train_mod.answer_spans(rows)
-    groups = train_mod.answer_groups(lengths, 4, torch.randperm(7, generator=torch.Generator().manual_seed(0)))
-    assert sorted(torch.cat(groups).tolist()) == list(range(7))  # every answer once per epoch
-    for g in groups:
-        idx, valid = train_mod.padded_answers(starts[g], lengths[g])
-        for answer, positions, keep in zip(g.tolist(), idx, valid, strict=True):
-            assert (rows[positions[keep]] == answer).all() and int(keep.sum()) == int(lengths[answer])
-            assert positions[keep].tolist() == sorted(positions[keep].tolist())  # in order: causal attention
 
 
 def test_bfloat16_training_reduces_the_loss_and_runs_the_heads_in_bfloat16(tiny_lm, tiny_data, tmp_path, monkeypatch):
@@ -204,10 +187,8 @@ def test_training_with_soft_targets_reduces_the_loss(tiny_lm, tiny_data, tmp_pat
     assert sum(history[-5:]) / 5 < 0.8 * sum(history[:5]) / 5
 
 
-@pytest.mark.parametrize("context_layer", [False, True])
-def test_resume_after_interruption_is_exact(tiny_lm, tiny_data, tmp_path, monkeypatch, context_layer):
-    cfg = _cfg(root_token=context_layer, context_layer=context_layer)  # context layer: batches of whole answers
-    train(tiny_lm, tiny_data, tmp_path / "full", cfg)
+def test_resume_after_interruption_is_exact(tiny_lm, tiny_data, tmp_path, monkeypatch):
+    train(tiny_lm, tiny_data, tmp_path / "full", _cfg())
     full = torch.load(tmp_path / "full" / "trainer_state.pt", weights_only=False)["history"]["loss"]
 
     calls = {"n": 0}
@@ -221,11 +202,11 @@ def test_resume_after_interruption_is_exact(tiny_lm, tiny_data, tmp_path, monkey
 
     monkeypatch.setattr(train_mod, "head_loss", dying)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_lm, tiny_data, tmp_path / "cut", cfg)
+        train(tiny_lm, tiny_data, tmp_path / "cut", _cfg())
     monkeypatch.setattr(train_mod, "head_loss", real)
     with pytest.raises(CerberusError, match="--resume"):
-        train(tiny_lm, tiny_data, tmp_path / "cut", cfg)
-    train(tiny_lm, tiny_data, tmp_path / "cut", cfg, resume=True)
+        train(tiny_lm, tiny_data, tmp_path / "cut", _cfg())
+    train(tiny_lm, tiny_data, tmp_path / "cut", _cfg(), resume=True)
     resumed = torch.load(tmp_path / "cut" / "trainer_state.pt", weights_only=False)["history"]["loss"]
     assert len(resumed) == len(full) == 30
     assert resumed == pytest.approx(full, rel=1e-5, abs=1e-6)

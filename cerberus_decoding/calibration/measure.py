@@ -116,14 +116,11 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
     root = greedy(logits).view(1)
     answer = torch.randint(vocab, (128,), generator=g).tolist()  # a mid-length answer to detokenise
     step, spec, by_depth = [], [], [[] for _ in range(k)]
-    context = heads.new_context()  # context_layer heads: one more position before each drafting, as decoding
     for _ in range(repeats + 1):
         for d in range(1, k + 1):
             _sync(device)
             t0 = time.perf_counter()
-            if context is not None:
-                context.add(hidden, root)
-            topk = heads.topk_tokens(hidden, tree.top_k, root, d, context)  # [d, top_k]
+            topk = heads.topk_tokens(hidden, tree.top_k, root, d)  # [d, top_k]
             _sync(device)
             by_depth[d - 1].append(time.perf_counter() - t0)
         _sync(device)
@@ -182,14 +179,11 @@ def observe(
     lookup[heads.vocab_ids.to(device)] = torch.arange(heads.vocab_ids.numel(), device=device)
     seq = torch.tensor(ids + [-1] * (num_heads + 2), device=device)  # padded: -1 past the end
     ranks, h_ent, l_ent = [], [], []
-    roots = seq[start + 1 : end + 1]  # [T]
-    context = heads.context_states(states[None].to(heads.shared_weight.dtype), roots[None])  # [1, T, H] or None
     for a in range(0, states.shape[0], chunk):
         h = states[a : a + chunk]  # [c, H]
         t = torch.arange(start + a, start + a + h.shape[0], device=device)  # [c] absolute positions
         target = seq[t[:, None] + torch.arange(2, num_heads + 2, device=device)]  # [c, K] token at t + d + 2
-        c = None if context is None else context[0, a : a + chunk]
-        logits = heads(h, seq[t + 1], context=c).float()  # [c, K, V']; the root is token t + 1
+        logits = heads(h, seq[t + 1]).float()  # [c, K, V']; the root is token t + 1
         idx = lookup[target.clamp_min(0)]  # [c, K]
         true_logit = logits.gather(-1, idx.clamp_min(0)[..., None])[..., 0]  # [c, K]
         rank = (logits > true_logit[..., None]).sum(-1)  # [c, K]

@@ -24,11 +24,6 @@ from ..heads import DraftHeads, HeadsConfig, _atomic_write, model_fingerprint, r
 from ..models import CerberusError
 
 IGNORE = -100
-# A context layer reads whole answers, but the positions of a few answers are too alike to make a batch
-# (trained on batches of whole answers, head 1 lost 0.08 top-1, docs/training.md). So each step reads
-# answers holding about CONTEXT_SPREAD x batch_size positions and takes the loss at batch_size of them;
-# each position is read once per epoch.
-CONTEXT_SPREAD = 8
 
 
 @dataclass
@@ -39,7 +34,6 @@ class TrainConfig:
     head_vocab: int = 8192  # 0 = full vocabulary
     own_lm_head: bool = False
     root_token: bool = False  # cerberus: start the chain from the root token's embedding
-    context_layer: bool = False  # root_token: start it from an attention layer over the answer (batches of answers)
     epochs: float = 3.0
     batch_size: int = 256
     lr: float = 1e-3
@@ -177,56 +171,20 @@ def teacher_topk(hidden: torch.Tensor, head_weight: torch.Tensor, k: int, chunk:
     return torch.cat(ids), torch.cat(probs)
 
 
-def answer_spans(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N] answer id per position (each answer's positions contiguous) -> starts [A], lengths [A]."""
-    _, lengths = torch.unique_consecutive(rows, return_counts=True)
-    return torch.cumsum(lengths, 0) - lengths, lengths
-
-
-def padded_answers(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Answers -> positions [B, L] (padded with each answer's first position) and valid [B, L]."""
-    offsets = torch.arange(int(lengths.max()))
-    valid = offsets < lengths[:, None]
-    return torch.where(valid, starts[:, None] + offsets, starts[:, None]), valid
-
-
-def answer_groups(lengths: torch.Tensor, groups: int, order: torch.Tensor) -> list[torch.Tensor]:
-    """Answers in ``order`` cut into ``groups`` consecutive runs of about equal positions."""
-    cum = torch.cumsum(lengths[order], 0)
-    cuts = torch.searchsorted(cum, torch.arange(1, groups) * (int(cum[-1]) / groups))
-    return [g for g in torch.tensor_split(order, cuts) if g.numel()]
-
-
 @torch.no_grad()
 def evaluate(
-    heads: DraftHeads,
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
-    roots: torch.Tensor,
-    rows: torch.Tensor | None = None,
-    batch: int = 1024,
+    heads: DraftHeads, hidden: torch.Tensor, labels: torch.Tensor, roots: torch.Tensor, batch: int = 1024
 ) -> dict:
     """Per-head top-1 / top-5 on full-vocabulary labels (tokens outside the head vocabulary count as misses).
-    ``roots`` [N]: the token the base model chose at each position (read by root_token heads); ``rows``
-    [N]: the answer of each position, for heads with a context layer (they read whole answers)."""
+    ``roots`` [N]: the token the base model chose at each position (read by root_token heads)."""
     K = labels.shape[1]
     device = heads.shared_weight.device
     hit1, hit5, count = (torch.zeros(K, device=device) for _ in range(3))
     dtype = heads.shared_weight.dtype
-    if heads.context_layer is None:
-        batches = [(torch.arange(i, min(i + batch, hidden.shape[0])), None) for i in range(0, hidden.shape[0], batch)]
-    else:
-        if rows is None:
-            raise CerberusError("Heads with a context layer are scored on whole answers; pass rows.")
-        starts, lengths = answer_spans(rows)
-        in_order = answer_groups(lengths, -(-hidden.shape[0] // batch), torch.arange(starts.numel()))
-        batches = [padded_answers(starts[g], lengths[g]) for g in in_order]
-    for idx, valid in batches:
-        h = hidden[idx].to(device, dtype)
-        r = roots[idx].to(device)
-        y = labels[idx if valid is None else idx[valid]].to(device)
-        logits = heads(h, r, where=None if valid is None else valid.to(device))  # [B, K, V']
-        top5 = heads.vocab_ids[logits.topk(5, dim=-1).indices]  # [B, K, 5] ids
+    for i in range(0, hidden.shape[0], batch):
+        h = hidden[i : i + batch].to(device, dtype)
+        y = labels[i : i + batch].to(device)
+        top5 = heads.vocab_ids[heads(h, roots[i : i + batch].to(device)).topk(5, dim=-1).indices]  # [B, K, 5] ids
         valid = y != IGNORE
         hit1 += ((top5[..., 0] == y) & valid).sum(0)
         hit5 += ((top5 == y[..., None]).any(-1) & valid).sum(0)
@@ -273,7 +231,7 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-SHAPE_KEYS = ("head_type", "num_heads", "num_layers", "head_vocab", "own_lm_head", "root_token", "context_layer")
+SHAPE_KEYS = ("head_type", "num_heads", "num_layers", "head_vocab", "own_lm_head", "root_token")
 
 
 def load_trainer_state(path: Path, cfg: TrainConfig) -> dict:
@@ -332,7 +290,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     if cfg.max_positions:
         train_idx = train_idx[: cfg.max_positions]
     train_h, train_y, train_r = hidden[train_idx], labels[train_idx], tokens[train_idx]
-    eval_h, eval_y, eval_r, eval_rows = hidden[held], labels[held], tokens[held], rows[held]
+    eval_h, eval_y, eval_r = hidden[held], labels[held], tokens[held]
     groups = prompt_groups(data_dir, rows)
 
     weight = lm.model.get_output_embeddings().weight.detach().float().cpu()  # [V, H]
@@ -344,7 +302,6 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         vocab_size=weight.shape[0],
         own_lm_head=cfg.own_lm_head,
         root_token=cfg.root_token,
-        context_layer=cfg.context_layer,
         base_model=model_fingerprint(lm.model, lm.name),
     )
     heads = DraftHeads(hc)
@@ -390,29 +347,13 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
 
     orders: dict[int, torch.Tensor] = {}
 
-    spans = answer_spans(rows[train_idx]) if cfg.context_layer else None
-    groups_per_round = max(1, steps_per_epoch // CONTEXT_SPREAD)
-
-    def batch_indices(s: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Step s -> this process's positions: [B] loose positions, or for a context layer whole answers
-        [B, L] with the mask [B, L] of the positions the loss reads."""
+    def batch_indices(s: int) -> torch.Tensor:
         epoch, offset = divmod(s, steps_per_epoch)
         if epoch not in orders:  # one permutation per epoch, a function of (seed, epoch) only: resumable
             orders.clear()
-            g = torch.Generator().manual_seed(cfg.seed + 1000 + epoch)
-            if spans is None:
-                orders[epoch] = torch.randperm(n_train, generator=g)
-            else:  # groups of answers, and each position's turn (the one of CONTEXT_SPREAD steps it is read)
-                groups = answer_groups(spans[1], groups_per_round, torch.randperm(spans[0].numel(), generator=g))
-                orders[epoch] = (groups, torch.randint(CONTEXT_SPREAD, (n_train,), generator=g))
-        if spans is None:
-            idx = orders[epoch][offset * cfg.batch_size : (offset + 1) * cfg.batch_size]
-            return idx[acc.process_index :: acc.num_processes].to(train_h.device), None  # this process's slice
-        groups, turn = orders[epoch]
-        answers = groups[offset % len(groups)][acc.process_index :: acc.num_processes]
-        idx, valid = padded_answers(spans[0][answers], spans[1][answers])
-        read = valid & (turn[idx] == (offset // len(groups)) % CONTEXT_SPREAD)
-        return idx.to(train_h.device), read.to(train_h.device)
+            orders[epoch] = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed + 1000 + epoch))
+        idx = orders[epoch][offset * cfg.batch_size : (offset + 1) * cfg.batch_size]
+        return idx[acc.process_index :: acc.num_processes].to(train_h.device)  # this process's slice
 
     def checkpoint(final: bool = False) -> None:
         if not acc.is_main_process:
@@ -449,16 +390,15 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     t0 = time.perf_counter()
     heads.train()
     while step < total:
-        idx, read = batch_indices(step)
-        flat = idx if read is None else idx[read]  # [B] positions the loss reads
+        idx = batch_indices(step)
         h = train_h[idx].float().to(acc.device)
-        y = train_targets[flat].to(acc.device)
+        y = train_targets[idx].to(acc.device)
         batch_soft = None
         if soft is not None:
-            where = soft[0][flat]  # [B, K] positions of the targets
+            where = soft[0][idx]  # [B, K] positions of the targets
             batch_soft = (soft[1][where], soft[2][where])  # [B, K, k] each
         with torch.autocast(acc.device.type, torch.bfloat16, enabled=cfg.precision == "bfloat16"):
-            logits = heads(h, train_r[idx].to(acc.device), where=read)  # [B, K, V']
+            logits = heads(h, train_r[idx].to(acc.device))  # [B, K, V']
         loss, per_head = head_loss(logits, y, cfg.loss_decay, batch_soft, cfg.soft_weight)  # in float32
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
@@ -472,7 +412,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         bar.update(1)
         if step % cfg.eval_every == 0 or step == total:
             heads.eval()
-            metrics = evaluate(core, eval_h, eval_y, eval_r, eval_rows)
+            metrics = evaluate(core, eval_h, eval_y, eval_r)
             heads.train()
             history["eval"].append({"step": step, **metrics})
             bar.write(f"step {step}: held-out top1 " + " ".join(f"{a:.3f}" for a in metrics["top1"]))
@@ -494,7 +434,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     if groups is not None:  # held-out accuracy per data source and category
         heads.eval()
         summary["by_group"] = {
-            name: evaluate(core, *(t[member[held]] for t in (eval_h, eval_y, eval_r, eval_rows)))
+            name: evaluate(core, eval_h[member[held]], eval_y[member[held]], eval_r[member[held]])
             for name, member in sorted(groups.items())
             if bool(member[held].any())
         }
