@@ -265,8 +265,8 @@ class Decoder:
 
     def _entropies(self, hidden, logits) -> tuple[float, float]:
         """(hidden, logits) entropies of this step's decision: the one the gate reads, both when
-        tracing, NaN otherwise (each is a softmax over its vector: about 1 ms for the logits on a
-        CPU, which a plain AR step must not pay)."""
+        tracing, NaN otherwise (each is a softmax over its vector: 0.1-1 ms for the logits on a
+        CPU, docs/gate.md, which a plain AR step must not pay)."""
         gate = gating.reads(self.gate, self.threshold) if self.heads is not None else None
         hidden_entropy = gating.entropy(hidden) if self.trace_entropies or gate == "hidden" else math.nan
         logits_entropy = gating.entropy(logits) if self.trace_entropies or gate == "logits" else math.nan
