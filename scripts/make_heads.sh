@@ -8,7 +8,8 @@
 #       states are rebuilt by teacher forcing (resumable), then the same training.
 # Usage: scripts/make_heads.sh OUT_DIR, with the default model installed and this repository importable.
 # Environment: DEVICE, WEIGHTS, RUNTIME, ANSWERS, GENERATE, PROMPTS, BATCH, MAX_NEW, DISTILL_SECONDS,
-# DISTILL_TOKENS, TRAIN_SECONDS (0 = no limit), EPOCHS, TRAIN_BATCH, LR, CURVE, BUDGET, DATA, RUNS, CLI,
+# DISTILL_TOKENS, TRAIN_SECONDS (0 = no limit), EPOCHS, TRAIN_BATCH, LR, TRAIN_ARGS (more `cerberus train`
+# options for every run, e.g. --own-lm-head), CURVE, BUDGET, DATA, RUNS, CLI,
 # STAGES (any of distill, train, curve; all three by default).
 set -uo pipefail
 out=${1:-out/heads-gpu}
@@ -32,7 +33,7 @@ train() {  # train NAME ARGS...: the same recipe for every run
     shift
     timeout "${TRAIN_SECONDS:-150}" $cli train --data "$data" --device "$device" --num-layers 2 \
         --epochs "${EPOCHS:-2}" --batch-size "${TRAIN_BATCH:-1024}" --lr "${LR:-2e-3}" --eval-every 1000 \
-        --save-every 500 --out "$runs/$name" "$@" | tail -1
+        --save-every 500 --out "$runs/$name" ${TRAIN_ARGS:-} "$@" | tail -1
     echo "$name done at $((SECONDS - start)) s"
 }
 
