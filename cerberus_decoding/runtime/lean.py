@@ -160,7 +160,12 @@ class LeanLlama(torch.nn.Module):
         cache.slot_of = None if rows is None else rows.slots.to(ids.device)
         block = rows is None and q > 1
         causal_prompt = start == 0 and tree_mask is None
-        mask = self._block_mask(start, q, tree_mask, ids.device) if block and not causal_prompt else None
+        mask = None
+        if block and not causal_prompt:
+            block_rows = tree_mask  # a tree, or a prompt after the cache: causal
+            if block_rows is None:
+                block_rows = torch.ones(q, q, dtype=torch.bool, device=ids.device).tril()
+            mask = self._block_mask(start + q, start, block_rows)
 
         def attend(i: int, xq, xk, xv) -> torch.Tensor:
             k, v = cache.layers[i]
@@ -291,9 +296,7 @@ class LeanLlama(torch.nn.Module):
         left to the caller."""
         q, capacity = ids.numel(), cache.capacity
         slots = start + torch.arange(q, device=ids.device)  # [q]
-        mask = (torch.arange(capacity, device=ids.device) < start).expand(q, capacity).clone()  # [q, T]
-        mask.index_copy_(1, slots, tree)
-        mask = mask.repeat(self.num_heads // self.num_kv_heads, 1)  # [rep q, T], the grouped query rows' order
+        mask = self._block_mask(capacity, start, tree)  # [rep q, T]
 
         def attend(i: int, xq, xk, xv) -> torch.Tensor:
             k, v = cache.layers[i]
@@ -352,21 +355,24 @@ class LeanLlama(torch.nn.Module):
                 out[r] = F.scaled_dot_product_attention(group[r, None], k[None, :, :end], v[None, :, :end])
         return torch.cat(out).reshape(q, -1) if q > 1 else out[0].reshape(1, -1)
 
-    def _block_mask(self, start: int, q: int, tree_mask, device) -> torch.Tensor:
-        """[rep q, start + q] bool, built once per forward for every layer's ``_attend_block``: the
-        keys each of its grouped query rows reads (the cache, then the block's causal run or tree)."""
-        mask = torch.ones(q, start + q, dtype=torch.bool, device=device)  # [q, T]
-        mask[:, start:] = torch.ones(q, q, dtype=torch.bool, device=device).tril() if tree_mask is None else tree_mask
-        return mask.repeat(self.num_heads // self.num_kv_heads, 1)
+    def _block_mask(self, n_keys: int, start, tree: torch.Tensor) -> torch.Tensor:
+        """[rep q, n_keys] bool, built once per forward for every layer's ``_attend_block``: the keys
+        each of its grouped query rows reads: the cache's first ``start`` entries (an int, or a 0-d
+        tensor for a CUDA graph), then the block's rows at ``start`` as ``tree`` [q, q] marks (causal
+        for a run of tokens); nothing after them."""
+        q = tree.shape[0]
+        mask = (torch.arange(n_keys, device=tree.device) < start).expand(q, n_keys).clone()  # [q, T]
+        mask.index_copy_(1, start + torch.arange(q, device=tree.device), tree)
+        return mask.repeat(self.num_heads // self.num_kv_heads, 1)  # the grouped query rows' order
 
     def _attend_block(self, k, v, xq, n_keys: int, mask=None) -> torch.Tensor:
         """The q rows in one call over the cache's first ``n_keys`` entries: a prompt from position 0
-        (``mask`` None: causal), or under a mask of ``_block_mask`` or ``static_forward`` a tree or a
+        (``mask`` None: causal), or under a ``_block_mask`` (of ``forward`` or ``static_forward``) a tree or a
         prompt after the cache. xq [q, Hq, D] -> [q, Hq D]"""
         q, Hkv, D = xq.shape[0], self.num_kv_heads, self.head_dim
         rep = self.num_heads // Hkv
         if mask is None:
-            keys = k[:, :n_keys].repeat_interleave(rep, 0)[None]  # [1, Hq, q, D]
+            keys = k[:, :n_keys].repeat_interleave(rep, 0)[None]  # [1, Hq, n_keys, D]
             values = v[:, :n_keys].repeat_interleave(rep, 0)[None]
             out = F.scaled_dot_product_attention(xq.transpose(0, 1)[None], keys, values, is_causal=True)
             return out[0].transpose(0, 1).reshape(q, -1)
