@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument(
         "--tree-attention",
         default=None,
-        help="comma list of the lean runtime's tree attention paths (rows, masked; default: the device's)",
+        help="comma list of the lean runtime's tree attention paths (kernel, rows, masked; default: the device's)",
     )
     ap.add_argument(
         "--cuda-graphs",

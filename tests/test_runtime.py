@@ -40,9 +40,10 @@ def rows_vs_one_token_steps(rt, prefix: list[int], tokens: list[int]):
         return tree_rows, torch.stack(singles)
 
 
+@pytest.mark.parametrize("tree_attention", ["kernel", "rows"])
 @pytest.mark.parametrize("weights", ["int4", "int8", "bfloat16"])
-def test_verification_rows_equal_one_token_steps_bitwise(tiny_lm, weights):
-    rt = build_runtime(tiny_lm.model, weights, "lean")
+def test_verification_rows_equal_one_token_steps_bitwise(tiny_lm, weights, tree_attention):
+    rt = LeanLlama(tiny_lm.model, weights, tree_attention=tree_attention)
     g = torch.Generator().manual_seed(0)
     prefix, tokens = torch.randint(5000, (21,), generator=g).tolist(), torch.randint(5000, (TREE.size,), generator=g)
     tree_rows, singles = rows_vs_one_token_steps(rt, prefix, tokens.tolist())

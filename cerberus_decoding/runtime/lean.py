@@ -2,22 +2,27 @@
 
 Fused QKV and gate/up projections in any weight format (formats.py), a preallocated cache that
 verification compacts, and an attention that makes a tree node's row bitwise equal to the
-one-token step at that node:
+one-token step at that node. Three ways to compute it (``tree_attention``):
 
-  The one-token step attends with one ``scaled_dot_product_attention`` call: the token's query
-  heads against the cache's keys ``[0, p]``. In a verification forward each row (root or tree node)
-  is computed by the same call on the same keys in the same order: its context, its ancestors,
-  itself. Rows on the tree's main chain (the root and its first-child chain, written right after
-  the context) read a plain view of the cache, exactly like the one-token step; other rows read
-  their keys gathered into a contiguous copy, which this kernel treats the same (measured, and
-  checked by tests/test_runtime.py). With row-invariant projections (formats.py) the whole forward
-  is then row-for-row identical to decoding the accepted path one token at a time.
+  ``kernel`` (CPU default): our attention kernel (row_attention.cpp) computes every row of a forward,
+  the one-token step's included, in one call per layer; each row reads its context, its ancestors
+  and itself, in that order, with arithmetic that depends on nothing else.
 
-On CUDA a step of a small model is bound by kernel launches, not arithmetic, and one attention call
-per row and layer makes a verification cost grow with the tree (2.6x a step at 16 rows on an H100).
-There the default is ``tree_attention = "masked"``: one call per layer over every row under the
-tree mask, like transformers' forward. It is not bitwise the one-token step, so CUDA's lossless
-rule is the proven near-tie (cuBLAS is not row-invariant either); CPUs keep the exact rows.
+  ``rows`` (the CPU fallback where the kernel cannot be built): one ``scaled_dot_product_attention``
+  call per row, the one-token step's call on the same keys in the same order. Rows on the tree's
+  main chain (the root and its first-child chain, written right after the context) read a plain
+  view of the cache, exactly like the one-token step; other rows read their keys gathered into a
+  contiguous copy, which this kernel treats the same (measured, and checked by
+  tests/test_runtime.py).
+
+  With row-invariant projections (formats.py) the whole forward is then row-for-row identical to
+  decoding the accepted path one token at a time.
+
+  ``masked`` (CUDA default): on CUDA a step of a small model is bound by kernel launches, not
+  arithmetic, and one attention call per row and layer makes a verification cost grow with the tree
+  (2.6x a step at 16 rows on an H100). There one call per layer covers every row under the tree
+  mask, like transformers' forward. It is not bitwise the one-token step, so CUDA's lossless rule
+  is the proven near-tie (cuBLAS is not row-invariant either).
 """
 
 from __future__ import annotations
@@ -30,11 +35,11 @@ import torch.nn.functional as F
 
 from ..models import CerberusError
 from ..sampling import greedy
-from . import attention_kernels, split_answers
+from . import attention_kernels, row_attention, split_answers
 from .formats import Linear, activation_dtype, dense, int4_from_blocks
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-TREE_ATTENTION = ("rows", "masked")  # exact, one call per row (CPU default) / one masked call per layer (CUDA)
+TREE_ATTENTION = ("kernel", "rows", "masked")  # exact, one call / exact, a call per row / one masked call (CUDA)
 
 
 class KVCache:
@@ -129,11 +134,24 @@ class LeanLlama(torch.nn.Module):
         half = self.head_dim // 2
         sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)  # signed, for _rope's roll
         self.cos, self.sin = (t.to(self.dtype) for t in (cos[0], sin))  # [max_pos, D]
-        self.tree_attention = tree_attention or ("masked" if device.type == "cuda" else "rows")
+        if tree_attention is not None and tree_attention not in TREE_ATTENTION:
+            raise CerberusError(f"Unknown tree attention {tree_attention!r}; use one of {TREE_ATTENTION}.")
+        kernel_fits = device.type == "cpu" and row_attention.supports(
+            self.head_dim, self.num_heads, self.num_kv_heads, self.dtype
+        )
+        if tree_attention == "kernel" and not kernel_fits:
+            raise CerberusError(
+                "The row attention kernel runs on a CPU with float32 or bfloat16 activations, head_dim "
+                f"{row_attention.HEAD_DIMS} and at most {row_attention.MAX_GROUP} query heads per kv head; "
+                "use tree attention 'rows' (or 'masked' on CUDA)."
+            )
+        self.row_kernel = row_attention.load() if kernel_fits and tree_attention in (None, "kernel") else None
+        if tree_attention == "kernel" and self.row_kernel is None:
+            raise CerberusError("The row attention kernel could not be built here; use tree attention 'rows'.")
+        default = "masked" if device.type == "cuda" else "kernel" if self.row_kernel is not None else "rows"
+        self.tree_attention = tree_attention or default
         # Experimental, off by default until measured on a GPU: replay CUDA steps from graphs
         self.cuda_graphs = os.environ.get("CERBERUS_CUDA_GRAPHS") == "1"
-        if self.tree_attention not in TREE_ATTENTION:
-            raise CerberusError(f"Unknown tree attention {self.tree_attention!r}; use one of {TREE_ATTENTION}.")
 
     def new_cache(self, capacity: int, device) -> KVCache:
         return KVCache(self.num_layers, self.num_kv_heads, capacity, self.head_dim, self.dtype, device)
@@ -167,6 +185,10 @@ class LeanLlama(torch.nn.Module):
                 block_rows = torch.ones(q, q, dtype=torch.bool, device=ids.device).tril()
             mask = self._block_mask(start + q, start, block_rows)
 
+        own = own_count = None  # the kernel's rows: the slots each reads after the context
+        if self.tree_attention == "kernel" and not block:
+            own, own_count = (start + rows.own, rows.own_count) if rows is not None else _own_entry(start)
+
         def attend(i: int, xq, xk, xv) -> torch.Tensor:
             k, v = cache.layers[i]
             xk, xv = xk.transpose(0, 1), xv.transpose(0, 1)  # [Hkv, q, D]
@@ -174,6 +196,8 @@ class LeanLlama(torch.nn.Module):
             v.index_copy_(1, slots, xv)
             if block:  # a prompt, or a tree under one mask
                 return self._attend_block(k, v, xq, start + q, mask)
+            if own is not None:  # every row in one kernel call
+                return self.row_kernel(xq.contiguous(), k, v, start, own, own_count).view(q, -1)
             attn = self._attend_rows(k, v, xq, xk, xv, rows, start)
             if rows is not None and rows.off_chain:  # they borrowed the chain's slots: put it back
                 k.index_copy_(1, slots, xk)
@@ -193,15 +217,14 @@ class LeanLlama(torch.nn.Module):
                 raise CerberusError(f"KV cache overflow: {c.length + 1} > {c.capacity} entries")
 
         def attend(i: int, xq, xk, xv) -> torch.Tensor:
-            group = xq.view(len(caches), self.num_kv_heads, -1, self.head_dim)  # [B, Hkv, Hq / Hkv, D]
             out = []
             for b, c in enumerate(caches):
                 k, v = c.layers[i]
                 n = c.length
                 k[:, n] = xk[b]
                 v[:, n] = xv[b]
-                out.append(F.scaled_dot_product_attention(group[b, None], k[None, :, : n + 1], v[None, :, : n + 1]))
-            return torch.cat(out).reshape(len(caches), -1)
+                out.append(self._attend_step(k, v, xq[b : b + 1], n))
+            return torch.cat(out)
 
         hidden = self._layers(ids, positions, attend)
         for c in caches:
@@ -339,21 +362,28 @@ class LeanLlama(torch.nn.Module):
         """Each row alone, exactly as the one-token step computes it. k, v [Hkv, capacity, D] (one
         layer's cache, this forward's entries in their slots), xk, xv [Hkv, q, D] (those entries),
         xq [q, Hq, D] -> [q, Hq D]"""
+        if rows is None:
+            return self._attend_step(k, v, xq, start)
         q, Hkv, D = xq.shape[0], self.num_kv_heads, self.head_dim
         group = xq.view(q, Hkv, -1, D)  # [q, Hkv, Hq / Hkv, D]: query heads sharing a kv head
         out = [None] * q
-        if rows is None:  # the one-token step: the context and itself
-            out[0] = F.scaled_dot_product_attention(group, k[None, :, : start + 1], v[None, :, : start + 1])
-        else:
-            for r in rows.chain:  # context + chain so far: a view, as in the one-token step
-                end = start + r[1] + 1
-                out[r[0]] = F.scaled_dot_product_attention(group[r[0], None], k[None, :, :end], v[None, :, :end])
-            for r, ancestors in rows.off_chain:  # its ancestors' entries copied right after the context
-                end = start + ancestors.numel()
-                k[:, start:end] = xk[:, ancestors]
-                v[:, start:end] = xv[:, ancestors]
-                out[r] = F.scaled_dot_product_attention(group[r, None], k[None, :, :end], v[None, :, :end])
-        return torch.cat(out).reshape(q, -1) if q > 1 else out[0].reshape(1, -1)
+        for r in rows.chain:  # context + chain so far: a view, as in the one-token step
+            end = start + r[1] + 1
+            out[r[0]] = F.scaled_dot_product_attention(group[r[0], None], k[None, :, :end], v[None, :, :end])
+        for r, ancestors in rows.off_chain:  # its ancestors' entries copied right after the context
+            end = start + ancestors.numel()
+            k[:, start:end] = xk[:, ancestors]
+            v[:, start:end] = xv[:, ancestors]
+            out[r] = F.scaled_dot_product_attention(group[r, None], k[None, :, :end], v[None, :, :end])
+        return torch.cat(out).reshape(q, -1)
+
+    def _attend_step(self, k, v, xq, start: int) -> torch.Tensor:
+        """The one-token step: xq [1, Hq, D] attends to the cache's ``[0, start]`` (its context and
+        itself) -> [1, Hq D]"""
+        if self.row_kernel is not None and self.tree_attention == "kernel":
+            return self.row_kernel(xq.contiguous(), k, v, start, *_own_entry(start)).view(1, -1)
+        group = xq.view(1, self.num_kv_heads, -1, self.head_dim)  # [1, Hkv, Hq / Hkv, D]
+        return F.scaled_dot_product_attention(group, k[None, :, : start + 1], v[None, :, : start + 1]).view(1, -1)
 
     def _block_mask(self, n_keys: int, start, tree: torch.Tensor) -> torch.Tensor:
         """[rep q, n_keys] bool, built once per forward for every layer's ``_attend_block``: the keys
@@ -441,6 +471,16 @@ class _TreeRows:
         self.slots[order] = torch.arange(q)
         self.chain = [(r, i) for i, r in enumerate(chain)]  # (row, slot)
         self.off_chain = [(r, torch.tensor(ancestors[r], device=device)) for r in order[len(chain) :]]
+        # for the kernel: [q, depth + 1] each row's ancestors' and its own slots after the context, and their count
+        self.own_count = torch.tensor([len(a) for a in ancestors])
+        self.own = torch.zeros(q, int(self.own_count.max()), dtype=torch.long)
+        for r, a in enumerate(ancestors):
+            self.own[r, : len(a)] = self.slots[a]
+
+
+def _own_entry(start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's one-token step: after the context ``[0, start)`` the row reads its own entry."""
+    return torch.tensor([[start]]), torch.ones(1, dtype=torch.long)
 
 
 def _doubled(weight: torch.Tensor, dtype) -> torch.Tensor:
