@@ -27,16 +27,17 @@ def activation_dtype(weights: str) -> torch.dtype:
     return torch.float32 if weights == "float32" else torch.bfloat16
 
 
-class Linear(torch.nn.Module):
-    """``y = x W^T (+ b)`` with W stored in one of the formats above. x [..., K] -> y [..., N]."""
+class Linear:
+    """``y = x W^T (+ b)`` with W stored in one of the formats above. x [..., K] -> y [..., N].
+    A plain class, not a ``torch.nn.Module``: a module's call costs a few microseconds of hooks
+    bookkeeping, and a decoding step makes 121 of these calls."""
 
     def __init__(self, fmt: str, out_features: int, bias: torch.Tensor | None = None):
-        super().__init__()
         self.fmt, self.out_features = fmt, out_features
         self.bias = bias
         self.without_onednn = False  # bfloat16 shapes oneDNN does not compute row-invariantly (dense)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.without_onednn:
             y = _linear_without_onednn(x, self.weight)
         elif self.fmt == "float32" or self.fmt == "bfloat16":

@@ -4,9 +4,10 @@ Fused QKV and gate/up projections in any weight format (formats.py), a prealloca
 verification compacts, and an attention that makes a tree node's row bitwise equal to the
 one-token step at that node. Three ways to compute it (``tree_attention``):
 
-  ``kernel`` (CPU default): our attention kernel (row_attention.cpp) computes every row of a forward,
-  the one-token step's included, in one call per layer; each row reads its context, its ancestors
-  and itself, in that order, with arithmetic that depends on nothing else.
+  ``kernel`` (CPU default): our CPU kernels (cpu_kernels.cpp) compute every row of a forward, the
+  one-token step's included, in one call per layer; each row reads its context, its ancestors and
+  itself, in that order, with arithmetic that depends on nothing else. (RMSNorm and SiLU * up run
+  in the kernels too wherever they are built: fewer ops a layer.)
 
   ``rows`` (the CPU fallback where the kernel cannot be built): one ``scaled_dot_product_attention``
   call per row, the one-token step's call on the same keys in the same order. Rows on the tree's
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 from ..models import CerberusError
 from ..sampling import greedy
-from . import attention_kernels, row_attention, split_answers
+from . import attention_kernels, cpu_kernels, split_answers
 from .formats import Linear, activation_dtype, dense, int4_from_blocks
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -136,19 +137,24 @@ class LeanLlama(torch.nn.Module):
         self.cos, self.sin = (t.to(self.dtype) for t in (cos[0], sin))  # [max_pos, D]
         if tree_attention is not None and tree_attention not in TREE_ATTENTION:
             raise CerberusError(f"Unknown tree attention {tree_attention!r}; use one of {TREE_ATTENTION}.")
-        kernel_fits = device.type == "cpu" and row_attention.supports(
-            self.head_dim, self.num_heads, self.num_kv_heads, self.dtype
-        )
-        if tree_attention == "kernel" and not kernel_fits:
+        shape = {
+            "hidden": cfg.hidden_size,
+            "intermediate": cfg.intermediate_size,
+            "head_dim": self.head_dim,
+            "heads": self.num_heads,
+            "kv_heads": self.num_kv_heads,
+        }
+        fits = device.type == "cpu" and cpu_kernels.supports(shape, self.dtype)
+        if tree_attention == "kernel" and not fits:
             raise CerberusError(
-                "The row attention kernel runs on a CPU with float32 or bfloat16 activations, head_dim "
-                f"{row_attention.HEAD_DIMS} and at most {row_attention.MAX_GROUP} query heads per kv head; "
-                "use tree attention 'rows' (or 'masked' on CUDA)."
+                "The CPU kernels run on a CPU with float32 or bfloat16 activations, head_dim "
+                f"{cpu_kernels.HEAD_DIMS}, at most {cpu_kernels.MAX_GROUP} query heads per kv head and "
+                "widths divisible by 16; use tree attention 'rows' (or 'masked' on CUDA)."
             )
-        self.row_kernel = row_attention.load() if kernel_fits and tree_attention in (None, "kernel") else None
-        if tree_attention == "kernel" and self.row_kernel is None:
-            raise CerberusError("The row attention kernel could not be built here; use tree attention 'rows'.")
-        default = "masked" if device.type == "cuda" else "kernel" if self.row_kernel is not None else "rows"
+        self.kernels = cpu_kernels.load() if fits else None  # torch.ops.cerberus, or None: torch's ops
+        if tree_attention == "kernel" and self.kernels is None:
+            raise CerberusError("The CPU kernels could not be built here; use tree attention 'rows'.")
+        default = "masked" if device.type == "cuda" else "kernel" if self.kernels is not None else "rows"
         self.tree_attention = tree_attention or default
         # Experimental, off by default until measured on a GPU: replay CUDA steps from graphs
         self.cuda_graphs = os.environ.get("CERBERUS_CUDA_GRAPHS") == "1"
@@ -185,9 +191,13 @@ class LeanLlama(torch.nn.Module):
                 block_rows = torch.ones(q, q, dtype=torch.bool, device=ids.device).tril()
             mask = self._block_mask(start + q, start, block_rows)
 
-        own = own_count = None  # the kernel's rows: the slots each reads after the context
+        fused = None  # the kernel path: RoPE, cache writes and every row's attention in one op a layer
         if self.tree_attention == "kernel" and not block:
             own, own_count = (start + rows.own, rows.own_count) if rows is not None else _own_entry(start)
+
+            def fused(i: int, qkv, cos, sin) -> torch.Tensor:
+                k, v = cache.layers[i]
+                return self.kernels.rope_attention(qkv, cos, sin, k, v, slots, start, own, own_count)
 
         def attend(i: int, xq, xk, xv) -> torch.Tensor:
             k, v = cache.layers[i]
@@ -196,15 +206,13 @@ class LeanLlama(torch.nn.Module):
             v.index_copy_(1, slots, xv)
             if block:  # a prompt, or a tree under one mask
                 return self._attend_block(k, v, xq, start + q, mask)
-            if own is not None:  # every row in one kernel call
-                return self.row_kernel(xq.contiguous(), k, v, start, own, own_count).view(q, -1)
             attn = self._attend_rows(k, v, xq, xk, xv, rows, start)
             if rows is not None and rows.off_chain:  # they borrowed the chain's slots: put it back
                 k.index_copy_(1, slots, xk)
                 v.index_copy_(1, slots, xv)
             return attn
 
-        hidden = self._layers(ids, positions, attend)
+        hidden = self._layers(ids, positions, attend, fused)
         cache.length = start + q
         return hidden
 
@@ -220,13 +228,21 @@ class LeanLlama(torch.nn.Module):
             out = []
             for b, c in enumerate(caches):
                 k, v = c.layers[i]
-                n = c.length
-                k[:, n] = xk[b]
-                v[:, n] = xv[b]
-                out.append(self._attend_step(k, v, xq[b : b + 1], n))
+                k[:, c.length] = xk[b]
+                v[:, c.length] = xv[b]
+                out.append(self._attend_step(k, v, xq[b : b + 1], c.length))
             return torch.cat(out)
 
-        hidden = self._layers(ids, positions, attend)
+        def fused(i: int, qkv, cos, sin) -> torch.Tensor:
+            out = []
+            for b, c in enumerate(caches):
+                k, v = c.layers[i]
+                own, one = _own_entry(c.length)
+                row = qkv[b : b + 1], cos[b : b + 1], sin[b : b + 1]
+                out.append(self.kernels.rope_attention(*row, k, v, own[0], c.length, own, one))
+            return torch.cat(out)
+
+        hidden = self._layers(ids, positions, attend, fused if self.tree_attention == "kernel" else None)
         for c in caches:
             c.length += 1
             c.slot_of = None
@@ -340,23 +356,38 @@ class LeanLlama(torch.nn.Module):
         cache.length, cache.slot_of = start + q, None
         return hidden
 
-    def _layers(self, ids, positions, attend) -> torch.Tensor:
+    def _layers(self, ids, positions, attend, fused=None) -> torch.Tensor:
         """The transformer over q tokens: ids, positions [q] -> normalized hidden [q, H].
         ``attend(layer, xq [q, Hq, D], xk [q, Hkv, D], xv [q, Hkv, D]) -> [q, Hq D]`` stores K/V and
-        computes attention."""
+        computes attention after RoPE; ``fused(layer, qkv [q, (Hq + 2 Hkv) D], cos, sin [q, D])``, where
+        given, does all of it in one kernel op."""
         q = ids.numel()
-        cos, sin = self.cos[positions, None], self.sin[positions, None]  # [q, 1, D]
+        cos, sin = self.cos[positions], self.sin[positions]  # [q, D]
         x = self.embed[ids]  # [q, H]
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         with attention_kernels(x.device):
             for i, layer in enumerate(self.layers):
-                qkv = layer["wqkv"](_rms_norm(x, layer["attn_norm"], self.eps))  # [q, (Hq + 2 Hkv) D]
-                qk = _rope(qkv[:, : (Hq + Hkv) * D].view(q, Hq + Hkv, D), cos, sin)  # [q, Hq + Hkv, D]
-                xv = qkv[:, (Hq + Hkv) * D :].view(q, Hkv, D)
-                x = x + layer["wo"](attend(i, qk[:, :Hq], qk[:, Hq:], xv))
-                gate, up = layer["w13"](_rms_norm(x, layer["mlp_norm"], self.eps)).chunk(2, dim=-1)
-                x = x + layer["w2"](F.silu(gate) * up)
-        return _rms_norm(x, self.norm, self.eps)
+                qkv = layer["wqkv"](self._norm(x, layer["attn_norm"]))  # [q, (Hq + 2 Hkv) D]
+                if fused is not None:
+                    attn = fused(i, qkv, cos, sin)
+                else:
+                    qk = _rope(qkv[:, : (Hq + Hkv) * D].view(q, Hq + Hkv, D), cos[:, None], sin[:, None])
+                    attn = attend(i, qk[:, :Hq], qk[:, Hq:], qkv[:, (Hq + Hkv) * D :].view(q, Hkv, D))
+                x = x + layer["wo"](attn)
+                x = x + layer["w2"](self._silu_mul(layer["w13"](self._norm(x, layer["mlp_norm"]))))
+        return self._norm(x, self.norm)
+
+    def _norm(self, x: torch.Tensor, doubled_weight: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.kernels.rms_norm(x, doubled_weight, self.eps)
+        return _rms_norm(x, doubled_weight, self.eps)
+
+    def _silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[q, 2I] gate and up projections -> [q, I] SiLU(gate) * up"""
+        if self.kernels is not None:
+            return self.kernels.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
     def _attend_rows(self, k, v, xq, xk, xv, rows, start: int) -> torch.Tensor:
         """Each row alone, exactly as the one-token step computes it. k, v [Hkv, capacity, D] (one
@@ -380,8 +411,6 @@ class LeanLlama(torch.nn.Module):
     def _attend_step(self, k, v, xq, start: int) -> torch.Tensor:
         """The one-token step: xq [1, Hq, D] attends to the cache's ``[0, start]`` (its context and
         itself) -> [1, Hq D]"""
-        if self.row_kernel is not None and self.tree_attention == "kernel":
-            return self.row_kernel(xq.contiguous(), k, v, start, *_own_entry(start)).view(1, -1)
         group = xq.view(1, self.num_kv_heads, -1, self.head_dim)  # [1, Hkv, Hq / Hkv, D]
         return F.scaled_dot_product_attention(group, k[None, :, : start + 1], v[None, :, : start + 1]).view(1, -1)
 

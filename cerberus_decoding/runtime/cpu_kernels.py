@@ -1,0 +1,74 @@
+"""The lean runtime's CPU kernels (cpu_kernels.cpp), compiled for this CPU on first use.
+
+A decoding step of a small model on a CPU is bound by per-op overhead as much as by its matmuls,
+and ``scaled_dot_product_attention`` gives a tree node's row the one-token step's bits only when
+it is called once per row (docs/runtime.md): about 40 us a call, so every extra row of a
+verification cost another 1.3 ms on the default model. Three ops replace a dozen torch ops a layer:
+
+    rope_attention(qkv, cos, sin, k, v, slots, context, own, own_count) -> [n, Hq D]
+        RoPE, the rows' keys and values into the cache at ``slots``, and attention for every row at
+        once: row r reads the cache's ``[0, context)`` then ``own[r, :own_count[r]]``, in that order.
+    rms_norm(x, weight, eps) -> RMSNorm of each row
+    silu_mul(gate_up) -> SiLU(gate) * up
+
+Each computes a row with arithmetic that depends only on that row's inputs, so a tree node's row
+is bitwise the one-token step at that node by construction. They are built with the machine's own
+instruction set (``-march=native``) by torch's extension builder (g++ and ninja, about 10 s once;
+cached under ~/.cache/torch_extensions per instruction set). Where they cannot be built the lean
+runtime says so once and runs torch's ops, with one attention call per tree row.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+HEAD_DIMS = (16, 32, 64, 128)  # the attention's compiled row widths
+MAX_GROUP = 8  # query heads per kv head
+
+
+def supports(cfg_shape: dict, dtype: torch.dtype) -> bool:
+    """Whether the kernels cover a model: ``cfg_shape`` has hidden, intermediate, head_dim, heads, kv_heads."""
+    return (
+        cfg_shape["head_dim"] in HEAD_DIMS
+        and cfg_shape["heads"] // cfg_shape["kv_heads"] <= MAX_GROUP
+        and cfg_shape["hidden"] % 16 == 0
+        and cfg_shape["intermediate"] % 16 == 0
+        and dtype in (torch.float32, torch.bfloat16)
+    )
+
+
+@functools.cache
+def load():
+    """``torch.ops.cerberus`` with the three ops, or None (with one line on stderr) where they cannot be built."""
+    from torch.utils import cpp_extension
+
+    try:
+        import ninja  # the pip package: put its binary where torch's builder looks
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    isa = torch.backends.cpu.get_cpu_capability().lower()
+    try:
+        cpp_extension.load(
+            name=f"cerberus_cpu_kernels_{isa}",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+    except Exception as e:  # no compiler, no ninja, a read-only cache: torch's ops still work
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        print(
+            f"The lean runtime's CPU kernels could not be built ({reason}); it runs torch's ops instead "
+            "(same outputs as AR decoding, slower steps and verification).",
+            file=sys.stderr,
+        )
+        return None
+    return torch.ops.cerberus

@@ -1,0 +1,128 @@
+"""The lean runtime's CPU kernels (runtime/cpu_kernels.cpp): right, and each row's bits its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cerberus_decoding.models import CerberusError
+from cerberus_decoding.runtime import cpu_kernels
+from cerberus_decoding.runtime.lean import LeanLlama, _rope
+
+ops = cpu_kernels.load()
+needs_kernels = pytest.mark.skipif(ops is None, reason="the CPU kernels could not be built here")
+
+
+def layer_inputs(n: int, heads: int, kv_heads: int, head_dim: int, capacity: int, dtype, seed: int = 0):
+    """A layer's fused projection output for n rows, RoPE tables for their positions, and a filled cache."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = (2 * torch.randn(n, (heads + 2 * kv_heads) * head_dim, generator=g)).to(dtype)
+    angle = torch.rand(n, head_dim // 2, generator=g) * 6.28
+    cos = torch.cat([angle.cos(), angle.cos()], -1).to(dtype)
+    sin = torch.cat([-angle.sin(), angle.sin()], -1).to(dtype)  # signed, as the lean runtime stores it
+    k = (2 * torch.randn(kv_heads, capacity, head_dim, generator=g)).to(dtype)
+    v = torch.randn(kv_heads, capacity, head_dim, generator=g).to(dtype)
+    return qkv, cos, sin, k, v
+
+
+def chain(context: int, n: int):
+    """Row r of a chain: its slot context + r, and it reads context + [0, r]."""
+    slots = torch.arange(context, context + n)
+    return slots, slots.expand(n, n).contiguous(), torch.arange(1, n + 1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 9, 3), (16, 4, 2), (128, 8, 8), (32, 16, 2)])
+def test_rope_attention_matches_rope_and_scaled_dot_product_attention(head_dim, heads, kv_heads):
+    context, n = 37, 5
+    qkv, cos, sin, k, v = layer_inputs(n, heads, kv_heads, head_dim, 64, torch.float32)
+    slots, own, count = chain(context, n)
+    k_ref, v_ref = k.clone(), v.clone()
+    out = ops.rope_attention(qkv, cos, sin, k, v, slots, context, own, count)  # writes k, v
+    qk = _rope(qkv[:, : (heads + kv_heads) * head_dim].view(n, -1, head_dim), cos[:, None], sin[:, None])
+    k_ref[:, slots] = qk[:, heads:].transpose(0, 1)
+    v_ref[:, slots] = qkv[:, (heads + kv_heads) * head_dim :].view(n, kv_heads, head_dim).transpose(0, 1)
+    torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(v, v_ref)
+    for r in range(n):
+        end = context + r + 1
+        group = qk[r, :heads].reshape(1, kv_heads, heads // kv_heads, head_dim)
+        ref = F.scaled_dot_product_attention(group, k_ref[None, :, :end], v_ref[None, :, :end]).reshape(-1)
+        torch.testing.assert_close(out[r], ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_row_has_the_same_bits_alone_among_rows_and_on_gathered_keys(dtype):
+    """What verification relies on: the row of a tree node equals the one-token step at that node,
+    whose keys are the context then the node's ancestors and itself, contiguous in the cache."""
+    context, n = 300, 8
+    qkv, cos, sin, k, v = layer_inputs(n, 9, 3, 64, 512, dtype)
+    slots, own, count = chain(context, n)
+    k_rows, v_rows = k.clone(), v.clone()
+    rows = ops.rope_attention(qkv, cos, sin, k_rows, v_rows, slots, context, own, count)
+    for r in range(n):  # one token at a time, as AR decoding feeds them
+        one = torch.tensor([[context + r]])
+        step = ops.rope_attention(
+            qkv[r : r + 1], cos[r : r + 1], sin[r : r + 1], k, v, one[0], context + r, one, count[:1]
+        )
+        assert torch.equal(rows[r], step[0]), f"row {r}"
+    assert torch.equal(k, k_rows) and torch.equal(v, v_rows)
+    # row 2 again, its three entries written to scattered slots (other branches' entries between them)
+    scattered = torch.tensor([context + 9, context + 3, context + 14])
+    off_chain = ops.rope_attention(
+        qkv[:3], cos[:3], sin[:3], k, v, scattered, context, scattered.expand(3, 3).contiguous(), count[:3]
+    )
+    assert torch.equal(off_chain[2], rows[2])
+    # and other keys change the row: the op reads what it is told to
+    other = torch.tensor([[context + 9, context + 3, context + 20]])
+    changed = ops.rope_attention(qkv[2:3], cos[2:3], sin[2:3], k, v, scattered[2:], context, other, count[2:3])
+    assert not torch.equal(changed[0], rows[2])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_and_silu_mul_match_torch_and_are_row_wise(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = (3 * torch.randn(6, 576, generator=g)).to(dtype)
+    w = torch.randn(576, generator=g).to(dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
+    ref = F.rms_norm(x.float(), (576,), w.float(), 1e-5)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5).float(), ref, **tol)
+    gate_up = (4 * torch.randn(6, 2 * 1536, generator=g)).to(dtype)
+    ref = F.silu(gate_up[:, :1536].float()) * gate_up[:, 1536:].float()
+    torch.testing.assert_close(ops.silu_mul(gate_up).float(), ref, **tol)
+    for r in range(6):
+        assert torch.equal(ops.rms_norm(x[r : r + 1], w, 1e-5)[0], ops.rms_norm(x, w, 1e-5)[r])
+        assert torch.equal(ops.silu_mul(gate_up[r : r + 1])[0], ops.silu_mul(gate_up)[r])
+
+
+def test_kernels_that_cannot_be_built_fall_back_to_torch_ops(tiny_lm, monkeypatch, capsys):
+    from torch.utils import cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("error: g++: command not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(cpu_kernels, "load", cpu_kernels.load.__wrapped__)
+    rt = LeanLlama(tiny_lm.model, "bfloat16")
+    assert rt.tree_attention == "rows" and rt.kernels is None
+    assert "g++: command not found" in capsys.readouterr().err
+    with pytest.raises(CerberusError, match="could not be built.*'rows'"):
+        LeanLlama(tiny_lm.model, "bfloat16", tree_attention="kernel")
+
+
+def test_unsupported_shapes_fall_back_or_name_the_other_paths():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = {"hidden": 4096, "intermediate": 14336, "head_dim": 128, "heads": 32, "kv_heads": 8}
+    assert cpu_kernels.supports(shape, torch.bfloat16)
+    assert not cpu_kernels.supports({**shape, "head_dim": 80}, torch.bfloat16)
+    assert not cpu_kernels.supports({**shape, "kv_heads": 2}, torch.bfloat16)  # 16 query heads per kv head
+    assert not cpu_kernels.supports(shape, torch.float16)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    model = LlamaForCausalLM(cfg).eval()  # head_dim 10
+    assert LeanLlama(model, "float32").tree_attention == "rows"
+    with pytest.raises(CerberusError, match="head_dim.*use tree attention 'rows'"):
+        LeanLlama(model, "float32", tree_attention="kernel")
