@@ -303,3 +303,6 @@ def test_tiny_bench_run_writes_results_report_and_charts(tmp_path):
         assert (out / name).stat().st_size > 0, name
     assert (out / "speedup.png").read_bytes()[:4] == b"\x89PNG"
     assert "| `medusa` |" in (out / "report.md").read_text()
+    # which attention the lean runtime ran (the CPU kernels where they build) is in the report
+    assert results["tree_attention"] in ("kernel", "rows")
+    assert f"lean runtime, tree attention {results['tree_attention']}," in (out / "report.md").read_text()

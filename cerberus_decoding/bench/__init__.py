@@ -73,6 +73,7 @@ def results_dict(lm: LoadedModel, bench: BenchRun, max_new_tokens: int, temperat
         "device": str(lm.device),
         "weights": lm.weights,
         "runtime": lm.runtime.name,
+        "tree_attention": getattr(lm.runtime, "tree_attention", None),  # lean: kernel / rows / masked
         "dtype": str(lm.dtype).removeprefix("torch."),
         "hardware": hardware(lm.device),
         "max_new_tokens": max_new_tokens,

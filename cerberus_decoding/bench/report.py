@@ -158,6 +158,11 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _attention(results: dict) -> str:
+    """ ", tree attention kernel" for the lean runtime (older reports and the hf runtime have none)."""
+    return f", tree attention {results['tree_attention']}" if results.get("tree_attention") else ""
+
+
 def write_markdown(results: dict, out: Path) -> Path:
     methods = list(results["methods"])
     cats = _categories(results)
@@ -165,7 +170,7 @@ def write_markdown(results: dict, out: Path) -> Path:
         f"# Cerberus bench: {results['model']}",
         "",
         f"- device: {results['device']} ({results.get('hardware', '?')}), weights: {results['weights']} "
-        f"({results['runtime']} runtime, {results['dtype']} activations)",
+        f"({results['runtime']} runtime{_attention(results)}, {results['dtype']} activations)",
         f"- questions: {results['questions']} ({', '.join(cats) or 'none'}), {_decoding(results)}, "
         f"max {results['max_new_tokens']} new tokens per turn",
         f"- warm-up: {results.get('warmup', '?')} generations per method, "

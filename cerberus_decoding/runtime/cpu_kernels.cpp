@@ -36,12 +36,24 @@ inline v16 load16(const float* x) {
 }
 template <>
 inline v16 load16(const c10::BFloat16* x) {  // bfloat16 is the high half of a float
-  h16 h;
-  std::memcpy(&h, x, 32);
-  u16x b = __builtin_convertvector(h, u16x) << 16;
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(x);
+  uint32_t wide[16];  // a plain loop: GCC widens it well for AVX2 too (generic vector casts it does not)
+  for (int l = 0; l < 16; l++) wide[l] = static_cast<uint32_t>(bits[l]) << 16;
   v16 y;
-  std::memcpy(&y, &b, 64);
+  std::memcpy(&y, wide, 64);
   return y;
+}
+
+// {x, ..., x}. Where a register holds half a v16 (AVX2) GCC builds a broadcast lane by lane on the
+// stack; through a small array it is one broadcast instruction.
+inline v16 splat(float x) {
+#if defined(__AVX512F__)
+  return v16{} + x;
+#else
+  alignas(64) float lanes[16];
+  for (int l = 0; l < 16; l++) lanes[l] = x;
+  return load16(lanes);
+#endif
 }
 
 inline void store16(float* y, v16 x) { std::memcpy(y, &x, 64); }
@@ -123,8 +135,9 @@ void attend_row(const float* qf, const T* k, const T* v, const int64_t* own, int
     float m = mx[0];
     for (int l = 1; l < 16; l++) m = mx[l] > m ? mx[l] : m;
     v16 total{};
+    const v16 mv = splat(m);
     for (int64_t j = 0; j < padded; j += 16) {
-      v16 p = exp_nonpositive(load16(sh + j) - m);
+      v16 p = exp_nonpositive(load16(sh + j) - mv);
       std::memcpy(sh + j, &p, 64);
       total += p;
     }
@@ -137,7 +150,7 @@ void attend_row(const float* qf, const T* k, const T* v, const int64_t* own, int
     v16 vv[C];
     for (int c = 0; c < C; c++) vv[c] = load16(vj + c * 16);
     for (int h = 0; h < rep; h++) {
-      const float p = s[h * padded + j];
+      const v16 p = splat(s[h * padded + j]);
       for (int c = 0; c < C; c++) acc[h][c] += p * vv[c];
     }
   }
@@ -226,7 +239,8 @@ void rms_norm_typed(const at::Tensor& x, const at::Tensor& w, double eps, at::Te
       acc += a * a;
     }
     const float inv = 1.f / std::sqrt(hsum(acc) / static_cast<float>(H) + static_cast<float>(eps));
-    for (int64_t i = 0; i < H; i += 16) store16(op + r * H + i, load16(row + i) * inv * load16(wp + i));
+    const v16 scale = splat(inv);
+    for (int64_t i = 0; i < H; i += 16) store16(op + r * H + i, load16(row + i) * scale * load16(wp + i));
   }
 }
 

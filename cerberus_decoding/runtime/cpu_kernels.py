@@ -14,13 +14,15 @@ verification cost another 1.3 ms on the default model. Three ops replace a dozen
 Each computes a row with arithmetic that depends only on that row's inputs, so a tree node's row
 is bitwise the one-token step at that node by construction. They are built with the machine's own
 instruction set (``-march=native``) by torch's extension builder (g++ and ninja, about 10 s once;
-cached under ~/.cache/torch_extensions per instruction set). Where they cannot be built the lean
+cached under ~/.cache/torch_extensions per CPU model and instruction set). Where they cannot be built the lean
 runtime says so once and runs torch's ops, with one attention call per tree row.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -54,10 +56,13 @@ def load():
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    isa = torch.backends.cpu.get_cpu_capability().lower()
+    from . import machine
+
+    cpu = machine("cpu")  # -march=native code is this CPU's: one build per CPU model and ISA
+    tag = hashlib.sha256(json.dumps([cpu["name"], cpu["flags"]]).encode()).hexdigest()[:8]
     try:
         cpp_extension.load(
-            name=f"cerberus_cpu_kernels_{isa}",
+            name=f"cerberus_cpu_kernels_{cpu['isa'].lower()}_{tag}",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
