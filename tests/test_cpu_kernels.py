@@ -126,3 +126,13 @@ def test_unsupported_shapes_fall_back_or_name_the_other_paths():
     assert LeanLlama(model, "float32").tree_attention == "rows"
     with pytest.raises(CerberusError, match="head_dim.*use tree attention 'rows'"):
         LeanLlama(model, "float32", tree_attention="kernel")
+
+
+@needs_kernels
+def test_rope_attention_refuses_slots_outside_the_cache():
+    qkv, cos, sin, k, v = layer_inputs(1, 9, 3, 64, 16, torch.float32)
+    one = torch.ones(1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="bad slots"):
+        ops.rope_attention(qkv, cos, sin, k, v, torch.tensor([16]), 15, torch.tensor([[16]]), one)
+    with pytest.raises(RuntimeError, match="bad slots"):
+        ops.rope_attention(qkv, cos, sin, k, v, torch.tensor([3]), 3, torch.tensor([[-1]]), one)

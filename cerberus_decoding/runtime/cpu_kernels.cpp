@@ -9,7 +9,6 @@
 // in the cache, or which thread computes a row: a tree node's row is bitwise the one-token step
 // at that node, and every row of a verification is computed in one call per layer.
 // rms_norm, silu_mul: RMSNorm and the MLP's SiLU(gate) * up, row by row.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -219,6 +218,14 @@ at::Tensor rope_attention(const at::Tensor& qkv, const at::Tensor& cos, const at
   TORCH_CHECK(k.scalar_type() == qkv.scalar_type() && v.scalar_type() == qkv.scalar_type() &&
               cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type());
   TORCH_CHECK(slots.size(0) == n && own.size(0) == n && own_count.size(0) == n);
+  const int64_t cap = k.size(1), E = own.size(1);
+  const int64_t *slot = slots.data_ptr<int64_t>(), *own_p = own.data_ptr<int64_t>(), *cnt_p = own_count.data_ptr<int64_t>();
+  TORCH_CHECK(context >= 0 && context <= cap, "rope_attention: context outside the cache");
+  for (int64_t r = 0; r < n; r++) {  // every slot written or read lies in the cache
+    TORCH_CHECK(slot[r] >= 0 && slot[r] < cap && cnt_p[r] >= 1 && cnt_p[r] <= E, "rope_attention: bad slots");
+    for (int64_t e = 0; e < cnt_p[r]; e++)
+      TORCH_CHECK(own_p[r * E + e] >= 0 && own_p[r * E + e] < cap, "rope_attention: bad slots");
+  }
   auto out = at::empty({n, Hq * D}, qkv.options());
   if (qkv.scalar_type() == at::kBFloat16) rope_attention_typed<c10::BFloat16>(qkv, cos, sin, k, v, slots, context, own, own_count, out);
   else if (qkv.scalar_type() == at::kFloat) rope_attention_typed<float>(qkv, cos, sin, k, v, slots, context, own, own_count, out);
