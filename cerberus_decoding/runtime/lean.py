@@ -233,11 +233,12 @@ class LeanLlama(torch.nn.Module):
                 out.append(self._attend_step(k, v, xq[b : b + 1], c.length))
             return torch.cat(out)
 
+        entries = [_own_entry(c.length) for c in caches]  # each row's own slot, for every layer's kernel call
+
         def fused(i: int, qkv, cos, sin) -> torch.Tensor:
             out = []
-            for b, c in enumerate(caches):
+            for b, (c, (own, one)) in enumerate(zip(caches, entries, strict=True)):
                 k, v = c.layers[i]
-                own, one = _own_entry(c.length)
                 row = qkv[b : b + 1], cos[b : b + 1], sin[b : b + 1]
                 out.append(self.kernels.rope_attention(*row, k, v, own[0], c.length, own, one))
             return torch.cat(out)
