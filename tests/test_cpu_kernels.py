@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from cerberus_decoding.models import CerberusError
 from cerberus_decoding.runtime import cpu_kernels
+from cerberus_decoding.runtime.formats import dense, dequantize
 from cerberus_decoding.runtime.lean import LeanLlama, _rope
 
 ops = cpu_kernels.load()
@@ -136,3 +137,41 @@ def test_rope_attention_refuses_slots_outside_the_cache():
         ops.rope_attention(qkv, cos, sin, k, v, torch.tensor([16]), 15, torch.tensor([[16]]), one)
     with pytest.raises(RuntimeError, match="bad slots"):
         ops.rope_attention(qkv, cos, sin, k, v, torch.tensor([3]), 3, torch.tensor([[-1]]), one)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("n,k", [(960, 576), (80, 1536)])  # 60 and 5 column tiles
+def test_quantized_linears_match_their_weights_and_give_each_row_its_own_bits(fmt, n, k):
+    """int4_linear / int8_linear (formats.dense packs for them): x @ W^T of the weights the layer
+    stores, and a row's output is the same alone as among 16 rows, whatever the row blocking."""
+    g = torch.Generator().manual_seed(5)
+    layer = dense(torch.randn(n, k, generator=g) * 0.05, fmt)
+    assert layer.kernels is not None
+    x = torch.randn(16, k, generator=g).to(torch.bfloat16)
+    ref = x.float() @ dequantize(layer).T
+    torch.testing.assert_close(layer(x).float(), ref, rtol=8e-3, atol=1e-3 * ref.abs().max().item())
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(16)])
+    for m in range(1, 17):
+        assert torch.equal(layer(x[:m]), alone[:m]), f"{m} rows"
+
+
+@needs_kernels
+def test_quantized_linears_refuse_weights_that_do_not_match():
+    layer = dense(torch.randn(32, 64), "int4")
+    with pytest.raises(RuntimeError, match="does not match"):
+        ops.int4_linear(torch.zeros(1, 96, dtype=torch.bfloat16), layer.packed)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.int4_linear(torch.zeros(1, 64), layer.packed)
+
+
+def test_without_our_kernels_the_quantized_formats_run_torch_kernels(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    w = torch.randn(48, 64) * 0.05
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    for fmt in ("int4", "int8"):
+        layer = dense(w, fmt)
+        assert layer.kernels is None
+        torch.testing.assert_close(layer(x).float(), x.float() @ dequantize(layer).T, rtol=8e-3, atol=2e-3)
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(3)])
+        assert torch.equal(layer(x), alone)

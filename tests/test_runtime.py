@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from cerberus_decoding.bench.run import FLOAT32_TIE_GAP
 from cerberus_decoding.engine import Decoder, SamplingConfig
 from cerberus_decoding.heads import TEMP_SUFFIX
 from cerberus_decoding.models import CerberusError, default_gguf_path, gguf_cache_dir
-from cerberus_decoding.runtime import build_runtime, gguf, resolve_weights
+from cerberus_decoding.runtime import build_runtime, cpu_kernels, gguf, resolve_weights
 from cerberus_decoding.runtime.formats import dense, dequantize, int4_from_blocks
 from cerberus_decoding.runtime.gguf import read_q4_blocks
 from cerberus_decoding.runtime.lean import LeanLlama
@@ -184,17 +186,23 @@ def test_the_gguf_tensor_index_is_parsed_once_and_rebuilt_when_unreadable(lm, tm
 
 
 def test_gguf_q4_blocks_pack_within_the_documented_bound(lm_f32):
-    """The GGUF's Q4_1 blocks, packed as they are, reproduce transformers' de-quantized weights up
-    to the bf16 rounding of each block's scale d and offset m + 8d (docs/runtime.md)."""
+    """The GGUF's Q4_1 blocks, packed as they are, reproduce transformers' de-quantized weights:
+    exactly with our int4 kernel (float32 scales), up to the bf16 rounding of each block's scale d and
+    offset m + 8d with torch's (docs/runtime.md)."""
     cfg = lm_f32.model.config
     blocks = read_q4_blocks(default_gguf_path(), cfg.num_attention_heads, cfg.num_key_value_heads)
     assert len(blocks) == 7 * cfg.num_hidden_layers  # every projection of every block is Q4
     state = lm_f32.model.state_dict()
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.17.mlp.down_proj"):
-        q, scale, zero = blocks[name]
-        exact = (q.float() - 8) * scale.repeat_interleave(32, 1) + zero.repeat_interleave(32, 1)
+        q, scale, mins = blocks[name]
+        exact = q.float() * scale.repeat_interleave(32, 1) + mins.repeat_interleave(32, 1)
         assert torch.equal(exact, state[name + ".weight"])  # un-permuted rows, same values
-        err = (dequantize(int4_from_blocks(q, scale, zero)) - exact).abs()
+        ours = int4_from_blocks(q, scale, mins)
+        if ours.kernels is not None:
+            assert torch.equal(dequantize(ours), exact), name
+        with patch.object(cpu_kernels, "load", lambda: None):  # torch's kernel: bf16 scale and zero
+            err = (dequantize(int4_from_blocks(q, scale, mins)) - exact).abs()
+        zero = mins + 8 * scale
         bound = ((zero.abs() + 8 * scale) * 2**-8).repeat_interleave(32, 1)  # half a bf16 ulp of each term
         assert (err <= bound).all(), name
 

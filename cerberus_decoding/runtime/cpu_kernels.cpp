@@ -14,10 +14,13 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 #include <cmath>
 #include <cstring>
+#include <algorithm>
 #include <vector>
+#include <immintrin.h>
 
 namespace {
 constexpr int MAX_GROUP = 8;  // query heads per kv head
@@ -286,15 +289,210 @@ at::Tensor silu_mul(const at::Tensor& x) {
   else TORCH_CHECK(false, "silu_mul: float32 or bfloat16");
   return out;
 }
+
+// ---- Quantized linear layers: y [M, N] = x [M, K] W^T, x in bfloat16 ----
+// The weights are stored 16 output columns ("a tile") at a time, so that one step of the inner
+// loop turns 16 bytes (int4) or 32 bytes (int8) into the weights of two inputs k, k+1 for the
+// tile's 16 columns: lane j holds column j, and every row's step is one bfloat16 dot-product
+// instruction (or two float FMAs) with the row's pair x[k], x[k+1] broadcast. A weight is decoded
+// once for all the rows of a call, so an extra row costs only its dot products. Every row runs the
+// same instructions in the same order whatever the other rows are: its bits are its own.
+//   int4: per tile and group of 32 inputs, 320 bytes read as one stream: 256 bytes of weights,
+//         then 16 scales and 16 mins in float16; w = q * scale + min (a GGUF Q4_0 / Q4_1 block
+//         exactly), so y = sum_g scale_g * (x . q)_g + min_g * sum(x_g). The weights are 8 chunks of
+//         32 bytes, chunk c holding inputs 4c..4c+3: byte 2j + e = q[j, 4c + e] | q[j, 4c + 2 + e] << 4
+//         (column j, q in 0..15), so that widening a chunk to 16-bit lanes puts each nibble in its
+//         place and a table lookup makes it bfloat16.
+//   int8: tile bytes [K/2 pairs, 16 columns, 2], q in -127..127, and a float scale per column.
+constexpr int64_t INT4_GROUP_BYTES = 256 + 64;
+
+#if defined(__AVX512BF16__)
+constexpr int ROW_BLOCK = 8;  // rows a pass over a tile: their accumulators stay in registers
+typedef __m512bh pair16;  // 16 columns x (w[k], w[k+1]) in bfloat16: exact for these integers
+
+inline void decode_int4(const uint8_t* b, __m512i table, pair16& lo, pair16& hi) {  // a chunk: two pairs
+  __m512i t = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+  lo = (pair16)_mm512_permutexvar_epi16(t, table);  // the table ignores bits above the low nibble
+  hi = (pair16)_mm512_permutexvar_epi16(_mm512_srli_epi16(t, 4), table);
+}
+inline pair16 decode_int8(const uint8_t* b, __m512i) {
+  const __m128i* p = reinterpret_cast<const __m128i*>(b);
+  __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p)));
+  __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p + 1)));
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+inline v16 dot_pair(v16 acc, pair16 w, const c10::BFloat16* x) {  // acc + w[k] x[k] + w[k+1] x[k+1]
+  int32_t xx;
+  std::memcpy(&xx, x, 4);
+  return (v16)_mm512_dpbf16_ps((__m512)acc, w, (__m512bh)_mm512_set1_epi32(xx));
+}
+inline v16 load_half16(const uint8_t* b) {
+  return (v16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+}
+inline __m512i int4_table() {  // entry i: bfloat16 bits of i % 16 (a lookup reads 5 index bits)
+  alignas(64) uint16_t t[32] = {};
+  for (int i = 0; i < 32; i++) {
+    float f = static_cast<float>(i % 16);
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    t[i] = static_cast<uint16_t>(bits >> 16);
+  }
+  return _mm512_load_si512(t);
+}
+#else
+constexpr int ROW_BLOCK = 4;
+struct pair16 {
+  v16 even, odd;  // w[k], w[k+1] for 16 columns, in float
+};
+typedef uint8_t u32x8 __attribute__((vector_size(32)));
+typedef int8_t c32 __attribute__((vector_size(32)));
+typedef int8_t c16 __attribute__((vector_size(16)));
+typedef uint8_t b16 __attribute__((vector_size(16)));
+inline void decode_int4(const uint8_t* b, int, pair16& lo, pair16& hi) {
+  u32x8 raw;
+  std::memcpy(&raw, b, 32);
+  b16 even = __builtin_shufflevector(raw, raw, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  b16 odd = __builtin_shufflevector(raw, raw, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  lo = {__builtin_convertvector(even & 15, v16), __builtin_convertvector(odd & 15, v16)};
+  hi = {__builtin_convertvector(even >> 4, v16), __builtin_convertvector(odd >> 4, v16)};
+}
+inline pair16 decode_int8(const uint8_t* b, int) {
+  c32 raw;
+  std::memcpy(&raw, b, 32);
+  c16 even = __builtin_shufflevector(raw, raw, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  c16 odd = __builtin_shufflevector(raw, raw, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  return {__builtin_convertvector(even, v16), __builtin_convertvector(odd, v16)};
+}
+inline v16 dot_pair(v16 acc, pair16 w, const c10::BFloat16* x) {
+  acc += w.even * splat(static_cast<float>(x[0]));
+  acc += w.odd * splat(static_cast<float>(x[1]));
+  return acc;
+}
+inline v16 load_half16(const uint8_t* b) {
+  alignas(64) float f[16];
+#if defined(__F16C__)
+  _mm256_store_ps(f, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b))));
+  _mm256_store_ps(f + 8, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16))));
+#else
+  const c10::Half* h = reinterpret_cast<const c10::Half*>(b);
+  for (int l = 0; l < 16; l++) f[l] = static_cast<float>(h[l]);
+#endif
+  return load16(f);
+}
+inline int int4_table() { return 0; }
+#endif
+
+// Rows [MB] x tiles [TB] of one call: TB tiles side by side give a few rows independent chains
+// of dot products to overlap; the arithmetic of each (row, column) is the same for any MB, TB.
+template <bool INT4, int MB, int TB>
+void quant_block(const uint8_t* w, const float* scale, int64_t tile0, const c10::BFloat16* x, const float* xsum,
+                 int64_t K, int64_t N, c10::BFloat16* y) {
+  const auto table = int4_table();
+  const int64_t G = K / 32, tile_bytes = INT4 ? G * INT4_GROUP_BYTES : K * 16;
+  v16 out[MB][TB] = {};
+  for (int64_t g = 0; g < G; g++) {
+    v16 even[MB][TB] = {}, odd[MB][TB] = {};  // two chains a row and tile: pairs 0, 2, .. and 1, 3, ..
+    for (int p = 0; p < 16; p += 2)
+      for (int t = 0; t < TB; t++) {
+        const uint8_t* wt = w + (tile0 + t) * tile_bytes + (INT4 ? g * INT4_GROUP_BYTES + p * 16 : (g * 16 + p) * 32);
+        pair16 w0, w1;
+        if constexpr (INT4) {
+          decode_int4(wt, table, w0, w1);
+        } else {
+          w0 = decode_int8(wt, table), w1 = decode_int8(wt + 32, table);
+        }
+        for (int m = 0; m < MB; m++) {
+          even[m][t] = dot_pair(even[m][t], w0, x + m * K + g * 32 + 2 * p);
+          odd[m][t] = dot_pair(odd[m][t], w1, x + m * K + g * 32 + 2 * p + 2);
+        }
+      }
+    for (int t = 0; t < TB; t++) {
+      if (INT4) {
+        const uint8_t* sm = w + (tile0 + t) * tile_bytes + g * INT4_GROUP_BYTES + 256;
+        const v16 s = load_half16(sm), mn = load_half16(sm + 32);
+        for (int m = 0; m < MB; m++) {
+          out[m][t] += (even[m][t] + odd[m][t]) * s;
+          out[m][t] += mn * splat(xsum[m * G + g]);
+        }
+      } else {
+        for (int m = 0; m < MB; m++) out[m][t] += even[m][t] + odd[m][t];
+      }
+    }
+  }
+  for (int t = 0; t < TB; t++) {
+    const v16 s = INT4 ? v16{} + 1.f : load16(scale + (tile0 + t) * 16);
+    for (int m = 0; m < MB; m++) store16(y + m * N + (tile0 + t) * 16, INT4 ? out[m][t] : out[m][t] * s);
+  }
+}
+
+template <bool INT4, int MB>
+void quant_rows(const uint8_t* w, const float* scale, int64_t begin, int64_t end, const c10::BFloat16* x,
+                const float* xsum, int64_t K, int64_t N, c10::BFloat16* y) {
+  constexpr int TB = ROW_BLOCK == 8 ? (MB <= 2 ? 4 : MB <= 4 ? 2 : 1) : 1;
+  int64_t t = begin;
+  for (; t + TB <= end; t += TB) quant_block<INT4, MB, TB>(w, scale, t, x, xsum, K, N, y);
+  for (; t < end; t++) quant_block<INT4, MB, 1>(w, scale, t, x, xsum, K, N, y);
+}
+
+template <bool INT4>
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& packed, const float* scale) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "quantized linear: x [M, K] bfloat16");
+  TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kByte, "quantized linear: packed weight uint8");
+  const int64_t M = x.size(0), K = x.size(1), tiles = packed.size(0), N = tiles * 16, G = K / 32;
+  TORCH_CHECK(K % 32 == 0 && packed.numel() == (INT4 ? tiles * G * INT4_GROUP_BYTES : N * K),
+              "quantized linear: packed weight does not match x");
+  auto y = at::empty({M, N}, x.options());
+  const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
+  std::vector<float> xsum(INT4 ? M * G : 0);  // [M, G] each row's sum over each group
+  for (int64_t i = 0; i < (INT4 ? M * G : 0); i++) xsum[i] = hsum(load16(xp + i * 32) + load16(xp + i * 32 + 16));
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
+      const c10::BFloat16* xm = xp + m0 * K;
+      const float* sm = xsum.data() + m0 * G;
+      c10::BFloat16* ym = yp + m0 * N;
+      switch (std::min<int64_t>(ROW_BLOCK, M - m0)) {
+        case 1: quant_rows<INT4, 1>(w, scale, begin, end, xm, sm, K, N, ym); break;
+        case 2: quant_rows<INT4, 2>(w, scale, begin, end, xm, sm, K, N, ym); break;
+        case 3: quant_rows<INT4, 3>(w, scale, begin, end, xm, sm, K, N, ym); break;
+        case 4: quant_rows<INT4, 4>(w, scale, begin, end, xm, sm, K, N, ym); break;
+#if defined(__AVX512BF16__)
+        case 5: quant_rows<INT4, 5>(w, scale, begin, end, xm, sm, K, N, ym); break;
+        case 6: quant_rows<INT4, 6>(w, scale, begin, end, xm, sm, K, N, ym); break;
+        case 7: quant_rows<INT4, 7>(w, scale, begin, end, xm, sm, K, N, ym); break;
+        case 8: quant_rows<INT4, 8>(w, scale, begin, end, xm, sm, K, N, ym); break;
+#endif
+      }
+    }
+  });
+  return y;
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed) {
+  // x [M, K] bf16, packed [N/16, K/32, 320] uint8 (weights, scales, mins) -> [M, N] bf16
+  return quant_linear<true>(x, packed, nullptr);
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale) {
+  // x [M, K] bf16, packed [N/16, K/2, 16, 2] int8 (as uint8), scale [N] float -> [M, N] bf16
+  TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kFloat && scale.numel() == packed.size(0) * 16,
+              "int8_linear: scale [N] float");
+  return quant_linear<false>(x, packed, scale.data_ptr<float>());
+}
 }  // namespace
 
 TORCH_LIBRARY(cerberus, m) {
   m.def("rope_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, Tensor slots, int context, Tensor own, Tensor own_count) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor packed) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor packed, Tensor scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(cerberus, CPU, m) {
   m.impl("rope_attention", rope_attention);
   m.impl("rms_norm", rms_norm);
   m.impl("silu_mul", silu_mul);
+  m.impl("int4_linear", int4_linear);
+  m.impl("int8_linear", int8_linear);
 }

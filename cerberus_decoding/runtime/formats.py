@@ -1,15 +1,19 @@
 """Weight formats of the lean runtime: one small linear layer per format.
 
   float32, bfloat16   dense ``F.linear``.
-  int8                per-output-channel int8 weights, ``aten._weight_int8pack_mm``.
-  int4                group-wise (group 32) 4-bit weights, ``aten._weight_int4pack_mm_for_cpu``:
-                      the kernel computes ``w = (q - 8) * scale + zero`` per group, so a GGUF Q4_0 /
-                      Q4_1 block maps onto it exactly (up to the rounding of its scales to bf16).
+  int8                per-output-channel int8 weights: ``w = q * scale``.
+  int4                group-wise (group 32) 4-bit weights: ``w = q * scale + min`` per group, so a
+                      GGUF Q4_0 / Q4_1 block maps onto it exactly.
 
-The quantized formats take activations in bfloat16 (the kernels are vectorized for it). Each of
+The quantized formats take activations in bfloat16 and run our CPU kernels (cpu_kernels.cpp:
+``int4_linear``, ``int8_linear``; int4 keeps float16 scales and mins, as a GGUF block does, so its
+weights are reproduced exactly; each weight is decoded once for all the rows of a call). Where
+those cannot be built, or a layer's sizes are not multiples of 16 outputs and 32 inputs, they run
+torch's ``_weight_int4pack_mm_for_cpu`` (which computes ``(q - 8) * scale + zero`` with bf16 scales)
+and ``_weight_int8pack_mm``. Each of
 these kernels computes every output row independently of the others: a row's result is the same
-whether it runs alone or among 16 rows, bitwise (tests/test_runtime.py checks it on this CPU). That
-is what makes speculative verification reproduce the one-token step exactly.
+whether it runs alone or among 16 rows, bitwise (tests check it on this CPU). That is what makes
+speculative verification reproduce the one-token step exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import CerberusError
+from . import cpu_kernels
 
 WEIGHTS = ("auto", "float32", "bfloat16", "int8", "int4")
 GROUP = 32  # int4 group size: the GGUF block size
@@ -35,20 +40,13 @@ class Linear:
     def __init__(self, fmt: str, out_features: int, bias: torch.Tensor | None = None):
         self.fmt, self.out_features = fmt, out_features
         self.bias = bias
-        self.without_onednn = False  # bfloat16 shapes oneDNN does not compute row-invariantly (dense)
+        self.kernels = None  # torch.ops.cerberus where our int4 / int8 kernel runs this layer
+        self.matmul = None  # x [M, K] -> [M, N], set with the weights by the format's constructor
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.without_onednn:
-            y = _linear_without_onednn(x, self.weight)
-        elif self.fmt == "float32" or self.fmt == "bfloat16":
-            y = F.linear(x, self.weight)
-        else:  # the packed kernels take [M, K]
-            rows = x.reshape(-1, x.shape[-1])
-            if self.fmt == "int4":
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_zeros)
-            else:
-                y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)
-            y = y.view(*x.shape[:-1], self.out_features)
+        if x.dim() != 2:  # the kernels take [M, K]
+            return self(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
+        y = self.matmul(x)
         return y if self.bias is None else y + self.bias
 
 
@@ -58,17 +56,25 @@ def dense(weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None) -> L
     layer = Linear(fmt, weight.shape[0], None if bias is None else bias.to(dtype))
     if fmt == "int4":
         _check_int4(weight.shape[1])
-        q, scale, zero = quantize_int4(weight.float())
-        return _set_int4(layer, q, scale, zero)
+        q, scale, mins = quantize_int4(weight.float())
+        return _set_int4(layer, q, scale, mins)
     if fmt == "int8":
         w = weight.float()
         scale = w.abs().amax(1).clamp_min(1e-12) / 127  # [N]
-        layer.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        layer.scales = scale.to(dtype)
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # [N, K]
+        layer.kernels = ops = _quantized_kernels(*q.shape)
+        if ops is not None:  # [N/16, K/2, 16, 2]: 16 columns x 2 inputs a step
+            layer.packed = q.view(q.shape[0] // 16, 16, -1, 2).transpose(1, 2).contiguous().view(torch.uint8)
+            layer.scales = scale.contiguous()
+            layer.matmul = lambda x: ops.int8_linear(x, layer.packed, layer.scales)
+        else:
+            layer.packed, layer.scales = q.contiguous(), scale.to(dtype)
+            layer.matmul = lambda x: torch.ops.aten._weight_int8pack_mm(x, layer.packed, layer.scales)
         return layer
     layer.weight = weight.to(dtype).contiguous()
-    if fmt == "bfloat16" and weight.device.type == "cpu":
-        layer.without_onednn = not _onednn_row_invariant(tuple(layer.weight.shape))
+    layer.matmul = lambda x: F.linear(x, layer.weight)
+    if fmt == "bfloat16" and weight.device.type == "cpu" and not _onednn_row_invariant(tuple(layer.weight.shape)):
+        layer.matmul = lambda x: _linear_without_onednn(x, layer.weight)
     return layer
 
 
@@ -100,19 +106,26 @@ def _linear_without_onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
         torch._C._set_mkldnn_enabled(enabled)
 
 
-def int4_from_blocks(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Linear:
-    """q [N, K] in 0..15, scale / zero [N, K / 32] float: w = (q - 8) * scale + zero."""
-    return _set_int4(Linear("int4", q.shape[0]), q, scale, zero)
+def int4_from_blocks(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor) -> Linear:
+    """q [N, K] in 0..15, scale / mins [N, K / 32] float: w = q * scale + min."""
+    return _set_int4(Linear("int4", q.shape[0]), q, scale, mins)
 
 
 def quantize_int4(w: torch.Tensor):
-    """Asymmetric group-wise 4-bit quantization of a float weight [N, K] -> (q, scale, zero)."""
+    """Asymmetric group-wise 4-bit quantization of a float weight [N, K] -> (q, scale, mins)."""
     n, k = w.shape
     groups = w.view(n, k // GROUP, GROUP)
     lo, hi = groups.amin(-1), groups.amax(-1)  # [N, K/32]
     scale = ((hi - lo) / 15).clamp_min(1e-12)
     q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15).view(n, k)
-    return q, scale, lo + 8 * scale  # the kernel subtracts 8 from q
+    return q, scale, lo
+
+
+def _quantized_kernels(n: int, k: int):
+    """torch.ops.cerberus where our int4 / int8 kernels can run an [N, K] layer, else None."""
+    if n % 16 or k % GROUP:
+        return None
+    return cpu_kernels.load()
 
 
 def _check_int4(k: int) -> None:
@@ -122,19 +135,40 @@ def _check_int4(k: int) -> None:
         raise CerberusError("This torch build has no CPU int4 kernel; use --weights int8 or bfloat16.")
 
 
-def _set_int4(layer: Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Linear:
-    _check_int4(q.shape[1])
+def _set_int4(layer: Linear, q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor) -> Linear:
+    n, k = q.shape
+    _check_int4(k)
+    layer.kernels = ops = _quantized_kernels(n, k)
+    if ops is not None:  # [N/16, K/32, 320 bytes]: 16 columns' weights, scales, mins a group
+        # chunk c of a group: byte 2j + e = q[j, 4c + e] | q[j, 4c + 2 + e] << 4 (cpu_kernels.cpp)
+        tiles = q.to(torch.uint8).view(n // 16, 16, k // GROUP, 8, 2, 2).permute(0, 2, 3, 1, 5, 4)
+        nibbles = (tiles[..., 0] | tiles[..., 1] << 4).reshape(n // 16, k // GROUP, 256)
+        halves = [t.half().view(n // 16, 16, -1).transpose(1, 2).contiguous().view(torch.uint8) for t in (scale, mins)]
+        layer.packed = torch.cat([nibbles, *halves], -1).contiguous()
+        layer.matmul = lambda x: ops.int4_linear(x, layer.packed)
+        return layer
     layer.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
-    # [K/32, N, 2] in the activation dtype, as the kernel wants
-    layer.scales_zeros = torch.stack([scale.T, zero.T], -1).to(torch.bfloat16).contiguous()
+    # [K/32, N, 2] in the activation dtype, as torch's kernel wants: it computes (q - 8) * scale + zero
+    layer.scales_zeros = torch.stack([scale.T, (mins + 8 * scale).T], -1).to(torch.bfloat16).contiguous()
+    layer.matmul = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.packed, GROUP, layer.scales_zeros)
     return layer
 
 
 def dequantize(layer: Linear) -> torch.Tensor:
     """The float weight [N, K] a layer multiplies by (for tests and the docs' error table)."""
+    n = layer.out_features
+    if layer.fmt == "int4" and layer.kernels is not None:
+        nibbles = layer.packed[..., :256].reshape(n // 16, -1, 8, 16, 2)  # [N/16, G, chunk, column, e]
+        q = torch.stack([nibbles & 15, nibbles >> 4], -1).permute(0, 3, 1, 2, 5, 4).reshape(n, -1, GROUP).float()
+        scale, mins = (layer.packed[..., a : a + 32].contiguous().view(torch.float16) for a in (256, 288))
+        scale, mins = (t.float().transpose(1, 2).reshape(n, -1, 1) for t in (scale, mins))  # [N, G, 1]
+        return (q * scale + mins).view(n, -1)
     if layer.fmt == "int4":  # float32 activations: slow, but every weight comes out unrounded
         eye = torch.eye(layer.scales_zeros.shape[0] * GROUP)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, layer.packed, GROUP, layer.scales_zeros.float()).T
+    if layer.fmt == "int8" and layer.kernels is not None:
+        q = layer.packed.view(torch.int8).transpose(1, 2).reshape(n, -1)  # [N/16, 16, K/2, 2] -> [N, K]
+        return q.float() * layer.scales[:, None]
     if layer.fmt == "int8":
-        return layer.qweight.float() * layer.scales.float()[:, None]
+        return layer.packed.float() * layer.scales.float()[:, None]
     return layer.weight.float()

@@ -1,7 +1,7 @@
 """Read a Llama-family GGUF's 4-bit blocks as they are, for the int4 format.
 
-Q4_0 / Q4_1 store 32 weights per block: ``w = d * (q - 8)`` and ``w = d * q + m``. The int4 kernel
-computes ``w = (q - 8) * scale + zero``, so ``scale = d`` and ``zero = m + 8 d`` (Q4_1) or 0 (Q4_0)
+Q4_0 / Q4_1 store 32 weights per block: ``w = d * (q - 8)`` and ``w = d * q + m``. The int4 format
+computes ``w = q * scale + min``, so ``scale = d`` and ``min = m`` (Q4_1) or ``-8 d`` (Q4_0)
 reproduce the file's weights with no de-quantize / re-quantize round trip.
 
 Parsing a GGUF's header with the ``gguf`` library reads every metadata field (49k vocabulary strings
@@ -39,7 +39,7 @@ BLOCK_BYTES = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20}  # 
 
 
 def read_q4_blocks(path: Path, num_heads: int, num_kv_heads: int) -> dict[str, tuple]:
-    """``{hf_name: (q [N, K] uint8, scale [N, K/32], zero [N, K/32])}`` for every Q4_0/Q4_1 projection.
+    """``{hf_name: (q [N, K] uint8, scale [N, K/32], min [N, K/32])}`` for every Q4_0/Q4_1 projection.
 
     Tensors of other types are left out (the caller quantizes them on load).
     """
@@ -48,12 +48,12 @@ def read_q4_blocks(path: Path, num_heads: int, num_kv_heads: int) -> dict[str, t
     for t in q4_tensor_index(path):
         blocks = data[t["offset"] : t["offset"] + t["rows"] * t["row_bytes"]]
         blocks = np.asarray(blocks).reshape(t["rows"], -1, BLOCK_BYTES[t["type"]])  # [N, K/32, bytes]
-        q, scale, zero = _unpack(blocks, has_min=t["type"] == GGMLQuantizationType.Q4_1)
+        q, scale, mins = _unpack(blocks, has_min=t["type"] == GGMLQuantizationType.Q4_1)
         kind = t["kind"]
         if kind in ("attn_q", "attn_k"):  # llama.cpp stores q/k rows permuted for its RoPE layout
             order = _unpermute_rows(q.shape[0], num_heads if kind == "attn_q" else num_kv_heads)
-            q, scale, zero = q[order], scale[order], zero[order]
-        out[f"model.layers.{t['layer']}.{t['hf']}"] = (q, scale, zero)
+            q, scale, mins = q[order], scale[order], mins[order]
+        out[f"model.layers.{t['layer']}.{t['hf']}"] = (q, scale, mins)
     return out
 
 
@@ -100,13 +100,12 @@ def _parse_q4_tensors(path: Path) -> list[dict]:
 
 
 def _unpack(blocks: np.ndarray, has_min: bool):
-    """[N, G, bytes] ggml blocks -> q [N, G*32] (0..15), scale and zero [N, G] float32."""
+    """[N, G, bytes] ggml blocks -> q [N, G*32] (0..15), scale and min [N, G] float32."""
     d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
     m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)) if has_min else None
     qs = torch.from_numpy(blocks[..., 4 if has_min else 2 :].copy())  # [N, G, 16]
     q = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # low nibbles: elements 0-15, high: 16-31
-    zero = m + 8 * d if has_min else torch.zeros_like(d)
-    return q.reshape(q.shape[0], -1), d, zero
+    return q.reshape(q.shape[0], -1), d, m if has_min else -8 * d
 
 
 def _unpermute_rows(n: int, heads: int) -> torch.Tensor:
