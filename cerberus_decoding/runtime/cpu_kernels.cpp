@@ -382,56 +382,49 @@ inline v16 load_half16(const uint8_t* b) {
 inline int int4_table() { return 0; }
 #endif
 
-// Rows [MB] x tiles [TB] of one call: TB tiles side by side give a few rows independent chains
-// of dot products to overlap; the arithmetic of each (row, column) is the same for any MB, TB.
-template <bool INT4, int MB, int TB>
-void quant_block(const uint8_t* w, const float* scale, int64_t tile0, const c10::BFloat16* x, const float* xsum,
-                 int64_t K, int64_t N, c10::BFloat16* y) {
+// Rows [MB] of one call over one tile. (Several tiles side by side, for more independent chains
+// of dot products, measured slower: 3.2 vs 2.4 ms for one row through the default model's 120
+// projections, AVX-512.)
+template <bool INT4, int MB>
+void quant_tile(const uint8_t* w, const float* scale, int64_t tile, const c10::BFloat16* x, const float* xsum,
+                int64_t K, int64_t N, c10::BFloat16* y) {
   const auto table = int4_table();
-  const int64_t G = K / 32, tile_bytes = INT4 ? G * INT4_GROUP_BYTES : K * 16;
-  v16 out[MB][TB] = {};
+  const int64_t G = K / 32;
+  const uint8_t* wt = w + tile * (INT4 ? G * INT4_GROUP_BYTES : K * 16);
+  v16 out[MB] = {};
   for (int64_t g = 0; g < G; g++) {
-    v16 even[MB][TB] = {}, odd[MB][TB] = {};  // two chains a row and tile: pairs 0, 2, .. and 1, 3, ..
-    for (int p = 0; p < 16; p += 2)
-      for (int t = 0; t < TB; t++) {
-        const uint8_t* wt = w + (tile0 + t) * tile_bytes + (INT4 ? g * INT4_GROUP_BYTES + p * 16 : (g * 16 + p) * 32);
-        pair16 w0, w1;
-        if constexpr (INT4) {
-          decode_int4(wt, table, w0, w1);
-        } else {
-          w0 = decode_int8(wt, table), w1 = decode_int8(wt + 32, table);
-        }
-        for (int m = 0; m < MB; m++) {
-          even[m][t] = dot_pair(even[m][t], w0, x + m * K + g * 32 + 2 * p);
-          odd[m][t] = dot_pair(odd[m][t], w1, x + m * K + g * 32 + 2 * p + 2);
-        }
-      }
-    for (int t = 0; t < TB; t++) {
-      if (INT4) {
-        const uint8_t* sm = w + (tile0 + t) * tile_bytes + g * INT4_GROUP_BYTES + 256;
-        const v16 s = load_half16(sm), mn = load_half16(sm + 32);
-        for (int m = 0; m < MB; m++) {
-          out[m][t] += (even[m][t] + odd[m][t]) * s;
-          out[m][t] += mn * splat(xsum[m * G + g]);
-        }
+    const uint8_t* wg = wt + g * (INT4 ? INT4_GROUP_BYTES : 512);
+    v16 even[MB] = {}, odd[MB] = {};  // two chains a row: pairs 0, 2, .. and 1, 3, ..
+    for (int p = 0; p < 16; p += 2) {
+      pair16 w0, w1;
+      if constexpr (INT4) {
+        decode_int4(wg + p * 16, table, w0, w1);
       } else {
-        for (int m = 0; m < MB; m++) out[m][t] += even[m][t] + odd[m][t];
+        w0 = decode_int8(wg + p * 32, table), w1 = decode_int8(wg + p * 32 + 32, table);
+      }
+      for (int m = 0; m < MB; m++) {
+        even[m] = dot_pair(even[m], w0, x + m * K + g * 32 + 2 * p);
+        odd[m] = dot_pair(odd[m], w1, x + m * K + g * 32 + 2 * p + 2);
       }
     }
+    if constexpr (INT4) {
+      const v16 s = load_half16(wg + 256), mn = load_half16(wg + 288);
+      for (int m = 0; m < MB; m++) {
+        out[m] += (even[m] + odd[m]) * s;
+        out[m] += mn * splat(xsum[m * G + g]);
+      }
+    } else {
+      for (int m = 0; m < MB; m++) out[m] += even[m] + odd[m];
+    }
   }
-  for (int t = 0; t < TB; t++) {
-    const v16 s = INT4 ? v16{} + 1.f : load16(scale + (tile0 + t) * 16);
-    for (int m = 0; m < MB; m++) store16(y + m * N + (tile0 + t) * 16, INT4 ? out[m][t] : out[m][t] * s);
-  }
+  const v16 s = INT4 ? v16{} + 1.f : load16(scale + tile * 16);
+  for (int m = 0; m < MB; m++) store16(y + m * N + tile * 16, INT4 ? out[m] : out[m] * s);
 }
 
 template <bool INT4, int MB>
 void quant_rows(const uint8_t* w, const float* scale, int64_t begin, int64_t end, const c10::BFloat16* x,
                 const float* xsum, int64_t K, int64_t N, c10::BFloat16* y) {
-  constexpr int TB = ROW_BLOCK == 8 ? (MB <= 2 ? 4 : MB <= 4 ? 2 : 1) : 1;
-  int64_t t = begin;
-  for (; t + TB <= end; t += TB) quant_block<INT4, MB, TB>(w, scale, t, x, xsum, K, N, y);
-  for (; t < end; t++) quant_block<INT4, MB, 1>(w, scale, t, x, xsum, K, N, y);
+  for (int64_t t = begin; t < end; t++) quant_tile<INT4, MB>(w, scale, t, x, xsum, K, N, y);
 }
 
 template <bool INT4>
