@@ -139,7 +139,12 @@ def test_rope_attention_refuses_slots_outside_the_cache():
         ops.rope_attention(qkv, cos, sin, k, v, torch.tensor([3]), 3, torch.tensor([[-1]]), one)
 
 
-@needs_kernels
+needs_quantized = pytest.mark.skipif(
+    ops is None or not ops.quantized_matmuls(), reason="our int4 / int8 kernels need AVX512-BF16"
+)
+
+
+@needs_quantized
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
 @pytest.mark.parametrize("n,k", [(960, 576), (80, 1536)])  # 60 and 5 column tiles
 def test_quantized_linears_match_their_weights_and_give_each_row_its_own_bits(fmt, n, k):
@@ -156,7 +161,7 @@ def test_quantized_linears_match_their_weights_and_give_each_row_its_own_bits(fm
         assert torch.equal(layer(x[:m]), alone[:m]), f"{m} rows"
 
 
-@needs_kernels
+@needs_quantized
 def test_quantized_linears_refuse_weights_that_do_not_match():
     layer = dense(torch.randn(32, 64), "int4")
     with pytest.raises(RuntimeError, match="does not match"):

@@ -294,7 +294,7 @@ at::Tensor silu_mul(const at::Tensor& x) {
 // The weights are stored 16 output columns ("a tile") at a time, so that one step of the inner
 // loop turns 16 bytes (int4) or 32 bytes (int8) into the weights of two inputs k, k+1 for the
 // tile's 16 columns: lane j holds column j, and every row's step is one bfloat16 dot-product
-// instruction (or two float FMAs) with the row's pair x[k], x[k+1] broadcast. A weight is decoded
+// instruction with the row's pair x[k], x[k+1] broadcast. A weight is decoded
 // once for all the rows of a call, so an extra row costs only its dot products. Every row runs the
 // same instructions in the same order whatever the other rows are: its bits are its own.
 //   int4: per tile and group of 32 inputs, 320 bytes read as one stream: 256 bytes of weights,
@@ -304,6 +304,9 @@ at::Tensor silu_mul(const at::Tensor& x) {
 //         (column j, q in 0..15), so that widening a chunk to 16-bit lanes puts each nibble in its
 //         place and a table lookup makes it bfloat16.
 //   int8: tile bytes [K/2 pairs, 16 columns, 2], q in -127..127, and a float scale per column.
+// They need AVX512-BF16: built without it (AVX2) they are absent (quantized_matmuls() is false),
+// and the int4 / int8 formats run torch's kernels (a float32 version of these loops measured 10x
+// slower than torch's own on an AVX2 build).
 constexpr int64_t INT4_GROUP_BYTES = 256 + 64;
 
 #if defined(__AVX512BF16__)
@@ -339,49 +342,6 @@ inline __m512i int4_table() {  // entry i: bfloat16 bits of i % 16 (a lookup rea
   }
   return _mm512_load_si512(t);
 }
-#else
-constexpr int ROW_BLOCK = 4;
-struct pair16 {
-  v16 even, odd;  // w[k], w[k+1] for 16 columns, in float
-};
-typedef uint8_t u32x8 __attribute__((vector_size(32)));
-typedef int8_t c32 __attribute__((vector_size(32)));
-typedef int8_t c16 __attribute__((vector_size(16)));
-typedef uint8_t b16 __attribute__((vector_size(16)));
-inline void decode_int4(const uint8_t* b, int, pair16& lo, pair16& hi) {
-  u32x8 raw;
-  std::memcpy(&raw, b, 32);
-  b16 even = __builtin_shufflevector(raw, raw, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  b16 odd = __builtin_shufflevector(raw, raw, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  lo = {__builtin_convertvector(even & 15, v16), __builtin_convertvector(odd & 15, v16)};
-  hi = {__builtin_convertvector(even >> 4, v16), __builtin_convertvector(odd >> 4, v16)};
-}
-inline pair16 decode_int8(const uint8_t* b, int) {
-  c32 raw;
-  std::memcpy(&raw, b, 32);
-  c16 even = __builtin_shufflevector(raw, raw, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  c16 odd = __builtin_shufflevector(raw, raw, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  return {__builtin_convertvector(even, v16), __builtin_convertvector(odd, v16)};
-}
-inline v16 dot_pair(v16 acc, pair16 w, const c10::BFloat16* x) {
-  acc += w.even * splat(static_cast<float>(x[0]));
-  acc += w.odd * splat(static_cast<float>(x[1]));
-  return acc;
-}
-inline v16 load_half16(const uint8_t* b) {
-  alignas(64) float f[16];
-#if defined(__F16C__)
-  _mm256_store_ps(f, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b))));
-  _mm256_store_ps(f + 8, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16))));
-#else
-  const c10::Half* h = reinterpret_cast<const c10::Half*>(b);
-  for (int l = 0; l < 16; l++) f[l] = static_cast<float>(h[l]);
-#endif
-  return load16(f);
-}
-inline int int4_table() { return 0; }
-#endif
-
 // Rows [MB] of one call over one tile. (Several tiles side by side, for more independent chains
 // of dot products, measured slower: 3.2 vs 2.4 ms for one row through the default model's 120
 // projections, AVX-512.)
@@ -450,12 +410,10 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& packed, const flo
         case 2: quant_rows<INT4, 2>(w, scale, begin, end, xm, sm, K, N, ym); break;
         case 3: quant_rows<INT4, 3>(w, scale, begin, end, xm, sm, K, N, ym); break;
         case 4: quant_rows<INT4, 4>(w, scale, begin, end, xm, sm, K, N, ym); break;
-#if defined(__AVX512BF16__)
         case 5: quant_rows<INT4, 5>(w, scale, begin, end, xm, sm, K, N, ym); break;
         case 6: quant_rows<INT4, 6>(w, scale, begin, end, xm, sm, K, N, ym); break;
         case 7: quant_rows<INT4, 7>(w, scale, begin, end, xm, sm, K, N, ym); break;
         case 8: quant_rows<INT4, 8>(w, scale, begin, end, xm, sm, K, N, ym); break;
-#endif
       }
     }
   });
@@ -473,6 +431,20 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
               "int8_linear: scale [N] float");
   return quant_linear<false>(x, packed, scale.data_ptr<float>());
 }
+#else
+at::Tensor int4_linear(const at::Tensor&, const at::Tensor&) { TORCH_CHECK(false, "int4_linear needs AVX512-BF16"); }
+at::Tensor int8_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  TORCH_CHECK(false, "int8_linear needs AVX512-BF16");
+}
+#endif
+
+bool quantized_matmuls() {  // whether int4_linear / int8_linear are built
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
 }  // namespace
 
 TORCH_LIBRARY(cerberus, m) {
@@ -481,6 +453,7 @@ TORCH_LIBRARY(cerberus, m) {
   m.def("silu_mul(Tensor x) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor packed) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor packed, Tensor scale) -> Tensor");
+  m.def("quantized_matmuls() -> bool", quantized_matmuls);  // no tensors: one kernel for every device
 }
 TORCH_LIBRARY_IMPL(cerberus, CPU, m) {
   m.impl("rope_attention", rope_attention);

@@ -8,7 +8,8 @@
 The quantized formats take activations in bfloat16 and run our CPU kernels (cpu_kernels.cpp:
 ``int4_linear``, ``int8_linear``; int4 keeps float16 scales and mins, as a GGUF block does, so its
 weights are reproduced exactly; each weight is decoded once for all the rows of a call). Where
-those cannot be built, or a layer's sizes are not multiples of 16 outputs and 32 inputs, they run
+those cannot be built (they need AVX512-BF16), or a layer's sizes are not multiples of 16 outputs
+and 32 inputs, they run
 torch's ``_weight_int4pack_mm_for_cpu`` (which computes ``(q - 8) * scale + zero`` with bf16 scales)
 and ``_weight_int8pack_mm``. Each of
 these kernels computes every output row independently of the others: a row's result is the same
@@ -122,10 +123,12 @@ def quantize_int4(w: torch.Tensor):
 
 
 def _quantized_kernels(n: int, k: int):
-    """torch.ops.cerberus where our int4 / int8 kernels can run an [N, K] layer, else None."""
-    if n % 16 or k % GROUP:
+    """torch.ops.cerberus where our int4 / int8 kernels can run an [N, K] layer (they need
+    AVX512-BF16 and whole tiles of 16 outputs and 32 inputs), else None."""
+    ops = cpu_kernels.load()
+    if ops is None or n % 16 or k % GROUP or not ops.quantized_matmuls():
         return None
-    return cpu_kernels.load()
+    return ops
 
 
 def _check_int4(k: int) -> None:
