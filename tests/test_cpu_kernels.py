@@ -54,6 +54,27 @@ def test_rope_attention_matches_rope_and_scaled_dot_product_attention(head_dim, 
 
 
 @needs_kernels
+@pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 9, 3), (16, 4, 2), (128, 8, 8), (32, 16, 2)])
+def test_rope_attention_in_bfloat16_matches_float_attention_to_bfloat16_precision(head_dim, heads, kv_heads):
+    """bfloat16 caches: on AVX512-BF16 the scores are bfloat16 dot products of the rounded query
+    (16 keys at a time), elsewhere float FMAs; both within bfloat16 rounding of float attention."""
+    context, n = 45, 4
+    qkv, cos, sin, k, v = layer_inputs(n, heads, kv_heads, head_dim, 64, torch.bfloat16, seed=1)
+    slots, own, count = chain(context, n)
+    out = ops.rope_attention(qkv, cos, sin, k, v, slots, context, own, count).float()  # writes k, v
+    qk = _rope(
+        qkv[:, : (heads + kv_heads) * head_dim].float().view(n, -1, head_dim),
+        cos.float()[:, None],
+        sin.float()[:, None],
+    )
+    for r in range(n):
+        end = context + r + 1
+        group = qk[r, :heads].reshape(1, kv_heads, heads // kv_heads, head_dim)
+        ref = F.scaled_dot_product_attention(group, k[None, :, :end].float(), v[None, :, :end].float()).reshape(-1)
+        torch.testing.assert_close(out[r], ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_row_has_the_same_bits_alone_among_rows_and_on_gathered_keys(dtype):
     """What verification relies on: the row of a tree node equals the one-token step at that node,

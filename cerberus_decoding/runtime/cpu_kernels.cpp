@@ -18,6 +18,7 @@
 #include <torch/library.h>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <algorithm>
 #include <vector>
 #include <immintrin.h>
@@ -105,6 +106,49 @@ inline void rope(const T* x, const T* cos, const T* sin, float* y) {
     y[d] = static_cast<float>(x[d]) * static_cast<float>(cos[d]) + static_cast<float>(x[d - half]) * static_cast<float>(sin[d]);
 }
 
+#if defined(__AVX512BF16__)
+// The lane sums of 16 vectors at once, each folded in one fixed order (about 3 instructions a sum
+// where hsum takes 9): lane i of the result is the sum of v[REDUCE_ORDER[i]] (an involution, so
+// v[REDUCE_ORDER[i]] holding item i puts item i's sum in lane i).
+constexpr int REDUCE_ORDER[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+inline __m512 reduce16(const __m512* v) {
+  __m512 w[8], x[4], y[2];
+  for (int i = 0; i < 8; i++)  // 256-bit halves
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+  for (int i = 0; i < 4; i++)  // 128-bit quarters
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[i], w[i + 4], 0x88), _mm512_shuffle_f32x4(w[i], w[i + 4], 0xDD));
+  for (int i = 0; i < 2; i++)  // pairs of lanes
+    y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[i], x[i + 2], 0x44), _mm512_shuffle_ps(x[i], x[i + 2], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
+}
+
+// Scores over a bfloat16 cache, 16 keys at a time: the query rounded to bfloat16 (as the cache's
+// keys are, and as torch's bfloat16 attention takes it), q.k as bfloat16 dot products into float,
+// the 16 keys' lanes summed by reduce16. Half the time of float FMAs and hsum per key (measured on
+// 8 rows x 300 keys: 27 vs 49-62 us).
+template <int D, typename KeyAt>
+void bf16_scores(const float* qf, KeyAt key, int64_t n_keys, int rep, float scale, float* s, int64_t padded) {
+  constexpr int P = D / 32;  // bfloat16 pair vectors a head
+  __m512bh qb[MAX_GROUP][P];
+  for (int h = 0; h < rep; h++)
+    for (int c = 0; c < P; c++)
+      qb[h][c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qf + h * D + c * 32 + 16), _mm512_loadu_ps(qf + h * D + c * 32));
+  for (int64_t j0 = 0; j0 < n_keys; j0 += 16) {
+    const c10::BFloat16* kp[16];  // past the last key: any key (its score is masked afterwards)
+    for (int l = 0; l < 16; l++) kp[l] = key(std::min<int64_t>(j0 + REDUCE_ORDER[l], n_keys - 1));
+    for (int h = 0; h < rep; h++) {
+      __m512 acc[16];
+      for (int l = 0; l < 16; l++) {
+        acc[l] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[h][0], (__m512bh)_mm512_loadu_si512(kp[l]));
+        for (int c = 1; c < P; c++)
+          acc[l] = _mm512_dpbf16_ps(acc[l], qb[h][c], (__m512bh)_mm512_loadu_si512(kp[l] + c * 32));
+      }
+      _mm512_storeu_ps(s + h * padded + j0, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
+    }
+  }
+}
+#endif
+
 // One row's query heads of one kv head: qf [rep, D] (float, after RoPE) -> out [rep, D]
 template <typename T, int D>
 void attend_row(const float* qf, const T* k, const T* v, const int64_t* own, int64_t n_own, int64_t context, int rep,
@@ -113,17 +157,25 @@ void attend_row(const float* qf, const T* k, const T* v, const int64_t* own, int
   const int64_t n_keys = context + n_own, padded = (n_keys + 15) / 16 * 16;
   buf.resize(rep * padded);
   float* s = buf.data();  // [rep, padded] scores, then weights
-  v16 qv[MAX_GROUP][C];
-  for (int h = 0; h < rep; h++)
-    for (int c = 0; c < C; c++) qv[h][c] = load16(qf + h * D + c * 16);
-  for (int64_t j = 0; j < n_keys; j++) {
-    const T* kj = k + (j < context ? j : own[j - context]) * D;
-    v16 kv[C];
-    for (int c = 0; c < C; c++) kv[c] = load16(kj + c * 16);
-    for (int h = 0; h < rep; h++) {
-      v16 acc = qv[h][0] * kv[0];
-      for (int c = 1; c < C; c++) acc += qv[h][c] * kv[c];
-      s[h * padded + j] = hsum(acc) * scale;
+  auto key = [&](int64_t j) { return k + (j < context ? j : own[j - context]) * D; };
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && D >= 32) {
+    bf16_scores<D>(qf, key, n_keys, rep, scale, s, padded);
+  } else
+#endif
+  {
+    v16 qv[MAX_GROUP][C];
+    for (int h = 0; h < rep; h++)
+      for (int c = 0; c < C; c++) qv[h][c] = load16(qf + h * D + c * 16);
+    for (int64_t j = 0; j < n_keys; j++) {
+      const T* kj = key(j);
+      v16 kv[C];
+      for (int c = 0; c < C; c++) kv[c] = load16(kj + c * 16);
+      for (int h = 0; h < rep; h++) {
+        v16 acc = qv[h][0] * kv[0];
+        for (int c = 1; c < C; c++) acc += qv[h][c] * kv[c];
+        s[h * padded + j] = hsum(acc) * scale;
+      }
     }
   }
   for (int h = 0; h < rep; h++) {
