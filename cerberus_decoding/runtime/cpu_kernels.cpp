@@ -9,6 +9,7 @@
 // in the cache, or which thread computes a row: a tree node's row is bitwise the one-token step
 // at that node, and every row of a verification is computed in one call per layer.
 // rms_norm, silu_mul: RMSNorm and the MLP's SiLU(gate) * up, row by row.
+// int4_linear, int8_linear: the quantized formats' matmuls, each weight decoded once for all rows.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -3,13 +3,16 @@
 A decoding step of a small model on a CPU is bound by per-op overhead as much as by its matmuls,
 and ``scaled_dot_product_attention`` gives a tree node's row the one-token step's bits only when
 it is called once per row (docs/runtime.md): about 40 us a call, so every extra row of a
-verification cost another 1.3 ms on the default model. Three ops replace a dozen torch ops a layer:
+verification cost another 1.3 ms on the default model. Three ops replace a dozen torch ops a layer,
+and two replace torch's int4 / int8 matmuls:
 
     rope_attention(qkv, cos, sin, k, v, slots, context, own, own_count) -> [n, Hq D]
         RoPE, the rows' keys and values into the cache at ``slots``, and attention for every row at
         once: row r reads the cache's ``[0, context)`` then ``own[r, :own_count[r]]``, in that order.
     rms_norm(x, weight, eps) -> RMSNorm of each row
     silu_mul(gate_up) -> SiLU(gate) * up
+    int4_linear(x, packed), int8_linear(x, packed, scale) -> x W^T for the int4 / int8 formats
+        (formats.py packs W for them; AVX512-BF16 only: ``quantized_matmuls()`` says whether built)
 
 Each computes a row with arithmetic that depends only on that row's inputs, so a tree node's row
 is bitwise the one-token step at that node by construction. They are built with the machine's own
@@ -47,7 +50,7 @@ def supports(cfg_shape: dict, dtype: torch.dtype) -> bool:
 
 @functools.cache
 def load():
-    """``torch.ops.cerberus`` with the three ops, or None (with one line on stderr) where they cannot be built."""
+    """``torch.ops.cerberus`` with the ops, or None (with one line on stderr) where they cannot be built."""
     from torch.utils import cpp_extension
 
     try:
