@@ -9,12 +9,11 @@ The quantized formats take activations in bfloat16 and run our CPU kernels (cpu_
 ``int4_linear``, ``int8_linear``; int4 keeps float16 scales and mins, as a GGUF block does, so its
 weights are reproduced exactly; each weight is decoded once for all the rows of a call). Where
 those cannot be built (they need AVX512-BF16), or a layer's sizes are not multiples of 16 outputs
-and 32 inputs, they run
-torch's ``_weight_int4pack_mm_for_cpu`` (which computes ``(q - 8) * scale + zero`` with bf16 scales)
-and ``_weight_int8pack_mm``. Each of
-these kernels computes every output row independently of the others: a row's result is the same
-whether it runs alone or among 16 rows, bitwise (tests check it on this CPU). That is what makes
-speculative verification reproduce the one-token step exactly.
+and 32 inputs, they run torch's ``_weight_int4pack_mm_for_cpu`` (which computes
+``(q - 8) * scale + zero`` with bf16 scales) and ``_weight_int8pack_mm``. Each of these kernels
+computes every output row independently of the others: a row's result is the same whether it runs
+alone or among 16 rows, bitwise (tests check it on this CPU). That is what makes speculative
+verification reproduce the one-token step exactly.
 """
 
 from __future__ import annotations
@@ -134,8 +133,6 @@ def _quantized_kernels(n: int, k: int):
 def _check_int4(k: int) -> None:
     if k % GROUP:
         raise CerberusError(f"int4 needs input sizes divisible by {GROUP}; this layer has {k}. Use --weights int8.")
-    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-        raise CerberusError("This torch build has no CPU int4 kernel; use --weights int8 or bfloat16.")
 
 
 def _set_int4(layer: Linear, q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor) -> Linear:
@@ -150,6 +147,8 @@ def _set_int4(layer: Linear, q: torch.Tensor, scale: torch.Tensor, mins: torch.T
         layer.packed = torch.cat([nibbles, *halves], -1).contiguous()
         layer.matmul = lambda x: ops.int4_linear(x, layer.packed)
         return layer
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        raise CerberusError("This torch build has no CPU int4 kernel; use --weights int8 or bfloat16.")
     layer.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
     # [K/32, N, 2] in the activation dtype, as torch's kernel wants: it computes (q - 8) * scale + zero
     layer.scales_zeros = torch.stack([scale.T, (mins + 8 * scale).T], -1).to(torch.bfloat16).contiguous()
