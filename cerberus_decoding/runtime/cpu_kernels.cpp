@@ -344,11 +344,11 @@ at::Tensor silu_mul(const at::Tensor& x) {
 }
 
 // ---- Quantized linear layers: y [M, N] = x [M, K] W^T, x in bfloat16 ----
-// The weights are stored 16 output columns ("a tile") at a time, so that one step of the inner
-// loop turns 16 bytes (int4) or 32 bytes (int8) into the weights of two inputs k, k+1 for the
-// tile's 16 columns: lane j holds column j, and every row's step is one bfloat16 dot-product
-// instruction with the row's pair x[k], x[k+1] broadcast. A weight is decoded
-// once for all the rows of a call, so an extra row costs only its dot products. Every row runs the
+// The weights are stored 16 output columns ("a tile") at a time, so that a few instructions turn
+// 32 bytes into bfloat16 pairs of weights (w[k], w[k+1]) for the tile's 16 columns (int4: two such
+// pairs, inputs k..k+3; int8: one): lane j holds column j, and every row's step is one bfloat16
+// dot-product instruction with the row's pair x[k], x[k+1] broadcast. A weight is decoded once for
+// all the rows of a call, so an extra row costs only its dot products. Every row runs the
 // same instructions in the same order whatever the other rows are: its bits are its own.
 //   int4: per tile and group of 32 inputs, 320 bytes read as one stream: 256 bytes of weights,
 //         then 16 scales and 16 mins in float16; w = q * scale + min (a GGUF Q4_0 / Q4_1 block
