@@ -109,9 +109,12 @@ def test_bad_sampling_options_are_rejected(ar, bad):
     [("Name three fruits.", "And three vegetables?"), ("Write a haiku about rain.", "Now one about snow.")],
 )
 def test_chat_cache_reuse_gives_the_same_output(ar, turns):
-    """A second chat turn reuses the first turn's cached K/V. Those were computed token by token,
-    where a fresh prefill computes them in one block, so the reply is the fresh one up to a proven
-    bfloat16 near-tie (measured: divergences at gaps 0 and 0.25, top logits 8.1 and 28.5)."""
+    """A second chat turn reuses the first turn's cached K/V. Those were computed token by token (the
+    row kernel: bfloat16 query and keys into float scores), where a fresh prefill computes them in
+    one block (torch's attention, another rounding), so the reply is the fresh one up to a bfloat16
+    near-tie of twice the bench's bound, 4 representable steps at the top logit (measured:
+    divergences at gaps 0 and 0.25, top logits 8.1 and 28.5; since the bfloat16 scores, 0.156 at
+    8.125: 2.5 steps). Speculative decoding is not concerned: it is bitwise AR (test_lossless)."""
     history = [{"role": "user", "content": turns[0]}]
     first = ar.generate(ar.encode(history), SamplingConfig(max_new_tokens=24), reuse_cache=True)
     history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": turns[1]}]
@@ -124,7 +127,7 @@ def test_chat_cache_reuse_gives_the_same_output(ar, turns):
         del ar.runtime.forward  # back to the class's method
     assert fed[0] < len(ids) - 20  # the prompt's forward fed only what the cache did not hold
     fresh = Decoder(ar.lm).generate(ids, SamplingConfig(max_new_tokens=24))
-    assert_lossless(ar.lm, ids, fresh.token_ids, reused.token_ids, exact=False)
+    assert_lossless(ar.lm, ids, fresh.token_ids, reused.token_ids, exact=False, tie_steps=2)
 
 
 def _feed(runtime, cache, ids, start):
