@@ -17,6 +17,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+#include <array>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -371,7 +373,7 @@ inline void decode_int4(const uint8_t* b, __m512i table, pair16& lo, pair16& hi)
   lo = (pair16)_mm512_permutexvar_epi16(t, table);  // the table ignores bits above the low nibble
   hi = (pair16)_mm512_permutexvar_epi16(_mm512_srli_epi16(t, 4), table);
 }
-inline pair16 decode_int8(const uint8_t* b, __m512i) {
+inline pair16 decode_int8(const uint8_t* b) {
   const __m128i* p = reinterpret_cast<const __m128i*>(b);
   __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p)));
   __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p + 1)));
@@ -385,23 +387,19 @@ inline v16 dot_pair(v16 acc, pair16 w, const c10::BFloat16* x) {  // acc + w[k] 
 inline v16 load_half16(const uint8_t* b) {
   return (v16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
 }
-inline __m512i int4_table() {  // entry i: bfloat16 bits of i % 16 (a lookup reads 5 index bits)
-  alignas(64) uint16_t t[32] = {};
-  for (int i = 0; i < 32; i++) {
-    float f = static_cast<float>(i % 16);
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
-    t[i] = static_cast<uint16_t>(bits >> 16);
-  }
-  return _mm512_load_si512(t);
-}
+// decode_int4's lookup table, entry i: the bfloat16 bits of i % 16 (a lookup reads 5 index bits)
+alignas(64) constexpr std::array<uint16_t, 32> INT4_BF16 = [] {
+  std::array<uint16_t, 32> t{};
+  for (int i = 0; i < 32; i++) t[i] = static_cast<uint16_t>(std::bit_cast<uint32_t>(static_cast<float>(i % 16)) >> 16);
+  return t;
+}();
 // Rows [MB] of one call over one tile. (Several tiles side by side, for more independent chains
 // of dot products, measured slower: 3.2 vs 2.4 ms for one row through the default model's 120
 // projections, AVX-512.)
 template <bool INT4, int MB>
 void quant_tile(const uint8_t* w, const float* scale, int64_t tile, const c10::BFloat16* x, const float* xsum,
                 int64_t K, int64_t N, c10::BFloat16* y) {
-  const auto table = int4_table();
+  const __m512i table = _mm512_load_si512(INT4_BF16.data());
   const int64_t G = K / 32;
   const uint8_t* wt = w + tile * (INT4 ? G * INT4_GROUP_BYTES : K * 16);
   v16 out[MB] = {};
@@ -413,7 +411,7 @@ void quant_tile(const uint8_t* w, const float* scale, int64_t tile, const c10::B
       if constexpr (INT4) {
         decode_int4(wg + p * 16, table, w0, w1);
       } else {
-        w0 = decode_int8(wg + p * 32, table), w1 = decode_int8(wg + p * 32 + 32, table);
+        w0 = decode_int8(wg + p * 32), w1 = decode_int8(wg + p * 32 + 32);
       }
       for (int m = 0; m < MB; m++) {
         even[m] = dot_pair(even[m], w0, x + m * K + g * 32 + 2 * p);
