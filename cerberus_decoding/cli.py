@@ -13,6 +13,7 @@ import typer
 
 from .methods import LLAMA_CPP, METHODS
 from .models import CerberusError
+from .runtime.formats import WEIGHTS
 from .sampling import ACCEPTANCES, DEFAULT_ACCEPTANCE
 
 app = typer.Typer(
@@ -28,12 +29,7 @@ Method = Enum("Method", {name: name for name in METHODS}, type=str)  # names: me
 GenerateMethod = Enum("GenerateMethod", {name: name for name in (*METHODS, LLAMA_CPP)}, type=str)
 
 
-class Weights(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    int8 = "int8"
-    int4 = "int4"
+Weights = Enum("Weights", {name: name for name in WEIGHTS}, type=str)  # names: runtime/formats.py
 
 
 class Runtime(str, Enum):
@@ -64,7 +60,8 @@ WeightsOpt = typer.Option(
     Weights.auto,
     "--weights",
     "--dtype",
-    help="Weight format. auto: int4 on a CPU (the GGUF's own 4-bit blocks), bfloat16 on CUDA (docs/runtime.md).",
+    help="Weight format. auto: the heads' calibrated fastest on this machine, else int4 on a CPU (the GGUF's own "
+    "4-bit blocks) and bfloat16 on CUDA; w4a8: int4 weights x int8 activations, AVX512-VNNI (docs/runtime.md).",
 )
 RuntimeOpt = typer.Option(
     Runtime.lean, "--runtime", help="lean: our compact forward; hf: the unmodified transformers model (reference)."
@@ -676,7 +673,6 @@ def calibrate(
     from .calibration.run import calibrate as run_calibration
     from .methods import heads_path
     from .models import load_model
-    from .runtime.formats import WEIGHTS
 
     if heads == "none":
         fail("calibrate needs a heads directory (--heads DIR or default)")

@@ -163,10 +163,10 @@ class DraftHeads(nn.Module):
     def pack_for(self, weights: str) -> DraftHeads:
         """Inference with a quantized base model on a CPU: blocks and shared LM-head rows as int8
         (drafts only rank tokens, and bfloat16 matmuls are slow on CPUs without AVX512-BF16)."""
-        if weights not in ("int4", "int8") or self.shared_weight.device.type != "cpu":
-            return self
-        from .runtime.formats import dense
+        from .runtime.formats import QUANTIZED, dense
 
+        if weights not in QUANTIZED or self.shared_weight.device.type != "cpu":
+            return self
         for blocks in self.blocks:
             for block in blocks:
                 block.packed = dense(block.linear.weight, "int8", block.linear.bias)

@@ -191,6 +191,53 @@ def test_quantized_linears_refuse_weights_that_do_not_match():
         ops.int4_linear(torch.zeros(1, 64), layer.packed)
 
 
+needs_w4a8 = pytest.mark.skipif(ops is None or not ops.w4a8_matmuls(), reason="the w4a8 kernel needs AVX512-VNNI")
+
+
+def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
+    """The activations w4a8 multiplies by: each group of 32 rounded to int8 steps of max|x| / 127
+    (as the kernel does it, float32: x * (127 / max|x|), rounded half to even)."""
+    groups = x.float().view(x.shape[0], -1, 32)
+    amax = groups.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, 0)  # (not 127 / amax: a reciprocal, then * 127)
+    return (torch.round(groups * inv) * (amax / 127)).view(x.shape)
+
+
+@needs_w4a8
+@pytest.mark.parametrize("n,k", [(960, 576), (80, 1536)])
+def test_w4a8_is_int4_weights_times_int8_activations_and_gives_each_row_its_own_bits(n, k):
+    """The layer's weights are int4's (same 4-bit codes, scales and mins), its activations each
+    row's own Q8_0 rounding: the product matches float64 arithmetic on those to float32 accuracy,
+    and a row's output is the same alone as among 16 rows."""
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(n, k, generator=g) * 0.05
+    layer = dense(w, "w4a8")
+    assert layer.kernels is not None
+    assert torch.equal(dequantize(layer), dequantize(dense(w, "int4")))
+    x = torch.randn(16, k, generator=g).to(torch.bfloat16)
+    x[3] = 0  # an all-zero group: scale 0, no division by it
+    ref = (quantize_activations_q8(x).double() @ dequantize(layer).double().T).float()
+    out = layer(x).float()
+    torch.testing.assert_close(out, ref.bfloat16().float(), rtol=8e-3, atol=1e-5 * ref.abs().max().item())
+    assert (out - x.float() @ dequantize(layer).T).abs().max() < 0.05 * ref.abs().max()  # int8 rounding: small
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(16)])
+    for m in range(1, 17):
+        assert torch.equal(layer(x[:m]), alone[:m]), f"{m} rows"
+    with pytest.raises(RuntimeError, match="does not match"):
+        ops.w4a8_linear(torch.zeros(1, k + 32, dtype=torch.bfloat16), layer.packed)
+
+
+def test_w4a8_without_its_kernel_is_an_error_naming_int4(monkeypatch):
+    from cerberus_decoding.models import CerberusError
+    from cerberus_decoding.runtime import resolve_weights
+
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    with pytest.raises(CerberusError, match="AVX512-VNNI.*--weights int4"):
+        dense(torch.randn(32, 64), "w4a8")
+    with pytest.raises(CerberusError, match="AVX512-VNNI.*--weights int4"):
+        resolve_weights("w4a8", torch.device("cpu"), "lean")
+
+
 def test_without_our_kernels_the_quantized_formats_run_torch_kernels(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "load", lambda: None)
     w = torch.randn(48, 64) * 0.05

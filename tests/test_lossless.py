@@ -1,6 +1,6 @@
 """Greedy speculative output equals greedy auto-regressive output of the same weight format.
 
-int4, int8 and bfloat16 run kernels that compute every row of a verification forward exactly as
+int4, w4a8, int8 and bfloat16 run kernels that compute every row of a verification forward exactly as
 the one-token step (runtime/lean.py), so there the output must be bitwise AR's: no tie allowance.
 float32 matmuls are not row-invariant (~3e-7), so there a difference passes only at a proven
 near-tie (top-2 logit gap within bench.run.tie_bound at the first differing token).
@@ -20,6 +20,7 @@ from cerberus_decoding import lookup
 from cerberus_decoding.engine import SamplingConfig
 from cerberus_decoding.methods import build_decoder
 from cerberus_decoding.models import load_model
+from cerberus_decoding.runtime.formats import w4a8_available
 
 from .conftest import PROMPTS, assert_lossless, references_for
 
@@ -42,6 +43,21 @@ def test_int4_speculative_greedy_is_bitwise_ar(lm, references, method):
         assert result.token_ids == reference
         accepted.append(result.mean_accepted)
     assert sum(accepted) / len(accepted) > 1.3  # trained heads really draft (not a no-op engine)
+
+
+@pytest.mark.skipif(not w4a8_available(), reason="w4a8 needs AVX512-VNNI")
+def test_w4a8_speculative_greedy_is_bitwise_ar():
+    """int4 weights x int8 activations: each row quantizes its own activations, so verification
+    rows are still the one-token steps' bits. 4 prompts x 128 tokens, every drafting method."""
+    w4a8 = load_model("default", "w4a8", "cpu")
+    references = references_for(w4a8, PROMPTS[:4], N_TOKENS)
+    for method in ("cerberus-nogate", "medusa", "cerberus+lookup"):
+        decoder = build_decoder(w4a8, method, heads="default", tree=TREE, lookup=CHAINS)
+        for ids, reference in references.values():
+            assert decoder.generate(ids, CONFIG).token_ids == reference, method
+    untrained = build_decoder(w4a8, "cerberus-nogate", heads="none", tree=TREE)
+    ids, reference = next(iter(references.values()))
+    assert untrained.generate(ids, CONFIG).token_ids == reference
 
 
 @pytest.mark.parametrize("method", ["medusa", "cerberus-nogate"])

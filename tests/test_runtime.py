@@ -12,7 +12,7 @@ from cerberus_decoding.engine import Decoder, SamplingConfig
 from cerberus_decoding.heads import TEMP_SUFFIX
 from cerberus_decoding.models import CerberusError, default_gguf_path, gguf_cache_dir
 from cerberus_decoding.runtime import build_runtime, cpu_kernels, gguf, resolve_weights
-from cerberus_decoding.runtime.formats import dense, dequantize, int4_from_blocks
+from cerberus_decoding.runtime.formats import dense, dequantize, int4_from_blocks, w4a8_available
 from cerberus_decoding.runtime.gguf import read_q4_blocks
 from cerberus_decoding.runtime.lean import LeanLlama
 from cerberus_decoding.tree import build_tree
@@ -43,8 +43,10 @@ def rows_vs_one_token_steps(rt, prefix: list[int], tokens: list[int]):
 
 
 @pytest.mark.parametrize("tree_attention", ["kernel", "rows"])
-@pytest.mark.parametrize("weights", ["int4", "int8", "bfloat16"])
+@pytest.mark.parametrize("weights", ["int4", "int8", "bfloat16", "w4a8"])
 def test_verification_rows_equal_one_token_steps_bitwise(tiny_lm, weights, tree_attention):
+    if weights == "w4a8" and not w4a8_available():
+        pytest.skip("w4a8 needs AVX512-VNNI")
     rt = LeanLlama(tiny_lm.model, weights, tree_attention=tree_attention)
     g = torch.Generator().manual_seed(0)
     prefix, tokens = torch.randint(5000, (21,), generator=g).tolist(), torch.randint(5000, (TREE.size,), generator=g)
@@ -200,6 +202,8 @@ def test_gguf_q4_blocks_pack_within_the_documented_bound(lm_f32):
         ours = int4_from_blocks(q, scale, mins)
         if ours.kernels is not None:
             assert torch.equal(dequantize(ours), exact), name
+        if w4a8_available():  # w4a8's weights too
+            assert torch.equal(dequantize(int4_from_blocks(q, scale, mins, "w4a8")), exact), name
         with patch.object(cpu_kernels, "load", lambda: None):  # torch's kernel: bf16 scale and zero
             err = (dequantize(int4_from_blocks(q, scale, mins)) - exact).abs()
         zero = mins + 8 * scale

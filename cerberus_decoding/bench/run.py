@@ -18,6 +18,7 @@ import torch
 from ..engine import SamplingConfig
 from ..methods import METHODS, build_decoder
 from ..models import CerberusError, LoadedModel
+from ..runtime.formats import QUANTIZED
 from ..sampling import ACCEPTANCES, DEFAULT_ACCEPTANCE
 from .llamacpp import LLAMA_CPP, generate_greedy, load_llama
 from .questions import Question
@@ -330,7 +331,7 @@ def top2_logits(lm: LoadedModel, prompt_ids: list[int], prefix: list[int]) -> tu
 # (runtime/lean.py), so any divergence from ar there is a bug. Elsewhere (float32; bfloat16 on
 # CUDA, whose kernels differ between q rows and one) a divergence is a proven near-tie when ar's own
 # top-2 logit gap at that token is at most ``tie_bound``.
-EXACT_FORMATS = ("bfloat16", "int8", "int4")
+EXACT_FORMATS = ("bfloat16", *QUANTIZED)
 FLOAT32_TIE_GAP = 1e-3  # float32 rounding between kernels moves a logit by ~1e-6
 BF16_TIE_STEPS = 2  # bfloat16 logits: this many representable steps at the top logit's size
 

@@ -28,6 +28,7 @@ from ..heads import load_heads
 from ..lookup import MAX_LEN as LOOKUP_MAX_LEN
 from ..models import CerberusError, LoadedModel
 from ..runtime import hardware, machine
+from ..runtime.formats import w4a8_available
 from ..tree import build_tree, expected_length
 from .choose import (
     accepted_lengths,
@@ -76,7 +77,9 @@ def supported_formats(lm: LoadedModel) -> list[str]:
     if lm.device.type == "cuda":
         formats = ["bfloat16", "float32"]
     else:
-        formats = ["int4", "int8", "bfloat16", "float32"]
+        formats = ["w4a8", "int4", "int8", "bfloat16", "float32"]
+        if not w4a8_available():
+            formats.remove("w4a8")
         if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
             formats.remove("int4")
     return [lm.weights] + [f for f in formats if f != lm.weights]

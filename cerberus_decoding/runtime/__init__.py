@@ -27,7 +27,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..models import CerberusError
-from .formats import WEIGHTS, activation_dtype
+from .formats import INT4_FORMATS, QUANTIZED, WEIGHTS, activation_dtype, w4a8_available
 
 RUNTIMES = ("lean", "hf")
 
@@ -41,10 +41,12 @@ def resolve_weights(weights: str, device: torch.device, runtime: str) -> str:
         if device.type == "cuda":
             return "bfloat16"
         return "float32" if runtime == "hf" else "int4"
-    if runtime == "hf" and weights in ("int8", "int4"):
+    if runtime == "hf" and weights in QUANTIZED:
         raise CerberusError(f"--runtime hf runs float32 or bfloat16 weights, not {weights}; use --runtime lean.")
-    if device.type == "cuda" and weights in ("int8", "int4"):
+    if device.type == "cuda" and weights in QUANTIZED:
         raise CerberusError(f"--weights {weights} has no CUDA kernel here; use --weights bfloat16 on a GPU.")
+    if weights == "w4a8" and not w4a8_available():
+        raise CerberusError("--weights w4a8 needs a CPU with AVX512-VNNI (and a C++ compiler); use --weights int4.")
     return weights
 
 
@@ -71,7 +73,7 @@ def build_runtime(hf_model, weights: str, runtime: str, gguf: Path | None = None
     from .lean import LeanLlama
 
     blocks = None
-    if weights == "int4" and gguf is not None:
+    if weights in INT4_FORMATS and gguf is not None:
         from .gguf import read_q4_blocks
 
         cfg = hf_model.config

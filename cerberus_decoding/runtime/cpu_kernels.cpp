@@ -489,8 +489,121 @@ at::Tensor int8_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&) 
 }
 #endif
 
+// ---- W4A8: int4 weights x int8 activations (llama.cpp's arithmetic for its Q4 formats) ----
+// Each row's activations are quantized per group of 32 inputs on the fly: d = max|x| / 127,
+// a = round(x / d) in -127..127 (a GGUF Q8_0 block), so a group's dot product is exact integer
+// arithmetic, sum q_k a_k, one AVX512-VNNI instruction per 4 inputs x 16 columns (64 products, twice
+// the bfloat16 instruction's 32, and no table lookup to decode the weights), then in float:
+// y += (scale d) * isum + min * (d sum a). A row's quantization and sums read only that row, so
+// rows stay bitwise independent.
+//   layout per tile and group: 256 bytes of weights as 4 vectors of 64 bytes, vector i byte 4j + e =
+//   q[j, 8i + e] | q[j, 8i + 4 + e] << 4 (column j), then 16 float16 scales and 16 float16 mins,
+//   the int4 layout's 320 bytes with another order of nibbles.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr int A8_ROW_BLOCK = 8;
+
+// x [K] bfloat16 -> a [K] int8, d [K/32] and d * sum(a) [K/32] per group
+void quantize_row_q8(const c10::BFloat16* x, int64_t K, int8_t* a, float* d, float* dsum) {
+  for (int64_t g = 0; g < K / 32; g++) {
+    const v16 x0 = load16(x + g * 32), x1 = load16(x + g * 32 + 16);
+    float amax = 0.f;
+    for (int l = 0; l < 16; l++) amax = std::max(amax, std::max(std::fabs(x0[l]), std::fabs(x1[l])));
+    const float dg = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t total = 0;
+    for (int l = 0; l < 32; l++) {
+      const int32_t q = static_cast<int32_t>(std::nearbyint((l < 16 ? x0[l] : x1[l - 16]) * inv));
+      a[g * 32 + l] = static_cast<int8_t>(q);
+      total += q;
+    }
+    d[g] = dg;
+    dsum[g] = dg * static_cast<float>(total);
+  }
+}
+
+template <int MB>
+void w4a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, const float* dsum, int64_t K,
+               int64_t N, c10::BFloat16* y) {
+  const int64_t G = K / 32;
+  const uint8_t* wt = w + tile * G * INT4_GROUP_BYTES;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 out[MB];
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; m++) out[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; g++) {
+    const uint8_t* wg = wt + g * INT4_GROUP_BYTES;
+    __m512i q[8];  // q[c]: inputs 4c..4c+3 of the group, 16 columns
+    for (int i = 0; i < 4; i++) {
+      const __m512i v = _mm512_loadu_si512(wg + 64 * i);
+      q[2 * i] = _mm512_and_si512(v, low);
+      q[2 * i + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    }
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 256)));
+    const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 288)));
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; m++) {
+      const int32_t* am = reinterpret_cast<const int32_t*>(a + m * K + g * 32);
+      __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+#pragma GCC unroll 4
+      for (int c = 0; c < 8; c += 2) {
+        even = _mm512_dpbusd_epi32(even, q[c], _mm512_set1_epi32(am[c]));
+        odd = _mm512_dpbusd_epi32(odd, q[c + 1], _mm512_set1_epi32(am[c + 1]));
+      }
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd));
+      out[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(s, _mm512_set1_ps(d[m * G + g])), out[m]);
+      out[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(dsum[m * G + g]), out[m]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; m++) store16(y + m * N + tile * 16, (v16)out[m]);
+}
+
+at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& packed) {
+  // x [M, K] bf16, packed [N/16, K/32, 320] uint8 (weights, scales, mins) -> [M, N] bf16
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "w4a8_linear: x [M, K] bfloat16");
+  TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kByte, "w4a8_linear: packed weight uint8");
+  const int64_t M = x.size(0), K = x.size(1), tiles = packed.size(0), N = tiles * 16, G = K / 32;
+  TORCH_CHECK(K % 32 == 0 && packed.numel() == tiles * G * INT4_GROUP_BYTES, "w4a8_linear: packed weight does not match x");
+  auto y = at::empty({M, N}, x.options());
+  std::vector<int8_t> a(M * K);
+  std::vector<float> d(M * G), dsum(M * G);
+  const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
+  for (int64_t m = 0; m < M; m++) quantize_row_q8(xp + m * K, K, a.data() + m * K, d.data() + m * G, dsum.data() + m * G);
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; t++) {  // every row block over a tile while it is in cache
+      for (int64_t m0 = 0; m0 < M; m0 += A8_ROW_BLOCK) {
+        const int8_t* am = a.data() + m0 * K;
+        const float *dm = d.data() + m0 * G, *sm = dsum.data() + m0 * G;
+        c10::BFloat16* ym = yp + m0 * N;
+        switch (std::min<int64_t>(A8_ROW_BLOCK, M - m0)) {
+          case 1: w4a8_tile<1>(w, t, am, dm, sm, K, N, ym); break;
+          case 2: w4a8_tile<2>(w, t, am, dm, sm, K, N, ym); break;
+          case 3: w4a8_tile<3>(w, t, am, dm, sm, K, N, ym); break;
+          case 4: w4a8_tile<4>(w, t, am, dm, sm, K, N, ym); break;
+          case 5: w4a8_tile<5>(w, t, am, dm, sm, K, N, ym); break;
+          case 6: w4a8_tile<6>(w, t, am, dm, sm, K, N, ym); break;
+          case 7: w4a8_tile<7>(w, t, am, dm, sm, K, N, ym); break;
+          case 8: w4a8_tile<8>(w, t, am, dm, sm, K, N, ym); break;
+        }
+      }
+    }
+  });
+  return y;
+}
+#else
+at::Tensor w4a8_linear(const at::Tensor&, const at::Tensor&) { TORCH_CHECK(false, "w4a8_linear needs AVX512-VNNI"); }
+#endif
+
 bool quantized_matmuls() {  // whether int4_linear / int8_linear are built
 #if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+bool w4a8_matmuls() {  // whether w4a8_linear is built
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   return true;
 #else
   return false;
@@ -504,7 +617,9 @@ TORCH_LIBRARY(cerberus, m) {
   m.def("silu_mul(Tensor x) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor packed) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor packed, Tensor scale) -> Tensor");
-  m.def("quantized_matmuls() -> bool", quantized_matmuls);  // no tensors: one kernel for every device
+  m.def("w4a8_linear(Tensor x, Tensor packed) -> Tensor");
+  m.def("quantized_matmuls() -> bool", quantized_matmuls);
+  m.def("w4a8_matmuls() -> bool", w4a8_matmuls);  // no tensors: one kernel for every device
 }
 TORCH_LIBRARY_IMPL(cerberus, CPU, m) {
   m.impl("rope_attention", rope_attention);
@@ -512,4 +627,5 @@ TORCH_LIBRARY_IMPL(cerberus, CPU, m) {
   m.impl("silu_mul", silu_mul);
   m.impl("int4_linear", int4_linear);
   m.impl("int8_linear", int8_linear);
+  m.impl("w4a8_linear", w4a8_linear);
 }

@@ -4,6 +4,9 @@
   int8                per-output-channel int8 weights: ``w = q * scale``.
   int4                group-wise (group 32) 4-bit weights: ``w = q * scale + min`` per group, so a
                       GGUF Q4_0 / Q4_1 block maps onto it exactly.
+  w4a8                int4's weights, with each row's activations quantized to int8 per group of 32
+                      inside the matmul (a GGUF Q8_0 block: ``x = a * d``), so that the products are
+                      integer dot products, as llama.cpp computes its Q4 formats (AVX512-VNNI only).
 
 The quantized formats take activations in bfloat16 and run our CPU kernels (cpu_kernels.cpp:
 ``int4_linear``, ``int8_linear``; int4 keeps float16 scales and mins, as a GGUF block does, so its
@@ -13,7 +16,9 @@ and 32 inputs, they run torch's ``_weight_int4pack_mm_for_cpu`` (which computes
 ``(q - 8) * scale + zero`` with bf16 scales) and ``_weight_int8pack_mm``. Each of these kernels
 computes every output row independently of the others: a row's result is the same whether it runs
 alone or among 16 rows, bitwise (tests check it on this CPU). That is what makes speculative
-verification reproduce the one-token step exactly.
+verification reproduce the one-token step exactly. ``w4a8`` quantizes a row's activations from
+that row alone, so it keeps the property; it has no torch fallback (where AVX512-VNNI is missing it
+is an error naming int4).
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import torch.nn.functional as F
 from ..models import CerberusError
 from . import cpu_kernels
 
-WEIGHTS = ("auto", "float32", "bfloat16", "int8", "int4")
+WEIGHTS = ("auto", "float32", "bfloat16", "int8", "int4", "w4a8")
+INT4_FORMATS = ("int4", "w4a8")  # group-wise 4-bit weights: a GGUF's Q4 blocks load exactly
+QUANTIZED = ("int8", *INT4_FORMATS)  # CPU only, bfloat16 activations between layers
 GROUP = 32  # int4 group size: the GGUF block size
 
 
@@ -54,7 +61,7 @@ def dense(weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None) -> L
     """A float weight [N, K] in format ``fmt`` (quantized on load for int8 / int4)."""
     dtype = activation_dtype(fmt)
     layer = Linear(fmt, weight.shape[0], None if bias is None else bias.to(dtype))
-    if fmt == "int4":
+    if fmt in INT4_FORMATS:
         _check_int4(weight.shape[1])
         q, scale, mins = quantize_int4(weight.float())
         return _set_int4(layer, q, scale, mins)
@@ -106,9 +113,9 @@ def _linear_without_onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
         torch._C._set_mkldnn_enabled(enabled)
 
 
-def int4_from_blocks(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor) -> Linear:
-    """q [N, K] in 0..15, scale / mins [N, K / 32] float: w = q * scale + min."""
-    return _set_int4(Linear("int4", q.shape[0]), q, scale, mins)
+def int4_from_blocks(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, fmt: str = "int4") -> Linear:
+    """q [N, K] in 0..15, scale / mins [N, K / 32] float: w = q * scale + min, in int4 or w4a8."""
+    return _set_int4(Linear(fmt, q.shape[0]), q, scale, mins)
 
 
 def quantize_int4(w: torch.Tensor):
@@ -130,6 +137,12 @@ def _quantized_kernels(n: int, k: int):
     return ops
 
 
+def w4a8_available() -> bool:
+    """Whether this CPU runs the w4a8 format (our kernel, built with AVX512-VNNI)."""
+    ops = cpu_kernels.load()
+    return ops is not None and ops.w4a8_matmuls()
+
+
 def _check_int4(k: int) -> None:
     if k % GROUP:
         raise CerberusError(f"int4 needs input sizes divisible by {GROUP}; this layer has {k}. Use --weights int8.")
@@ -138,12 +151,24 @@ def _check_int4(k: int) -> None:
 def _set_int4(layer: Linear, q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor) -> Linear:
     n, k = q.shape
     _check_int4(k)
+    halves = [t.half().view(n // 16, 16, -1).transpose(1, 2).contiguous().view(torch.uint8) for t in (scale, mins)]
+    if layer.fmt == "w4a8":
+        if not w4a8_available():
+            raise CerberusError("--weights w4a8 needs a CPU with AVX512-VNNI; use --weights int4.")
+        if n % 16:
+            raise CerberusError(f"w4a8 needs output sizes divisible by 16; this layer has {n}. Use --weights int4.")
+        layer.kernels = ops = cpu_kernels.load()
+        # [N/16, K/32, 320 bytes]; vector i of a group: byte 4j + e = q[j, 8i + e] | q[j, 8i + 4 + e] << 4
+        tiles = q.to(torch.uint8).view(n // 16, 16, k // GROUP, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
+        nibbles = (tiles[..., 0] | tiles[..., 1] << 4).reshape(n // 16, k // GROUP, 256)
+        layer.packed = torch.cat([nibbles, *halves], -1).contiguous()
+        layer.matmul = lambda x: ops.w4a8_linear(x, layer.packed)
+        return layer
     layer.kernels = ops = _quantized_kernels(n, k)
     if ops is not None:  # [N/16, K/32, 320 bytes]: 16 columns' weights, scales, mins a group
         # chunk c of a group: byte 2j + e = q[j, 4c + e] | q[j, 4c + 2 + e] << 4 (cpu_kernels.cpp)
         tiles = q.to(torch.uint8).view(n // 16, 16, k // GROUP, 8, 2, 2).permute(0, 2, 3, 1, 5, 4)
         nibbles = (tiles[..., 0] | tiles[..., 1] << 4).reshape(n // 16, k // GROUP, 256)
-        halves = [t.half().view(n // 16, 16, -1).transpose(1, 2).contiguous().view(torch.uint8) for t in (scale, mins)]
         layer.packed = torch.cat([nibbles, *halves], -1).contiguous()
         layer.matmul = lambda x: ops.int4_linear(x, layer.packed)
         return layer
@@ -159,9 +184,13 @@ def _set_int4(layer: Linear, q: torch.Tensor, scale: torch.Tensor, mins: torch.T
 def dequantize(layer: Linear) -> torch.Tensor:
     """The float weight [N, K] a layer multiplies by (for tests and the docs' error table)."""
     n = layer.out_features
-    if layer.fmt == "int4" and layer.kernels is not None:
-        nibbles = layer.packed[..., :256].reshape(n // 16, -1, 8, 16, 2)  # [N/16, G, chunk, column, e]
-        q = torch.stack([nibbles & 15, nibbles >> 4], -1).permute(0, 3, 1, 2, 5, 4).reshape(n, -1, GROUP).float()
+    if layer.fmt in INT4_FORMATS and layer.kernels is not None:
+        if layer.fmt == "w4a8":
+            nibbles = layer.packed[..., :256].reshape(n // 16, -1, 4, 16, 4)  # [N/16, G, vector, column, e]
+            q = torch.stack([nibbles & 15, nibbles >> 4], -2).permute(0, 3, 1, 2, 4, 5).reshape(n, -1, GROUP).float()
+        else:
+            nibbles = layer.packed[..., :256].reshape(n // 16, -1, 8, 16, 2)  # [N/16, G, chunk, column, e]
+            q = torch.stack([nibbles & 15, nibbles >> 4], -1).permute(0, 3, 1, 2, 5, 4).reshape(n, -1, GROUP).float()
         scale, mins = (layer.packed[..., a : a + 32].contiguous().view(torch.float16) for a in (256, 288))
         scale, mins = (t.float().transpose(1, 2).reshape(n, -1, 1) for t in (scale, mins))  # [N, G, 1]
         return (q * scale + mins).view(n, -1)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..models import CerberusError
 from ..sampling import greedy
 from . import attention_kernels, cpu_kernels, split_answers
-from .formats import Linear, activation_dtype, dense, int4_from_blocks
+from .formats import INT4_FORMATS, Linear, activation_dtype, dense, int4_from_blocks
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 TREE_ATTENTION = ("kernel", "rows", "masked")  # exact, one call / exact, a call per row / one masked call (CUDA)
@@ -87,7 +87,7 @@ class LeanLlama(torch.nn.Module):
         self.eps = cfg.rms_norm_eps
         state = hf_model.state_dict()
 
-        from_gguf = weights == "int4" and q4_blocks is not None
+        from_gguf = weights in INT4_FORMATS and q4_blocks is not None
         requantized = []
 
         def linear(names: list[str]) -> Linear:
@@ -96,7 +96,7 @@ class LeanLlama(torch.nn.Module):
             bias = torch.cat(biases) if all(b is not None for b in biases) else None
             if from_gguf and all(n in q4_blocks for n in names):
                 q, scale, zero = (torch.cat([q4_blocks[n][i] for n in names]) for i in range(3))
-                layer = int4_from_blocks(q, scale, zero)
+                layer = int4_from_blocks(q, scale, zero, weights)
                 layer.bias = None if bias is None else bias.to(self.dtype)
                 return layer
             if from_gguf:
@@ -118,15 +118,15 @@ class LeanLlama(torch.nn.Module):
             )
         if requantized:
             print(
-                f"int4: {len(requantized)} projections are not Q4_0/Q4_1 in the GGUF; quantized on load "
+                f"{weights}: {len(requantized)} projections are not Q4_0/Q4_1 in the GGUF; quantized on load "
                 "(group 32) from their de-quantized weights",
                 file=sys.stderr,
             )
         self.embed = hf_model.get_input_embeddings().weight.detach().to(self.dtype)  # [V, H]
         self.norm = _doubled(state["model.norm.weight"], self.dtype)
-        # LM head [V, H]: int8 per row under int4 weights (a 4-bit LM head changed 12% of greedy
+        # LM head [V, H]: int8 per row under 4-bit weights (a 4-bit LM head changed 12% of greedy
         # next tokens against float32 on real prompts; int8 changed 4%, like bfloat16)
-        head_format = "int8" if weights == "int4" else weights
+        head_format = "int8" if weights in INT4_FORMATS else weights
         self.output = dense(hf_model.get_output_embeddings().weight.detach(), head_format)
         # RoPE tables from transformers' own rotary module, so every rope-scaling variant stays right
         device = self.embed.device
