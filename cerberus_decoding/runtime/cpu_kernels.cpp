@@ -505,18 +505,15 @@ constexpr int A8_ROW_BLOCK = 8;
 // x [K] bfloat16 -> a [K] int8, d [K/32] and d * sum(a) [K/32] per group
 void quantize_row_q8(const c10::BFloat16* x, int64_t K, int8_t* a, float* d, float* dsum) {
   for (int64_t g = 0; g < K / 32; g++) {
-    const v16 x0 = load16(x + g * 32), x1 = load16(x + g * 32 + 16);
-    float amax = 0.f;
-    for (int l = 0; l < 16; l++) amax = std::max(amax, std::max(std::fabs(x0[l]), std::fabs(x1[l])));
-    const float dg = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    int32_t total = 0;
-    for (int l = 0; l < 32; l++) {
-      const int32_t q = static_cast<int32_t>(std::nearbyint((l < 16 ? x0[l] : x1[l - 16]) * inv));
-      a[g * 32 + l] = static_cast<int8_t>(q);
-      total += q;
-    }
-    d[g] = dg;
-    dsum[g] = dg * static_cast<float>(total);
+    const __m512 x0 = (__m512)load16(x + g * 32), x1 = (__m512)load16(x + g * 32 + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    // round half to even (the default rounding mode), as std::nearbyint
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(a + g * 32), _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(a + g * 32 + 16), _mm512_cvtepi32_epi8(q1));
+    d[g] = amax / 127.f;
+    dsum[g] = d[g] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
   }
 }
 
