@@ -500,6 +500,12 @@ at::Tensor int8_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&) 
 //   q[j, 8i + e] | q[j, 8i + 4 + e] << 4 (column j), then 16 float16 scales and 16 float16 mins,
 //   the int4 layout's 320 bytes with another order of nibbles.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define W4A8_VNNI 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define W4A8_AVX2 1
+#endif
+#if defined(W4A8_VNNI) || defined(W4A8_AVX2)
+#if defined(W4A8_VNNI)
 constexpr int A8_ROW_BLOCK = 8;
 
 // x [K] bfloat16 -> a [K] int8, d [K/32] and d * sum(a) [K/32] per group
@@ -554,6 +560,72 @@ void w4a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, 
   for (int m = 0; m < MB; m++) store16(y + m * N + tile * 16, (v16)out[m]);
 }
 
+#else  // AVX2: u8 x s8 pairs into 16-bit sums (vpmaddubsw), then into 32-bit (vpmaddwd), as llama.cpp does
+constexpr int A8_ROW_BLOCK = 4;  // 16 vector registers
+
+// x [K] bfloat16 -> a [K] int8, d [K/32] and d * sum(a) [K/32] per group (the same arithmetic as above)
+void quantize_row_q8(const c10::BFloat16* x, int64_t K, int8_t* a, float* d, float* dsum) {
+  for (int64_t g = 0; g < K / 32; g++) {
+    float amax = 0.f;
+    for (int l = 0; l < 32; l++) amax = std::max(amax, std::fabs(static_cast<float>(x[g * 32 + l])));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t total = 0;
+    for (int l = 0; l < 32; l++) {
+      const int32_t q = static_cast<int32_t>(std::nearbyint(static_cast<float>(x[g * 32 + l]) * inv));
+      a[g * 32 + l] = static_cast<int8_t>(q);
+      total += q;
+    }
+    d[g] = amax / 127.f;
+    dsum[g] = d[g] * static_cast<float>(total);
+  }
+}
+
+template <int MB>
+void w4a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, const float* dsum, int64_t K,
+               int64_t N, c10::BFloat16* y) {
+  const int64_t G = K / 32;
+  const uint8_t* wt = w + tile * G * INT4_GROUP_BYTES;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; h++) {  // columns 8h..8h+7: the second 32 bytes of each 64
+    __m256 out[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; m++) out[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+      const uint8_t* wg = wt + g * INT4_GROUP_BYTES;
+      __m256i q[8];
+      for (int i = 0; i < 4; i++) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * i + 32 * h));
+        q[2 * i] = _mm256_and_si256(v, low);
+        q[2 * i + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      }
+      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 256 + 16 * h)));
+      const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 288 + 16 * h)));
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; m++) {
+        const int32_t* am = reinterpret_cast<const int32_t*>(a + m * K + g * 32);
+        __m256i p[2];
+        for (int half = 0; half < 2; half++) {  // four 16-bit pair sums of at most 2 * 15 * 127 each: no overflow
+          const int c = 4 * half;
+          p[half] = _mm256_add_epi16(
+              _mm256_add_epi16(_mm256_maddubs_epi16(q[c], _mm256_set1_epi32(am[c])),
+                               _mm256_maddubs_epi16(q[c + 1], _mm256_set1_epi32(am[c + 1]))),
+              _mm256_add_epi16(_mm256_maddubs_epi16(q[c + 2], _mm256_set1_epi32(am[c + 2])),
+                               _mm256_maddubs_epi16(q[c + 3], _mm256_set1_epi32(am[c + 3]))));
+        }
+        const __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(p[0], ones), _mm256_madd_epi16(p[1], ones));
+        out[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(s, _mm256_set1_ps(d[m * G + g])), out[m]);
+        out[m] = _mm256_fmadd_ps(mn, _mm256_set1_ps(dsum[m * G + g]), out[m]);
+      }
+    }
+    for (int m = 0; m < MB; m++) {
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, out[m]);
+      for (int l = 0; l < 8; l++) y[m * N + tile * 16 + 8 * h + l] = c10::BFloat16(lanes[l]);
+    }
+  }
+}
+#endif
+
 at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& packed) {
   // x [M, K] bf16, packed [N/16, K/32, 320] uint8 (weights, scales, mins) -> [M, N] bf16
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "w4a8_linear: x [M, K] bfloat16");
@@ -589,7 +661,7 @@ at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& packed) {
   return y;
 }
 #else
-at::Tensor w4a8_linear(const at::Tensor&, const at::Tensor&) { TORCH_CHECK(false, "w4a8_linear needs AVX512-VNNI"); }
+at::Tensor w4a8_linear(const at::Tensor&, const at::Tensor&) { TORCH_CHECK(false, "w4a8_linear needs AVX512-VNNI or AVX2"); }
 #endif
 
 bool quantized_matmuls() {  // whether int4_linear / int8_linear are built
@@ -600,7 +672,7 @@ bool quantized_matmuls() {  // whether int4_linear / int8_linear are built
 #endif
 }
 bool w4a8_matmuls() {  // whether w4a8_linear is built
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(W4A8_VNNI) || defined(W4A8_AVX2)
   return true;
 #else
   return false;
