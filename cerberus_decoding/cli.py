@@ -61,7 +61,7 @@ WeightsOpt = typer.Option(
     "--weights",
     "--dtype",
     help="Weight format. auto: the heads' calibrated fastest on this machine, else int4 on a CPU (the GGUF's own "
-    "4-bit blocks) and bfloat16 on CUDA; w4a8: int4 weights x int8 activations, AVX512-VNNI (docs/runtime.md).",
+    "4-bit blocks) and bfloat16 on CUDA; w4a8: int4 weights x int8 activations, AVX512-VNNI or AVX2 (docs/runtime.md).",
 )
 RuntimeOpt = typer.Option(
     Runtime.lean, "--runtime", help="lean: our compact forward; hf: the unmodified transformers model (reference)."

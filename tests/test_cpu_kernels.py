@@ -191,7 +191,7 @@ def test_quantized_linears_refuse_weights_that_do_not_match():
         ops.int4_linear(torch.zeros(1, 64), layer.packed)
 
 
-needs_w4a8 = pytest.mark.skipif(ops is None or not ops.w4a8_matmuls(), reason="the w4a8 kernel needs AVX512-VNNI")
+needs_w4a8 = pytest.mark.skipif(ops is None or not ops.w4a8_matmuls(), reason="the w4a8 kernel needs AVX512-VNNI or AVX2")
 
 
 def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
@@ -232,9 +232,9 @@ def test_w4a8_without_its_kernel_is_an_error_naming_int4(monkeypatch):
     from cerberus_decoding.runtime import resolve_weights
 
     monkeypatch.setattr(cpu_kernels, "load", lambda: None)
-    with pytest.raises(CerberusError, match="AVX512-VNNI.*--weights int4"):
+    with pytest.raises(CerberusError, match="AVX512-VNNI or AVX2.*--weights int4"):
         dense(torch.randn(32, 64), "w4a8")
-    with pytest.raises(CerberusError, match="AVX512-VNNI.*--weights int4"):
+    with pytest.raises(CerberusError, match="AVX512-VNNI or AVX2.*--weights int4"):
         resolve_weights("w4a8", torch.device("cpu"), "lean")
 
 

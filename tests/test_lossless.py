@@ -45,7 +45,7 @@ def test_int4_speculative_greedy_is_bitwise_ar(lm, references, method):
     assert sum(accepted) / len(accepted) > 1.3  # trained heads really draft (not a no-op engine)
 
 
-@pytest.mark.skipif(not w4a8_available(), reason="w4a8 needs AVX512-VNNI")
+@pytest.mark.skipif(not w4a8_available(), reason="w4a8 needs AVX512-VNNI or AVX2")
 def test_w4a8_speculative_greedy_is_bitwise_ar():
     """int4 weights x int8 activations: each row quantizes its own activations, so verification
     rows are still the one-token steps' bits. 4 prompts x 128 tokens, every drafting method."""

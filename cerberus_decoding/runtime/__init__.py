@@ -27,7 +27,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..models import CerberusError
-from .formats import INT4_FORMATS, QUANTIZED, WEIGHTS, activation_dtype, w4a8_available
+from .formats import INT4_FORMATS, QUANTIZED, WEIGHTS, activation_dtype, require_w4a8
 
 RUNTIMES = ("lean", "hf")
 
@@ -45,8 +45,8 @@ def resolve_weights(weights: str, device: torch.device, runtime: str) -> str:
         raise CerberusError(f"--runtime hf runs float32 or bfloat16 weights, not {weights}; use --runtime lean.")
     if device.type == "cuda" and weights in QUANTIZED:
         raise CerberusError(f"--weights {weights} has no CUDA kernel here; use --weights bfloat16 on a GPU.")
-    if weights == "w4a8" and not w4a8_available():
-        raise CerberusError("--weights w4a8 needs a CPU with AVX512-VNNI (and a C++ compiler); use --weights int4.")
+    if weights == "w4a8":
+        require_w4a8()
     return weights
 
 

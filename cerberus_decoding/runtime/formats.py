@@ -17,8 +17,8 @@ and 32 inputs, they run torch's ``_weight_int4pack_mm_for_cpu`` (which computes
 computes every output row independently of the others: a row's result is the same whether it runs
 alone or among 16 rows, bitwise (tests check it on this CPU). That is what makes speculative
 verification reproduce the one-token step exactly. ``w4a8`` quantizes a row's activations from
-that row alone, so it keeps the property; it has no torch fallback (where AVX512-VNNI is missing it
-is an error naming int4).
+that row alone, so it keeps the property; it has no torch fallback (where our kernels cannot be built,
+or the CPU has neither AVX512-VNNI nor AVX2, it is an error naming int4).
 """
 
 from __future__ import annotations
@@ -138,9 +138,17 @@ def _quantized_kernels(n: int, k: int):
 
 
 def w4a8_available() -> bool:
-    """Whether this CPU runs the w4a8 format (our kernel, built with AVX512-VNNI)."""
+    """Whether this CPU runs the w4a8 format (our kernel, built with AVX512-VNNI or AVX2)."""
     ops = cpu_kernels.load()
     return ops is not None and ops.w4a8_matmuls()
+
+
+def require_w4a8() -> None:
+    if not w4a8_available():
+        raise CerberusError(
+            "--weights w4a8 needs our CPU kernels built for AVX512-VNNI or AVX2 (and a C++ compiler); "
+            "use --weights int4."
+        )
 
 
 def _check_int4(k: int) -> None:
@@ -153,8 +161,7 @@ def _set_int4(layer: Linear, q: torch.Tensor, scale: torch.Tensor, mins: torch.T
     _check_int4(k)
     halves = [t.half().view(n // 16, 16, -1).transpose(1, 2).contiguous().view(torch.uint8) for t in (scale, mins)]
     if layer.fmt == "w4a8":
-        if not w4a8_available():
-            raise CerberusError("--weights w4a8 needs a CPU with AVX512-VNNI; use --weights int4.")
+        require_w4a8()
         if n % 16:
             raise CerberusError(f"w4a8 needs output sizes divisible by 16; this layer has {n}. Use --weights int4.")
         layer.kernels = ops = cpu_kernels.load()
