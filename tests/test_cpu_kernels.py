@@ -191,7 +191,7 @@ def test_quantized_linears_refuse_weights_that_do_not_match():
         ops.int4_linear(torch.zeros(1, 64), layer.packed)
 
 
-needs_w4a8 = pytest.mark.skipif(ops is None or not ops.w4a8_matmuls(), reason="the w4a8 kernel needs AVX512-VNNI or AVX2")
+needs_w4a8 = pytest.mark.skipif(ops is None or not ops.w4a8_matmuls(), reason="w4a8 needs AVX512-VNNI or AVX2")
 
 
 def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
