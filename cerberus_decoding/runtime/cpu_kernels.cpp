@@ -41,13 +41,20 @@ inline v16 load16(const float* x) {
   return y;
 }
 template <>
-inline v16 load16(const c10::BFloat16* x) {  // bfloat16 is the high half of a float
+inline v16 load16(const c10::BFloat16* x) {  // bfloat16 is the high half of a float: widen, shift
+#if defined(__AVX512F__)
+  // intrinsics: GCC kept the loop's array below on the stack here, and reloading it whole after 16
+  // small stores stalls (attention took 35-50% longer, measured)
+  return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16);
+#else
+  // a plain loop: GCC widens it well for AVX2 (two 256-bit halves put together: 2.7x slower)
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(x);
-  uint32_t wide[16];  // a plain loop: GCC widens it well for AVX2 too (generic vector casts it does not)
+  uint32_t wide[16];
   for (int l = 0; l < 16; l++) wide[l] = static_cast<uint32_t>(bits[l]) << 16;
   v16 y;
   std::memcpy(&y, wide, 64);
   return y;
+#endif
 }
 
 // {x, ..., x}. Where a register holds half a v16 (AVX2) GCC builds a broadcast lane by lane on the
