@@ -18,6 +18,7 @@ from cerberus_decoding.heads import new_heads, read_heads_config, save_heads
 from cerberus_decoding.lookup import MAX_LEN, chain_hits
 from cerberus_decoding.methods import build_decoder, choose_weights, default_heads_dir, effective_config
 from cerberus_decoding.runtime import machine
+from cerberus_decoding.runtime.formats import WEIGHTS
 from cerberus_decoding.tree import DEFAULT_TREE
 
 
@@ -289,6 +290,7 @@ def fake_calibration(key: str, **choice) -> dict:
         "hardware_key": key,
         "hardware_text": "test",
         "weights": "float32",
+        "known_formats": [w for w in WEIGHTS if w != "auto"],
         "choices": {"float32": choice},
         "checks": {},
     }
@@ -368,6 +370,24 @@ def test_a_corrupt_calibration_is_ignored_with_a_warning_and_redone(tiny_lm, hea
     assert f"warning: ignoring calibration {path}" in err and "calibrating for about" in err
     assert json.loads(path.read_text())["hardware_key"] == this_key()  # replaced by a good one
     assert dec.config.source["threshold"] == "calibrated"
+
+
+def test_a_calibration_made_before_a_format_this_machine_runs_is_redone(tiny_lm, heads_dir, monkeypatch, capsys):
+    """A file from before w4a8 (no ``known_formats``) never measured it, so its fastest format is not
+    this machine's: ignored with a warning and redone where w4a8 runs, still used where it does not."""
+    old = fake_calibration(this_key(), tree=[[0]])
+    del old["known_formats"]
+    path = files.write_calibration(files.shipped_path(heads_dir, this_key()), old)
+    monkeypatch.setattr(run, "supported_formats", lambda lm: ["float32", "int4", "int8", "bfloat16"])
+    assert build_decoder(tiny_lm, "cerberus", heads=str(heads_dir), calibrate=False).tree.size == 2  # used
+    monkeypatch.setattr(run, "supported_formats", lambda lm: ["float32", "w4a8", "int4", "int8", "bfloat16"])
+    dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir), calibrate=False)
+    err = capsys.readouterr().err
+    assert f"warning: ignoring calibration {path}: made before the w4a8 format" in err
+    assert dec.config.calibration == "defaults: no calibration"
+    old["choices"]["w4a8"] = old["choices"]["float32"]  # measured it (made by this version before the list)
+    files.write_calibration(path, old)
+    assert build_decoder(tiny_lm, "cerberus", heads=str(heads_dir), calibrate=False).tree.size == 2
 
 
 def test_concurrent_first_runs_calibrate_once(tiny_lm, heads_dir, monkeypatch):

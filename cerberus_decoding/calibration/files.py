@@ -8,8 +8,10 @@ hold calibrations for several machines:
   hash and start uncalibrated);
 - shipped with the heads: ``<heads dir>/calibration/<hardware key>.json``.
 
-The user's own calibration wins over a shipped one. A file that does not parse, or that was made
-for another key or format version, is ignored with a warning (and recalibrated where that is on).
+The user's own calibration wins over a shipped one. A file that does not parse, that was made for
+another key or format version, or that predates a weight format this machine can run now (it could
+not have measured it, so its "fastest" is not), is ignored with a warning (and recalibrated where
+that is on).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from ..tree import build_tree
 
 VERSION = 3  # 3: overheads per tree depth (a step runs only the heads its tree reaches)
 SHIPPED_DIR = "calibration"
+# the weight formats that existed before files listed them (``known_formats``, written since w4a8)
+FORMATS_BEFORE_LISTED = ("float32", "bfloat16", "int8", "int4")
 
 
 def hardware_key(machine: dict) -> str:
@@ -69,12 +73,16 @@ def write_calibration(path: Path, data: dict) -> Path:
     return path
 
 
-def _check(data: dict, key: str) -> None:
-    """Raise on anything a decoder would trip over later."""
+def _check(data: dict, key: str, formats: list[str] | None) -> None:
+    """Raise on anything a decoder would trip over later, or on a file that predates one of ``formats``."""
     if data.get("version") != VERSION:
         raise ValueError(f"format version {data.get('version')}, expected {VERSION}")
     if data["hardware_key"] != key:
         raise ValueError(f"made for {data['hardware_key']}")
+    known = {*data.get("known_formats", FORMATS_BEFORE_LISTED), *data["choices"]}
+    newer = [f for f in formats or [] if f not in known]
+    if newer:
+        raise ValueError(f"made before the {', '.join(newer)} format, which this machine runs")
     for weights, choice in data["choices"].items():
         build_tree(choice["tree"])
         if math.isnan(float(choice["threshold"])):
@@ -83,15 +91,16 @@ def _check(data: dict, key: str) -> None:
         raise ValueError(f"no choice for its best format {data['weights']}")
 
 
-def read_calibration(heads_dir: str | Path, key: str) -> tuple[dict, Path] | None:
+def read_calibration(heads_dir: str | Path, key: str, formats: list[str] | None = None) -> tuple[dict, Path] | None:
     """The calibration for these heads on the machine ``key``, and its path; None when there is none
-    (or only unreadable ones, each named in a warning on stderr)."""
+    (or only unreadable or stale ones, each named in a warning on stderr). ``formats``: the weight
+    formats this machine runs; a file made before one of them existed is stale."""
     for path in (calibration_path(heads_dir, key), shipped_path(heads_dir, key)):
         if not path.is_file():
             continue
         try:
             data = json.loads(path.read_text())
-            _check(data, key)
+            _check(data, key, formats)
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, CerberusError) as e:
             print(f"warning: ignoring calibration {path}: {e}", file=sys.stderr)
             continue

@@ -28,7 +28,7 @@ from ..heads import load_heads
 from ..lookup import MAX_LEN as LOOKUP_MAX_LEN
 from ..models import CerberusError, LoadedModel
 from ..runtime import hardware, machine
-from ..runtime.formats import w4a8_available
+from ..runtime.formats import WEIGHTS, w4a8_available
 from ..tree import build_tree, expected_length
 from .choose import (
     accepted_lengths,
@@ -96,13 +96,14 @@ def ensure_calibration(lm: LoadedModel, heads_dir: Path, run: bool = True) -> tu
     from filelock import FileLock
 
     key = hardware_key(machine(lm.device))
-    found = read_calibration(heads_dir, key)
+    formats = supported_formats(lm)
+    found = read_calibration(heads_dir, key, formats)
     if found is not None or not run:
         return found
     target = calibration_path(heads_dir, key)
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        found = read_calibration(heads_dir, key)  # another process may have made it while we waited
+        found = read_calibration(heads_dir, key, formats)  # another process may have made it while we waited
         if found is None:
             print(
                 f"No calibration of {heads_dir} for this machine ({key}): calibrating for about "
@@ -332,6 +333,7 @@ def calibrate(
         "hardware_key": hardware_key(here),
         "hardware_text": hardware(lm.device),
         "weights": best,
+        "known_formats": [w for w in WEIGHTS if w != "auto"],  # what a later version may add is not measured here
         "choices": choices,
         "checks": checks,  # by format; the chosen one is always checked
         "measured": {
