@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cerberus_decoding import sampling
 from cerberus_decoding.models import CerberusError
 from cerberus_decoding.runtime import cpu_kernels
 from cerberus_decoding.runtime.formats import dense, dequantize
@@ -236,6 +239,22 @@ def test_w4a8_without_its_kernel_is_an_error_naming_int4(monkeypatch):
         dense(torch.randn(32, 64), "w4a8")
     with pytest.raises(CerberusError, match="AVX512-VNNI or AVX2.*--weights int4"):
         resolve_weights("w4a8", torch.device("cpu"), "lean")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_argmax_rows_is_torch_argmax_ties_infinities_and_nan_included(dtype):
+    g = torch.Generator().manual_seed(7)
+    for v in (1, 5, 16, 17, 49152, 49157):
+        x = torch.randn(6, v, generator=g).to(dtype)
+        x[1] = x[1].round()  # many ties (bfloat16 logits have them): the first one wins
+        x[2, v // 2 :] = x[2].max()  # the maximum repeated in the tail
+        x[3] = -math.inf  # nothing but -inf: index 0
+        x[4, -1] = math.inf
+        x[5, v // 3] = math.nan
+        assert torch.equal(ops.argmax_rows(x), x.argmax(-1)), v
+    logits = torch.randn(3, 4, 100, generator=g).to(dtype)
+    assert torch.equal(sampling.greedy(logits), logits.float().argmax(-1))  # greedy runs it, any leading shape
 
 
 def test_without_our_kernels_the_quantized_formats_run_torch_kernels(monkeypatch):
