@@ -100,6 +100,10 @@ def test_the_choice_is_the_known_best_of_a_synthetic_table():
     rates = [c["predicted"]["tokens_per_s"] for c in candidates]
     assert rates == sorted(rates, reverse=True)
     assert rates[1] == max(choose.best_row(rows, weights="flat", nodes=n)["tokens_per_s"] for n in trees if n != 3)
+    # the smallest tree always races (last when not predicted into the first n)
+    smallest = min(n for n in trees if any(r["nodes"] == n and r["weights"] == "flat" for r in rows))
+    two = run._choices(rows, trees, "flat", ungated=False, n=2)
+    assert len(two[0]["tree"]) == 3 and len(two[-1]["tree"]) == smallest
     # Medusa heads run ungated: the best tree when always speculating
     ungated = run._choices(rows, trees, "flat", ungated=True, n=1)
     assert len(ungated) == 1 and ungated[0]["threshold"] == math.inf and ungated[0]["tree"] == trees[3]

@@ -10,6 +10,8 @@
 // at that node, and every row of a verification is computed in one call per layer.
 // rms_norm, silu_mul: RMSNorm and the MLP's SiLU(gate) * up, row by row.
 // int4_linear, int8_linear: the quantized formats' matmuls, each weight decoded once for all rows.
+// w4a8_linear: int4 weights x each row's activations rounded to int8, integer dot products.
+// argmax_rows: greedy decoding's choice over each row of logits.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/argmax.h>

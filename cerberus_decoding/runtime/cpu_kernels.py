@@ -4,7 +4,7 @@ A decoding step of a small model on a CPU is bound by per-op overhead as much as
 and ``scaled_dot_product_attention`` gives a tree node's row the one-token step's bits only when
 it is called once per row (docs/runtime.md): about 40 us a call, so every extra row of a
 verification cost another 1.3 ms on the default model. Three ops replace a dozen torch ops a layer,
-and two replace torch's int4 / int8 matmuls:
+three are the quantized formats' matmuls, and one is greedy decoding's argmax:
 
     rope_attention(qkv, cos, sin, k, v, slots, context, own, own_count) -> [n, Hq D]
         RoPE, the rows' keys and values into the cache at ``slots``, and attention for every row at
@@ -13,6 +13,8 @@ and two replace torch's int4 / int8 matmuls:
     silu_mul(gate_up) -> SiLU(gate) * up
     int4_linear(x, packed), int8_linear(x, packed, scale) -> x W^T for the int4 / int8 formats
         (formats.py packs W for them; AVX512-BF16 only: ``quantized_matmuls()`` says whether built)
+    w4a8_linear(x, packed) -> x W^T for the w4a8 format (AVX512-VNNI or AVX2: ``w4a8_matmuls()``)
+    argmax_rows(logits) -> each row's first maximum (sampling.greedy)
 
 Each computes a row with arithmetic that depends only on that row's inputs, so a tree node's row
 is bitwise the one-token step at that node by construction. They are built with the machine's own

@@ -6,7 +6,8 @@
                       GGUF Q4_0 / Q4_1 block maps onto it exactly.
   w4a8                int4's weights, with each row's activations quantized to int8 per group of 32
                       inside the matmul (a GGUF Q8_0 block: ``x = a * d``), so that the products are
-                      integer dot products, as llama.cpp computes its Q4 formats (AVX512-VNNI only).
+                      integer dot products, as llama.cpp computes its Q4 formats (AVX512-VNNI or
+                      AVX2: our kernel only).
 
 The quantized formats take activations in bfloat16 and run our CPU kernels (cpu_kernels.cpp:
 ``int4_linear``, ``int8_linear``; int4 keeps float16 scales and mins, as a GGUF block does, so its
@@ -159,24 +160,21 @@ def _check_int4(k: int) -> None:
 def _set_int4(layer: Linear, q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor) -> Linear:
     n, k = q.shape
     _check_int4(k)
-    halves = [t.half().view(n // 16, 16, -1).transpose(1, 2).contiguous().view(torch.uint8) for t in (scale, mins)]
     if layer.fmt == "w4a8":
         require_w4a8()
         if n % 16:
             raise CerberusError(f"w4a8 needs output sizes divisible by 16; this layer has {n}. Use --weights int4.")
         layer.kernels = ops = cpu_kernels.load()
-        # [N/16, K/32, 320 bytes]; vector i of a group: byte 4j + e = q[j, 8i + e] | q[j, 8i + 4 + e] << 4
+        # vector i of a group: byte 4j + e = q[j, 8i + e] | q[j, 8i + 4 + e] << 4 (cpu_kernels.cpp)
         tiles = q.to(torch.uint8).view(n // 16, 16, k // GROUP, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
-        nibbles = (tiles[..., 0] | tiles[..., 1] << 4).reshape(n // 16, k // GROUP, 256)
-        layer.packed = torch.cat([nibbles, *halves], -1).contiguous()
+        layer.packed = _tile_groups(tiles[..., 0] | tiles[..., 1] << 4, scale, mins)
         layer.matmul = lambda x: ops.w4a8_linear(x, layer.packed)
         return layer
     layer.kernels = ops = _quantized_kernels(n, k)
-    if ops is not None:  # [N/16, K/32, 320 bytes]: 16 columns' weights, scales, mins a group
+    if ops is not None:
         # chunk c of a group: byte 2j + e = q[j, 4c + e] | q[j, 4c + 2 + e] << 4 (cpu_kernels.cpp)
         tiles = q.to(torch.uint8).view(n // 16, 16, k // GROUP, 8, 2, 2).permute(0, 2, 3, 1, 5, 4)
-        nibbles = (tiles[..., 0] | tiles[..., 1] << 4).reshape(n // 16, k // GROUP, 256)
-        layer.packed = torch.cat([nibbles, *halves], -1).contiguous()
+        layer.packed = _tile_groups(tiles[..., 0] | tiles[..., 1] << 4, scale, mins)
         layer.matmul = lambda x: ops.int4_linear(x, layer.packed)
         return layer
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
@@ -186,6 +184,14 @@ def _set_int4(layer: Linear, q: torch.Tensor, scale: torch.Tensor, mins: torch.T
     layer.scales_zeros = torch.stack([scale.T, (mins + 8 * scale).T], -1).to(torch.bfloat16).contiguous()
     layer.matmul = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.packed, GROUP, layer.scales_zeros)
     return layer
+
+
+def _tile_groups(nibbles: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """[N/16, K/32, 320 bytes]: per 16 columns and group, the 256 bytes of codes (``nibbles``, in the
+    kernel's order), then the 16 columns' float16 scales and float16 mins."""
+    tiles, groups = scale.shape[0] // 16, scale.shape[1]
+    halves = [t.half().view(tiles, 16, groups).transpose(1, 2).contiguous().view(torch.uint8) for t in (scale, mins)]
+    return torch.cat([nibbles.reshape(tiles, groups, 256), *halves], -1).contiguous()
 
 
 def dequantize(layer: Linear) -> torch.Tensor:
