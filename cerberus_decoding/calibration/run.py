@@ -152,10 +152,11 @@ def _choices(rows: list[dict], trees: dict, weights: str, ungated: bool, n: int)
     """The ``n`` best tree sizes for one weight format, best predicted first, each as a decoder
     configuration with its best threshold, and the best threshold of each gate for the same tree (so
     ``--gate hidden`` gets a threshold on its own scale). With ``n`` > 1 the smallest tree is always
-    among them (last, if not predicted into the first ``n``): the race's baseline. The prediction
-    favours larger trees (calibration prompts are the heads' training distribution); on the
-    thirteenth session's AVX-512 calibration the 2-, 3- and 4-node trees raced without it and the
-    2-node one won, but ran at 1.00x ``ar`` in the bench where the 1-node one had run at 1.06x."""
+    among them (last, if not predicted into the first ``n``): the baseline a larger tree must beat
+    for real. The prediction favours larger trees (calibration prompts are the heads' training
+    distribution): an AVX-512 calibration raced only 2-, 3- and 4-node trees and kept the 2-node
+    one, which the bench then ran at 1.00x and 1.06x ``ar`` in two runs; the 1-node tree had won
+    the race before and run at 1.06x."""
     where = {"weights": weights} | ({"threshold": math.inf} if ungated else {})
     sizes = sorted({r["nodes"] for r in rows if r["weights"] == weights})
     per_size = [best_row(rows, **where, nodes=size) for size in sizes]

@@ -755,9 +755,9 @@ TORCH_LIBRARY(cerberus, m) {
   m.def("int4_linear(Tensor x, Tensor packed) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor packed, Tensor scale) -> Tensor");
   m.def("w4a8_linear(Tensor x, Tensor packed) -> Tensor");
-  m.def("quantized_matmuls() -> bool", quantized_matmuls);
+  m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("quantized_matmuls() -> bool", quantized_matmuls);  // no tensors: one kernel for every device
   m.def("w4a8_matmuls() -> bool", w4a8_matmuls);
-  m.def("argmax_rows(Tensor x) -> Tensor");  // no tensors: one kernel for every device
 }
 TORCH_LIBRARY_IMPL(cerberus, CPU, m) {
   m.impl("rope_attention", rope_attention);
