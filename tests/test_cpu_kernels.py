@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from cerberus_decoding import sampling
 from cerberus_decoding.models import CerberusError
 from cerberus_decoding.runtime import cpu_kernels
-from cerberus_decoding.runtime.formats import dense, dequantize
+from cerberus_decoding.runtime.formats import dense, dequantize, quantize_int4
 from cerberus_decoding.runtime.lean import LeanLlama, _rope
 
 ops = cpu_kernels.load()
@@ -216,7 +216,12 @@ def test_w4a8_is_int4_weights_times_int8_activations_and_gives_each_row_its_own_
     w = torch.randn(n, k, generator=g) * 0.05
     layer = dense(w, "w4a8")
     assert layer.kernels is not None
-    assert torch.equal(dequantize(layer), dequantize(dense(w, "int4")))
+    q, scale, mins = quantize_int4(w)  # its weights: the 4-bit codes with float16 scales and mins
+    exact = q.view(n, -1, 32) * scale.half().float()[..., None] + mins.half().float()[..., None]
+    assert torch.equal(dequantize(layer), exact.view(n, k))
+    int4 = dense(w, "int4")
+    if int4.kernels is not None:  # int4 on our kernel holds the same (torch's fallback: bfloat16 scales)
+        assert torch.equal(dequantize(layer), dequantize(int4))
     x = torch.randn(16, k, generator=g).to(torch.bfloat16)
     x[3] = 0  # an all-zero group: scale 0, no division by it
     ref = (quantize_activations_q8(x).double() @ dequantize(layer).double().T).float()
