@@ -355,6 +355,16 @@ at::Tensor silu_mul(const at::Tensor& x) {
   return out;
 }
 
+// f(std::integral_constant<int, m>{}) for a row count m in 1..MAX: the quantized kernels take their
+// row block as a template argument, so that its accumulators are registers
+template <int MAX, typename F>
+inline void with_rows(int64_t m, F&& f) {
+  if constexpr (MAX > 1) {
+    if (m < MAX) return with_rows<MAX - 1>(m, f);
+  }
+  f(std::integral_constant<int, MAX>{});
+}
+
 // ---- Quantized linear layers: y [M, N] = x [M, K] W^T, x in bfloat16 ----
 // The weights are stored 16 output columns ("a tile") at a time, so that a few instructions turn
 // 32 bytes into bfloat16 pairs of weights (w[k], w[k+1]) for the tile's 16 columns (int4: two such
@@ -442,12 +452,6 @@ void quant_tile(const uint8_t* w, const float* scale, int64_t tile, const c10::B
   for (int m = 0; m < MB; m++) store16(y + m * N + tile * 16, INT4 ? out[m] : out[m] * s);
 }
 
-template <bool INT4, int MB>
-void quant_rows(const uint8_t* w, const float* scale, int64_t begin, int64_t end, const c10::BFloat16* x,
-                const float* xsum, int64_t K, int64_t N, c10::BFloat16* y) {
-  for (int64_t t = begin; t < end; t++) quant_tile<INT4, MB>(w, scale, t, x, xsum, K, N, y);
-}
-
 template <bool INT4>
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& packed, const float* scale) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "quantized linear: x [M, K] bfloat16");
@@ -462,21 +466,11 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& packed, const flo
   const uint8_t* w = packed.data_ptr<uint8_t>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
-      const c10::BFloat16* xm = xp + m0 * K;
-      const float* sm = xsum.data() + m0 * G;
-      c10::BFloat16* ym = yp + m0 * N;
-      switch (std::min<int64_t>(ROW_BLOCK, M - m0)) {
-        case 1: quant_rows<INT4, 1>(w, scale, begin, end, xm, sm, K, N, ym); break;
-        case 2: quant_rows<INT4, 2>(w, scale, begin, end, xm, sm, K, N, ym); break;
-        case 3: quant_rows<INT4, 3>(w, scale, begin, end, xm, sm, K, N, ym); break;
-        case 4: quant_rows<INT4, 4>(w, scale, begin, end, xm, sm, K, N, ym); break;
-        case 5: quant_rows<INT4, 5>(w, scale, begin, end, xm, sm, K, N, ym); break;
-        case 6: quant_rows<INT4, 6>(w, scale, begin, end, xm, sm, K, N, ym); break;
-        case 7: quant_rows<INT4, 7>(w, scale, begin, end, xm, sm, K, N, ym); break;
-        case 8: quant_rows<INT4, 8>(w, scale, begin, end, xm, sm, K, N, ym); break;
-      }
-    }
+    for (int64_t t = begin; t < end; t++)  // every row block over a tile while it is in cache
+      for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK)
+        with_rows<ROW_BLOCK>(M - m0, [&](auto mb) {
+          quant_tile<INT4, decltype(mb)::value>(w, scale, t, xp + m0 * K, xsum.data() + m0 * G, K, N, yp + m0 * N);
+        });
   });
   return y;
 }
@@ -650,23 +644,11 @@ at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& packed) {
   const uint8_t* w = packed.data_ptr<uint8_t>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; t++) {  // every row block over a tile while it is in cache
-      for (int64_t m0 = 0; m0 < M; m0 += A8_ROW_BLOCK) {
-        const int8_t* am = a.data() + m0 * K;
-        const float *dm = d.data() + m0 * G, *sm = dsum.data() + m0 * G;
-        c10::BFloat16* ym = yp + m0 * N;
-        switch (std::min<int64_t>(A8_ROW_BLOCK, M - m0)) {
-          case 1: w4a8_tile<1>(w, t, am, dm, sm, K, N, ym); break;
-          case 2: w4a8_tile<2>(w, t, am, dm, sm, K, N, ym); break;
-          case 3: w4a8_tile<3>(w, t, am, dm, sm, K, N, ym); break;
-          case 4: w4a8_tile<4>(w, t, am, dm, sm, K, N, ym); break;
-          case 5: w4a8_tile<5>(w, t, am, dm, sm, K, N, ym); break;
-          case 6: w4a8_tile<6>(w, t, am, dm, sm, K, N, ym); break;
-          case 7: w4a8_tile<7>(w, t, am, dm, sm, K, N, ym); break;
-          case 8: w4a8_tile<8>(w, t, am, dm, sm, K, N, ym); break;
-        }
-      }
-    }
+    for (int64_t t = begin; t < end; t++)  // every row block over a tile while it is in cache
+      for (int64_t m0 = 0; m0 < M; m0 += A8_ROW_BLOCK)
+        with_rows<A8_ROW_BLOCK>(M - m0, [&](auto mb) {
+          w4a8_tile<decltype(mb)::value>(w, t, a.data() + m0 * K, d.data() + m0 * G, dsum.data() + m0 * G, K, N, yp + m0 * N);
+        });
   });
   return y;
 }
