@@ -65,6 +65,11 @@ class Tree:
         return frozenset(self.lm_head_rows.tolist())
 
     @cached_property
+    def lm_head_row_of(self) -> dict[int, int]:
+        """node -> its row among ``lm_head_rows``"""
+        return {node: row for row, node in enumerate(self.lm_head_rows.tolist())}
+
+    @cached_property
     def children(self) -> list[list[int]]:
         """children[n]: node n's children in draft order (ascending ids: by rank, then lookup branches)."""
         out: list[list[int]] = [[] for _ in range(self.size)]
@@ -80,7 +85,8 @@ class Tree:
     def to(self, device) -> Tree:
         for name in ("mask", "depth", "parent", "head", "rank", "paths", "internal"):
             setattr(self, name, getattr(self, name).to(device))
-        self.__dict__.pop("lm_head_rows", None)  # cached on the old device
+        for name in ("lm_head_rows", "lm_head_set", "lm_head_row_of"):  # cached on the old device
+            self.__dict__.pop(name, None)
         return self
 
     def candidates(self, root: torch.Tensor, topk_tokens: torch.Tensor) -> torch.Tensor:

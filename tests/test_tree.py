@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from cerberus_decoding import sampling
 from cerberus_decoding.models import CerberusError
 from cerberus_decoding.tree import DEFAULT_TREE, best_tree, build_tree, expected_length
-from cerberus_decoding.verify import accept_greedy
+from cerberus_decoding.verify import verify_greedy
 
 
 @st.composite
@@ -59,8 +59,11 @@ def test_greedy_acceptance_is_the_longest_agreeing_path(choices, seed):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 3, (tree.size,), generator=g)
     logits = torch.randn(tree.size, 3, generator=g)
-    accepted = accept_greedy(tree, tokens, logits)
+    path, last_logits, next_token = verify_greedy(tree, tokens, logits, lambda rows: rows)  # logits as the states
+    assert int(path[0]) == 0
+    accepted = path[1:]
     pred = logits.argmax(-1)
+    assert torch.equal(last_logits, logits[path[-1]]) and int(next_token) == int(pred[path[-1]])
     nodes = [()] + [tuple(c) for c in tree.choices]
     index = {nd: i for i, nd in enumerate(nodes)}
 

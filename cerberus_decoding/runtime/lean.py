@@ -158,6 +158,7 @@ class LeanLlama(torch.nn.Module):
         self.tree_attention = tree_attention or default
         # Experimental, off by default until measured on a GPU: replay CUDA steps from graphs
         self.cuda_graphs = os.environ.get("CERBERUS_CUDA_GRAPHS") == "1"
+        self.tree_rows: dict = {}  # tree mask -> _TreeRows: ~0.1 ms of Python a verification, the same few trees
 
     def new_cache(self, capacity: int, device) -> KVCache:
         return KVCache(self.num_layers, self.num_kv_heads, capacity, self.head_dim, self.dtype, device)
@@ -178,7 +179,7 @@ class LeanLlama(torch.nn.Module):
         if self.cuda_graphs and ids.is_cuda and start > 0 and (q == 1 or tree_mask is not None):
             return self._replay(cache, ids, positions, tree_mask)
         masked = tree_mask is not None and self.tree_attention == "masked"
-        rows = _TreeRows(tree_mask) if tree_mask is not None and not masked else None
+        rows = self._tree_rows(tree_mask) if tree_mask is not None and not masked else None
         slots = torch.arange(q) if rows is None else rows.slots
         slots = (slots + start).to(ids.device)
         cache.slot_of = None if rows is None else rows.slots.to(ids.device)
@@ -356,6 +357,15 @@ class LeanLlama(torch.nn.Module):
         hidden = graph.replay(ids, positions, start, tree_mask)
         cache.length, cache.slot_of = start + q, None
         return hidden
+
+    def _tree_rows(self, tree_mask: torch.Tensor) -> _TreeRows:
+        key = tree_mask.cpu().numpy().tobytes()  # row-major bools: the shape is part of the length
+        rows = self.tree_rows.get(key)
+        if rows is None:
+            if len(self.tree_rows) >= 1024:  # trees are few in practice (lookup merges make more): stay bounded
+                self.tree_rows.clear()
+            rows = self.tree_rows[key] = _TreeRows(tree_mask)
+        return rows
 
     def _layers(self, ids, positions, attend, fused=None) -> torch.Tensor:
         """The transformer over q tokens: ids, positions [q] -> normalized hidden [q, H].
