@@ -58,6 +58,57 @@ def test_verification_rows_equal_one_token_steps_bitwise(tiny_lm, weights, tree_
         assert torch.equal(rt.lm_head(tree_rows), torch.cat([rt.lm_head(r[None]) for r in tree_rows]))
 
 
+def tiny_qwen2(lm):
+    """A randomly initialised 2-layer Qwen2 (its q/k/v projections have biases)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=len(lm.tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    model = Qwen2ForCausalLM(cfg).eval().requires_grad_(False)
+    for layer in model.model.layers:  # transformers initialises biases to zero: make them count
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            proj.bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("weights", ["int4", "int8", "w4a8"])
+def test_all_layers_in_one_kernel_op_give_the_per_op_bits(lm, tiny_lm, weights, arch):
+    """Where every projection runs our kernels, a forward is one ``layers`` op: the same bits as the
+    Python loop over the same ops (a one-token step, a tree, the cache they write)."""
+    model = tiny_lm.model if arch == "llama" else tiny_qwen2(lm)
+    if weights == "w4a8" and not w4a8_available():  # its error is tested above
+        return
+    rt = LeanLlama(model, weights)
+    if rt.kernels is None or (weights != "w4a8" and not rt.kernels.quantized_matmuls()):  # torch's int4 / int8
+        assert rt.stack is None
+        return
+    assert rt.stack is not None
+    assert LeanLlama(model, "bfloat16").stack is None  # torch's matmuls: the Python loop
+    g = torch.Generator().manual_seed(0)
+    prefix, tokens = torch.randint(5000, (21,), generator=g), torch.randint(5000, (TREE.size,), generator=g)
+    outputs = []
+    for stack in (rt.stack, None):
+        rt.stack = stack
+        with torch.inference_mode():
+            cache = rt.new_cache(64, "cpu")
+            rt.forward(cache, prefix, torch.arange(21))
+            step = rt.forward(cache, prefix[:1], torch.tensor([21]))
+            tree = rt.forward(cache, tokens, 22 + TREE.depth, TREE.mask)
+        outputs.append((step, tree, cache.k[:, :, : cache.length], cache.v[:, :, : cache.length]))
+    for fused, loop in zip(*outputs, strict=True):
+        assert torch.equal(fused, loop)
+
+
 @pytest.mark.parametrize("shape", [(960, 576), (3072, 576), (576, 1536)])  # the default model's projections
 def test_bfloat16_layers_give_each_row_its_bits_alone(shape):
     """Up to 32 rows. oneDNN's bfloat16 matmul is not row-invariant for the 1536-wide down

@@ -15,6 +15,9 @@ three are the quantized formats' matmuls, and one is greedy decoding's argmax:
         (formats.py packs W for them; AVX512-BF16 only: ``quantized_matmuls()`` says whether built)
     w4a8_linear(x, packed) -> x W^T for the w4a8 format (AVX512-VNNI or AVX2: ``w4a8_matmuls()``)
     argmax_rows(logits) -> each row's first maximum (sampling.greedy)
+    layers(x, norms, kinds, packed, scales, biases, cos, sin, k, v, slots, context, own, own_count, eps)
+        -> every decoder layer and the final norm, the ops above in LeanLlama._layers's order, called
+        from C++ (where every projection runs one of the quantized kernels: ``PROJECTIONS``)
 
 Each computes a row with arithmetic that depends only on that row's inputs, so a tree node's row
 is bitwise the one-token step at that node by construction. They are built with the machine's own
@@ -36,6 +39,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 HEAD_DIMS = (16, 32, 64, 128)  # the attention's compiled row widths
+PROJECTIONS = ("w4a8", "int4", "int8")  # the ``layers`` op's projection kinds, in cpu_kernels.cpp's order
 MAX_GROUP = 8  # query heads per kv head
 
 

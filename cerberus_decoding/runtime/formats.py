@@ -58,6 +58,16 @@ class Linear:
         return y if self.bias is None else y + self.bias
 
 
+def kernel_projection(layer: Linear) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(kind, packed weight, scale, bias) as ``cpu_kernels`` ``layers`` takes a projection (an empty
+    tensor for a missing scale or bias), or None when our kernels do not run this layer."""
+    if layer.kernels is None or layer.fmt not in cpu_kernels.PROJECTIONS:
+        return None
+    none = torch.empty(0)
+    scale = layer.scales if layer.fmt == "int8" else none
+    return cpu_kernels.PROJECTIONS.index(layer.fmt), layer.packed, scale, none if layer.bias is None else layer.bias
+
+
 def dense(weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None) -> Linear:
     """A float weight [N, K] in format ``fmt`` (quantized on load for int8 / int4)."""
     dtype = activation_dtype(fmt)

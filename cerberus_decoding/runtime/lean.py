@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..models import CerberusError
 from ..sampling import greedy
 from . import attention_kernels, cpu_kernels, split_answers
-from .formats import INT4_FORMATS, Linear, activation_dtype, dense, int4_from_blocks
+from .formats import INT4_FORMATS, Linear, activation_dtype, dense, int4_from_blocks, kernel_projection
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 TREE_ATTENTION = ("kernel", "rows", "masked")  # exact, one call / exact, a call per row / one masked call (CUDA)
@@ -159,6 +159,16 @@ class LeanLlama(torch.nn.Module):
         # Experimental, off by default until measured on a GPU: replay CUDA steps from graphs
         self.cuda_graphs = os.environ.get("CERBERUS_CUDA_GRAPHS") == "1"
         self.tree_rows: dict = {}  # tree mask -> _TreeRows: ~0.1 ms of Python a verification, the same few trees
+        self.stack = self._kernel_stack() if self.tree_attention == "kernel" else None
+
+    def _kernel_stack(self) -> tuple | None:
+        """The weights as the ``layers`` kernel op takes them (norms, kinds, packed, scales, biases),
+        or None where a projection does not run one of our kernels (float formats, torch's int4)."""
+        projections = [kernel_projection(layer[name]) for layer in self.layers for name in ("wqkv", "wo", "w13", "w2")]
+        if any(p is None for p in projections):
+            return None
+        norms = [layer[name] for layer in self.layers for name in ("attn_norm", "mlp_norm")] + [self.norm]
+        return (norms, *(list(column) for column in zip(*projections, strict=True)))
 
     def new_cache(self, capacity: int, device) -> KVCache:
         return KVCache(self.num_layers, self.num_kv_heads, capacity, self.head_dim, self.dtype, device)
@@ -195,6 +205,14 @@ class LeanLlama(torch.nn.Module):
         fused = None  # the kernel path: RoPE, cache writes and every row's attention in one op a layer
         if self.tree_attention == "kernel" and not block:
             own, own_count = (start + rows.own, rows.own_count) if rows is not None else _own_entry(start)
+            if self.stack is not None:  # and every layer in one op
+                cos, sin = self.cos[positions], self.sin[positions]  # [q, D]
+                x = self.embed[ids]  # [q, H]
+                hidden = self.kernels.layers(
+                    x, *self.stack, cos, sin, cache.k, cache.v, slots, start, own, own_count, self.eps
+                )
+                cache.length = start + q
+                return hidden
 
             def fused(i: int, qkv, cos, sin) -> torch.Tensor:
                 k, v = cache.layers[i]
