@@ -490,6 +490,31 @@ def test_the_check_races_the_leading_trees_and_keeps_the_fastest_measured(tiny_l
     assert "raced 3 trees" in run.format_summary(data)
 
 
+@pytest.mark.parametrize("faster", ["float32", "bfloat16"])
+def test_the_format_is_the_fastest_the_checks_measured(tiny_lm, heads_dir, monkeypatch, faster):
+    """A full calibration checks every format that speculates; what they measure, not the prediction,
+    picks the format (unless the predicted one is within the margin). Each way round: one of them
+    overrides whatever the prediction preferred."""
+    real_choices, real_check = run._choices, run.check_choices
+    forced = lambda *a, **k: [c | {"threshold": math.inf} for c in real_choices(*a, **k)]  # noqa: E731
+    monkeypatch.setattr(run, "_choices", forced)
+
+    def measured(lm, heads, tried, prompts, seconds, max_new_tokens):
+        out = real_check(lm, heads, tried, prompts, seconds, max_new_tokens)
+        rate = 100.0 if lm.weights == faster else 30.0
+        for c in out["candidates"]:
+            c |= {"tokens_per_s": rate, "ratio": rate / 25.0}
+        return out
+
+    monkeypatch.setattr(run, "check_choices", measured)
+    prompts = ["Write a short poem about the sea.", "Why is the sky blue?", "List three colours."]
+    kw = dict(max_new_tokens=24, top_k=4, context=32, n_bins=4, qs=(1, 2, 4), repeats=1, write=False)
+    data = run.calibrate(tiny_lm, heads_dir, prompts, budget_seconds=20, formats=["float32", "bfloat16"], **kw)
+    assert set(data["checks"]) == {"float32", "bfloat16"}
+    assert data["weights"] == faster and f"chosen: {faster}" in run.format_summary(data)
+    assert run.measured_rate(data["checks"][faster]) == 100.0
+
+
 @pytest.mark.parametrize(
     ("rates", "kept"),
     [
