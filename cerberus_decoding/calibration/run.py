@@ -282,17 +282,18 @@ def calibrate(
     choices = {w: c[0] for w, c in candidates.items()}
     best = fastest_format({w: c["predicted"]["tokens_per_s"] for w, c in choices.items()}, lm.weights)
 
-    # check by running: the best format's leading candidates against each other (the prediction's
-    # order is noisy where candidates are close), and in full runs every other format whose choice
-    # speculates (a user may force it with --weights); the fastest candidate measured wins, and if
-    # it runs below CHECK_TOLERANCE x AR the format falls back to AR steps
+    # check by running: the predicted best format's leading candidates against each other (the
+    # prediction's order is noisy where candidates are close), and in full runs every other format
+    # whose choice speculates, the same way (a user may force it with --weights, and the measurement
+    # picks the format); the fastest candidate measured wins, and if it runs below CHECK_TOLERANCE x
+    # AR the format falls back to AR steps
     checks = {}
     order = [best] + ([] if quick else [w for w in choices if w != best and choices[w]["threshold"] > -math.inf])
     for i, weights in enumerate(order):
         flm = lm.with_weights(weights)
         seconds = max(0.0, start + budget_seconds - time.perf_counter()) / (len(order) - i)
         heads_w = load_heads(heads_dir, flm).pack_for(weights)
-        tried = candidates[weights] if weights == best else [choices[weights]]
+        tried = candidates[weights]
         if tried[0]["threshold"] > -math.inf:  # race the ones that speculate (AR runs in every round)
             tried = [c for c in tried if c["threshold"] > -math.inf]
         else:  # predicted: speculation never pays here; nothing to race
