@@ -67,14 +67,16 @@ def lm_hf(lm_f32) -> LoadedModel:
     return dataclasses.replace(lm_f32, runtime=HFRuntime(lm_f32.model, "float32"))
 
 
-@pytest.fixture(scope="session")
-def tiny_lm(lm) -> LoadedModel:
-    """A randomly initialised 2-layer Llama with the default tokenizer (fast unit tests)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_model(tokenizer, arch: str = "llama"):
+    """A randomly initialised 2-layer ``arch`` model (llama, or qwen2: q/k/v projections with biases)
+    for ``tokenizer``'s vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_class, model_class = classes[arch]
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(lm.tokenizer),
+    cfg = config_class(
+        vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -82,12 +84,17 @@ def tiny_lm(lm) -> LoadedModel:
         num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=True,
-        eos_token_id=lm.tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         bos_token_id=1,
         pad_token_id=2,
     )
-    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
-    return LoadedModel(model, lm.tokenizer, "tiny-llama", torch.device("cpu"), torch.float32)
+    return model_class(cfg).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(lm) -> LoadedModel:
+    """A randomly initialised 2-layer Llama with the default tokenizer (fast unit tests)."""
+    return LoadedModel(tiny_model(lm.tokenizer), lm.tokenizer, "tiny-llama", torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from cerberus_decoding.runtime.gguf import read_q4_blocks
 from cerberus_decoding.runtime.lean import LeanLlama
 from cerberus_decoding.tree import build_tree
 
-from .conftest import PROMPTS, assert_lossless
+from .conftest import PROMPTS, assert_lossless, tiny_model
 
 # root, two depth-1 nodes, chains below both: main-chain rows and off-chain rows
 TREE_NODES = [[0], [1], [0, 0], [1, 0], [0, 0, 0], [0, 1], [2]]
@@ -58,34 +58,16 @@ def test_verification_rows_equal_one_token_steps_bitwise(tiny_lm, weights, tree_
         assert torch.equal(rt.lm_head(tree_rows), torch.cat([rt.lm_head(r[None]) for r in tree_rows]))
 
 
-def tiny_qwen2(lm):
-    """A randomly initialised 2-layer Qwen2 (its q/k/v projections have biases)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=len(lm.tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    model = Qwen2ForCausalLM(cfg).eval().requires_grad_(False)
-    for layer in model.model.layers:  # transformers initialises biases to zero: make them count
-        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-            proj.bias.normal_(0, 0.5)
-    return model
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("weights", ["int4", "int8", "w4a8"])
-def test_all_layers_in_one_kernel_op_give_the_per_op_bits(lm, tiny_lm, weights, arch):
+def test_all_layers_in_one_kernel_op_give_the_per_op_bits(lm, weights, arch):
     """Where every projection runs our kernels, a forward is one ``layers`` op: the same bits as the
     Python loop over the same ops (a one-token step, a tree, the cache they write)."""
-    model = tiny_lm.model if arch == "llama" else tiny_qwen2(lm)
+    model = tiny_model(lm.tokenizer, arch)
+    if arch == "qwen2":  # transformers initialises biases to zero: make them count
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
     if weights == "w4a8" and not w4a8_available():  # its error is tested above
         return
     rt = LeanLlama(model, weights)
