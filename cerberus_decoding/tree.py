@@ -61,12 +61,8 @@ class Tree:
         return torch.arange(self.size, device=self.internal.device) if self.size <= SMALL_TREE else self.internal
 
     @cached_property
-    def lm_head_set(self) -> frozenset[int]:
-        return frozenset(self.lm_head_rows.tolist())
-
-    @cached_property
     def lm_head_row_of(self) -> dict[int, int]:
-        """node -> its row among ``lm_head_rows``"""
+        """node -> its row among ``lm_head_rows`` (node ids: the same on every device)"""
         return {node: row for row, node in enumerate(self.lm_head_rows.tolist())}
 
     @cached_property
@@ -85,8 +81,7 @@ class Tree:
     def to(self, device) -> Tree:
         for name in ("mask", "depth", "parent", "head", "rank", "paths", "internal"):
             setattr(self, name, getattr(self, name).to(device))
-        for name in ("lm_head_rows", "lm_head_set", "lm_head_row_of"):  # cached on the old device
-            self.__dict__.pop(name, None)
+        self.__dict__.pop("lm_head_rows", None)  # cached on the old device
         return self
 
     def candidates(self, root: torch.Tensor, topk_tokens: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ def verify(
         raise ValueError(f"Unknown acceptance {acceptance!r}; use exact or typical.")
     path = torch.cat([accepted.new_zeros(1), accepted])
     last = int(path[-1])
-    last_logits = all_logits[last] if last in tree.lm_head_set else lm_head(hidden[last : last + 1])[0]
+    last_logits = all_logits[last] if last in tree.lm_head_row_of else lm_head(hidden[last : last + 1])[0]
     if residual is not None:
         next_token = sampling.draw(residual, generator)
     else:
