@@ -103,7 +103,7 @@ class DraftHeads(nn.Module):
         if config.own_lm_head:
             self.lm_heads = nn.ModuleList(nn.Linear(H, v_head, bias=False) for _ in range(K))
         self.register_buffer("shared_weight", torch.empty(0), persistent=False)  # [V', H]
-        self.packed_logits = None  # pack_for: a faster format of shared_weight, inference only
+        self.packed_logits = None  # pack_for: shared_weight (or each own LM head) in a faster format, inference only
         self.register_buffer("embed_weight", torch.empty(0), persistent=False)  # [V, H], root_token only
         if lm_head_weight is not None:
             self.attach_lm_head(lm_head_weight)
@@ -154,15 +154,16 @@ class DraftHeads(nn.Module):
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """[..., K, H] -> [..., K, V'] (indices into ``vocab_ids``)"""
         if self.config.own_lm_head:
-            heads = self.lm_heads[: states.shape[-2]]
+            heads = (self.packed_logits or self.lm_heads)[: states.shape[-2]]
             return torch.stack([head(states[..., k, :]) for k, head in enumerate(heads)], -2)
         if self.packed_logits is not None:
             return self.packed_logits(states)
         return states @ self.shared_weight.T  # one matmul for all heads
 
     def pack_for(self, weights: str) -> DraftHeads:
-        """Inference with a quantized base model on a CPU: blocks and shared LM-head rows as int8
-        (drafts only rank tokens, and bfloat16 matmuls are slow on CPUs without AVX512-BF16)."""
+        """Inference with a quantized base model on a CPU: blocks and LM-head rows (shared, or each
+        head's own) as int8 (drafts only rank tokens, and bfloat16 matmuls are slow on CPUs without
+        AVX512-BF16)."""
         from .runtime.formats import QUANTIZED, dense
 
         if weights not in QUANTIZED or self.shared_weight.device.type != "cpu":
@@ -170,7 +171,9 @@ class DraftHeads(nn.Module):
         for blocks in self.blocks:
             for block in blocks:
                 block.packed = dense(block.linear.weight, "int8", block.linear.bias)
-        if not self.config.own_lm_head:
+        if self.config.own_lm_head:
+            self.packed_logits = [dense(head.weight, "int8") for head in self.lm_heads]
+        else:
             self.packed_logits = dense(self.shared_weight, "int8")
         return self
 

@@ -125,3 +125,28 @@ def test_root_token_decoding_is_lossless(tiny_lm):
     result = Decoder(tiny_lm, heads, build_tree(DEFAULT_TREE)).generate(ids, SamplingConfig(max_new_tokens=40))
     assert result.speculative_steps > 0
     assert_lossless(tiny_lm, ids, reference, result.token_ids)
+
+
+@pytest.mark.parametrize("own_lm_head", [False, True])
+def test_heads_packed_for_a_quantized_model_rank_as_the_unpacked_ones(lm_f32, own_lm_head):
+    """With int4 / w4a8 weights on a CPU every head matmul runs int8, own LM heads included (bfloat16
+    matmuls are emulated on AVX2): the logits stay within int8 rounding and the ranking holds."""
+    heads = random_heads(lm_f32, "cerberus", seed=5, scale=0.05, root_token=True, own_lm_head=own_lm_head)
+    heads.set_vocab(torch.arange(0, 49152, 97), lm_f32.model.get_output_embeddings().weight)  # 507 tokens
+    if own_lm_head:
+        for k, head in enumerate(heads.lm_heads):  # each head its own rows
+            head.weight.data += 0.02 * torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(k))
+    heads = heads.to(torch.bfloat16).requires_grad_(False)
+    h, root = torch.randn(576, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16), torch.tensor(7)
+    unpacked = heads(h, root).float()  # [K, V']
+    heads.pack_for("w4a8")
+    packed_layers = heads.packed_logits if own_lm_head else [heads.packed_logits]
+    assert len(packed_layers) == (4 if own_lm_head else 1) and all(p.fmt == "int8" for p in packed_layers)
+    for weight in [head.weight for head in heads.lm_heads] if own_lm_head else [heads.shared_weight]:
+        weight.zero_()  # the packed copies must be what runs
+    packed = heads(h, root).float()
+    torch.testing.assert_close(packed, unpacked, atol=0.05 * float(unpacked.abs().max()), rtol=0)  # seen: 2%
+    top2 = unpacked.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.1 * float(unpacked.abs().max())  # no near-tie for int8 to flip
+    assert clear.any()
+    assert torch.equal(packed.argmax(-1)[clear], unpacked.argmax(-1)[clear])
