@@ -44,7 +44,7 @@ $(ANSWERS): $(ANSWERS_XZ)
 	mkdir -p data && xz -dkc $(ANSWERS_XZ) > $@
 
 heads: $(STAMP) $(ANSWERS)
-	CLI=$(BIN)/cerberus DEVICE=cpu WEIGHTS=float32 BATCH=256 GENERATE=0 TRAIN_SECONDS=0 STAGES="distill train" \
+	CLI=$(BIN)/cerberus DEVICE=cpu WEIGHTS=float32 BATCH=256 GENERATE=0 TRAIN_SECONDS=0 RESUME=1 STAGES="distill train" \
 		ANSWERS=$(ANSWERS) scripts/make_heads.sh out/heads-cpu
 	for t in medusa cerberus; do rm -rf $(HEADS_DIR)/$$t && cp -r runs/$$t/heads $(HEADS_DIR)/$$t && \
 		$(BIN)/cerberus calibrate --heads $(HEADS_DIR)/$$t --device cpu --into-heads || exit 1; done

@@ -4,12 +4,14 @@
 #       every stage is time-boxed and leaves its results in OUT_DIR as it ends: distill.json,
 #       answers.safetensors.xz (what distilled/ commits), heads.tar (runs/*/heads), reports.tar.
 #       With ANSWERS (the committed answers) it first rebuilds their shards, then generates more.
-#   CPU (`make heads`): ANSWERS=the committed answers, GENERATE=0, DEVICE=cpu, no time limits: the hidden
-#       states are rebuilt by teacher forcing (resumable), then the same training.
+#   CPU (`make heads`): ANSWERS=the committed answers, GENERATE=0, DEVICE=cpu, RESUME=1, no time limits:
+#       the hidden states are rebuilt by teacher forcing, then the same training; hours, so every stage
+#       resumes where a killed run stopped (run the same command again).
 # Usage: scripts/make_heads.sh OUT_DIR, with the default model installed and this repository importable.
 # Environment: DEVICE, WEIGHTS, RUNTIME, ANSWERS, GENERATE, PROMPTS, BATCH, MAX_NEW, DISTILL_SECONDS,
 # DISTILL_TOKENS, TRAIN_SECONDS (0 = no limit), EPOCHS, TRAIN_BATCH, LR, TRAIN_ARGS (more `cerberus train`
-# options for every run, e.g. --own-lm-head), CURVE, BUDGET, DATA, RUNS, CLI,
+# options for every run, e.g. --own-lm-head), RESUME (1: continue the training runs in RUNS), CURVE, BUDGET,
+# DATA, RUNS, CLI,
 # STAGES (any of distill, train, curve; all three by default).
 set -uo pipefail
 out=${1:-out/heads-gpu}
@@ -33,7 +35,7 @@ train() {  # train NAME ARGS...: the same recipe for every run
     shift
     timeout "${TRAIN_SECONDS:-150}" $cli train --data "$data" --device "$device" --num-layers 2 \
         --epochs "${EPOCHS:-2}" --batch-size "${TRAIN_BATCH:-1024}" --lr "${LR:-2e-3}" --eval-every 1000 \
-        --save-every 500 --out "$runs/$name" ${TRAIN_ARGS:-} "$@" | tail -1
+        --save-every 500 --out "$runs/$name" ${RESUME:+--resume} ${TRAIN_ARGS:-} "$@" | tail -1
     echo "$name done at $((SECONDS - start)) s"
 }
 
