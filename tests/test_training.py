@@ -296,3 +296,18 @@ def test_shipped_default_heads_are_trained_for_the_default_model(lm):
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(CerberusError, match="distill"):
         train_mod.load_distilled(tmp_path)
+
+
+def test_resuming_on_changed_data_is_refused(tiny_lm, tiny_data, tmp_path):
+    """`make heads` resumes its runs: one started on other data must not silently continue."""
+    import shutil
+
+    train(tiny_lm, tiny_data, tmp_path / "run", _cfg(max_steps=4, save_every=2))
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for name in ("shard-00000.safetensors", "shard-00001.safetensors", "settings.json", "prompts.jsonl"):
+        shutil.copy(tiny_data / name, fewer / name)
+    with pytest.raises(CerberusError, match="the data changed"):
+        train(tiny_lm, fewer, tmp_path / "run", _cfg(max_steps=8, save_every=2), resume=True)
+    summary = train(tiny_lm, tiny_data, tmp_path / "run", _cfg(max_steps=8, save_every=2), resume=True)
+    assert summary["steps"] == 8  # the same data resumes

@@ -328,6 +328,11 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         total = min(total, cfg.max_steps)
     warmup = max(1, int(total * cfg.warmup))
     step, history = 0, {"loss": [], "eval": []}
+    if resumed is not None and resumed.get("train_positions", n_train) != n_train:  # its data order would change
+        raise CerberusError(
+            f"The run in {out} was started on {resumed['train_positions']} training positions and {data_dir} now "
+            f"gives {n_train}: the data changed. Train into a new --out (or delete {out}) to use it."
+        )
     if resumed is not None:
         try:
             heads.load_state_dict(resumed["heads"])
@@ -366,6 +371,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
             "history": history,
             "config": asdict(cfg),
             "processes": acc.num_processes,
+            "train_positions": n_train,
         }
         _atomic_write(state_file, lambda p: torch.save(state, p))
         core.config.training = {
