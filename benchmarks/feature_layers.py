@@ -11,8 +11,13 @@ LAYERS] instead of h_final (W zero-initialised, so the untrained fusion is the s
             --bench data/flens/bench.safetensors --layers "$layers"
     done
 
-``--answers N``: the first N committed answers (``data/answers-committed.safetensors``, the
-``corpus/heads.mix`` prompts); ``--bench``: the builtin bench questions' float32 greedy answers
+    for lm_head in trainable own; do   # the LM-head rows the heads score against
+        python benchmarks/feature_layers.py train --data data/flens/train0.safetensors \
+            --bench data/flens/bench.safetensors --lm-head $lm_head
+    done
+
+``--answers N``: the first N committed answers (``make data/instructions-40000.answers.safetensors``,
+the ``corpus/heads.mix`` prompts); ``--bench``: the builtin bench questions' float32 greedy answers
 (128 tokens). ``--layers 30`` fuses the final state again: a control with the same added weights
 and no new information. Prints held-out and bench-question top-1 / top-5 per head (docs/training.md).
 """
@@ -60,7 +65,7 @@ def answer_pairs(lm, args) -> list[tuple[list[int], list[int]]]:
     mix = open("corpus/heads.mix").read().strip()
     prompts, source = load_prompts("corpus/instructions", 40000, mix, 0)
     encoded = [ids for ids in (chat_ids(tok, p.text) for p in prompts) if len(ids) <= MAX_PROMPT_TOKENS]
-    answers, _ = read_answers("data/answers-committed.safetensors", source)
+    answers, _ = read_answers("data/instructions-40000.answers.safetensors", source)
     return list(zip(encoded, answers, strict=False))[: args.answers]
 
 
@@ -142,10 +147,14 @@ def train(args) -> None:
     train_idx = (~held).nonzero()[:, 0]
     weight = lm.model.get_output_embeddings().weight.detach().float()
     config = HeadsConfig(num_heads=4, num_layers=2, hidden_size=weight.shape[1], vocab_size=weight.shape[0])
-    config.root_token = True
+    config.root_token, config.own_lm_head = True, args.lm_head == "own"
     heads = DraftHeads(config)
     heads.attach_base(lm.model)
     heads.set_vocab(frequent_vocab(labels[train_idx], 8192, weight.shape[0])[0], weight)
+    if args.lm_head == "trainable":  # one trainable copy of the shared rows
+        rows = nn.Parameter(heads.shared_weight.clone())
+        del heads.shared_weight
+        heads.shared_weight = rows
     fuse = Fuse([int(x) for x in args.layers.split(",") if x], weight.shape[1])
     targets = to_head_vocab(labels[train_idx], heads.vocab_ids, weight.shape[0])
     opt = torch.optim.AdamW([p for m in (heads, fuse) for p in m.parameters() if p.requires_grad], lr=2e-3)
@@ -170,6 +179,7 @@ def train(args) -> None:
     bench = load(args.bench)
     result = {
         "layers": args.layers or "final only",
+        "lm_head": args.lm_head,
         "train_positions": len(train_idx),
         "seconds": round(time.perf_counter() - t0),
         "held_out": accuracy(heads, fuse, hidden[held], tokens[held], rows[held]),
@@ -189,6 +199,13 @@ def main() -> None:
     tr.add_argument("--data", required=True)
     tr.add_argument("--bench", required=True)
     tr.add_argument("--layers", default="", help="comma-separated LAYERS to fuse (empty: the final state only)")
+    tr.add_argument(
+        "--lm-head",
+        choices=("frozen", "trainable", "own"),
+        default="frozen",
+        help="the rows the heads score against: the base LM head's (frozen, shipped), one trainable copy "
+        "shared by the heads, or each head its own (--own-lm-head)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
     (extract if args.command == "extract" else train)(args)
