@@ -39,9 +39,9 @@ from cerberus_decoding.models import load_model
 from cerberus_decoding.train.distill import MAX_PROMPT_TOKENS, chat_ids, distill, read_answers
 from cerberus_decoding.train.prompts import Prompt, load_prompts
 from cerberus_decoding.train.train import (
-    IGNORE,
     _lr_factor,
     _split,
+    evaluate,
     frequent_vocab,
     head_labels,
     head_loss,
@@ -126,16 +126,9 @@ def load(path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def accuracy(heads, fuse, hidden, tokens, rows) -> dict:
-    labels = head_labels(tokens, rows, heads.config.num_heads)
-    hit1 = hit5 = count = 0
-    for i in range(0, len(hidden), 2048):
-        y = labels[i : i + 2048]
-        top5 = heads.vocab_ids[heads(fuse(hidden[i : i + 2048].float()), tokens[i : i + 2048]).topk(5, -1).indices]
-        valid = y != IGNORE
-        hit1 = hit1 + ((top5[..., 0] == y) & valid).sum(0)
-        hit5 = hit5 + ((top5 == y[..., None]).any(-1) & valid).sum(0)
-        count = count + valid.sum(0)
-    return {"top1": [round(float(x), 4) for x in hit1 / count], "top5": [round(float(x), 4) for x in hit5 / count]}
+    """``train.evaluate`` on the fused states: top-1 / top-5 per head."""
+    scores = evaluate(heads, fuse(hidden.float()), head_labels(tokens, rows, heads.config.num_heads), tokens)
+    return {k: [round(x, 4) for x in scores[k]] for k in ("top1", "top5")}
 
 
 def train(args) -> None:

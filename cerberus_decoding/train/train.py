@@ -234,9 +234,10 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 SHAPE_KEYS = ("head_type", "num_heads", "num_layers", "head_vocab", "own_lm_head", "root_token")
 
 
-def load_trainer_state(path: Path, cfg: TrainConfig) -> dict:
-    """The checkpoint ``--resume`` continues from. Loaded with ``weights_only=True``: tensors and plain
-    containers only, so a crafted file cannot run code."""
+def load_trainer_state(path: Path, cfg: TrainConfig, train_positions: int) -> dict:
+    """The checkpoint ``--resume`` continues from, if it was started with the same head shapes on the
+    same ``train_positions`` (other data would silently change its data order). Loaded with
+    ``weights_only=True``: tensors and plain containers only, so a crafted file cannot run code."""
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
@@ -252,6 +253,12 @@ def load_trainer_state(path: Path, cfg: TrainConfig) -> dict:
         was = ", ".join(f"{k}={old.get(k)!r}" for k in changed)
         raise CerberusError(
             f"The run in {path.parent} was started with {was}; resume it with the same options or use a new --out."
+        )
+    if state.get("train_positions", train_positions) != train_positions:
+        raise CerberusError(
+            f"The run in {path.parent} was started on {state['train_positions']} training positions and the "
+            f"data now gives {train_positions}: the data changed. Train into a new --out (or delete "
+            f"{path.parent}) to use it."
         )
     return state
 
@@ -276,7 +283,6 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     state_file = out / "trainer_state.pt"
     if state_file.exists() and not resume:
         raise CerberusError(f"{out} already has a training run; pass --resume to continue it or use a new --out.")
-    resumed = load_trainer_state(state_file, cfg) if resume and state_file.exists() else None
     for folder in (out, out / "latest", out / "heads"):
         if folder.is_dir():
             remove_stale_temp_files(folder)  # left by a run killed mid-write
@@ -290,6 +296,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     if cfg.max_positions:
         train_idx = train_idx[: cfg.max_positions]
     train_h, train_y, train_r = hidden[train_idx], labels[train_idx], tokens[train_idx]
+    resumed = load_trainer_state(state_file, cfg, len(train_idx)) if resume and state_file.exists() else None
     eval_h, eval_y, eval_r = hidden[held], labels[held], tokens[held]
     groups = prompt_groups(data_dir, rows)
 
@@ -328,11 +335,6 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         total = min(total, cfg.max_steps)
     warmup = max(1, int(total * cfg.warmup))
     step, history = 0, {"loss": [], "eval": []}
-    if resumed is not None and resumed.get("train_positions", n_train) != n_train:  # its data order would change
-        raise CerberusError(
-            f"The run in {out} was started on {resumed['train_positions']} training positions and {data_dir} now "
-            f"gives {n_train}: the data changed. Train into a new --out (or delete {out}) to use it."
-        )
     if resumed is not None:
         try:
             heads.load_state_dict(resumed["heads"])
