@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from cerberus_decoding import sampling
 from cerberus_decoding.models import CerberusError
 from cerberus_decoding.runtime import cpu_kernels
-from cerberus_decoding.runtime.formats import dense, dequantize, quantize_int4
+from cerberus_decoding.runtime.formats import dense, dequantize, quantize_int4, quantize_q8_0
 from cerberus_decoding.runtime.lean import LeanLlama, _rope
 
 ops = cpu_kernels.load()
@@ -233,6 +233,35 @@ def test_w4a8_is_int4_weights_times_int8_activations_and_gives_each_row_its_own_
         assert torch.equal(layer(x[:m]), alone[:m]), f"{m} rows"
     with pytest.raises(RuntimeError, match="does not match"):
         ops.w4a8_linear(torch.zeros(1, k + 32, dtype=torch.bfloat16), layer.packed)
+
+
+@needs_w4a8
+def test_w8a8_is_q8_0_weights_times_int8_activations_and_gives_each_row_its_own_bits():
+    """w4a8's LM head: int8 weights per group of 32 with float16 scales (Q8_0 blocks) times each row's
+    own Q8_0 activations, matching float64 arithmetic on those, a row's bits the same alone as among
+    16 rows (what makes a verified row's next token the one-token step's)."""
+    g = torch.Generator().manual_seed(7)
+    n, k = 4096, 576
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[5, :32] = 0  # an all-zero weight group
+    layer = dense(w, "w8a8")
+    q, scale = quantize_q8_0(w)
+    assert q.abs().max() == 127 and torch.equal(scale, scale.half().float())
+    exact = q.view(n, -1, 32).float() * scale[..., None]
+    assert torch.equal(dequantize(layer), exact.view(n, k))
+    assert torch.equal(dequantize(dense(dequantize(layer), "w8a8")), dequantize(layer))  # Q8_0 blocks load exactly
+    x = torch.randn(16, k, generator=g).to(torch.bfloat16)
+    x[3] = 0
+    x[4, 32:64] = 0
+    ref = (quantize_activations_q8(x).double() @ dequantize(layer).double().T).float()
+    out = layer(x).float()
+    torch.testing.assert_close(out, ref.bfloat16().float(), rtol=8e-3, atol=1e-5 * ref.abs().max().item())
+    assert (out - x.float() @ dequantize(layer).T).abs().max() < 0.05 * ref.abs().max()
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(16)])
+    for m in range(1, 17):
+        assert torch.equal(layer(x[:m]), alone[:m]), f"{m} rows"
+    with pytest.raises(RuntimeError, match="does not match"):
+        ops.w8a8_linear(torch.zeros(1, k + 32, dtype=torch.bfloat16), layer.packed)
 
 
 def test_w4a8_without_its_kernel_is_an_error_naming_int4(monkeypatch):

@@ -10,7 +10,8 @@
 // at that node, and every row of a verification is computed in one call per layer.
 // rms_norm, silu_mul: RMSNorm and the MLP's SiLU(gate) * up, row by row.
 // int4_linear, int8_linear: the quantized formats' matmuls, each weight decoded once for all rows.
-// w4a8_linear: int4 weights x each row's activations rounded to int8, integer dot products.
+// w4a8_linear: int4 weights x each row's activations rounded to int8, integer dot products;
+// w8a8_linear: the same with int8 weights (w4a8's LM head).
 // argmax_rows: greedy decoding's choice over each row of logits.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -504,6 +505,12 @@ at::Tensor int8_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&) 
 //   layout per tile and group: 256 bytes of weights as 4 vectors of 64 bytes, vector i byte 4j + e =
 //   q[j, 8i + e] | q[j, 8i + 4 + e] << 4 (column j), then 16 float16 scales and 16 float16 mins,
 //   the int4 layout's 320 bytes with another order of nibbles.
+// W8A8 (the LM head under w4a8): int8 weights per group of 32 with a float16 scale each (a GGUF Q8_0
+// block: w = q * s) times the same int8 activations, as llama.cpp computes a Q8_0 tensor:
+// y += (s d) * sum q_k a_k per group.
+//   layout per tile and group: 512 bytes of signed weights as 8 vectors of 64 bytes, vector c byte
+//   4j + e = q[j, 4c + e] (column j), then 16 float16 scales.
+constexpr int64_t W8A8_GROUP_BYTES = 512 + 32;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define W4A8_VNNI 1
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -513,8 +520,8 @@ at::Tensor int8_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&) 
 #if defined(W4A8_VNNI)
 constexpr int A8_ROW_BLOCK = 8;
 
-// x [K] bfloat16 -> a [K] int8, d [K/32] and d * sum(a) [K/32] per group
-void quantize_row_q8(const c10::BFloat16* x, int64_t K, int8_t* a, float* d, float* dsum) {
+// x [K] bfloat16 -> a [K] int8, and per group d, d * sum(a) and sum(a) [K/32]
+void quantize_row_q8(const c10::BFloat16* x, int64_t K, int8_t* a, float* d, float* dsum, int32_t* asum) {
   for (int64_t g = 0; g < K / 32; g++) {
     const __m512 x0 = (__m512)load16(x + g * 32), x1 = (__m512)load16(x + g * 32 + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
@@ -524,7 +531,8 @@ void quantize_row_q8(const c10::BFloat16* x, int64_t K, int8_t* a, float* d, flo
     _mm_storeu_si128(reinterpret_cast<__m128i*>(a + g * 32), _mm512_cvtepi32_epi8(q0));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(a + g * 32 + 16), _mm512_cvtepi32_epi8(q1));
     d[g] = amax / 127.f;
-    dsum[g] = d[g] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+    asum[g] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    dsum[g] = d[g] * static_cast<float>(asum[g]);
   }
 }
 
@@ -565,11 +573,43 @@ void w4a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, 
   for (int m = 0; m < MB; m++) store16(y + m * N + tile * 16, (v16)out[m]);
 }
 
+template <int MB>
+void w8a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, const int32_t* asum, int64_t K,
+               int64_t N, c10::BFloat16* y) {
+  const int64_t G = K / 32;
+  const uint8_t* wt = w + tile * G * W8A8_GROUP_BYTES;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 out[MB];
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; m++) out[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; g++) {
+    const uint8_t* wg = wt + g * W8A8_GROUP_BYTES;
+    __m512i q[8];  // q[c] + 128, unsigned (VNNI multiplies unsigned by signed bytes): inputs 4c..4c+3, 16 columns
+    for (int c = 0; c < 8; c++) q[c] = _mm512_xor_si512(_mm512_loadu_si512(wg + 64 * c), flip);
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 512)));
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; m++) {
+      const int32_t* am = reinterpret_cast<const int32_t*>(a + m * K + g * 32);
+      __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+#pragma GCC unroll 4
+      for (int c = 0; c < 8; c += 2) {
+        even = _mm512_dpbusd_epi32(even, q[c], _mm512_set1_epi32(am[c]));
+        odd = _mm512_dpbusd_epi32(odd, q[c + 1], _mm512_set1_epi32(am[c + 1]));
+      }
+      // sum (q + 128) a - 128 sum a = sum q a, exactly
+      const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(even, odd), _mm512_set1_epi32(128 * asum[m * G + g]));
+      out[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(d[m * G + g])), out[m]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; m++) store16(y + m * N + tile * 16, (v16)out[m]);
+}
+
 #else  // AVX2: u8 x s8 pairs into 16-bit sums (vpmaddubsw), then into 32-bit (vpmaddwd), as llama.cpp does
 constexpr int A8_ROW_BLOCK = 4;  // 16 vector registers
 
-// x [K] bfloat16 -> a [K] int8, d [K/32] and d * sum(a) [K/32] per group (the same arithmetic as above)
-void quantize_row_q8(const c10::BFloat16* x, int64_t K, int8_t* a, float* d, float* dsum) {
+// x [K] bfloat16 -> a [K] int8, and per group d, d * sum(a) and sum(a) [K/32] (the same arithmetic as above)
+void quantize_row_q8(const c10::BFloat16* x, int64_t K, int8_t* a, float* d, float* dsum, int32_t* asum) {
   for (int64_t g = 0; g < K / 32; g++) {
     float amax = 0.f;
     for (int l = 0; l < 32; l++) amax = std::max(amax, std::fabs(static_cast<float>(x[g * 32 + l])));
@@ -581,6 +621,7 @@ void quantize_row_q8(const c10::BFloat16* x, int64_t K, int8_t* a, float* d, flo
       total += q;
     }
     d[g] = amax / 127.f;
+    asum[g] = total;
     dsum[g] = d[g] * static_cast<float>(total);
   }
 }
@@ -629,32 +670,89 @@ void w4a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, 
     }
   }
 }
+
+template <int MB>
+void w8a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, const int32_t*, int64_t K,
+               int64_t N, c10::BFloat16* y) {
+  const int64_t G = K / 32;
+  const uint8_t* wt = w + tile * G * W8A8_GROUP_BYTES;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; h++) {  // columns 8h..8h+7: the second 32 bytes of each 64
+    __m256 out[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; m++) out[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+      const uint8_t* wg = wt + g * W8A8_GROUP_BYTES;
+      __m256i q[8], mag[8];  // the weights and their magnitudes
+      for (int c = 0; c < 8; c++) {
+        q[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * c + 32 * h));
+        mag[c] = _mm256_abs_epi8(q[c]);
+      }
+      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 512 + 16 * h)));
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; m++) {
+        const int32_t* am = reinterpret_cast<const int32_t*>(a + m * K + g * 32);
+        __m256i dot = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c++) {  // |q| x (a with q's sign): pair sums of at most 2 * 127 * 127, no saturation
+          const __m256i pairs = _mm256_maddubs_epi16(mag[c], _mm256_sign_epi8(_mm256_set1_epi32(am[c]), q[c]));
+          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(pairs, ones));
+        }
+        out[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(d[m * G + g])), out[m]);
+      }
+    }
+    for (int m = 0; m < MB; m++) {
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, out[m]);
+      for (int l = 0; l < 8; l++) y[m * N + tile * 16 + 8 * h + l] = c10::BFloat16(lanes[l]);
+    }
+  }
+}
 #endif
 
-at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& packed) {
-  // x [M, K] bf16, packed [N/16, K/32, 320] uint8 (weights, scales, mins) -> [M, N] bf16
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "w4a8_linear: x [M, K] bfloat16");
-  TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kByte, "w4a8_linear: packed weight uint8");
+// Both formats with 8-bit activations: each row quantized to Q8_0 blocks, then the tiles
+template <bool W8>
+at::Tensor a8_linear(const at::Tensor& x, const at::Tensor& packed) {
+  const char* name = W8 ? "w8a8_linear" : "w4a8_linear";
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, name, ": x [M, K] bfloat16");
+  TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kByte, name, ": packed weight uint8");
   const int64_t M = x.size(0), K = x.size(1), tiles = packed.size(0), N = tiles * 16, G = K / 32;
-  TORCH_CHECK(K % 32 == 0 && packed.numel() == tiles * G * INT4_GROUP_BYTES, "w4a8_linear: packed weight does not match x");
+  TORCH_CHECK(K % 32 == 0 && packed.numel() == tiles * G * (W8 ? W8A8_GROUP_BYTES : INT4_GROUP_BYTES), name,
+              ": packed weight does not match x");
   auto y = at::empty({M, N}, x.options());
   std::vector<int8_t> a(M * K);
   std::vector<float> d(M * G), dsum(M * G);
+  std::vector<int32_t> asum(M * G);
   const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
-  for (int64_t m = 0; m < M; m++) quantize_row_q8(xp + m * K, K, a.data() + m * K, d.data() + m * G, dsum.data() + m * G);
+  for (int64_t m = 0; m < M; m++)
+    quantize_row_q8(xp + m * K, K, a.data() + m * K, d.data() + m * G, dsum.data() + m * G, asum.data() + m * G);
   const uint8_t* w = packed.data_ptr<uint8_t>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; t++)  // every row block over a tile while it is in cache
       for (int64_t m0 = 0; m0 < M; m0 += A8_ROW_BLOCK)
         with_rows<A8_ROW_BLOCK>(M - m0, [&](auto mb) {
-          w4a8_tile<decltype(mb)::value>(w, t, a.data() + m0 * K, d.data() + m0 * G, dsum.data() + m0 * G, K, N, yp + m0 * N);
+          constexpr int MB = decltype(mb)::value;
+          const int8_t* am = a.data() + m0 * K;
+          if constexpr (W8)
+            w8a8_tile<MB>(w, t, am, d.data() + m0 * G, asum.data() + m0 * G, K, N, yp + m0 * N);
+          else
+            w4a8_tile<MB>(w, t, am, d.data() + m0 * G, dsum.data() + m0 * G, K, N, yp + m0 * N);
         });
   });
   return y;
 }
+
+at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& packed) {
+  // x [M, K] bf16, packed [N/16, K/32, 320] uint8 (weights, scales, mins) -> [M, N] bf16
+  return a8_linear<false>(x, packed);
+}
+at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& packed) {
+  // x [M, K] bf16, packed [N/16, K/32, 544] uint8 (signed weights, scales) -> [M, N] bf16
+  return a8_linear<true>(x, packed);
+}
 #else
 at::Tensor w4a8_linear(const at::Tensor&, const at::Tensor&) { TORCH_CHECK(false, "w4a8_linear needs AVX512-VNNI or AVX2"); }
+at::Tensor w8a8_linear(const at::Tensor&, const at::Tensor&) { TORCH_CHECK(false, "w8a8_linear needs AVX512-VNNI or AVX2"); }
 #endif
 
 // ---- every decoder layer in one call: LeanLlama._layers on the kernel path, in C++ ----
@@ -765,7 +863,7 @@ bool quantized_matmuls() {  // whether int4_linear / int8_linear are built
   return false;
 #endif
 }
-bool w4a8_matmuls() {  // whether w4a8_linear is built
+bool w4a8_matmuls() {  // whether w4a8_linear and w8a8_linear are built
 #if defined(W4A8_VNNI) || defined(W4A8_AVX2)
   return true;
 #else
@@ -781,6 +879,7 @@ TORCH_LIBRARY(cerberus, m) {
   m.def("int4_linear(Tensor x, Tensor packed) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor packed, Tensor scale) -> Tensor");
   m.def("w4a8_linear(Tensor x, Tensor packed) -> Tensor");
+  m.def("w8a8_linear(Tensor x, Tensor packed) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("layers(Tensor x, Tensor[] norms, int[] kinds, Tensor[] packed, Tensor[] scales, Tensor[] biases, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, Tensor slots, int context, Tensor own, Tensor own_count, float eps) -> Tensor");
   m.def("quantized_matmuls() -> bool", quantized_matmuls);  // no tensors: one kernel for every device
@@ -793,6 +892,7 @@ TORCH_LIBRARY_IMPL(cerberus, CPU, m) {
   m.impl("int4_linear", int4_linear);
   m.impl("int8_linear", int8_linear);
   m.impl("w4a8_linear", w4a8_linear);
+  m.impl("w8a8_linear", w8a8_linear);
   m.impl("argmax_rows", argmax_rows);
   m.impl("layers", layers);
 }

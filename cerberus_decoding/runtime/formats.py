@@ -8,6 +8,9 @@
                       inside the matmul (a GGUF Q8_0 block: ``x = a * d``), so that the products are
                       integer dot products, as llama.cpp computes its Q4 formats (AVX512-VNNI or
                       AVX2: our kernel only).
+  w8a8                w4a8's LM head (not a ``--weights`` value): int8 weights per group of 32 with a
+                      float16 scale each (a GGUF Q8_0 block, loaded exactly) times the same int8
+                      activations: llama.cpp's arithmetic for a Q8_0 tensor, integer dot products.
 
 The quantized formats take activations in bfloat16 and run our CPU kernels (cpu_kernels.cpp:
 ``int4_linear``, ``int8_linear``; int4 keeps float16 scales and mins, as a GGUF block does, so its
@@ -72,6 +75,8 @@ def dense(weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None) -> L
     """A float weight [N, K] in format ``fmt`` (quantized on load for int8 / int4)."""
     dtype = activation_dtype(fmt)
     layer = Linear(fmt, weight.shape[0], None if bias is None else bias.to(dtype))
+    if fmt == "w8a8":
+        return _w8a8(layer, *quantize_q8_0(weight.float()))
     if fmt in INT4_FORMATS:
         _check_int4(weight.shape[1])
         q, scale, mins = quantize_int4(weight.float())
@@ -137,6 +142,30 @@ def quantize_int4(w: torch.Tensor):
     scale = ((hi - lo) / 15).clamp_min(1e-12)
     q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15).view(n, k)
     return q, scale, lo
+
+
+def quantize_q8_0(w: torch.Tensor):
+    """Symmetric int8 per group of 32, as a GGUF Q8_0 block: float [N, K] -> (q [N, K] int8, scale
+    [N, K/32] float16-exact). A GGUF's de-quantized Q8_0 weights come back as its own blocks."""
+    n, k = w.shape
+    groups = w.view(n, k // GROUP, GROUP)
+    scale = (groups.abs().amax(-1) / 127).half().float()  # [N, K/32], as the kernel reads it
+    q = torch.round(groups / scale.clamp_min(1e-30)[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.view(n, k), scale
+
+
+def _w8a8(layer: Linear, q: torch.Tensor, scale: torch.Tensor) -> Linear:
+    n, k = q.shape
+    require_w4a8()
+    if n % 16 or k % GROUP:
+        raise CerberusError(f"w8a8 needs sizes divisible by 16 outputs and {GROUP} inputs; this layer is {n} x {k}.")
+    layer.kernels = ops = cpu_kernels.load()
+    # [N/16, K/32, 544]: vector c of a group, byte 4j + e = q[j, 4c + e], then 16 float16 scales
+    codes = q.view(n // 16, 16, k // GROUP, 8, 4).permute(0, 2, 3, 1, 4).reshape(n // 16, k // GROUP, 512)
+    scales = scale.half().view(n // 16, 16, -1).transpose(1, 2).contiguous().view(torch.uint8)  # [N/16, K/32, 32]
+    layer.packed = torch.cat([codes.view(torch.uint8), scales], -1).contiguous()
+    layer.matmul = lambda x: ops.w8a8_linear(x, layer.packed)
+    return layer
 
 
 def _quantized_kernels(n: int, k: int):
@@ -207,6 +236,11 @@ def _tile_groups(nibbles: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor)
 def dequantize(layer: Linear) -> torch.Tensor:
     """The float weight [N, K] a layer multiplies by (for tests and the docs' error table)."""
     n = layer.out_features
+    if layer.fmt == "w8a8":
+        q = layer.packed[..., :512].contiguous().view(torch.int8).reshape(n // 16, -1, 8, 16, 4)  # [N/16, G, c, j, e]
+        q = q.permute(0, 3, 1, 2, 4).reshape(n, -1, GROUP).float()
+        scale = layer.packed[..., 512:].contiguous().view(torch.float16).float().transpose(1, 2).reshape(n, -1, 1)
+        return (q * scale).view(n, -1)
     if layer.fmt in INT4_FORMATS and layer.kernels is not None:
         if layer.fmt == "w4a8":
             nibbles = layer.packed[..., :256].reshape(n // 16, -1, 4, 16, 4)  # [N/16, G, vector, column, e]
