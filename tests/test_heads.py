@@ -10,6 +10,7 @@ import torch
 from cerberus_decoding.heads import DraftHeads, load_heads, new_heads, random_heads, save_heads
 from cerberus_decoding.methods import build_decoder
 from cerberus_decoding.models import CerberusError
+from cerberus_decoding.runtime.formats import w4a8_available
 
 
 @pytest.mark.parametrize("head_type", ["medusa", "cerberus"])
@@ -128,11 +129,14 @@ def test_root_token_decoding_is_lossless(tiny_lm):
 
 
 @pytest.mark.parametrize("own_lm_head", [False, True])
-def test_heads_packed_for_a_quantized_model_rank_as_the_unpacked_ones(lm_f32, own_lm_head):
-    """With int4 / w4a8 weights on a CPU every head matmul runs int8, own LM heads included (bfloat16
-    matmuls are emulated on AVX2): the logits stay within int8 rounding and the ranking holds."""
+@pytest.mark.parametrize("vocab", [507, 512])
+def test_heads_packed_for_a_quantized_model_rank_as_the_unpacked_ones(lm_f32, own_lm_head, vocab):
+    """With int4 / w4a8 weights on a CPU every head matmul runs in 8 bits, own LM heads included
+    (bfloat16 matmuls are emulated on AVX2): under w4a8 as w8a8 where a layer is whole tiles (512
+    tokens), else int8 per row (507); the logits stay within 8-bit rounding and the ranking holds."""
     heads = random_heads(lm_f32, "cerberus", seed=5, scale=0.05, root_token=True, own_lm_head=own_lm_head)
-    heads.set_vocab(torch.arange(0, 49152, 97), lm_f32.model.get_output_embeddings().weight)  # 507 tokens
+    vocab_ids = torch.cat([torch.arange(0, 49152, 97), torch.arange(1, 1 + vocab - 507)])  # 507 tokens (+5)
+    heads.set_vocab(vocab_ids, lm_f32.model.get_output_embeddings().weight)
     if own_lm_head:
         for k, head in enumerate(heads.lm_heads):  # each head its own rows
             head.weight.data += 0.02 * torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(k))
@@ -141,7 +145,10 @@ def test_heads_packed_for_a_quantized_model_rank_as_the_unpacked_ones(lm_f32, ow
     unpacked = heads(h, root).float()  # [K, V']
     heads.pack_for("w4a8")
     packed_layers = heads.packed_logits if own_lm_head else [heads.packed_logits]
-    assert len(packed_layers) == (4 if own_lm_head else 1) and all(p.fmt == "int8" for p in packed_layers)
+    fmt = "w8a8" if vocab == 512 and w4a8_available() else "int8"
+    assert len(packed_layers) == (4 if own_lm_head else 1) and all(p.fmt == fmt for p in packed_layers)
+    blocks = [block.packed for blocks in heads.blocks for block in blocks]
+    assert all(b.fmt == ("w8a8" if w4a8_available() else "int8") for b in blocks)  # 1152 -> 576: whole tiles
     for weight in [head.weight for head in heads.lm_heads] if own_lm_head else [heads.shared_weight]:
         weight.zero_()  # the packed copies must be what runs
     packed = heads(h, root).float()
