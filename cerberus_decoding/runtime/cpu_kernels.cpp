@@ -536,6 +536,19 @@ void quantize_row_q8(const c10::BFloat16* x, int64_t K, int8_t* a, float* d, flo
   }
 }
 
+// A group's integer dot products for 16 columns: q[c] holds inputs 4c..4c+3 of each column as
+// unsigned bytes, a the row's 32 int8 activations; two chains of four vpdpbusd
+inline __m512i group_dot(const __m512i* q, const int8_t* a) {
+  const int32_t* am = reinterpret_cast<const int32_t*>(a);
+  __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+#pragma GCC unroll 4
+  for (int c = 0; c < 8; c += 2) {
+    even = _mm512_dpbusd_epi32(even, q[c], _mm512_set1_epi32(am[c]));
+    odd = _mm512_dpbusd_epi32(odd, q[c + 1], _mm512_set1_epi32(am[c + 1]));
+  }
+  return _mm512_add_epi32(even, odd);
+}
+
 template <int MB>
 void w4a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, const float* dsum, int64_t K,
                int64_t N, c10::BFloat16* y) {
@@ -557,14 +570,7 @@ void w4a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, 
     const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 288)));
 #pragma GCC unroll 8
     for (int m = 0; m < MB; m++) {
-      const int32_t* am = reinterpret_cast<const int32_t*>(a + m * K + g * 32);
-      __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
-#pragma GCC unroll 4
-      for (int c = 0; c < 8; c += 2) {
-        even = _mm512_dpbusd_epi32(even, q[c], _mm512_set1_epi32(am[c]));
-        odd = _mm512_dpbusd_epi32(odd, q[c + 1], _mm512_set1_epi32(am[c + 1]));
-      }
-      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd));
+      const __m512 dot = _mm512_cvtepi32_ps(group_dot(q, a + m * K + g * 32));
       out[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(s, _mm512_set1_ps(d[m * G + g])), out[m]);
       out[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(dsum[m * G + g]), out[m]);
     }
@@ -589,15 +595,8 @@ void w8a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, 
     const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 512)));
 #pragma GCC unroll 8
     for (int m = 0; m < MB; m++) {
-      const int32_t* am = reinterpret_cast<const int32_t*>(a + m * K + g * 32);
-      __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
-#pragma GCC unroll 4
-      for (int c = 0; c < 8; c += 2) {
-        even = _mm512_dpbusd_epi32(even, q[c], _mm512_set1_epi32(am[c]));
-        odd = _mm512_dpbusd_epi32(odd, q[c + 1], _mm512_set1_epi32(am[c + 1]));
-      }
       // sum (q + 128) a - 128 sum a = sum q a, exactly
-      const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(even, odd), _mm512_set1_epi32(128 * asum[m * G + g]));
+      const __m512i dot = _mm512_sub_epi32(group_dot(q, a + m * K + g * 32), _mm512_set1_epi32(128 * asum[m * G + g]));
       out[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(d[m * G + g])), out[m]);
     }
   }
