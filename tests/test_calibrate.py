@@ -598,3 +598,21 @@ def test_the_server_reports_its_configuration(tiny_lm, heads_dir):
         config = client.get("/health").json()["config"]
     assert config["source"]["tree"] == "calibrated" and config["tree"] == [[0], [1], [0, 0]]
     assert config["why"] == dec.config.why() and "calibration made on this machine" in config["why"]
+
+
+def test_step_costs_are_timed_after_a_step_of_the_same_size(tiny_lm, monkeypatch):
+    """Decoding repeats the same few forward sizes, and a one-token step right after a 64-token one
+    ran 65% slower on an Intel CPU: every round of ``measure_costs`` runs each size twice in a row
+    (the second call is timed), so the cost curve is the steady state's."""
+    sizes = []
+    forward = tiny_lm.runtime.forward
+
+    def counted(cache, ids, *args, **kwargs):
+        sizes.append(len(ids))
+        return forward(cache, ids, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_lm.runtime, "forward", counted)
+    costs = measure.measure_costs(tiny_lm, qs=(1, 2, 8), context=16, repeats=2)
+    assert set(costs) == {1, 2, 8} and all(ms > 0 for ms in costs.values())
+    assert sizes[:3] == [16, 1, 8]  # the cached prefix, then one warm-up call at the extremes
+    assert sizes[3:] == [1, 1, 2, 2, 8, 8] * 2
