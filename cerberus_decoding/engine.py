@@ -278,7 +278,7 @@ class Decoder:
 
         def topk() -> torch.Tensor:  # [depth, k] ids; the drafter runs the heads only if it needs them
             self.heads_calls += 1
-            return self.heads.topk_tokens(hidden, self.tree.top_k, root, self.tree.num_heads)
+            return self.heads.topk_tokens(hidden, self.tree.top_k, root, self.tree.num_heads, self.runtime.cuda_graphs)
 
         if self.drafter is not None:
             return self.drafter.draft(root, self.tree, topk) if heads_on else self.drafter.draft(root, None, None)

@@ -20,7 +20,9 @@ Two runtimes: ``lean`` (runtime/lean.py, our own forward, every weight format) a
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -60,6 +62,28 @@ def attention_kernels(device: torch.device):
     """The context every runtime computes attention in: ``CUDA_SDPA_BACKENDS`` on CUDA, torch's
     own choice elsewhere."""
     return sdpa_kernel(CUDA_SDPA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def cuda_graphs_default() -> bool:
+    """Whether CUDA steps are replayed from CUDA graphs (docs/runtime.md, CUDA graphs): yes unless
+    ``CERBERUS_CUDA_GRAPHS=0``. On a GPU a small model's step is bound by kernel launches."""
+    return os.environ.get("CERBERUS_CUDA_GRAPHS", "1") != "0"
+
+
+def capture(body: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """``body`` captured as a CUDA graph after two warm-up runs on a side stream (torch.cuda.graphs'
+    recipe) -> (graph, the output tensor every replay overwrites). The warm-ups run with the inputs'
+    current values, so anything ``body`` writes is written again by the first replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            body()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = body()
+    return graph, out
 
 
 def build_runtime(hf_model, weights: str, runtime: str, gguf: Path | None = None):

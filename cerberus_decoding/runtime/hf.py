@@ -104,6 +104,7 @@ class HFRuntime:
     """``forward`` / ``lm_head`` of a transformers causal LM (see runtime/__init__.py)."""
 
     name = "hf"
+    cuda_graphs = False  # transformers' forward is never replayed from CUDA graphs
 
     def __init__(self, model, weights: str):
         self.model, self.weights, self.dtype = model, weights, model.dtype

@@ -28,7 +28,6 @@ one-token step at that node. Three ways to compute it (``tree_attention``):
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 
 from ..models import CerberusError
 from ..sampling import greedy
-from . import attention_kernels, cpu_kernels, split_answers
+from . import attention_kernels, capture, cpu_kernels, cuda_graphs_default, split_answers
 from .formats import INT4_FORMATS, Linear, activation_dtype, dense, int4_from_blocks, kernel_projection
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -157,8 +156,7 @@ class LeanLlama(torch.nn.Module):
             raise CerberusError("The CPU kernels could not be built here; use tree attention 'rows'.")
         default = "masked" if device.type == "cuda" else "kernel" if self.kernels is not None else "rows"
         self.tree_attention = tree_attention or default
-        # Experimental, off by default until measured on a GPU: replay CUDA steps from graphs
-        self.cuda_graphs = os.environ.get("CERBERUS_CUDA_GRAPHS") == "1"
+        self.cuda_graphs = cuda_graphs_default()  # replay CUDA steps (and the heads: engine) from graphs
         self.tree_rows: dict = {}  # tree mask -> _TreeRows: ~0.1 ms of Python a verification, the same few trees
         self.stack = self._kernel_stack() if self.tree_attention == "kernel" else None
 
@@ -494,17 +492,8 @@ class _StepGraph:
         self.start.fill_(start)
         if tree_mask is not None:
             self.tree.copy_(tree_mask)
-        if self.graph is None:  # warm up on a side stream, then capture (torch.cuda.graphs' recipe).
-            # Warm-up runs with this step's real inputs: they write the K/V the replay writes again.
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.body()
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.hidden = self.body()
+        if self.graph is None:  # the warm-ups write this step's K/V, which the replay writes again
+            self.graph, self.hidden = capture(self.body)
         self.graph.replay()
         return self.hidden.clone()
 
