@@ -13,6 +13,7 @@
 # part 01 and the wheel with the tree the checks need (seventeenth session; results.md).
 set -euo pipefail
 part=${1:-48}
+mkdir -p .git/info
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 mkdir -p .gpu
 gguf=$(.venv/bin/python -c "from cerberus_decoding.models import default_gguf_path; print(default_gguf_path())")
