@@ -26,6 +26,11 @@ from ..tree import build_tree
 from ..verify import verify_greedy
 
 COST_QS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# Each forward size runs this long before one of its calls is timed: decoding repeats the same few
+# small sizes back to back, and a CPU needs tens of milliseconds to settle after other work (on an
+# Intel AVX-512 VM one-token steps took 6-8 ms right after a 64-token forward or a 50 ms pause, and
+# ~3.3 ms from about the seventh step on; docs/calibrate.md).
+SETTLE_S = 0.05
 
 
 def _sync(device: torch.device) -> None:
@@ -54,10 +59,9 @@ def measure_costs(
     tree mask like a speculative step (a chain: the mask's shape, not its pattern, sets the cost).
 
     Rounds go over all q in turn so that load from other processes spreads over every q instead
-    of inflating a few; each q is timed on its second call in a row, as decoding repeats the same
-    few q (on an Intel AVX-512 CPU a one-token step right after a 64-token one took 5.2 ms against
-    3.15 after another one-token step). After two rounds, stops once ``time_limit`` seconds have
-    passed.
+    of inflating a few; in each round a q runs for ``SETTLE_S`` seconds before one of its calls is
+    timed, as decoding repeats the same few q back to back. After two rounds, stops once
+    ``time_limit`` seconds have passed.
     """
     from tqdm import tqdm
 
@@ -89,7 +93,10 @@ def measure_costs(
     rounds = tqdm(range(repeats), desc="verification cost", unit="round", disable=not progress, file=sys.stderr)
     for r in rounds:
         for q in qs:
-            once(q)  # untimed: the step before a timed one is the same q, as in decoding
+            settled = time.perf_counter() + SETTLE_S
+            once(q)  # untimed: the steps before a timed one are the same q, as in decoding
+            while time.perf_counter() < settled:
+                once(q)
             samples[q].append(once(q))
         if time_limit is not None and r >= 1 and time.perf_counter() - start > time_limit:
             break
