@@ -561,18 +561,31 @@ inline __m512i group_dot(const __m512i* q, const int8_t* a) {
   return _mm512_add_epi32(even, odd);
 }
 
-template <int MB>
-void w4a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, const float* dsum, int64_t K,
-               int64_t N, c10::BFloat16* y) {
+// The loop both formats' tiles share: the MB rows' accumulators for the tile's 16 columns, the
+// groups in order (prefetching ahead), ``group(wg, g, out)`` adding group g's products into
+// out[0..MB), then the store. A row's additions come in the same order whatever MB is.
+template <int MB, int64_t BYTES, typename Group>
+inline void a8_tile(const uint8_t* w, int64_t tile, int64_t K, int64_t N, c10::BFloat16* y, Group&& group) {
   const int64_t G = K / 32;
-  const uint8_t* wt = w + tile * G * INT4_GROUP_BYTES;
-  const __m512i low = _mm512_set1_epi8(0x0F);
+  const uint8_t* wt = w + tile * G * BYTES;
   __m512 out[MB];
 #pragma GCC unroll 8
   for (int m = 0; m < MB; m++) out[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; g++) {
-    const uint8_t* wg = wt + g * INT4_GROUP_BYTES;
-    prefetch_ahead(wg, INT4_GROUP_BYTES);
+    const uint8_t* wg = wt + g * BYTES;
+    prefetch_ahead(wg, BYTES);
+    group(wg, g, out);
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; m++) store16(y + m * N + tile * 16, (v16)out[m]);
+}
+
+template <int MB>
+void w4a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, const float* dsum, int64_t K,
+               int64_t N, c10::BFloat16* y) {
+  const int64_t G = K / 32;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  a8_tile<MB, INT4_GROUP_BYTES>(w, tile, K, N, y, [&](const uint8_t* wg, int64_t g, __m512* out) {
     __m512i q[8];  // q[c]: inputs 4c..4c+3 of the group, 16 columns
     for (int i = 0; i < 4; i++) {
       const __m512i v = _mm512_loadu_si512(wg + 64 * i);
@@ -587,23 +600,15 @@ void w4a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, 
       out[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(s, _mm512_set1_ps(d[m * G + g])), out[m]);
       out[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(dsum[m * G + g]), out[m]);
     }
-  }
-#pragma GCC unroll 8
-  for (int m = 0; m < MB; m++) store16(y + m * N + tile * 16, (v16)out[m]);
+  });
 }
 
 template <int MB>
 void w8a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, const int32_t* asum, int64_t K,
                int64_t N, c10::BFloat16* y) {
   const int64_t G = K / 32;
-  const uint8_t* wt = w + tile * G * W8A8_GROUP_BYTES;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512 out[MB];
-#pragma GCC unroll 8
-  for (int m = 0; m < MB; m++) out[m] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < G; g++) {
-    const uint8_t* wg = wt + g * W8A8_GROUP_BYTES;
-    prefetch_ahead(wg, W8A8_GROUP_BYTES);
+  a8_tile<MB, W8A8_GROUP_BYTES>(w, tile, K, N, y, [&](const uint8_t* wg, int64_t g, __m512* out) {
     __m512i q[8];  // q[c] + 128, unsigned (VNNI multiplies unsigned by signed bytes): inputs 4c..4c+3, 16 columns
     for (int c = 0; c < 8; c++) q[c] = _mm512_xor_si512(_mm512_loadu_si512(wg + 64 * c), flip);
     const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 512)));
@@ -613,9 +618,7 @@ void w8a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, 
       const __m512i dot = _mm512_sub_epi32(group_dot(q, a + m * K + g * 32), _mm512_set1_epi32(128 * asum[m * G + g]));
       out[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(d[m * G + g])), out[m]);
     }
-  }
-#pragma GCC unroll 8
-  for (int m = 0; m < MB; m++) store16(y + m * N + tile * 16, (v16)out[m]);
+  });
 }
 
 #else  // AVX2: u8 x s8 pairs into 16-bit sums (vpmaddubsw), then into 32-bit (vpmaddwd), as llama.cpp does
@@ -639,43 +642,18 @@ void quantize_row_q8(const c10::BFloat16* x, int64_t K, int8_t* a, float* d, flo
   }
 }
 
-template <int MB>
-void w4a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, const float* dsum, int64_t K,
-               int64_t N, c10::BFloat16* y) {
+// The loop both formats' tiles share, for each half of the tile (columns 8h..8h+7: the second 32
+// bytes of each 64): the MB rows' accumulators, the groups in order, ``group(wg, g, h, out)``
+// adding group g's products into out[0..MB), then the store.
+template <int MB, int64_t BYTES, typename Group>
+inline void a8_tile(const uint8_t* w, int64_t tile, int64_t K, int64_t N, c10::BFloat16* y, Group&& group) {
   const int64_t G = K / 32;
-  const uint8_t* wt = w + tile * G * INT4_GROUP_BYTES;
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  for (int h = 0; h < 2; h++) {  // columns 8h..8h+7: the second 32 bytes of each 64
+  const uint8_t* wt = w + tile * G * BYTES;
+  for (int h = 0; h < 2; h++) {
     __m256 out[MB];
 #pragma GCC unroll 8
     for (int m = 0; m < MB; m++) out[m] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; g++) {
-      const uint8_t* wg = wt + g * INT4_GROUP_BYTES;
-      __m256i q[8];
-      for (int i = 0; i < 4; i++) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * i + 32 * h));
-        q[2 * i] = _mm256_and_si256(v, low);
-        q[2 * i + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-      }
-      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 256 + 16 * h)));
-      const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 288 + 16 * h)));
-#pragma GCC unroll 8
-      for (int m = 0; m < MB; m++) {
-        const int32_t* am = reinterpret_cast<const int32_t*>(a + m * K + g * 32);
-        __m256i p[2];
-        for (int half = 0; half < 2; half++) {  // four 16-bit pair sums of at most 2 * 15 * 127 each: no overflow
-          const int c = 4 * half;
-          p[half] = _mm256_add_epi16(
-              _mm256_add_epi16(_mm256_maddubs_epi16(q[c], _mm256_set1_epi32(am[c])),
-                               _mm256_maddubs_epi16(q[c + 1], _mm256_set1_epi32(am[c + 1]))),
-              _mm256_add_epi16(_mm256_maddubs_epi16(q[c + 2], _mm256_set1_epi32(am[c + 2])),
-                               _mm256_maddubs_epi16(q[c + 3], _mm256_set1_epi32(am[c + 3]))));
-        }
-        const __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(p[0], ones), _mm256_madd_epi16(p[1], ones));
-        out[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(s, _mm256_set1_ps(d[m * G + g])), out[m]);
-        out[m] = _mm256_fmadd_ps(mn, _mm256_set1_ps(dsum[m * G + g]), out[m]);
-      }
-    }
+    for (int64_t g = 0; g < G; g++) group(wt + g * BYTES, g, h, out);
     for (int m = 0; m < MB; m++) {
       alignas(32) float lanes[8];
       _mm256_store_ps(lanes, out[m]);
@@ -685,40 +663,61 @@ void w4a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, 
 }
 
 template <int MB>
+void w4a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, const float* dsum, int64_t K,
+               int64_t N, c10::BFloat16* y) {
+  const int64_t G = K / 32;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  a8_tile<MB, INT4_GROUP_BYTES>(w, tile, K, N, y, [&](const uint8_t* wg, int64_t g, int h, __m256* out) {
+    __m256i q[8];
+    for (int i = 0; i < 4; i++) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * i + 32 * h));
+      q[2 * i] = _mm256_and_si256(v, low);
+      q[2 * i + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    }
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 256 + 16 * h)));
+    const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 288 + 16 * h)));
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; m++) {
+      const int32_t* am = reinterpret_cast<const int32_t*>(a + m * K + g * 32);
+      __m256i p[2];
+      for (int half = 0; half < 2; half++) {  // four 16-bit pair sums of at most 2 * 15 * 127 each: no overflow
+        const int c = 4 * half;
+        p[half] = _mm256_add_epi16(
+            _mm256_add_epi16(_mm256_maddubs_epi16(q[c], _mm256_set1_epi32(am[c])),
+                             _mm256_maddubs_epi16(q[c + 1], _mm256_set1_epi32(am[c + 1]))),
+            _mm256_add_epi16(_mm256_maddubs_epi16(q[c + 2], _mm256_set1_epi32(am[c + 2])),
+                             _mm256_maddubs_epi16(q[c + 3], _mm256_set1_epi32(am[c + 3]))));
+      }
+      const __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(p[0], ones), _mm256_madd_epi16(p[1], ones));
+      out[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(s, _mm256_set1_ps(d[m * G + g])), out[m]);
+      out[m] = _mm256_fmadd_ps(mn, _mm256_set1_ps(dsum[m * G + g]), out[m]);
+    }
+  });
+}
+
+template <int MB>
 void w8a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, const int32_t*, int64_t K,
                int64_t N, c10::BFloat16* y) {
   const int64_t G = K / 32;
-  const uint8_t* wt = w + tile * G * W8A8_GROUP_BYTES;
   const __m256i ones = _mm256_set1_epi16(1);
-  for (int h = 0; h < 2; h++) {  // columns 8h..8h+7: the second 32 bytes of each 64
-    __m256 out[MB];
-#pragma GCC unroll 8
-    for (int m = 0; m < MB; m++) out[m] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; g++) {
-      const uint8_t* wg = wt + g * W8A8_GROUP_BYTES;
-      __m256i q[8], mag[8];  // the weights and their magnitudes
-      for (int c = 0; c < 8; c++) {
-        q[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * c + 32 * h));
-        mag[c] = _mm256_abs_epi8(q[c]);
-      }
-      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 512 + 16 * h)));
-#pragma GCC unroll 8
-      for (int m = 0; m < MB; m++) {
-        const int32_t* am = reinterpret_cast<const int32_t*>(a + m * K + g * 32);
-        __m256i dot = _mm256_setzero_si256();
-        for (int c = 0; c < 8; c++) {  // |q| x (a with q's sign): pair sums of at most 2 * 127 * 127, no saturation
-          const __m256i pairs = _mm256_maddubs_epi16(mag[c], _mm256_sign_epi8(_mm256_set1_epi32(am[c]), q[c]));
-          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(pairs, ones));
-        }
-        out[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(d[m * G + g])), out[m]);
-      }
+  a8_tile<MB, W8A8_GROUP_BYTES>(w, tile, K, N, y, [&](const uint8_t* wg, int64_t g, int h, __m256* out) {
+    __m256i q[8], mag[8];  // the weights and their magnitudes
+    for (int c = 0; c < 8; c++) {
+      q[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * c + 32 * h));
+      mag[c] = _mm256_abs_epi8(q[c]);
     }
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 512 + 16 * h)));
+#pragma GCC unroll 8
     for (int m = 0; m < MB; m++) {
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, out[m]);
-      for (int l = 0; l < 8; l++) y[m * N + tile * 16 + 8 * h + l] = c10::BFloat16(lanes[l]);
+      const int32_t* am = reinterpret_cast<const int32_t*>(a + m * K + g * 32);
+      __m256i dot = _mm256_setzero_si256();
+      for (int c = 0; c < 8; c++) {  // |q| x (a with q's sign): pair sums of at most 2 * 127 * 127, no saturation
+        const __m256i pairs = _mm256_maddubs_epi16(mag[c], _mm256_sign_epi8(_mm256_set1_epi32(am[c]), q[c]));
+        dot = _mm256_add_epi32(dot, _mm256_madd_epi16(pairs, ones));
+      }
+      out[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(d[m * G + g])), out[m]);
     }
-  }
+  });
 }
 #endif
 
