@@ -131,7 +131,7 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
         for d in range(1, k + 1):
             _sync(device)
             t0 = time.perf_counter()
-            topk = heads.topk_tokens(hidden, tree.top_k, root, d)  # [d, top_k]
+            topk = heads.topk_tokens(hidden, tree.top_k, root, d, rt.cuda_graphs)  # [d, top_k], as decoding runs them
             _sync(device)
             by_depth[d - 1].append(time.perf_counter() - t0)
         _sync(device)
