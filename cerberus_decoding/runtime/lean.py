@@ -22,8 +22,10 @@ one-token step at that node. Three ways to compute it (``tree_attention``):
   ``masked`` (CUDA default): on CUDA a step of a small model is bound by kernel launches, not
   arithmetic, and one attention call per row and layer makes a verification cost grow with the tree
   (2.6x a step at 16 rows on an H100). There one call per layer covers every row under the tree
-  mask, like transformers' forward. It is not bitwise the one-token step, so CUDA's lossless rule
-  is the proven near-tie (cuBLAS is not row-invariant either).
+  mask, like transformers' forward; the one-token step reads the cache under a mask too, so both
+  run the same attention kernel. It is not bitwise the one-token step, so CUDA's lossless rule is
+  the proven near-tie (cuBLAS is not row-invariant either). On CUDA steps are replayed from CUDA
+  graphs by default (``static_forward``, ``_StepGraph``; ``CERBERUS_CUDA_GRAPHS=0`` runs eagerly).
 """
 
 from __future__ import annotations
