@@ -317,3 +317,19 @@ def test_the_hf_runtime_hands_its_cache_to_older_transformers_too():
     cache = object()
     rt.forward(cache, torch.tensor([5, 6]), torch.tensor([0, 1]))
     assert rt.cache_kw == "past_key_values" and inner.got is cache
+
+
+def test_cuda_graphs_are_the_default_and_the_variable_turns_them_off(tiny_lm, monkeypatch):
+    """CUDA steps and heads replay from CUDA graphs unless ``CERBERUS_CUDA_GRAPHS=0`` (on a CPU the
+    flag is read but nothing is captured: ``forward`` replays only CUDA tensors)."""
+    monkeypatch.delenv("CERBERUS_CUDA_GRAPHS", raising=False)
+    assert LeanLlama(tiny_lm.model, "float32").cuda_graphs
+    monkeypatch.setenv("CERBERUS_CUDA_GRAPHS", "0")
+    assert not LeanLlama(tiny_lm.model, "float32").cuda_graphs
+    monkeypatch.setenv("CERBERUS_CUDA_GRAPHS", "1")
+    rt = LeanLlama(tiny_lm.model, "float32")
+    with torch.inference_mode():
+        cache = rt.new_cache(32, "cpu")
+        rt.forward(cache, torch.arange(5), torch.arange(5))
+        rt.forward(cache, torch.tensor([7]), torch.tensor([5]))
+    assert rt.cuda_graphs and not cache.graphs
