@@ -132,13 +132,15 @@ def test_cuda_speculative_greedy_equals_ar():
     CUDA default): 8 real prompts x 128 tokens, shipped heads, the same greedy tokens as AR (or a
     divergence at a proven bfloat16 near-tie, conftest.assert_lossless)."""
     gpu = load_model("default", "bfloat16", "cuda")
-    assert gpu.runtime.cuda_graphs or os.environ.get("CERBERUS_CUDA_GRAPHS") == "0"
+    graphs = gpu.runtime.cuda_graphs
+    assert graphs or os.environ.get("CERBERUS_CUDA_GRAPHS") == "0"
     references = references_for(gpu, PROMPTS[:8], N_TOKENS)
     for method in ("cerberus-nogate", "medusa", "cerberus+lookup"):
         decoder = build_decoder(gpu, method, heads="default", tree=TREE, lookup=CHAINS)
         for ids, reference in references.values():
             assert_lossless(gpu, ids, reference, decoder.generate(ids, CONFIG).token_ids)
-        assert decoder.cache.graphs and decoder.heads.graphs, "the steps were not replayed from graphs"
+        replayed = bool(decoder.cache.graphs) and bool(decoder.heads.graphs)
+        assert replayed == graphs, "steps and heads replay from CUDA graphs exactly when they are on"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
