@@ -2,8 +2,11 @@
 # The CUDA checks of one GPU session, in one command (docs/results.md), most wanted first: the
 # lossless test of the CUDA default (steps and heads replayed from CUDA graphs), the bench, the
 # verification cost (masked tree attention, exact rows, graphs), the step profile, the eager path's
-# lossless test (CERBERUS_CUDA_GRAPHS=0), then the eager bench until BUDGET seconds have passed
-# (each bench is stopped with SIGINT, which keeps its partial report).
+# lossless test (CERBERUS_CUDA_GRAPHS=0), the eager bench, then a quick calibration of both shipped
+# heads for this GPU (written into the heads, copied to OUT_DIR: commit them to ship them), all
+# within BUDGET seconds (each bench is stopped with SIGINT, which keeps its partial report).
+# A device call returns at most 8 files: pack OUT_DIR into one, e.g.
+#   scripts/cuda_checks.sh /tmp/cc; tar czf $OUT/cuda-checks.tgz -C /tmp/cc .
 # Usage: scripts/cuda_checks.sh OUT_DIR, with the default model installed and this repository
 # importable (PYTHONPATH). Environment: BUDGET (default 540), METHODS, CATEGORIES, REPEATS (default 3).
 set -u
@@ -40,5 +43,13 @@ timeout -s INT 60 python3 benchmarks/step_profile.py --methods ar,cerberus-nogat
 echo "=== lossless, eager, at $((SECONDS - start)) s"
 lossless $(($(left) * 50 / 100)) test_cuda_eager_steps_are_lossless
 echo "=== bench, eager, at $((SECONDS - start)) s"
-CERBERUS_CUDA_GRAPHS=0 REPEATS=1 bench $(left) bench
+eager=$(($(left) - 150))
+CERBERUS_CUDA_GRAPHS=0 REPEATS=1 bench $((eager > 10 ? eager : 10)) bench
+echo "=== calibration, quick, at $((SECONDS - start)) s"
+heads=cerberus_decoding/assets/heads/SmolLM2-135M-Instruct
+for t in cerberus medusa; do
+    timeout 70 python3 -m cerberus_decoding.cli calibrate --heads "$heads/$t" --device cuda --quick \
+        --budget-seconds 50 --into-heads 2>&1 | grep -v "it/s\|s/it" | tail -8
+    cp "$heads/$t"/calibration/cuda-*.json "$out/calibration-$t.json" 2>/dev/null
+done
 echo "=== all done at $((SECONDS - start)) s"
