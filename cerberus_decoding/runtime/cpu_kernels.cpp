@@ -434,11 +434,12 @@ void quant_tile(const uint8_t* w, const float* scale, int64_t tile, const c10::B
                 int64_t K, int64_t N, c10::BFloat16* y) {
   const __m512i table = _mm512_load_si512(INT4_BF16.data());
   const int64_t G = K / 32;
-  const uint8_t* wt = w + tile * (INT4 ? G * INT4_GROUP_BYTES : K * 16);
+  constexpr int64_t BYTES = INT4 ? INT4_GROUP_BYTES : 512;  // a group: 32 inputs of the tile's 16 columns
+  const uint8_t* wt = w + tile * G * BYTES;
   v16 out[MB] = {};
   for (int64_t g = 0; g < G; g++) {
-    const uint8_t* wg = wt + g * (INT4 ? INT4_GROUP_BYTES : 512);
-    prefetch_ahead(wg, INT4 ? INT4_GROUP_BYTES : 512);
+    const uint8_t* wg = wt + g * BYTES;
+    prefetch_ahead(wg, BYTES);
     v16 even[MB] = {}, odd[MB] = {};  // two chains a row: pairs 0, 2, .. and 1, 3, ..
     for (int p = 0; p < 16; p += 2) {
       pair16 w0, w1;
