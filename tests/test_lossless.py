@@ -149,7 +149,7 @@ def test_cuda_eager_steps_are_lossless():
     from graphs decodes (proven bfloat16 near-tie rule), on 3 prompts."""
     gpu = load_model("default", "bfloat16", "cuda")
     references = references_for(gpu, PROMPTS[:3], 64)
-    gpu.runtime.cuda_graphs = False
+    graphs, gpu.runtime.cuda_graphs = gpu.runtime.cuda_graphs, False
     try:
         for method in ("ar", "cerberus-nogate"):
             decoder = build_decoder(gpu, method, heads="default", tree=TREE)
@@ -158,4 +158,4 @@ def test_cuda_eager_steps_are_lossless():
                 assert_lossless(gpu, ids, reference, result.token_ids)
                 assert not decoder.cache.graphs and (decoder.heads is None or not decoder.heads.graphs)
     finally:
-        gpu.runtime.cuda_graphs = True
+        gpu.runtime.cuda_graphs = graphs
