@@ -1,18 +1,23 @@
 """Head accuracy on answers the heads never saw: the builtin bench questions' own greedy answers.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/head_accuracy.py [--max-new-tokens 128] [--heads DIR ...]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/head_accuracy.py [--max-new-tokens 128] [--heads DIR ...] [--data DIR]
 
 The base model (float32, transformers) answers the first turn of every builtin question greedily
 (batched distillation into a temporary directory, never into training data); each head is then scored
 on those answers exactly as `cerberus train` scores its held-out split: head k at position i must
 give token i + k + 1. Prints top-1 / top-5 per head for the shipped Medusa and Cerberus heads, overall
-and per question category. Issue 15's target: the first Cerberus head's top-1 >= 0.55.
+and per question category; the tokens a chain of each position's top-1 drafts would accept; and
+the draft tokens the 15-node `benchmarks/default_tree.json` would accept per step, drafted at every
+position as decoding drafts it (the float32 states of these answers, not a decoding run's).
+``--data DIR`` keeps the answers there and reuses them on the next run (they take minutes).
+Issue 15's target: the first Cerberus head's top-1 >= 0.55.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -24,39 +29,77 @@ from cerberus_decoding.methods import default_heads_dir
 from cerberus_decoding.models import load_model
 from cerberus_decoding.train.distill import distill
 from cerberus_decoding.train.prompts import Prompt
-from cerberus_decoding.train.train import evaluate, head_labels, load_distilled, prompt_groups
+from cerberus_decoding.train.train import evaluate, head_inputs, head_labels, load_distilled, prompt_groups
+from cerberus_decoding.tree import build_tree, load_tree
+
+DEFAULT_TREE = Path(__file__).parent / "default_tree.json"
+
+
+def tree_accepts(heads, tree, hidden: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor) -> float:
+    """Mean draft tokens ``tree`` accepts per step at every position of the answers (bonus not counted):
+    the deepest node whose path equals the answer's next tokens."""
+    accepted = []
+    for i in range(hidden.shape[0]):
+        drafted = heads.draft(hidden[i].to(heads.shared_weight.dtype), tokens[i : i + 1], tree).tolist()
+        best = 0
+        for node in range(1, tree.size):
+            d = int(tree.depth[node])
+            path = tree.mask[node, 1 : node + 1].nonzero().flatten() + 1  # its ancestors and itself
+            j = i + d
+            if j < len(tokens) and rows[j] == rows[i] and [drafted[n] for n in path] == tokens[i + 1 : j + 1].tolist():
+                best = max(best, d)
+        accepted.append(best)
+    return sum(accepted) / max(1, len(accepted))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--heads", nargs="*", help="heads directories (default: the shipped medusa and cerberus)")
+    ap.add_argument("--data", help="keep the distilled answers in this directory and reuse them")
     args = ap.parse_args()
     lm = load_model("default", "float32", "cpu", runtime="hf")
     questions = load_questions(BUILTIN)
     prompts = [Prompt(q.turns[0], "builtin-questions", q.category) for q in questions]
-    with tempfile.TemporaryDirectory() as out:
-        distill(lm, prompts, out, batch_size=8, max_new_tokens=args.max_new_tokens, source="head-accuracy")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.data or tmp
+        if not list(Path(out).glob("shard-*.safetensors")):
+            distill(lm, prompts, out, batch_size=8, max_new_tokens=args.max_new_tokens, source="head-accuracy")
         hidden, tokens, rows = load_distilled(out)
         groups = prompt_groups(out, rows)
     dirs = args.heads or [str(default_heads_dir(lm, t)) for t in ("medusa", "cerberus")]
     table = Table(title=f"head accuracy on the builtin questions' greedy answers ({tokens.numel()} positions)")
-    for col in ("heads", "group", "positions", "top-1 per head", "top-5 per head"):
+    tree = build_tree(load_tree(DEFAULT_TREE))
+    for col in (
+        "heads",
+        "group",
+        "positions",
+        "top-1 per head",
+        "top-5 per head",
+        "top-1 chain accepts",
+        "tree accepts",
+    ):
         table.add_column(col)
     for d in dirs:
         heads = load_heads(d, lm).eval()
         labels = head_labels(tokens, rows, heads.config.num_heads)
-        scores = {"all": evaluate(heads, hidden, labels, tokens)}
+        inputs = head_inputs(tokens, labels, heads.config.reads_drafts)
+        scores = {"all": evaluate(heads, hidden, labels, inputs)}
+        accepts = {"all": tree_accepts(heads, tree, hidden, tokens, rows)}
         for name, member in sorted(groups.items()):
             if name.startswith("category:"):
-                scores[name.removeprefix("category:")] = evaluate(heads, hidden[member], labels[member], tokens[member])
+                group = name.removeprefix("category:")
+                scores[group] = evaluate(heads, hidden[member], labels[member], inputs[member])
+                accepts[group] = tree_accepts(heads, tree, hidden[member], tokens[member], rows[member])
         for group, s in scores.items():
             table.add_row(
-                f"{heads.config.head_type}",
+                f"{heads.config.head_type}{' (reads drafts)' if heads.config.reads_drafts else ''}",
                 group,
                 str(s["positions"]),
                 " ".join(f"{x:.3f}" for x in s["top1"]),
                 " ".join(f"{x:.3f}" for x in s["top5"]),
+                f"{s['chain']:.3f}",
+                f"{accepts[group]:.3f}",
             )
         table.add_section()
     Console().print(table)

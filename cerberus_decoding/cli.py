@@ -581,6 +581,15 @@ def train(
         help="Cerberus: start the head chain from the embedding of the token the base model just chose "
         "(default for cerberus; --no-root-token is the paper's chain, docs/training.md).",
     ),
+    reads_drafts: bool = typer.Option(
+        False,
+        "--reads-drafts",
+        help="Cerberus with --root-token: each later head also reads the token the head before it drafted "
+        "(docs/training.md).",
+    ),
+    init_from: Path | None = typer.Option(
+        None, "--init-from", help="Start from these trained heads (same options; --reads-drafts may be added)."
+    ),
     epochs: float = typer.Option(3.0, "--epochs", min=0.01),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     lr: float = typer.Option(1e-3, "--lr", min=0.0),
@@ -618,6 +627,8 @@ def train(
     from .models import resolve_device
 
     root_token = heads_type == "cerberus" if root_token is None else root_token
+    if reads_drafts and not root_token:
+        fail("--reads-drafts needs --heads-type cerberus with --root-token")
     train_device = resolve_device(device.value)
     lm = load_model(model, "float32", "cpu", runtime="hf")  # never run: LM head, embeddings, fingerprint
     cfg = TrainConfig(
@@ -627,6 +638,8 @@ def train(
         head_vocab=head_vocab,
         own_lm_head=own_lm_head,
         root_token=root_token,
+        reads_drafts=reads_drafts,
+        init_from=str(init_from or ""),
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,

@@ -276,15 +276,15 @@ class Decoder:
         """The tree of this step and its tokens, or None for a plain AR step."""
         heads_on = self.heads is not None and gating.speculate(self.gate, self.threshold, h_ent, l_ent)
 
-        def topk() -> torch.Tensor:  # [depth, k] ids; the drafter runs the heads only if it needs them
+        def drafts() -> torch.Tensor:  # [N+1] the tree's tokens; the drafter runs the heads only if it needs them
             self.heads_calls += 1
-            return self.heads.topk_tokens(hidden, self.tree.top_k, root, self.tree.num_heads, self.runtime.cuda_graphs)
+            return self.heads.draft(hidden, root, self.tree, self.runtime.cuda_graphs)
 
         if self.drafter is not None:
-            return self.drafter.draft(root, self.tree, topk) if heads_on else self.drafter.draft(root, None, None)
+            return self.drafter.draft(root, self.tree, drafts) if heads_on else self.drafter.draft(root, None, None)
         if not heads_on:
             return None
-        return self.tree, self.tree.candidates(root, topk())
+        return self.tree, drafts()
 
 
 def _eos_ids(lm: LoadedModel) -> set[int]:

@@ -55,6 +55,7 @@ class HeadsConfig:
     head_vocab_size: int = 0  # 0 = full vocabulary
     own_lm_head: bool = False
     root_token: bool = False  # cerberus only: the chain starts from the root token's embedding
+    reads_drafts: bool = False  # root_token heads: head k >= 2 also reads the token head k - 1 drafted
     base_model: dict = field(default_factory=dict)
     gate: str = "logits"  # default gate for this checkpoint: hidden | logits | off
     gate_threshold: float = float("inf")
@@ -91,6 +92,8 @@ class DraftHeads(nn.Module):
             raise CerberusError(f"Unknown head type {config.head_type!r}; use one of {HEAD_TYPES}.")
         if config.root_token and config.head_type != "cerberus":
             raise CerberusError("root_token needs Cerberus heads (it is where their chain starts).")
+        if config.reads_drafts and not config.root_token:
+            raise CerberusError("reads_drafts needs root_token heads (the drafts continue the root's chain).")
         self.config = config
         H, K, L = config.hidden_size, config.num_heads, config.num_layers
         sequential = config.head_type == "cerberus"
@@ -106,7 +109,7 @@ class DraftHeads(nn.Module):
         self.register_buffer("shared_weight", torch.empty(0), persistent=False)  # [V', H]
         self.packed_logits = None  # pack_for: shared_weight (or each own LM head) in a faster format, inference only
         self.register_buffer("embed_weight", torch.empty(0), persistent=False)  # [V, H], root_token only
-        self.graphs: dict = {}  # (k, heads, rootless, dtype) -> a captured topk_tokens (CUDA graphs)
+        self.graphs: dict = {}  # (k, heads, rootless, dtype) or ("draft", tree, dtype) -> a captured call (CUDA graphs)
         if lm_head_weight is not None:
             self.attach_lm_head(lm_head_weight)
 
@@ -134,33 +137,49 @@ class DraftHeads(nn.Module):
             head.weight.data.copy_(self.shared_weight)
 
     def states(self, h: torch.Tensor, root: torch.Tensor | None = None, heads: int | None = None) -> torch.Tensor:
-        """h [..., H], root [...] token ids (root_token heads) -> [..., K, H]; only the first ``heads``
-        heads when given (a head never reads a later one)"""
+        """h [..., H], root [...] token ids (root_token heads; ``reads_drafts``: [..., K] the path, the
+        root then the token each head drafted) -> [..., K, H]; only the first ``heads`` heads when
+        given (a head never reads a later one)"""
         prev = h
+        path = None
         if self.config.root_token:
             if root is None:
                 raise CerberusError("These heads read the root token; pass it.")
+            if self.config.reads_drafts:
+                path, root = root, root[..., 0]
             prev = F.embedding(root, self.embed_weight).to(h.dtype)  # [..., H]; no host sync (CUDA graphs)
         outs = []
-        for blocks in self.blocks[:heads]:
-            if self.config.head_type == "cerberus":
-                z = blocks[0](torch.cat([h, prev], dim=-1), residual=h)
-            else:
-                z = blocks[0](h)
-            for block in blocks[1:]:
-                z = block(z)
-            outs.append(z)
-            prev = z
+        for k in range(len(self.blocks[:heads])):
+            if path is not None and k > 0:  # the token head k - 1 drafted: where this head's prediction follows
+                prev = prev + F.embedding(path[..., k], self.embed_weight).to(h.dtype)
+            prev = self._state(k, h, prev)
+            outs.append(prev)
         return torch.stack(outs, dim=-2)
+
+    def _state(self, k: int, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """Head k's state: h [..., H] and (Cerberus) what its chain passes it, prev [..., H] -> [..., H]"""
+        blocks = self.blocks[k]
+        if self.config.head_type == "cerberus":
+            z = blocks[0](torch.cat([h, prev], dim=-1), residual=h)
+        else:
+            z = blocks[0](h)
+        for block in blocks[1:]:
+            z = block(z)
+        return z
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """[..., K, H] -> [..., K, V'] (indices into ``vocab_ids``)"""
         if self.config.own_lm_head:
-            heads = (self.packed_logits or self.lm_heads)[: states.shape[-2]]
-            return torch.stack([head(states[..., k, :]) for k, head in enumerate(heads)], -2)
+            return torch.stack([self._logits(k, states[..., k, :]) for k in range(states.shape[-2])], -2)
+        return self._logits(0, states)  # one matmul for all heads
+
+    def _logits(self, k: int, z: torch.Tensor) -> torch.Tensor:
+        """Head k's logits: [..., H] -> [..., V'] (the shared LM head for every k unless ``own_lm_head``)"""
+        if self.config.own_lm_head:
+            return (self.packed_logits or self.lm_heads)[k](z)
         if self.packed_logits is not None:
-            return self.packed_logits(states)
-        return states @ self.shared_weight.T  # one matmul for all heads
+            return self.packed_logits(z)
+        return z @ self.shared_weight.T
 
     def pack_for(self, weights: str) -> DraftHeads:
         """Inference with a quantized base model on a CPU: blocks and LM-head rows (shared, or each
@@ -201,9 +220,13 @@ class DraftHeads(nn.Module):
         if not (graphs and h.is_cuda):
             return self._topk_tokens(h, k, root, heads)
         key = (k, heads, root is None, h.dtype)
+        return self._replay(key, lambda h, root: self._topk_tokens(h, k, root, heads), h, root)
+
+    def _replay(self, key, body, h: torch.Tensor, root: torch.Tensor | None) -> torch.Tensor:
+        """``body(h, root)`` replayed from the CUDA graph captured for ``key`` on its first call."""
         if key not in self.graphs:
             h_in, root_in = h.clone(), None if root is None else root.clone()  # the replays' input buffers
-            graph, out = capture(lambda: self._topk_tokens(h_in, k, root_in, heads))
+            graph, out = capture(lambda: body(h_in, root_in))
             self.graphs[key] = graph, h_in, root_in, out
         graph, h_in, root_in, out = self.graphs[key]
         h_in.copy_(h)
@@ -216,6 +239,30 @@ class DraftHeads(nn.Module):
         idx = self.forward(h, root, heads).topk(k, dim=-1).indices
         return self.vocab_ids[idx]
 
+    def draft(self, h: torch.Tensor, root: torch.Tensor, tree, graphs=False) -> torch.Tensor:
+        """h [H], root [1] -> the tree's node tokens [N+1], the root first. Heads that read drafts
+        run once per node with children, depth by depth: a node's children are the top tokens of the
+        head at its depth given the node's own token and its parent's head state."""
+        if not self.config.reads_drafts:
+            return tree.candidates(root, self.topk_tokens(h, tree.top_k, root, tree.num_heads, graphs))
+        if not (graphs and h.is_cuda):
+            return self._draft(h, root, tree)
+        key = ("draft", tuple(tree.choices), h.dtype)  # a tree's shape: its own graph
+        return self._replay(key, lambda h, root: self._draft(h, root, tree), h, root.reshape(1))
+
+    def _draft(self, h: torch.Tensor, root: torch.Tensor, tree) -> torch.Tensor:
+        tokens = root.new_empty(tree.size)  # [N+1]
+        tokens[:1] = root.view(1)
+        z = None  # the head states of the depth above [I', H]
+        for k, (nodes, up, children, rows, ranks, top_k) in enumerate(tree.levels):
+            prev = F.embedding(tokens[nodes], self.embed_weight).to(h.dtype)  # [I, H] the nodes' own tokens
+            if z is not None:
+                prev = z[up] + prev  # and their parents' states: the chain, as ``states`` runs it
+            z = self._state(k, h.expand(nodes.numel(), -1), prev)  # [I, H]
+            top = self._logits(k, z).topk(top_k, dim=-1).indices  # [I, top_k]
+            tokens[children] = self.vocab_ids[top[rows, ranks]]
+        return tokens
+
 
 def new_heads(
     lm,
@@ -224,6 +271,7 @@ def new_heads(
     num_layers: int = 1,
     own_lm_head: bool = False,
     root_token: bool = False,
+    reads_drafts: bool = False,
     seed: int | None = None,
 ) -> DraftHeads:
     """Untrained heads for a loaded base model (identity blocks; predictions = base LM head's)."""
@@ -236,6 +284,7 @@ def new_heads(
         vocab_size=int(weight.shape[0]),
         own_lm_head=own_lm_head,
         root_token=root_token,
+        reads_drafts=reads_drafts,
         base_model=model_fingerprint(lm.model, lm.name),
     )
     if seed is not None:
@@ -313,6 +362,7 @@ _CONFIG_TYPES = {
     "head_vocab_size": (int, "an integer >= 0"),
     "own_lm_head": (bool, "true or false"),
     "root_token": (bool, "true or false"),
+    "reads_drafts": (bool, "true or false"),
     "base_model": (dict, "an object"),
     "gate": (str, "a string"),
     "gate_threshold": ((int, float), "a number"),

@@ -183,20 +183,20 @@ class LookupDrafter:
     def extend(self, new_ids: list[int]) -> None:
         self.index.extend(new_ids)
 
-    def draft(self, root: torch.Tensor, heads_tree: Tree | None, topk: Callable[[], torch.Tensor] | None):
-        """root [1], the heads' tree and ``topk()``, which runs the heads -> their top-k tokens [K, k]
+    def draft(self, root: torch.Tensor, heads_tree: Tree | None, drafts: Callable[[], torch.Tensor] | None):
+        """root [1], the heads' tree and ``drafts()``, which runs the heads -> that tree's tokens [N+1]
         (None, None: the gate chose no heads this step) -> (tree, tokens [N+1]) or None."""
         self.stats["steps"] += 1
         r = int(root)
         min_n = self.min_ngram if heads_tree is not None else self.solo_ngram
         _, chain = self.index.match(r, self.max_len, min_n)  # max_len 0: always empty
         if not chain:
-            return None if heads_tree is None else (heads_tree, heads_tree.candidates(root, topk()))
+            return None if heads_tree is None else (heads_tree, drafts())
         self.stats["chains"] += 1
         if heads_tree is None or not self.merge:
             parents, tokens = list(range(len(chain))), [r, *chain]
         else:
-            heads_tokens = heads_tree.candidates(root, topk()).tolist()  # [N+1]
+            heads_tokens = drafts().tolist()  # [N+1]
             budget = self.budget or heads_tree.size + self.max_len
             parents, tokens, shared = union_tree(heads_tree.parent[1:].tolist(), heads_tokens, chain, budget)
             self.stats["shared"] += shared

@@ -78,10 +78,38 @@ class Tree:
         """Number of nodes including the root (tokens fed to one verification forward)."""
         return len(self.choices) + 1
 
+    @cached_property
+    def levels(self) -> list[tuple]:
+        """Depth by depth, what heads that read their parent's draft run (``DraftHeads.draft``):
+        per depth d, (the nodes at d with children [I], each one's parent's index in the previous
+        depth's nodes [I], the nodes at d + 1 [M], each one's parent's index in this depth's nodes [M],
+        their ranks [M], the largest rank + 1)."""
+        parent, depth, device = self.parent.tolist(), self.depth.tolist(), self.parent.device
+        out, above = [], [0]
+        for d in range(self.num_heads):
+            nodes = sorted({parent[n] for n in range(1, self.size) if depth[n] == d + 1})
+            children = [n for n in range(1, self.size) if depth[n] == d + 1]
+            out.append(
+                tuple(
+                    torch.tensor(x, dtype=torch.long, device=device)
+                    for x in (
+                        nodes,
+                        [above.index(parent[n]) if d else 0 for n in nodes],
+                        children,
+                        [nodes.index(parent[n]) for n in children],
+                        [self.choices[n - 1][-1] for n in children],
+                    )
+                )
+                + (max(self.choices[n - 1][-1] for n in children) + 1,)
+            )
+            above = nodes
+        return out
+
     def to(self, device) -> Tree:
         for name in ("mask", "depth", "parent", "head", "rank", "paths", "internal"):
             setattr(self, name, getattr(self, name).to(device))
         self.__dict__.pop("lm_head_rows", None)  # cached on the old device
+        self.__dict__.pop("levels", None)
         return self
 
     def candidates(self, root: torch.Tensor, topk_tokens: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 
 from cerberus_decoding import methods
 from cerberus_decoding.calibration import choose, files, measure, run
-from cerberus_decoding.heads import new_heads, read_heads_config, save_heads
+from cerberus_decoding.heads import new_heads, random_heads, read_heads_config, save_heads
 from cerberus_decoding.lookup import MAX_LEN, chain_hits
 from cerberus_decoding.methods import build_decoder, choose_weights, default_heads_dir, effective_config
 from cerberus_decoding.runtime import machine
@@ -180,6 +180,24 @@ def test_observe_ranks_match_the_heads_logits(tiny_lm):
                 want = int((logits[t, d] > logits[t, d, ids[t + d + 2]]).sum())
                 assert obs["ranks"][i, d] == want
     assert len(obs["hidden"]) == len(obs["logits"]) == len(answer)
+
+
+def test_observe_ranks_heads_that_read_drafts_along_the_answer(tiny_lm):
+    """Heads that read drafts are ranked given the answer's own tokens as the drafts before them:
+    the path a step accepts when every head before was right (what the tree search assumes)."""
+    heads = random_heads(tiny_lm, "cerberus", seed=1, scale=0.5, num_heads=2, root_token=True, reads_drafts=True)
+    prompt, answer = [5, 17, 99, 400], [7, 8, 9, 10, 11, 12]
+    obs = measure.observe(tiny_lm, heads, prompt, answer, top_k=50000)
+    ids = prompt + answer
+    with torch.inference_mode():
+        states = tiny_lm.model.model(torch.tensor([ids])).last_hidden_state[0]  # [L, H]
+        path = torch.tensor([ids[t + 1 : t + 3] for t in range(len(prompt) - 1, len(ids) - 2)])  # [T - 1, 2]
+        logits = heads(states[len(prompt) - 1 : len(ids) - 2], path)  # [T - 1, K, V]
+    for i in range(len(answer) - 1):
+        for d in range(2):
+            t = len(prompt) - 1 + i
+            if t + d + 2 < len(ids):
+                assert obs["ranks"][i, d] == int((logits[i, d] > logits[i, d, ids[t + d + 2]]).sum())
 
 
 def test_chain_hits_count_the_right_tokens_of_each_lookup_chain():

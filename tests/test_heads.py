@@ -157,3 +157,44 @@ def test_heads_packed_for_a_quantized_model_rank_as_the_unpacked_ones(lm_f32, ow
     clear = (top2[:, 0] - top2[:, 1]) > 0.1 * float(unpacked.abs().max())  # no near-tie for int8 to flip
     assert clear.any()
     assert torch.equal(packed.argmax(-1)[clear], unpacked.argmax(-1)[clear])
+
+
+def test_heads_that_read_drafts_draft_each_node_from_its_own_path(lm_f32):
+    """``reads_drafts``: a node's children are the top tokens of the head at its depth given the
+    path to it (root, then each ancestor's token), the path the heads read in training."""
+    from cerberus_decoding.tree import DEFAULT_TREE, build_tree
+
+    heads = random_heads(lm_f32, "cerberus", seed=6, scale=0.1, root_token=True, reads_drafts=True)
+    tree = build_tree(DEFAULT_TREE)
+    h, root = torch.randn(576, generator=torch.Generator().manual_seed(1)), torch.tensor([42])
+    tokens = heads.draft(h, root, tree)  # [N+1]
+    assert tokens[0] == 42 and tokens.shape == (tree.size,)
+    for node in range(1, tree.size):
+        ancestors = tree.mask[node, :node].nonzero().flatten().tolist()  # the root, ..., the parent
+        path = torch.zeros(4, dtype=torch.long)
+        path[: len(ancestors)] = tokens[ancestors]
+        d = len(ancestors) - 1  # the head that drafts this node
+        ranked = heads.vocab_ids[heads(h, path)[d].topk(tree.top_k).indices]
+        assert tokens[node] == ranked[tree.choices[node - 1][-1]], node
+    a, b = heads(h, torch.tensor([42, 7, 0, 0])), heads(h, torch.tensor([42, 900, 0, 0]))
+    torch.testing.assert_close(a[0], b[0])  # head 1 reads the root only
+    assert not torch.allclose(a[1], b[1])  # head 2 reads the token head 1 drafted
+
+
+def test_reads_drafts_needs_root_token_heads(lm_f32):
+    with pytest.raises(CerberusError, match="reads_drafts needs root_token"):
+        new_heads(lm_f32, "cerberus", reads_drafts=True)
+
+
+def test_heads_that_read_drafts_decode_losslessly(tiny_lm):
+    from cerberus_decoding.engine import Decoder, SamplingConfig
+    from cerberus_decoding.tree import DEFAULT_TREE, build_tree
+
+    from .conftest import assert_lossless
+
+    heads = random_heads(tiny_lm, "cerberus", seed=4, scale=0.5, root_token=True, reads_drafts=True)
+    ids = [1, 5, 9, 14, 3, 7]
+    reference = Decoder(tiny_lm).generate(ids, SamplingConfig(max_new_tokens=40)).token_ids
+    result = Decoder(tiny_lm, heads, build_tree(DEFAULT_TREE)).generate(ids, SamplingConfig(max_new_tokens=40))
+    assert result.speculative_steps > 0
+    assert_lossless(tiny_lm, ids, reference, result.token_ids)

@@ -202,10 +202,10 @@ def test_drafter_chain_and_union():
     assert drafter.draft(torch.tensor([9]), None, None) is None  # no match: a plain AR step
     heads = build_tree(DEFAULT_TREE)
     ranked = torch.tensor([[4, 7, 8, 9], [5, 7, 8, 9], [0, 7, 8, 9], [0, 7, 8, 9]])
-    tree, tokens = drafter.draft(torch.tensor([3]), heads, lambda: ranked)
+    tree, tokens = drafter.draft(torch.tensor([3]), heads, lambda: heads.candidates(torch.tensor([3]), ranked))
     assert tree.size == heads.size + 2  # 4, 5 shared with the heads' [0], [0, 0]; 6, 1 appended
     assert tokens[: heads.size].tolist() == heads.candidates(torch.tensor([3]), ranked).tolist()
-    tree, tokens = drafter.draft(torch.tensor([9]), heads, lambda: ranked)
+    tree, tokens = drafter.draft(torch.tensor([9]), heads, lambda: heads.candidates(torch.tensor([9]), ranked))
     assert tree is heads
     solo = LookupDrafter(max_len=4, solo_ngram=2)
     solo.reset([1, 2, 3, 4, 5, 6, 1, 2])
@@ -219,15 +219,18 @@ def test_a_chain_can_replace_the_heads_tree_and_then_the_heads_do_not_run():
     calls = []
 
     def ranked():
-        calls.append(1)
         return torch.tensor([[4, 7, 8, 9], [5, 7, 8, 9], [0, 7, 8, 9], [0, 7, 8, 9]])
+
+    def drafts():  # the heads' tree tokens after the root 9 (the only root the heads run for here)
+        calls.append(1)
+        return heads.candidates(torch.tensor([9]), ranked())
 
     drafter = LookupDrafter(max_len=4, merge=False)
     drafter.reset([1, 2, 3, 4, 5, 6, 1, 2])
     heads = build_tree(DEFAULT_TREE)
-    tree, tokens = drafter.draft(torch.tensor([3]), heads, ranked)
+    tree, tokens = drafter.draft(torch.tensor([3]), heads, drafts)
     assert tokens.tolist() == [3, 4, 5, 6, 1] and tree.parent.tolist() == [0, 0, 1, 2, 3] and not calls
-    tree, tokens = drafter.draft(torch.tensor([9]), heads, ranked)  # no chain: the heads' tree
+    tree, tokens = drafter.draft(torch.tensor([9]), heads, drafts)  # no chain: the heads' tree
     assert tree is heads and len(calls) == 1
     assert tokens.tolist() == heads.candidates(torch.tensor([9]), ranked()).tolist()
 

@@ -122,6 +122,39 @@ def test_training_reduces_the_loss(tiny_lm, tiny_data, tmp_path, head_type, root
     assert config["head_type"] == head_type and config["root_token"] is root_token
 
 
+def test_heads_that_read_drafts_train_from_trained_heads_and_keep_their_first_head(tiny_lm, tiny_data, tmp_path):
+    """``--reads-drafts --init-from``: the same weights and head vocabulary to start with; head 1 reads
+    what it read before (the root), so before training its held-out accuracy is the start's; the
+    chain metric counts the leading heads a top-1 chain gets right."""
+    from cerberus_decoding.heads import load_heads
+
+    start = train(tiny_lm, tiny_data, tmp_path / "start", _cfg(root_token=True))
+    first = train(
+        tiny_lm,
+        tiny_data,
+        tmp_path / "zero",
+        _cfg(root_token=True, reads_drafts=True, init_from=str(tmp_path / "start" / "heads"), max_steps=1, lr=0.0),
+    )
+    assert first["eval"]["top1"][0] == pytest.approx(start["eval"]["top1"][0], abs=1e-6)
+    assert first["eval"]["chain"] <= sum(first["eval"]["top1"]) + 1e-6
+    a, b = (load_heads(tmp_path / run / "heads", tiny_lm) for run in ("start", "zero"))
+    assert torch.equal(a.vocab_ids, b.vocab_ids) and b.config.reads_drafts
+    trained = train(
+        tiny_lm,
+        tiny_data,
+        tmp_path / "drafts",
+        _cfg(root_token=True, reads_drafts=True, init_from=str(tmp_path / "start" / "heads")),
+    )
+    assert trained["eval"]["chain"] > 0
+    with pytest.raises(CerberusError, match="num_layers"):
+        train(
+            tiny_lm,
+            tiny_data,
+            tmp_path / "bad",
+            _cfg(root_token=True, num_layers=2, init_from=str(tmp_path / "start" / "heads")),
+        )
+
+
 def test_bfloat16_training_reduces_the_loss_and_runs_the_heads_in_bfloat16(tiny_lm, tiny_data, tmp_path, monkeypatch):
     """precision auto on a CPU with AVX512-BF16: decided when training starts, recorded as decided."""
     import cerberus_decoding.runtime as runtime

@@ -109,13 +109,16 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
 
     ``step``: what every step pays (the gate's entropy, timed for the logits, the dearer of the two;
     detokenising the answer so far).
-    ``spec``: what only a speculative step pays besides the heads (tree tokens, path selection,
-    compaction), measured on a tree with ``top_k`` ranks at depth 1 and a chain through every head.
-    ``heads``: the heads' top-k for a tree of depth d = 1..K (a step runs only the heads its tree reaches).
+    ``spec``: what only a speculative step pays besides the heads (path selection, compaction),
+    measured on a tree with ``top_k`` ranks at depth 1 and a chain through every head.
+    ``heads``: the heads drafting such a tree of depth d = 1..K (a step runs only the heads its tree
+    reaches), its tokens included.
     """
     rt, device, tokenizer = lm.runtime, lm.device, lm.tokenizer
     k = heads.config.num_heads
-    tree = build_tree([[r] for r in range(top_k)] + [[0] * d for d in range(2, k + 1)]).to(device)
+    by_d = [build_tree([[r] for r in range(top_k)] + [[0] * j for j in range(2, d + 1)]) for d in range(1, k + 1)]
+    by_d = [t.to(device) for t in by_d]  # [d - 1]: the tree of depth d
+    tree = by_d[-1]
     cache = rt.new_cache(context + tree.size, device)
     g = torch.Generator().manual_seed(1)
     vocab = int(lm.model.config.vocab_size)
@@ -131,7 +134,7 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
         for d in range(1, k + 1):
             _sync(device)
             t0 = time.perf_counter()
-            topk = heads.topk_tokens(hidden, tree.top_k, root, d, rt.cuda_graphs)  # [d, top_k], as decoding runs them
+            tokens = heads.draft(hidden, root, by_d[d - 1], rt.cuda_graphs)  # [N+1], as decoding runs them
             _sync(device)
             by_depth[d - 1].append(time.perf_counter() - t0)
         _sync(device)
@@ -139,9 +142,6 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
         gating.entropy(logits)
         tokenizer.decode(answer, skip_special_tokens=True)
         t1 = time.perf_counter()
-        tokens = tree.candidates(root, topk)  # [N+1]
-        _sync(device)
-        t2 = time.perf_counter()
         cache.truncate(context)
         all_logits = rt.lm_head(rt.forward(cache, tokens, context + tree.depth, tree.mask))  # not timed
         _sync(device)
@@ -151,7 +151,7 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
         _sync(device)
         t4 = time.perf_counter()
         step.append(t1 - t0)
-        spec.append((t2 - t1) + (t4 - t3))
+        spec.append(t4 - t3)
     return {  # first round: warm-up
         "step": _median_ms(step[1:]),
         "spec": _median_ms(spec[1:]),
@@ -194,7 +194,9 @@ def observe(
         h = states[a : a + chunk]  # [c, H]
         t = torch.arange(start + a, start + a + h.shape[0], device=device)  # [c] absolute positions
         target = seq[t[:, None] + torch.arange(2, num_heads + 2, device=device)]  # [c, K] token at t + d + 2
-        logits = heads(h, seq[t + 1]).float()  # [c, K, V']; the root is token t + 1
+        # the root is token t + 1; heads that read drafts read the true tokens after it (an accepted path's)
+        path = seq[t[:, None] + torch.arange(1, num_heads + 1, device=device)].clamp_min(0)  # [c, K]
+        logits = heads(h, path if heads.config.reads_drafts else path[:, 0]).float()  # [c, K, V']
         idx = lookup[target.clamp_min(0)]  # [c, K]
         true_logit = logits.gather(-1, idx.clamp_min(0)[..., None])[..., 0]  # [c, K]
         rank = (logits > true_logit[..., None]).sum(-1)  # [c, K]

@@ -34,6 +34,7 @@ class TrainConfig:
     head_vocab: int = 8192  # 0 = full vocabulary
     own_lm_head: bool = False
     root_token: bool = False  # cerberus: start the chain from the root token's embedding
+    reads_drafts: bool = False  # root_token: head k >= 2 also reads the token head k - 1 drafted
     epochs: float = 3.0
     batch_size: int = 256
     lr: float = 1e-3
@@ -46,6 +47,7 @@ class TrainConfig:
     eval_every: int = 200
     save_every: int = 200
     seed: int = 0
+    init_from: str = ""  # heads directory to start from (same shapes; ``reads_drafts`` may differ)
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); for tests and time budgets
     max_positions: int = 0  # train on the first N training positions only (0 = all): accuracy vs data size
     precision: str = "float32"  # the heads' matmuls: float32, bfloat16 (autocast) or auto (training_precision)
@@ -175,23 +177,42 @@ def teacher_topk(hidden: torch.Tensor, head_weight: torch.Tensor, k: int, chunk:
 def evaluate(
     heads: DraftHeads, hidden: torch.Tensor, labels: torch.Tensor, roots: torch.Tensor, batch: int = 1024
 ) -> dict:
-    """Per-head top-1 / top-5 on full-vocabulary labels (tokens outside the head vocabulary count as misses).
-    ``roots`` [N]: the token the base model chose at each position (read by root_token heads)."""
+    """Per-head top-1 / top-5 on full-vocabulary labels (tokens outside the head vocabulary count as misses),
+    and ``chain``: the tokens a chain of the heads' top-1 drafts would have accepted, per position.
+    ``roots``: what the heads read besides the state (``head_inputs``)."""
     K = labels.shape[1]
     device = heads.shared_weight.device
     hit1, hit5, count = (torch.zeros(K, device=device) for _ in range(3))
+    chain = torch.zeros((), device=device)
     dtype = heads.shared_weight.dtype
     for i in range(0, hidden.shape[0], batch):
         h = hidden[i : i + batch].to(device, dtype)
         y = labels[i : i + batch].to(device)
         top5 = heads.vocab_ids[heads(h, roots[i : i + batch].to(device)).topk(5, dim=-1).indices]  # [B, K, 5] ids
         valid = y != IGNORE
-        hit1 += ((top5[..., 0] == y) & valid).sum(0)
+        right = (top5[..., 0] == y) & valid  # [B, K]
+        hit1 += right.sum(0)
         hit5 += ((top5 == y[..., None]).any(-1) & valid).sum(0)
         count += valid.sum(0)
+        chain += right.long().cumprod(1).sum()
     positions = int(count[0])
     count = count.clamp_min(1)
-    return {"top1": (hit1 / count).tolist(), "top5": (hit5 / count).tolist(), "positions": positions}
+    return {
+        "top1": (hit1 / count).tolist(),
+        "top5": (hit5 / count).tolist(),
+        "chain": float(chain) / max(1, positions),
+        "positions": positions,
+    }
+
+
+def head_inputs(roots: torch.Tensor, labels: torch.Tensor, reads_drafts: bool) -> torch.Tensor:
+    """What the heads read at each position besides its state: the root token [N] (the base model's
+    choice there), or for ``reads_drafts`` heads the path [N, K]: the root, then the token before each
+    later head's target, which is the previous head's label (0 past an answer's end, where that head
+    has no label either). Along an accepted path the drafts are exactly these tokens."""
+    if not reads_drafts:
+        return roots
+    return torch.cat([roots[:, None], labels[:, :-1].clamp_min(0)], 1)
 
 
 def prompt_groups(data_dir: str | Path, rows: torch.Tensor) -> dict[str, torch.Tensor] | None:
@@ -231,7 +252,7 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-SHAPE_KEYS = ("head_type", "num_heads", "num_layers", "head_vocab", "own_lm_head", "root_token")
+SHAPE_KEYS = ("head_type", "num_heads", "num_layers", "head_vocab", "own_lm_head", "root_token", "reads_drafts")
 
 
 def load_trainer_state(path: Path, cfg: TrainConfig, train_positions: int) -> dict:
@@ -261,6 +282,25 @@ def load_trainer_state(path: Path, cfg: TrainConfig, train_positions: int) -> di
             f"{path.parent}) to use it."
         )
     return state
+
+
+def start_from(heads: DraftHeads, path: str | Path, lm) -> None:
+    """Copy trained heads' weights and head vocabulary into ``heads`` (``--init-from``): they must
+    have been trained for this base model with the same shapes; ``reads_drafts`` may differ (heads
+    with it have the same weights, and learn to read the drafts from there)."""
+    from ..heads import load_heads
+
+    start = load_heads(path, lm)
+    ours, theirs = asdict(heads.config), asdict(start.config)
+    keys = ("head_type", "num_heads", "num_layers", "own_lm_head", "root_token")
+    changed = [f"{k}={theirs[k]!r}" for k in keys if ours[k] != theirs[k]]
+    if changed:
+        raise CerberusError(
+            f"--init-from {path}: those heads have {', '.join(changed)}; "
+            "train with the same options to start from them."
+        )
+    heads.set_vocab(start.vocab_ids.cpu(), lm.model.get_output_embeddings().weight.detach().float().cpu())
+    heads.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in start.state_dict().items()})
 
 
 def check_finite_loss(loss: torch.Tensor, step: int) -> None:
@@ -295,9 +335,10 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     train_idx = (~held).nonzero()[:, 0]
     if cfg.max_positions:
         train_idx = train_idx[: cfg.max_positions]
-    train_h, train_y, train_r = hidden[train_idx], labels[train_idx], tokens[train_idx]
+    inputs = head_inputs(tokens, labels, cfg.reads_drafts)  # [N] or [N, K]
+    train_h, train_y, train_r = hidden[train_idx], labels[train_idx], inputs[train_idx]
     resumed = load_trainer_state(state_file, cfg, len(train_idx)) if resume and state_file.exists() else None
-    eval_h, eval_y, eval_r = hidden[held], labels[held], tokens[held]
+    eval_h, eval_y, eval_r = hidden[held], labels[held], inputs[held]
     groups = prompt_groups(data_dir, rows)
 
     weight = lm.model.get_output_embeddings().weight.detach().float().cpu()  # [V, H]
@@ -309,12 +350,17 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         vocab_size=weight.shape[0],
         own_lm_head=cfg.own_lm_head,
         root_token=cfg.root_token,
+        reads_drafts=cfg.reads_drafts,
         base_model=model_fingerprint(lm.model, lm.name),
     )
     heads = DraftHeads(hc)
     heads.attach_base(lm.model)  # LM head rows and, for root_token heads, the input embeddings
     missed = 0.0
-    if cfg.head_vocab and cfg.head_vocab < weight.shape[0]:
+    if cfg.init_from:
+        start_from(heads, cfg.init_from, lm)
+        valid = train_y[train_y != IGNORE]
+        missed = 1.0 - float(torch.isin(valid, heads.vocab_ids).float().mean())
+    elif cfg.head_vocab and cfg.head_vocab < weight.shape[0]:
         vocab_ids, missed = frequent_vocab(train_y, cfg.head_vocab, weight.shape[0])
         heads.set_vocab(vocab_ids, weight)
     elif cfg.own_lm_head:
@@ -423,7 +469,8 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
             metrics = evaluate(core, eval_h, eval_y, eval_r)
             heads.train()
             history["eval"].append({"step": step, **metrics})
-            bar.write(f"step {step}: held-out top1 " + " ".join(f"{a:.3f}" for a in metrics["top1"]))
+            top1 = " ".join(f"{a:.3f}" for a in metrics["top1"])
+            bar.write(f"step {step}: held-out top1 {top1}, top-1 chain accepts {metrics['chain']:.3f}")
         if step % cfg.save_every == 0 or step == total:
             checkpoint(final=step == total)
     bar.close()
