@@ -10,7 +10,7 @@
 # Usage: scripts/make_heads.sh OUT_DIR, with the default model installed and this repository importable.
 # Environment: DEVICE, WEIGHTS, RUNTIME, ANSWERS, GENERATE, PROMPTS, BATCH, MAX_NEW, DISTILL_SECONDS,
 # DISTILL_TOKENS, TRAIN_SECONDS (0 = no limit), EPOCHS, TRAIN_BATCH, LR, TRAIN_ARGS (more `cerberus train`
-# options for every run, e.g. --own-lm-head), RESUME (1: continue the training runs in RUNS), CURVE, BUDGET,
+# options for every run, e.g. --own-lm-head), CERBERUS_ARGS (for the Cerberus run only, e.g. --reads-drafts), RESUME (1: continue the training runs in RUNS), CURVE, BUDGET,
 # DATA, RUNS, CLI,
 # STAGES (any of distill, train, curve; all three by default).
 set -uo pipefail
@@ -56,7 +56,7 @@ fi
 
 if [[ " $stages " == *" train "* ]]; then
     train medusa --heads-type medusa
-    train cerberus --heads-type cerberus
+    train cerberus --heads-type cerberus ${CERBERUS_ARGS:-}
     heads=()
     for t in medusa cerberus; do  # the final heads, or the last checkpoint of a run that ran out of time
         if [ -d "$runs/$t/heads" ]; then heads+=("$runs/$t/heads"); elif [ -d "$runs/$t/latest" ]; then heads+=("$runs/$t/latest"); fi
