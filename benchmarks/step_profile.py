@@ -60,7 +60,7 @@ def profile(decoder: Decoder, cfg: SamplingConfig) -> tuple[dict, int, int, floa
     originals += [(decoder.tokenizer, "decode", decoder.tokenizer.decode)]
     names = ["base forward", "LM head", "verification", "cache compaction", "cache compaction", "detokenise"]
     if decoder.heads is not None:
-        originals.append((decoder.heads, "topk_tokens", decoder.heads.topk_tokens))
+        originals.append((decoder.heads, "draft", decoder.heads.draft))
         names.append("draft heads")
     for (owner, attr, fn), name in zip(originals, names, strict=True):
         setattr(owner, attr, timed(totals, name, fn, inside))
