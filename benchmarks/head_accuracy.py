@@ -35,21 +35,22 @@ from cerberus_decoding.tree import build_tree, load_tree
 DEFAULT_TREE = Path(__file__).parent / "default_tree.json"
 
 
-def tree_accepts(heads, tree, hidden: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor) -> float:
-    """Mean draft tokens ``tree`` accepts per step at every position of the answers (bonus not counted):
+def tree_accepts(heads, tree, hidden: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[N] draft tokens ``tree`` accepts per step at every position of the answers (bonus not counted):
     the deepest node whose path equals the answer's next tokens."""
-    accepted = []
+    paths = [(tree.mask[node, 1:].nonzero().flatten() + 1).tolist() for node in range(tree.size)]  # ancestors, itself
+    accepted = torch.zeros(hidden.shape[0])
     for i in range(hidden.shape[0]):
         drafted = heads.draft(hidden[i].to(heads.shared_weight.dtype), tokens[i : i + 1], tree).tolist()
-        best = 0
         for node in range(1, tree.size):
-            d = int(tree.depth[node])
-            path = tree.mask[node, 1 : node + 1].nonzero().flatten() + 1  # its ancestors and itself
-            j = i + d
-            if j < len(tokens) and rows[j] == rows[i] and [drafted[n] for n in path] == tokens[i + 1 : j + 1].tolist():
-                best = max(best, d)
-        accepted.append(best)
-    return sum(accepted) / max(1, len(accepted))
+            j = i + len(paths[node])  # the answer position of the node's token
+            if (
+                j < len(tokens)
+                and rows[j] == rows[i]
+                and [drafted[n] for n in paths[node]] == tokens[i + 1 : j + 1].tolist()
+            ):
+                accepted[i] = max(float(accepted[i]), j - i)
+    return accepted
 
 
 def main() -> None:
@@ -85,12 +86,13 @@ def main() -> None:
         labels = head_labels(tokens, rows, heads.config.num_heads)
         inputs = head_inputs(tokens, labels, heads.config.reads_drafts)
         scores = {"all": evaluate(heads, hidden, labels, inputs)}
-        accepts = {"all": tree_accepts(heads, tree, hidden, tokens, rows)}
+        accepted = tree_accepts(heads, tree, hidden, tokens, rows)  # [N], drafted once for every group
+        accepts = {"all": float(accepted.mean())}
         for name, member in sorted(groups.items()):
             if name.startswith("category:"):
                 group = name.removeprefix("category:")
                 scores[group] = evaluate(heads, hidden[member], labels[member], inputs[member])
-                accepts[group] = tree_accepts(heads, tree, hidden[member], tokens[member], rows[member])
+                accepts[group] = float(accepted[member].mean())
         for group, s in scores.items():
             table.add_row(
                 f"{heads.config.head_type}{' (reads drafts)' if heads.config.reads_drafts else ''}",
