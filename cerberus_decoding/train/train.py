@@ -128,6 +128,12 @@ def frequent_vocab(labels: torch.Tensor, size: int, vocab_size: int) -> tuple[to
     return ids, missed
 
 
+def vocab_missed(labels: torch.Tensor, vocab_ids: torch.Tensor) -> float:
+    """The share of (valid) labels outside the head vocabulary ``vocab_ids``."""
+    valid = labels[labels != IGNORE]
+    return 1.0 - float(torch.isin(valid, vocab_ids).float().mean())
+
+
 def to_head_vocab(labels: torch.Tensor, vocab_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Token labels -> indices into the head vocabulary (IGNORE where the token is not in it)."""
     lookup = torch.full((vocab_size,), IGNORE, dtype=torch.long)
@@ -358,8 +364,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     missed = 0.0
     if cfg.init_from:
         start_from(heads, cfg.init_from, lm)
-        valid = train_y[train_y != IGNORE]
-        missed = 1.0 - float(torch.isin(valid, heads.vocab_ids).float().mean())
+        missed = vocab_missed(train_y, heads.vocab_ids)
     elif cfg.head_vocab and cfg.head_vocab < weight.shape[0]:
         vocab_ids, missed = frequent_vocab(train_y, cfg.head_vocab, weight.shape[0])
         heads.set_vocab(vocab_ids, weight)
@@ -481,9 +486,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         "train_positions": n_train,
         "eval_positions": int(held.sum()),
         "head_vocab_missed": round(missed, 4),
-        "heldout_vocab_missed": round(
-            1.0 - float(torch.isin(eval_y[eval_y != IGNORE], core.vocab_ids.cpu()).float().mean()), 4
-        ),
+        "heldout_vocab_missed": round(vocab_missed(eval_y, core.vocab_ids.cpu()), 4),
         "eval": history["eval"][-1] if history["eval"] else None,
     }
     if groups is not None:  # held-out accuracy per data source and category
