@@ -344,3 +344,46 @@ def test_resuming_on_changed_data_is_refused(tiny_lm, tiny_data, tmp_path):
         train(tiny_lm, fewer, tmp_path / "run", _cfg(max_steps=8, save_every=2), resume=True)
     summary = train(tiny_lm, tiny_data, tmp_path / "run", _cfg(max_steps=8, save_every=2), resume=True)
     assert summary["steps"] == 8  # the same data resumes
+
+
+def test_prompt_positions_hold_the_prompts_states_and_the_models_choice_after_each_root(tiny_lm, tiny_data, tmp_path):
+    """`distill --prompt-positions`: position j of a prompt (after the chat template's shared prefix)
+    keeps its state, the prompt's token j + 1 (the root head 1 reads) and the model's greedy token
+    after that root (head 1's label); the answers' own data stays what a run without them writes."""
+    from cerberus_decoding.train.distill import chat_ids, template_prefix
+
+    prompts = builtin_prompts(24)
+    distill(tiny_lm, prompts, tmp_path, batch_size=8, max_new_tokens=32, source="test", prompt_positions=True)
+    shard, plain = load_file(tmp_path / "shard-00000.safetensors"), load_file(tiny_data / "shard-00000.safetensors")
+    assert torch.equal(shard["tokens"], plain["tokens"]) and torch.equal(shard["lengths"], plain["lengths"])
+    torch.testing.assert_close(shard["hidden"].float(), plain["hidden"].float(), atol=0.02, rtol=0.02)
+    prefix = template_prefix(tiny_lm.tokenizer)
+    assert 0 < prefix < len(chat_ids(tiny_lm.tokenizer, prompts[0]))
+    first = shard["prompt_lengths"][0]  # the last prompt position chose the answer's first token
+    assert int(shard["prompt_next"][first - 1]) == int(shard["tokens"][0])
+    offset = 0
+    for i, n in enumerate(shard["prompt_lengths"].tolist()):
+        ids = chat_ids(tiny_lm.tokenizer, prompts[i])
+        assert n == len(ids) - 1 - prefix
+        assert shard["prompt_roots"][offset : offset + n].tolist() == ids[prefix + 1 :]
+        if i < 2:  # the model's own choice after each root, one forward per prefix
+            for j in (0, n // 2, n - 1):
+                logits = tiny_lm.model(torch.tensor([ids[: prefix + j + 2]])).logits[0, -1]
+                assert int(shard["prompt_next"][offset + j]) == int(logits.argmax())
+        offset += n
+    assert shard["prompt_hidden"].shape == (offset, tiny_lm.model.config.hidden_size)
+
+
+def test_training_with_prompt_positions_teaches_head_one_there(tiny_lm, tiny_data, tmp_path):
+    data = tmp_path / "data"
+    distill(tiny_lm, builtin_prompts(24), data, batch_size=8, max_new_tokens=32, source="test", prompt_positions=True)
+    plain = train(tiny_lm, data, tmp_path / "plain", _cfg(max_steps=4))
+    summary = train(tiny_lm, data, tmp_path / "prompts", _cfg(max_steps=30, prompt_positions=True))
+    prompt_positions = sum(int(load_file(s)["prompt_lengths"].sum()) for s in sorted(data.glob("shard-*")))
+    assert 0 < summary["train_prompt_positions"] < prompt_positions  # the held-out answers' prompts stay out
+    assert summary["train_positions"] == plain["train_positions"] + summary["train_prompt_positions"]
+    assert summary["eval_positions"] == plain["eval_positions"]  # evaluated on answers only, as before
+    history = torch.load(tmp_path / "prompts" / "trainer_state.pt", weights_only=False)["history"]["loss"]
+    assert sum(history[-5:]) / 5 < 0.8 * sum(history[:5]) / 5
+    with pytest.raises(CerberusError, match="no prompt positions"):
+        train(tiny_lm, tiny_data, tmp_path / "none", _cfg(max_steps=2, prompt_positions=True))
