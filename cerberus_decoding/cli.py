@@ -512,11 +512,6 @@ def distill(
         "--hidden/--no-hidden",
         help="Store float32 hidden states for training (--no-hidden: answers only, in the generating format).",
     ),
-    prompt_positions: bool = typer.Option(
-        False,
-        "--prompt-positions",
-        help="Also store the prompts' positions (hidden states, next tokens) for `cerberus train --prompt-positions`.",
-    ),
     max_new_tokens: int = typer.Option(192, "--max-new-tokens", min=1),
     max_tokens: int = typer.Option(
         0, "--max-tokens", min=0, help="Start no new batch once this many answer tokens are distilled (0 = all)."
@@ -550,8 +545,6 @@ def distill(
         worker, workers = -1, 0
     if not 0 <= worker < workers:
         fail(f"--shard must be I/N with 0 <= I < N (got {shard!r})")
-    if prompt_positions and not hidden:
-        fail("--prompt-positions stores hidden states: drop --no-hidden")
     chosen, source = load_prompts(prompts, num_prompts, mix, seed)
     recorded = read_answers(answers, source) if answers else None
     lm = load_model(model, weights.value, device.value, runtime.value)
@@ -569,7 +562,6 @@ def distill(
         max_tokens=max_tokens,
         deadline=deadline,
         rows_per_step=rows,
-        prompt_positions=prompt_positions,
     )
     typer.echo(json.dumps(summary))
 
@@ -607,11 +599,6 @@ def train(
     max_positions: int = typer.Option(
         0, "--max-positions", min=0, help="Train on the first N distilled positions only (0 = all): accuracy vs size."
     ),
-    prompt_positions: bool = typer.Option(
-        False,
-        "--prompt-positions",
-        help="Also train head 1 at the prompts' positions (data distilled with --prompt-positions; docs/training.md).",
-    ),
     loss_decay: float = typer.Option(0.8, "--loss-decay", min=0.0, help="Head k's loss weighs DECAY**k."),
     soft_targets: int = typer.Option(
         0, "--soft-targets", min=0, help="Also learn the base model's top-K distribution at each target (0 = off)."
@@ -642,8 +629,6 @@ def train(
     root_token = heads_type == "cerberus" if root_token is None else root_token
     if reads_drafts and not root_token:
         fail("--reads-drafts needs --heads-type cerberus with --root-token")
-    if prompt_positions and soft_targets:
-        fail("--prompt-positions and --soft-targets do not combine (prompt positions have no soft targets)")
     train_device = resolve_device(device.value)
     lm = load_model(model, "float32", "cpu", runtime="hf")  # never run: LM head, embeddings, fingerprint
     cfg = TrainConfig(
@@ -662,7 +647,6 @@ def train(
         save_every=save_every,
         max_steps=max_steps,
         max_positions=max_positions,
-        prompt_positions=prompt_positions,
         loss_decay=loss_decay,
         soft_targets=soft_targets,
         soft_weight=soft_weight,

@@ -107,26 +107,12 @@ def generate_rows(
     return out
 
 
-def template_prefix(tokenizer) -> int:
-    """Tokens the chat template puts before every prompt (its system prompt and user header): the
-    same in every prompt, so no position there teaches anything."""
-    a, b = chat_ids(tokenizer, "a"), chat_ids(tokenizer, "b")
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 @torch.inference_mode()
-def teacher_forced(
-    runtime, prompts: list[list[int]], answers: list[list[int]], tokens_per_forward: int, device, prompt_from=None
-):
+def teacher_forced(runtime, prompts: list[list[int]], answers: list[list[int]], tokens_per_forward: int, device):
     """Prompts and their answers -> list of (tokens [n], hidden [n, H] bf16): at each answer position,
     the model's own greedy choice and the hidden state that made it. Sequences go right-padded in
     groups of similar length (at most ``tokens_per_forward`` padded tokens a forward): under causal
-    attention the padding after a sequence cannot change it. ``prompt_from`` (an int): each tuple
-    also holds the prompt's positions from there on, for head 1: (hidden [p, H] bf16, root [p]: the
-    prompt's next token, next [p]: the model's greedy token after that root)."""
+    attention the padding after a sequence cannot change it."""
     seqs = [p + a[:-1] for p, a in zip(prompts, answers, strict=True)]  # the last answer token is never fed
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out: list = [None] * len(seqs)
@@ -141,13 +127,8 @@ def teacher_forced(
             ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
         hidden = runtime.forward_padded(ids.to(device))  # [b, T, H]
         for row, i in enumerate(group):
-            n = len(prompts[i])
-            h = hidden[row, n - 1 : len(seqs[i])]  # [n, H]: the states that chose answer i
+            h = hidden[row, len(prompts[i]) - 1 : len(seqs[i])]  # [n, H]: the states that chose answer i
             out[i] = (greedy(runtime.lm_head(h)).cpu(), h.to(torch.bfloat16).cpu())
-            if prompt_from is not None:  # position j reads the prompt's token j + 1 as its root
-                j = min(prompt_from, n - 1)
-                after = greedy(runtime.lm_head(hidden[row, j + 1 : n])).cpu()  # [p] the model's token after each root
-                out[i] += (hidden[row, j : n - 1].to(torch.bfloat16).cpu(), torch.tensor(prompts[i][j + 1 :]), after)
         start = end
     return out
 
@@ -253,7 +234,6 @@ def distill(
     max_tokens: int = 0,
     deadline: float = 0.0,
     rows_per_step: int = 8,
-    prompt_positions: bool = False,
 ) -> dict:
     """Distil ``prompts`` into ``out_dir``, one shard per batch. ``worker``/``workers``: this process does
     batches worker, worker + workers, ...; several processes can share one directory. ``answers``
@@ -261,14 +241,9 @@ def distill(
     (none with ``keep_hidden=False``: the shards are written straight from the file). ``rows_per_step``:
     sequences the lean runtime decodes together (``generate_rows``). ``max_tokens`` (> 0): start no
     batch once the shards hold that many tokens; ``deadline`` (> 0): nor after that many seconds.
-    Both stop after whole batches, so the same command resumes. ``prompt_positions``: the shards also
-    keep the prompts' positions after the chat template's shared prefix (``prompt_hidden``,
-    ``prompt_roots``, ``prompt_next``, ``prompt_lengths``), what ``cerberus train --prompt-positions``
-    teaches head 1 with."""
+    Both stop after whole batches, so the same command resumes."""
     from safetensors.torch import save_file
 
-    if prompt_positions and not keep_hidden:
-        raise CerberusError("Prompt positions are hidden states: drop --no-hidden or --prompt-positions.")
     out = Path(out_dir)
     prompts = [p if isinstance(p, Prompt) else Prompt(p, "", "") for p in prompts]
     tok = lm.tokenizer
@@ -287,14 +262,12 @@ def distill(
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
         "keep_hidden": keep_hidden,
-        "prompt_positions": prompt_positions,
         "hidden_size": lm.model.config.hidden_size,
     }
     settings_file = out / "settings.json"
     if settings_file.exists():
         old = read_settings(settings_file)
-        same = ("model", "batch_size", "max_new_tokens", "source", "prompt_positions")
-        changed = {k for k in same if old.get(k, False if k == "prompt_positions" else None) != settings[k]}
+        changed = {k for k in ("model", "batch_size", "max_new_tokens", "source") if old.get(k) != settings[k]}
         if changed:
             raise CerberusError(
                 f"{out} was distilled with other settings ({', '.join(sorted(changed))}); "
@@ -320,8 +293,7 @@ def distill(
     total_tokens, t0 = 0, time.perf_counter()
     runtime, device = lm.runtime, lm.device
     # targets are float32 greedy choices: another format's answers are recomputed in float32
-    recompute = answers is not None or lm.weights != "float32" or prompt_positions  # the prompts' states: a full pass
-    targets = float32_runtime(lm) if keep_hidden and recompute else None
+    targets = float32_runtime(lm) if keep_hidden and (answers is not None or lm.weights != "float32") else None
     own_hidden = keep_hidden and targets is None  # the generating forward's hidden states are the targets'
     tokens_per_forward = 8192 if device.type == "cpu" else 262144
     desc = f"distilling {worker}/{workers}"
@@ -344,9 +316,7 @@ def distill(
         meta, answered = {"generator": made_by}, {}
         if targets is not None:  # keep the answers the hidden states are computed along, beside their targets
             answered["answers"] = torch.cat([r[0] for r in rows]).to(torch.int32)
-            prompt_from = template_prefix(tok) if prompt_positions else None
-            answers_now = [r[0].tolist() for r in rows]
-            rows = teacher_forced(targets, batch, answers_now, tokens_per_forward, device, prompt_from)
+            rows = teacher_forced(targets, batch, [r[0].tolist() for r in rows], tokens_per_forward, device)
             # "float32 targets" said once, however often they were recomputed
             meta = {"generator": made_by.removesuffix(FLOAT32_TARGETS) + FLOAT32_TARGETS, "answers_generator": made_by}
         tensors = {
@@ -356,11 +326,6 @@ def distill(
         }
         if keep_hidden:
             tensors["hidden"] = torch.cat([r[1] for r in rows]).contiguous()
-        if prompt_positions:
-            tensors["prompt_hidden"] = torch.cat([r[2] for r in rows]).contiguous()
-            tensors["prompt_roots"] = torch.cat([r[3] for r in rows]).to(torch.int32)
-            tensors["prompt_next"] = torch.cat([r[4] for r in rows]).to(torch.int32)
-            tensors["prompt_lengths"] = torch.tensor([len(r[3]) for r in rows], dtype=torch.int32)
         _atomic_write(shard[b], lambda p, t=tensors, m=meta: save_file(t, p, metadata=m))
         total_tokens += int(tensors["lengths"].sum())
         bar.set_postfix(tok_s=f"{total_tokens / (time.perf_counter() - t0):.0f}")

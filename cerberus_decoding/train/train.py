@@ -50,7 +50,6 @@ class TrainConfig:
     init_from: str = ""  # heads directory to start from (same shapes; ``reads_drafts`` may differ)
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); for tests and time budgets
     max_positions: int = 0  # train on the first N training positions only (0 = all): accuracy vs data size
-    prompt_positions: bool = False  # also train head 1 at the prompts' positions (shards distilled with them)
     precision: str = "float32"  # the heads' matmuls: float32, bfloat16 (autocast) or auto (training_precision)
 
 
@@ -100,31 +99,6 @@ def load_distilled(data_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, to
         rows.append(torch.repeat_interleave(torch.arange(offset, offset + len(lengths)), lengths))
         offset += len(lengths)
     return torch.cat(hidden), torch.cat(tokens), torch.cat(rows)
-
-
-def load_prompt_positions(data_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The prompts' positions of the shards (``cerberus distill --prompt-positions``) -> hidden [P, H]
-    bf16, root [P] long (the prompt's next token), label [P] long (the base model's greedy token
-    after that root: head 1's target), row [P] long (the answer id of the prompt)."""
-    from safetensors import safe_open
-
-    hidden, roots, labels, rows, offset = [], [], [], [], 0
-    for path in sorted(Path(data_dir).glob("shard-*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            keys = set(f.keys())
-            if "prompt_hidden" not in keys:
-                raise CerberusError(
-                    f"{path} has no prompt positions; distill with --prompt-positions or train without it."
-                )
-            lengths = f.get_tensor("prompt_lengths").long()
-            hidden.append(f.get_tensor("prompt_hidden"))
-            roots.append(f.get_tensor("prompt_roots").long())
-            labels.append(f.get_tensor("prompt_next").long())
-        rows.append(torch.repeat_interleave(torch.arange(offset, offset + len(lengths)), lengths))
-        offset += len(lengths)
-    if not hidden:
-        raise CerberusError(f"No distilled shards (shard-*.safetensors) in {data_dir}; run `cerberus distill` first.")
-    return torch.cat(hidden), torch.cat(roots), torch.cat(labels), torch.cat(rows)
 
 
 def head_labels(tokens: torch.Tensor, rows: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -369,19 +343,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         train_idx = train_idx[: cfg.max_positions]
     inputs = head_inputs(tokens, labels, cfg.reads_drafts)  # [N] or [N, K]
     train_h, train_y, train_r = hidden[train_idx], labels[train_idx], inputs[train_idx]
-    prompt_count = 0  # training positions from the prompts (head 1 only)
-    if cfg.prompt_positions:  # head 1 only: its label is the base model's choice after the prompt's own next token
-        p_hidden, p_roots, p_next, p_rows = load_prompt_positions(data_dir)
-        held_out = _split(torch.cat([rows, p_rows]), cfg.holdout, cfg.seed)[rows.numel() :]  # the same answers
-        p_train = ~held_out  # a held-out answer's prompt stays out too
-        p_labels = torch.full((p_next.numel(), cfg.num_heads), IGNORE, dtype=torch.long)
-        p_labels[:, 0] = p_next
-        p_inputs = head_inputs(p_roots, p_labels, cfg.reads_drafts)
-        train_h = torch.cat([train_h, p_hidden[p_train]])
-        train_y = torch.cat([train_y, p_labels[p_train]])
-        train_r = torch.cat([train_r, p_inputs[p_train]])
-        prompt_count = int(p_train.sum())
-    resumed = load_trainer_state(state_file, cfg, train_h.shape[0]) if resume and state_file.exists() else None
+    resumed = load_trainer_state(state_file, cfg, len(train_idx)) if resume and state_file.exists() else None
     eval_h, eval_y, eval_r = hidden[held], labels[held], inputs[held]
     groups = prompt_groups(data_dir, rows)
 
@@ -522,7 +484,6 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         "steps": step,
         "seconds": round(time.perf_counter() - t0, 1),
         "train_positions": n_train,
-        "train_prompt_positions": prompt_count,
         "eval_positions": int(held.sum()),
         "head_vocab_missed": round(missed, 4),
         "heldout_vocab_missed": round(vocab_missed(eval_y, core.vocab_ids.cpu()), 4),
