@@ -37,19 +37,21 @@ DEFAULT_TREE = Path(__file__).parent / "default_tree.json"
 
 def tree_accepts(heads, tree, hidden: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """[N] draft tokens ``tree`` accepts per step at every position of the answers (bonus not counted):
-    the deepest node whose path equals the answer's next tokens."""
-    paths = [(tree.mask[node, 1:].nonzero().flatten() + 1).tolist() for node in range(tree.size)]  # ancestors, itself
+    the longest prefix of a leaf's path (``tree.paths``) that equals the answer's next tokens."""
+    leaf_paths = [[n for n in path if n < tree.size] for path in tree.paths.tolist()]  # node ids by depth
+    token_ids, row_ids = tokens.tolist(), rows.tolist()
     accepted = torch.zeros(hidden.shape[0])
     for i in range(hidden.shape[0]):
         drafted = heads.draft(hidden[i].to(heads.shared_weight.dtype), tokens[i : i + 1], tree).tolist()
-        for node in range(1, tree.size):
-            j = i + len(paths[node])  # the answer position of the node's token
-            if (
-                j < len(tokens)
-                and rows[j] == rows[i]
-                and [drafted[n] for n in paths[node]] == tokens[i + 1 : j + 1].tolist()
-            ):
-                accepted[i] = max(float(accepted[i]), j - i)
+        best = 0
+        for path in leaf_paths:
+            d = 0  # matched depth: the answer position of the next node's token is i + d + 1
+            while d < len(path) and i + d + 1 < len(token_ids) and row_ids[i + d + 1] == row_ids[i]:
+                if drafted[path[d]] != token_ids[i + d + 1]:
+                    break
+                d += 1
+            best = max(best, d)
+        accepted[i] = best
     return accepted
 
 
