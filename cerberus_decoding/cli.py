@@ -604,9 +604,6 @@ def train(
         0, "--soft-targets", min=0, help="Also learn the base model's top-K distribution at each target (0 = off)."
     ),
     soft_weight: float = typer.Option(0.5, "--soft-weight", min=0.0, max=1.0, help="Share of the soft-target loss."),
-    feature_loss: float = typer.Option(
-        0.0, "--feature-loss", min=0.0, help="Weight of regressing each head's state onto the base state at its target."
-    ),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     precision: str = typer.Option(
@@ -653,7 +650,6 @@ def train(
         loss_decay=loss_decay,
         soft_targets=soft_targets,
         soft_weight=soft_weight,
-        feature_loss=feature_loss,
         seed=seed,
         precision=precision,
     )

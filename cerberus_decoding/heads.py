@@ -205,10 +205,8 @@ class DraftHeads(nn.Module):
             self.packed_logits = packed(self.shared_weight)
         return self
 
-    def forward(self, h: torch.Tensor, root: torch.Tensor | None = None, heads: int | None = None, with_states=False):
-        """-> logits [..., K, V'] (and the states [..., K, H] they come from, ``with_states``)"""
-        states = self.states(h, root, heads)
-        return (self.logits(states), states) if with_states else self.logits(states)
+    def forward(self, h: torch.Tensor, root: torch.Tensor | None = None, heads: int | None = None) -> torch.Tensor:
+        return self.logits(self.states(h, root, heads))
 
     def topk_tokens(
         self, h: torch.Tensor, k: int, root: torch.Tensor | None = None, heads: int | None = None, graphs=False

@@ -43,7 +43,6 @@ class TrainConfig:
     loss_decay: float = 0.8  # head k weighs decay**k
     soft_targets: int = 0  # > 0: also learn the base model's top-k distribution at each target (self-distillation)
     soft_weight: float = 0.5  # share of the soft-target loss when soft_targets > 0
-    feature_loss: float = 0.0  # > 0: head k's state also regresses onto the base model's state at its target (EAGLE)
     holdout: float = 0.05  # share of answers held out for evaluation
     eval_every: int = 200
     save_every: int = 200
@@ -163,14 +162,6 @@ def head_loss(
         total = total + decay**k * loss_k
         per_head.append(loss_k.detach())
     return total, torch.stack(per_head)
-
-
-def feature_loss(states: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, decay: float) -> torch.Tensor:
-    """states, target [B, K, H], valid [B, K] -> sum_k decay**k * mean smooth-L1 of head k's state against
-    the base model's final state at its target (the state the LM head reads there)."""
-    err = F.smooth_l1_loss(states.float(), target, reduction="none").mean(-1)  # [B, K]
-    per_head = (err * valid).sum(0) / valid.sum(0).clamp_min(1)  # [K]
-    return (decay ** torch.arange(per_head.numel(), device=per_head.device) * per_head).sum()
 
 
 @torch.no_grad()
@@ -385,7 +376,6 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         soft_ids, soft_probs = teacher_topk(hidden, weight[heads.vocab_ids], cfg.soft_targets)
         where = target_positions(rows, cfg.num_heads)[train_idx].clamp_min(0)  # no target: its label is IGNORE
         soft = (where, soft_ids, soft_probs)
-    feature_where = target_positions(rows, cfg.num_heads)[train_idx] if cfg.feature_loss else None  # [N, K]
 
     params = [p for p in heads.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -467,12 +457,8 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
             where = soft[0][idx]  # [B, K] positions of the targets
             batch_soft = (soft[1][where], soft[2][where])  # [B, K, k] each
         with torch.autocast(acc.device.type, torch.bfloat16, enabled=cfg.precision == "bfloat16"):
-            logits, states = heads(h, train_r[idx].to(acc.device), with_states=True)  # [B, K, V'], [B, K, H]
+            logits = heads(h, train_r[idx].to(acc.device))  # [B, K, V']
         loss, per_head = head_loss(logits, y, cfg.loss_decay, batch_soft, cfg.soft_weight)  # in float32
-        if feature_where is not None:
-            where = feature_where[idx]  # [B, K]
-            target = hidden[where.clamp_min(0)].float().to(acc.device)  # [B, K, H]
-            loss = loss + cfg.feature_loss * feature_loss(states, target, where >= 0, cfg.loss_decay)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         opt.step()
