@@ -24,25 +24,36 @@ from rich.console import Console
 from rich.table import Table
 
 from cerberus_decoding.bench.questions import BUILTIN, load_questions
-from cerberus_decoding.heads import load_heads
+from cerberus_decoding.heads import load_heads, with_lookup
 from cerberus_decoding.methods import default_heads_dir
 from cerberus_decoding.models import load_model
-from cerberus_decoding.train.distill import distill
+from cerberus_decoding.train.distill import chat_ids, distill
 from cerberus_decoding.train.prompts import Prompt
-from cerberus_decoding.train.train import evaluate, head_inputs, head_labels, load_distilled, prompt_groups
+from cerberus_decoding.train.train import (
+    answer_lookup,
+    evaluate,
+    head_inputs,
+    head_labels,
+    load_distilled,
+    prompt_groups,
+)
 from cerberus_decoding.tree import build_tree, load_tree
 
 DEFAULT_TREE = Path(__file__).parent / "default_tree.json"
 
 
-def tree_accepts(heads, tree, hidden: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def tree_accepts(
+    heads, tree, hidden: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, lookup=None
+) -> torch.Tensor:
     """[N] draft tokens ``tree`` accepts per step at every position of the answers (bonus not counted):
-    the longest prefix of a leaf's path (``tree.paths``) that equals the answer's next tokens."""
+    the longest prefix of a leaf's path (``tree.paths``) that equals the answer's next tokens.
+    ``lookup`` [N, 2]: what prompt lookup found at each position (heads that read it)."""
     leaf_paths = [[n for n in path if n < tree.size] for path in tree.paths.tolist()]  # node ids by depth
     token_ids, row_ids = tokens.tolist(), rows.tolist()
     accepted = torch.zeros(hidden.shape[0])
     for i in range(hidden.shape[0]):
-        drafted = heads.draft(hidden[i].to(heads.shared_weight.dtype), tokens[i : i + 1], tree).tolist()
+        found = None if lookup is None else lookup[i]
+        drafted = heads.draft(hidden[i].to(heads.shared_weight.dtype), tokens[i : i + 1], tree, lookup=found).tolist()
         best = 0
         for path in leaf_paths:
             d = 0  # matched depth: the answer position of the next node's token is i + d + 1
@@ -87,8 +98,12 @@ def main() -> None:
         heads = load_heads(d, lm).eval()
         labels = head_labels(tokens, rows, heads.config.num_heads)
         inputs = head_inputs(tokens, labels, heads.config.reads_drafts)
+        lookup = None
+        if heads.config.reads_lookup:
+            lookup = answer_lookup([chat_ids(lm.tokenizer, p.text) for p in prompts], tokens, rows)  # [N, 2]
+            inputs = with_lookup(inputs, lookup)
         scores = {"all": evaluate(heads, hidden, labels, inputs)}
-        accepted = tree_accepts(heads, tree, hidden, tokens, rows)  # [N], drafted once for every group
+        accepted = tree_accepts(heads, tree, hidden, tokens, rows, lookup)  # [N], drafted once for every group
         accepts = {"all": float(accepted.mean())}
         for name, member in sorted(groups.items()):
             if name.startswith("category:"):
@@ -97,7 +112,8 @@ def main() -> None:
                 accepts[group] = float(accepted[member].mean())
         for group, s in scores.items():
             table.add_row(
-                f"{heads.config.head_type}{' (reads drafts)' if heads.config.reads_drafts else ''}",
+                f"{heads.config.head_type}{' (reads drafts)' if heads.config.reads_drafts else ''}"
+                f"{' (reads lookup)' if heads.config.reads_lookup else ''}",
                 group,
                 str(s["positions"]),
                 " ".join(f"{x:.3f}" for x in s["top1"]),

@@ -587,6 +587,12 @@ def train(
         help="Cerberus with --root-token: each later head also reads the token the head before it drafted "
         "(docs/training.md).",
     ),
+    reads_lookup: bool = typer.Option(
+        False,
+        "--reads-lookup",
+        help="Cerberus with --root-token: the chain also reads the token prompt lookup found after the root "
+        "(docs/training.md).",
+    ),
     init_from: Path | None = typer.Option(
         None, "--init-from", help="Start from these trained heads (same options; --reads-drafts may be added)."
     ),
@@ -639,6 +645,7 @@ def train(
         own_lm_head=own_lm_head,
         root_token=root_token,
         reads_drafts=reads_drafts,
+        reads_lookup=reads_lookup,
         init_from=str(init_from or ""),
         epochs=epochs,
         batch_size=batch_size,

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import gate as gating
+from .lookup import NgramIndex, first_match
 from .models import CerberusError, LoadedModel
 from .sampling import ACCEPTANCES, DEFAULT_ACCEPTANCE, sample
 from .stops import TextTracker
@@ -129,6 +130,8 @@ class Decoder:
         self.tree = tree.to(lm.device) if tree is not None else None
         self.method = method or ("ar" if heads is None else heads.config.head_type)
         self.drafter = drafter  # optional extra draft source (prompt lookup), see lookup.py
+        reads_lookup = heads is not None and getattr(heads.config, "reads_lookup", False)
+        self.lookup_index = NgramIndex() if reads_lookup else None  # the context's n-grams, for those heads
         self.runtime = lm.runtime
         self.vocab_size = int(lm.model.config.vocab_size)  # valid token ids: [0, vocab_size)
         self.tokenizer = lm.tokenizer
@@ -221,6 +224,8 @@ class Decoder:
         root = sample(logits, cfg.temperature, cfg.top_p, generator)  # the first new token, shown now, fed next
         if self.drafter is not None:
             self.drafter.reset(prompt_ids)
+        if self.lookup_index is not None:
+            self.lookup_index.reset(prompt_ids)
 
         out: list[int] = []
         steps: list[Step] = []
@@ -256,6 +261,8 @@ class Decoder:
             self.cached_ids.extend(fed_ids)
             if self.drafter is not None:
                 self.drafter.extend(fed_ids)
+            if self.lookup_index is not None:
+                self.lookup_index.extend(fed_ids)
             seconds = time.perf_counter() - t0
             shown_before = len(out)
             finish = emit(fed_ids[1:] + root.tolist())
@@ -278,7 +285,10 @@ class Decoder:
 
         def drafts() -> torch.Tensor:  # [N+1] the tree's tokens; the drafter runs the heads only if it needs them
             self.heads_calls += 1
-            return self.heads.draft(hidden, root, self.tree, self.runtime.cuda_graphs)
+            lookup = None
+            if self.lookup_index is not None:  # heads that read what prompt lookup finds after the root
+                lookup = torch.tensor(first_match(self.lookup_index, int(root)), device=root.device)
+            return self.heads.draft(hidden, root, self.tree, self.runtime.cuda_graphs, lookup)
 
         if self.drafter is not None:
             return self.drafter.draft(root, self.tree, drafts) if heads_on else self.drafter.draft(root, None, None)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lookup import NGRAM
 from .models import CerberusError, process_alive
 from .runtime import capture
 
@@ -56,6 +57,7 @@ class HeadsConfig:
     own_lm_head: bool = False
     root_token: bool = False  # cerberus only: the chain starts from the root token's embedding
     reads_drafts: bool = False  # root_token heads: head k >= 2 also reads the token head k - 1 drafted
+    reads_lookup: bool = False  # root_token heads: the chain also reads what prompt lookup found after the root
     base_model: dict = field(default_factory=dict)
     gate: str = "logits"  # default gate for this checkpoint: hidden | logits | off
     gate_threshold: float = float("inf")
@@ -94,6 +96,8 @@ class DraftHeads(nn.Module):
             raise CerberusError("root_token needs Cerberus heads (it is where their chain starts).")
         if config.reads_drafts and not config.root_token:
             raise CerberusError("reads_drafts needs root_token heads (the drafts continue the root's chain).")
+        if config.reads_lookup and not config.root_token:
+            raise CerberusError("reads_lookup needs root_token heads (the lookup continues the root).")
         self.config = config
         H, K, L = config.hidden_size, config.num_heads, config.num_layers
         sequential = config.head_type == "cerberus"
@@ -102,6 +106,11 @@ class DraftHeads(nn.Module):
             nn.ModuleList(ResBlock(2 * H if (sequential and layer == 0) else H, H) for layer in range(L))
             for _ in range(K)
         )
+        if config.reads_lookup:  # zero at the start: untrained, the heads read the root alone
+            self.lookup_token = nn.Linear(H, H, bias=False)  # the token lookup proposes, embedded
+            self.lookup_ngram = nn.Embedding(NGRAM + 1, H)  # how long the matched n-gram was (0: none)
+            nn.init.zeros_(self.lookup_token.weight)
+            nn.init.zeros_(self.lookup_ngram.weight)
         v_head = config.head_vocab_size or config.vocab_size
         self.register_buffer("vocab_ids", torch.arange(v_head), persistent=True)  # [V'] token ids
         if config.own_lm_head:
@@ -145,9 +154,15 @@ class DraftHeads(nn.Module):
         if self.config.root_token:
             if root is None:
                 raise CerberusError("These heads read the root token; pass it.")
+            lookup = None
+            if self.config.reads_lookup:
+                root, lookup = root[..., :-2], root[..., -2:]
+                root = root if self.config.reads_drafts else root[..., 0]
             if self.config.reads_drafts:
                 path, root = root, root[..., 0]
             prev = F.embedding(root, self.embed_weight).to(h.dtype)  # [..., H]; no host sync (CUDA graphs)
+            if lookup is not None:
+                prev = prev + self.lookup_input(lookup, h.dtype)
         outs = []
         for k in range(len(self.blocks[:heads])):
             if path is not None and k > 0:  # the token head k - 1 drafted: where this head's prediction follows
@@ -155,6 +170,13 @@ class DraftHeads(nn.Module):
             prev = self._state(k, h, prev)
             outs.append(prev)
         return torch.stack(outs, dim=-2)
+
+    def lookup_input(self, lookup: torch.Tensor, dtype) -> torch.Tensor:
+        """lookup [..., 2]: (n, token), the n-gram ending in the root that prompt lookup matched (n = 0:
+        none) and the token that followed it -> [..., H], what the chain's start adds for it"""
+        n, token = lookup[..., 0], lookup[..., 1]
+        found = F.embedding(token.clamp_min(0), self.embed_weight).to(dtype) * (n > 0)[..., None].to(dtype)
+        return self.lookup_token(found) + self.lookup_ngram(n).to(dtype)
 
     def _state(self, k: int, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """Head k's state: h [..., H] and (Cerberus) what its chain passes it, prev [..., H] -> [..., H]"""
@@ -209,18 +231,33 @@ class DraftHeads(nn.Module):
         return self.logits(self.states(h, root, heads))
 
     def topk_tokens(
-        self, h: torch.Tensor, k: int, root: torch.Tensor | None = None, heads: int | None = None, graphs=False
+        self,
+        h: torch.Tensor,
+        k: int,
+        root: torch.Tensor | None = None,
+        heads: int | None = None,
+        graphs=False,
+        lookup: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """h [H], root [] or [1] -> [K, k] token ids, best first ([heads, k]: only the heads a tree reaches).
+        ``lookup`` [2]: what prompt lookup found after the root (``reads_lookup`` heads: ``lookup.first_match``).
         ``graphs``: on CUDA, replayed from a CUDA graph per (k, heads): ~30 small kernels, whose
         launches bound the call there (0.8 ms a step on an H200). Inference only: a graph keeps
         the weights it was captured with."""
         if root is not None:
-            root = root.reshape(())
+            root = self.inputs(root, lookup)
         if not (graphs and h.is_cuda):
             return self._topk_tokens(h, k, root, heads)
         key = (k, heads, root is None, h.dtype)
         return self._replay(key, lambda h, root: self._topk_tokens(h, k, root, heads), h, root)
+
+    def inputs(self, root: torch.Tensor, lookup: torch.Tensor | None) -> torch.Tensor:
+        """What ``states`` reads besides h at one position: the root [] (and lookup's (n, token): [3])."""
+        if not self.config.reads_lookup:
+            return root.reshape(())
+        if lookup is None:
+            raise CerberusError("These heads read what prompt lookup found after the root; pass it.")
+        return torch.cat([root.reshape(1), lookup.to(root)])
 
     def _replay(self, key, body, h: torch.Tensor, root: torch.Tensor | None) -> torch.Tensor:
         """``body(h, root)`` replayed from the CUDA graph captured for ``key`` on its first call."""
@@ -239,29 +276,39 @@ class DraftHeads(nn.Module):
         idx = self.forward(h, root, heads).topk(k, dim=-1).indices
         return self.vocab_ids[idx]
 
-    def draft(self, h: torch.Tensor, root: torch.Tensor, tree, graphs=False) -> torch.Tensor:
+    def draft(self, h: torch.Tensor, root: torch.Tensor, tree, graphs=False, lookup=None) -> torch.Tensor:
         """h [H], root [1] -> the tree's node tokens [N+1], the root first. Heads that read drafts
         run once per node with children, depth by depth: a node's children are the top tokens of the
-        head at its depth given the node's own token and its parent's head state."""
+        head at its depth given the node's own token and its parent's head state. ``lookup`` [2]:
+        what prompt lookup found after the root (``reads_lookup`` heads)."""
         if not self.config.reads_drafts:
-            return tree.candidates(root, self.topk_tokens(h, tree.top_k, root, tree.num_heads, graphs))
+            return tree.candidates(root, self.topk_tokens(h, tree.top_k, root, tree.num_heads, graphs, lookup))
+        inputs = self.inputs(root, lookup).reshape(-1)  # [1] or [3]
         if not (graphs and h.is_cuda):
-            return self._draft(h, root, tree)
+            return self._draft(h, inputs, tree)
         key = ("draft", tuple(tree.choices), h.dtype)  # a tree's shape: its own graph
-        return self._replay(key, lambda h, root: self._draft(h, root, tree), h, root.reshape(1))
+        return self._replay(key, lambda h, inputs: self._draft(h, inputs, tree), h, inputs)
 
-    def _draft(self, h: torch.Tensor, root: torch.Tensor, tree) -> torch.Tensor:
-        tokens = root.new_empty(tree.size)  # [N+1]
-        tokens[:1] = root.view(1)
+    def _draft(self, h: torch.Tensor, inputs: torch.Tensor, tree) -> torch.Tensor:
+        tokens = inputs.new_empty(tree.size)  # [N+1]
+        tokens[:1] = inputs[:1]
         z = None  # the head states of the depth above [I', H]
         for k, (nodes, up, children, rows, ranks, top_k) in enumerate(tree.levels):
             prev = F.embedding(tokens[nodes], self.embed_weight).to(h.dtype)  # [I, H] the nodes' own tokens
             if z is not None:
                 prev = z[up] + prev  # and their parents' states: the chain, as ``states`` runs it
+            elif self.config.reads_lookup:
+                prev = prev + self.lookup_input(inputs[1:], h.dtype)  # the root's chain start, as ``states``
             z = self._state(k, h.expand(nodes.numel(), -1), prev)  # [I, H]
             top = self._logits(k, z).topk(top_k, dim=-1).indices  # [I, top_k]
             tokens[children] = self.vocab_ids[top[rows, ranks]]
         return tokens
+
+
+def with_lookup(inputs: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:
+    """What heads that read lookup read besides h, many positions at once: the root [N] or path [N, K]
+    and lookup's (n, token) [N, 2] (``lookup.first_match``) -> [N, 1 or K + 2]."""
+    return torch.cat([inputs.reshape(inputs.shape[0], -1), lookup.to(inputs)], 1)
 
 
 def new_heads(
@@ -272,6 +319,7 @@ def new_heads(
     own_lm_head: bool = False,
     root_token: bool = False,
     reads_drafts: bool = False,
+    reads_lookup: bool = False,
     seed: int | None = None,
 ) -> DraftHeads:
     """Untrained heads for a loaded base model (identity blocks; predictions = base LM head's)."""
@@ -285,6 +333,7 @@ def new_heads(
         own_lm_head=own_lm_head,
         root_token=root_token,
         reads_drafts=reads_drafts,
+        reads_lookup=reads_lookup,
         base_model=model_fingerprint(lm.model, lm.name),
     )
     if seed is not None:
@@ -300,7 +349,8 @@ def random_heads(lm, head_type: str, seed: int = 0, scale: float = 0.02, **kw) -
     """Heads with random (non-zero) block weights: a stand-in for badly trained heads in tests."""
     heads = new_heads(lm, head_type, **kw)
     g = torch.Generator().manual_seed(seed)
-    for p in heads.blocks.parameters():
+    reads = [heads.lookup_token.weight, heads.lookup_ngram.weight] if heads.config.reads_lookup else []
+    for p in [*heads.blocks.parameters(), *reads]:
         p.data = (torch.randn(p.shape, generator=g) * scale).to(p)
     return heads.to(lm.dtype)
 

@@ -28,7 +28,7 @@ class NgramIndex:
     Updated token by token as the context grows, so a lookup is ``ngram`` dict reads, not a scan.
     """
 
-    def __init__(self, ngram: int = 3):
+    def __init__(self, ngram: int = NGRAM):
         if ngram < 1:
             raise ValueError(f"ngram must be >= 1 (got {ngram}).")
         self.ngram = ngram
@@ -60,6 +60,25 @@ class NgramIndex:
             if end is not None:
                 return n, continuation(toks, root, end, max_len)
         return 0, []
+
+
+def first_match(index: NgramIndex, root: int) -> tuple[int, int]:
+    """(n, token): the longest n-gram ending in ``root`` that ``index`` has seen and the token that
+    followed its latest occurrence, or (0, -1): what heads that read lookup read (``reads_lookup``)."""
+    n, chain = index.match(root, 1)
+    return (n, chain[0]) if chain else (0, -1)
+
+
+def lookup_matches(prompt_ids: list[int], answer_ids: list[int], ngram: int = NGRAM) -> list[tuple[int, int]]:
+    """``first_match`` at each position t of an answer (root ``answer_ids[t]``, context the prompt and
+    the answer before it), as decoding meets them: what heads that read lookup are trained on."""
+    index = NgramIndex(ngram)
+    index.reset(prompt_ids)
+    out = []
+    for root in answer_ids:
+        out.append(first_match(index, root))
+        index.extend([root])
+    return out
 
 
 def chain_hits(

@@ -198,3 +198,57 @@ def test_heads_that_read_drafts_decode_losslessly(tiny_lm):
     result = Decoder(tiny_lm, heads, build_tree(DEFAULT_TREE)).generate(ids, SamplingConfig(max_new_tokens=40))
     assert result.speculative_steps > 0
     assert_lossless(tiny_lm, ids, reference, result.token_ids)
+
+
+def test_reads_lookup_needs_root_token_heads(lm_f32):
+    with pytest.raises(CerberusError, match="reads_lookup needs root_token"):
+        new_heads(lm_f32, "cerberus", reads_lookup=True)
+
+
+def test_heads_that_read_lookup_start_as_heads_that_do_not_and_then_read_it(lm_f32):
+    """Untrained, the lookup weights are zero: the heads draft what the same heads without them draft.
+    Trained (here: random), head 1's logits depend on the token lookup found and on the n-gram's length."""
+    plain = random_heads(lm_f32, "cerberus", seed=3, scale=0.1, root_token=True)
+    reading = new_heads(lm_f32, "cerberus", root_token=True, reads_lookup=True)
+    reading.load_state_dict(plain.state_dict(), strict=False)
+    h, root = torch.randn(576, generator=torch.Generator().manual_seed(2)), torch.tensor([42])
+    assert torch.equal(reading.topk_tokens(h, 3, root, lookup=torch.tensor([2, 900])), plain.topk_tokens(h, 3, root))
+    with pytest.raises(CerberusError, match="prompt lookup"):
+        reading.topk_tokens(h, 3, root)  # the engine must pass what lookup found
+    heads = random_heads(lm_f32, "cerberus", seed=3, scale=0.1, root_token=True, reads_lookup=True)
+    a, b, c = (heads(h, torch.tensor([42, n, t])) for n, t in ((2, 900), (2, 7), (1, 900)))
+    assert not torch.allclose(a[0], b[0]) and not torch.allclose(a[0], c[0])
+    none = heads(h, torch.tensor([42, 0, -1]))  # no match: the token is not read
+    torch.testing.assert_close(none, heads(h, torch.tensor([42, 0, 5])))
+
+
+@pytest.mark.parametrize("reads_drafts", [False, True])
+def test_heads_that_read_lookup_decode_losslessly_and_read_what_training_reads(tiny_lm, reads_drafts):
+    """The engine keeps its n-gram index in step with the context (prompt, then every accepted token),
+    so at each root the heads read ``lookup_matches`` of the answer so far: what they were trained on."""
+    from cerberus_decoding.engine import Decoder, SamplingConfig
+    from cerberus_decoding.lookup import lookup_matches
+    from cerberus_decoding.tree import DEFAULT_TREE, build_tree
+
+    from .conftest import assert_lossless
+
+    heads = random_heads(
+        tiny_lm, "cerberus", seed=4, scale=0.5, root_token=True, reads_drafts=reads_drafts, reads_lookup=True
+    )
+    ids = [1, 5, 9, 14, 3, 7, 5, 9, 14, 3]  # repeats: lookup finds n-grams from the first step
+    reference = Decoder(tiny_lm).generate(ids, SamplingConfig(max_new_tokens=40)).token_ids
+    decoder = Decoder(tiny_lm, heads, build_tree(DEFAULT_TREE))
+    seen = []  # (answer position of the root, what the heads read there)
+    draft = heads.draft
+
+    def spy(h, root, tree, graphs=False, lookup=None):
+        seen.append((len(decoder.cached_ids) - len(ids), tuple(lookup.tolist())))
+        return draft(h, root, tree, graphs, lookup)
+
+    heads.draft = spy
+    result = decoder.generate(ids, SamplingConfig(max_new_tokens=40))
+    assert result.speculative_steps > 0
+    assert_lossless(tiny_lm, ids, reference, result.token_ids)
+    expected = lookup_matches(ids, result.token_ids)
+    assert [found for _, found in seen] == [expected[t] for t, _ in seen]
+    assert any(n > 0 for _, (n, _) in seen)

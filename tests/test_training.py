@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -344,3 +345,39 @@ def test_resuming_on_changed_data_is_refused(tiny_lm, tiny_data, tmp_path):
         train(tiny_lm, fewer, tmp_path / "run", _cfg(max_steps=8, save_every=2), resume=True)
     summary = train(tiny_lm, tiny_data, tmp_path / "run", _cfg(max_steps=8, save_every=2), resume=True)
     assert summary["steps"] == 8  # the same data resumes
+
+
+def test_heads_that_read_lookup_train_from_trained_heads(tiny_lm, tiny_data, tmp_path):
+    """Distilled shards keep each answer's prompt ids; ``--reads-lookup --init-from`` starts where the
+    trained heads were (the lookup weights at zero) and then learns from what lookup found."""
+    from cerberus_decoding.heads import load_heads
+    from cerberus_decoding.train.distill import chat_ids
+    from cerberus_decoding.train.train import load_distilled, shard_prompts
+
+    prompts = shard_prompts(tiny_data)
+    assert prompts == [chat_ids(tiny_lm.tokenizer, p) for p in builtin_prompts(24)]
+    _, tokens, rows = load_distilled(tiny_data)
+    assert int(rows.max()) + 1 == len(prompts)
+    start = train(tiny_lm, tiny_data, tmp_path / "start", _cfg(root_token=True))
+    zero = _cfg(root_token=True, reads_lookup=True, init_from=str(tmp_path / "start" / "heads"), max_steps=1, lr=0.0)
+    first = train(tiny_lm, tiny_data, tmp_path / "zero", zero)
+    assert first["eval"]["top1"] == pytest.approx(start["eval"]["top1"], abs=1e-6)
+    train(tiny_lm, tiny_data, tmp_path / "lookup", replace(zero, max_steps=30, lr=3e-3))
+    heads = load_heads(tmp_path / "lookup" / "heads", tiny_lm)
+    assert heads.config.reads_lookup
+    assert heads.lookup_token.weight.abs().sum() > 0 and heads.lookup_ngram.weight[1:].abs().sum() > 0
+
+
+def test_heads_that_read_lookup_need_shards_with_prompts(tiny_lm, tiny_data, tmp_path):
+    """Shards distilled before prompts were kept: a clear error that says how to get them."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_data, old)
+    for path in old.glob("shard-*.safetensors"):
+        shard = load_file(path)
+        save_file({k: v for k, v in shard.items() if not k.startswith("prompt_")}, path)
+    with pytest.raises(CerberusError, match="re-run `cerberus distill`"):
+        train(tiny_lm, old, tmp_path / "run", _cfg(root_token=True, reads_lookup=True))

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .. import gate as gating
-from ..lookup import MAX_LEN, MIN_NGRAM, chain_hits
+from ..heads import with_lookup
+from ..lookup import MAX_LEN, MIN_NGRAM, chain_hits, lookup_matches
 from ..models import LoadedModel
 from ..sampling import greedy
 from ..tree import build_tree
@@ -128,13 +129,14 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
     logits = rt.lm_head(hidden)[0]  # [V]
     hidden = hidden[0]
     root = greedy(logits).view(1)
+    found = torch.tensor([1, int(root)], device=device) if heads.config.reads_lookup else None  # heads that read lookup
     answer = torch.randint(vocab, (128,), generator=g).tolist()  # a mid-length answer to detokenise
     step, spec, by_depth = [], [], [[] for _ in range(k)]
     for _ in range(repeats + 1):
         for d in range(1, k + 1):
             _sync(device)
             t0 = time.perf_counter()
-            tokens = heads.draft(hidden, root, by_d[d - 1], rt.cuda_graphs)  # [N+1], as decoding runs them
+            tokens = heads.draft(hidden, root, by_d[d - 1], rt.cuda_graphs, found)  # [N+1], as decoding runs them
             _sync(device)
             by_depth[d - 1].append(time.perf_counter() - t0)
         _sync(device)
@@ -189,6 +191,7 @@ def observe(
     lookup = torch.full((int(lm.model.config.vocab_size),), -1, dtype=torch.long, device=device)
     lookup[heads.vocab_ids.to(device)] = torch.arange(heads.vocab_ids.numel(), device=device)
     seq = torch.tensor(ids + [-1] * (num_heads + 2), device=device)  # padded: -1 past the end
+    found = torch.tensor(lookup_matches(list(prompt_ids), list(answer_ids)), device=device).reshape(-1, 2)  # [T, 2]
     ranks, h_ent, l_ent = [], [], []
     for a in range(0, states.shape[0], chunk):
         h = states[a : a + chunk]  # [c, H]
@@ -196,7 +199,10 @@ def observe(
         target = seq[t[:, None] + torch.arange(2, num_heads + 2, device=device)]  # [c, K] token at t + d + 2
         # the root is token t + 1; heads that read drafts read the true tokens after it (an accepted path's)
         path = seq[t[:, None] + torch.arange(1, num_heads + 1, device=device)].clamp_min(0)  # [c, K]
-        logits = heads(h, path if heads.config.reads_drafts else path[:, 0]).float()  # [c, K, V']
+        inputs = path if heads.config.reads_drafts else path[:, 0]
+        if heads.config.reads_lookup:  # and what prompt lookup found at each root
+            inputs = with_lookup(inputs, found[a : a + h.shape[0]])
+        logits = heads(h, inputs).float()  # [c, K, V']
         idx = lookup[target.clamp_min(0)]  # [c, K]
         true_logit = logits.gather(-1, idx.clamp_min(0)[..., None])[..., 0]  # [c, K]
         rank = (logits > true_logit[..., None]).sum(-1)  # [c, K]

@@ -322,6 +322,8 @@ def distill(
         tensors = {
             "tokens": torch.cat([r[0] for r in rows]).to(torch.int32),
             "lengths": torch.tensor([len(r[0]) for r in rows], dtype=torch.int32),
+            "prompt_tokens": torch.tensor([t for ids in batch for t in ids], dtype=torch.int32),  # for lookup
+            "prompt_lengths": torch.tensor([len(ids) for ids in batch], dtype=torch.int32),
             **answered,
         }
         if keep_hidden:

@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..heads import DraftHeads, HeadsConfig, _atomic_write, model_fingerprint, remove_stale_temp_files, save_heads
+from ..heads import (
+    DraftHeads,
+    HeadsConfig,
+    _atomic_write,
+    model_fingerprint,
+    remove_stale_temp_files,
+    save_heads,
+    with_lookup,
+)
 from ..models import CerberusError
 
 IGNORE = -100
@@ -35,6 +43,7 @@ class TrainConfig:
     own_lm_head: bool = False
     root_token: bool = False  # cerberus: start the chain from the root token's embedding
     reads_drafts: bool = False  # root_token: head k >= 2 also reads the token head k - 1 drafted
+    reads_lookup: bool = False  # root_token: the chain also reads what prompt lookup found after the root
     epochs: float = 3.0
     batch_size: int = 256
     lr: float = 1e-3
@@ -221,6 +230,39 @@ def head_inputs(roots: torch.Tensor, labels: torch.Tensor, reads_drafts: bool) -
     return torch.cat([roots[:, None], labels[:, :-1].clamp_min(0)], 1)
 
 
+def answer_lookup(prompts: list[list[int]], tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[N, 2]: what prompt lookup finds at every answer position (``lookup.lookup_matches``), given
+    each answer's prompt ids (``prompts[row]``)."""
+    from ..lookup import lookup_matches
+
+    ids, row_ids = tokens.tolist(), rows.tolist()
+    out, start = [], 0
+    while start < len(ids):
+        end = start
+        while end < len(ids) and row_ids[end] == row_ids[start]:
+            end += 1
+        out += lookup_matches(prompts[row_ids[start]], ids[start:end])
+        start = end
+    return torch.tensor(out, dtype=torch.long).reshape(-1, 2)
+
+
+def shard_prompts(data_dir: str | Path) -> list[list[int]]:
+    """Each distilled answer's prompt ids (chat template included), as its shard keeps them."""
+    from safetensors import safe_open
+
+    prompts = []
+    for path in sorted(Path(data_dir).glob("shard-*.safetensors")):
+        with safe_open(path, "pt") as shard:
+            if "prompt_tokens" not in shard.keys():
+                raise CerberusError(
+                    f"{path} keeps no prompt tokens (distilled before they were kept), and heads that read "
+                    "lookup need them: re-run `cerberus distill` into a new --out (--answers keeps the answers)."
+                )
+            ids, lengths = shard.get_tensor("prompt_tokens"), shard.get_tensor("prompt_lengths")
+        prompts += [p.tolist() for p in ids.split(lengths.tolist())]
+    return prompts
+
+
 def prompt_groups(data_dir: str | Path, rows: torch.Tensor) -> dict[str, torch.Tensor] | None:
     """{"source:NAME" | "category:NAME": [N] bool} from the distill run's prompts.jsonl (None if absent)."""
     path = Path(data_dir) / "prompts.jsonl"
@@ -258,7 +300,16 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-SHAPE_KEYS = ("head_type", "num_heads", "num_layers", "head_vocab", "own_lm_head", "root_token", "reads_drafts")
+SHAPE_KEYS = (
+    "head_type",
+    "num_heads",
+    "num_layers",
+    "head_vocab",
+    "own_lm_head",
+    "root_token",
+    "reads_drafts",
+    "reads_lookup",
+)
 
 
 def load_trainer_state(path: Path, cfg: TrainConfig, train_positions: int) -> dict:
@@ -306,7 +357,10 @@ def start_from(heads: DraftHeads, path: str | Path, lm) -> None:
             "train with the same options to start from them."
         )
     heads.set_vocab(start.vocab_ids.cpu(), lm.model.get_output_embeddings().weight.detach().float().cpu())
-    heads.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in start.state_dict().items()})
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in start.state_dict().items()}
+    missing, _ = heads.load_state_dict(weights, strict=False)  # heads that read lookup: its weights start at zero
+    if any(not k.startswith("lookup_") for k in missing):
+        raise CerberusError(f"--init-from {path}: those heads lack {missing}; train with the same options.")
 
 
 def check_finite_loss(loss: torch.Tensor, step: int) -> None:
@@ -342,6 +396,9 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     if cfg.max_positions:
         train_idx = train_idx[: cfg.max_positions]
     inputs = head_inputs(tokens, labels, cfg.reads_drafts)  # [N] or [N, K]
+    if cfg.reads_lookup:
+        lookup = answer_lookup(shard_prompts(data_dir), tokens, rows)  # [N, 2]
+        inputs = with_lookup(inputs, lookup)  # [N, 1 or K + 2]
     train_h, train_y, train_r = hidden[train_idx], labels[train_idx], inputs[train_idx]
     resumed = load_trainer_state(state_file, cfg, len(train_idx)) if resume and state_file.exists() else None
     eval_h, eval_y, eval_r = hidden[held], labels[held], inputs[held]
@@ -357,6 +414,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         own_lm_head=cfg.own_lm_head,
         root_token=cfg.root_token,
         reads_drafts=cfg.reads_drafts,
+        reads_lookup=cfg.reads_lookup,
         base_model=model_fingerprint(lm.model, lm.name),
     )
     heads = DraftHeads(hc)
