@@ -596,6 +596,11 @@ def train(
     init_from: Path | None = typer.Option(
         None, "--init-from", help="Start from these trained heads (same options; --reads-drafts may be added)."
     ),
+    train_only: str = typer.Option(
+        "",
+        "--train-only",
+        help="'lookup': with --reads-lookup --init-from, train only what reads lookup (the heads stay as trained).",
+    ),
     epochs: float = typer.Option(3.0, "--epochs", min=0.01),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     lr: float = typer.Option(1e-3, "--lr", min=0.0),
@@ -647,6 +652,7 @@ def train(
         reads_drafts=reads_drafts,
         reads_lookup=reads_lookup,
         init_from=str(init_from or ""),
+        train_only=train_only,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,

@@ -109,8 +109,11 @@ class DraftHeads(nn.Module):
         if config.reads_lookup:  # zero at the start: untrained, the heads read the root alone
             self.lookup_token = nn.Linear(H, H, bias=False)  # the token lookup proposes, embedded
             self.lookup_ngram = nn.Embedding(NGRAM + 1, H)  # how long the matched n-gram was (0: none)
-            nn.init.zeros_(self.lookup_token.weight)
-            nn.init.zeros_(self.lookup_ngram.weight)
+            self.lookup_bonus = nn.Linear(
+                H, NGRAM + 1
+            )  # head 1's logit bonus for that token, per n-gram length (0: unused)
+            for weight in (self.lookup_token.weight, self.lookup_ngram.weight, *self.lookup_bonus.parameters()):
+                nn.init.zeros_(weight)
         v_head = config.head_vocab_size or config.vocab_size
         self.register_buffer("vocab_ids", torch.arange(v_head), persistent=True)  # [V'] token ids
         if config.own_lm_head:
@@ -154,10 +157,7 @@ class DraftHeads(nn.Module):
         if self.config.root_token:
             if root is None:
                 raise CerberusError("These heads read the root token; pass it.")
-            lookup = None
-            if self.config.reads_lookup:
-                root, lookup = root[..., :-2], root[..., -2:]
-                root = root if self.config.reads_drafts else root[..., 0]
+            root, lookup = self.split_lookup(root)
             if self.config.reads_drafts:
                 path, root = root, root[..., 0]
             prev = F.embedding(root, self.embed_weight).to(h.dtype)  # [..., H]; no host sync (CUDA graphs)
@@ -170,6 +170,22 @@ class DraftHeads(nn.Module):
             prev = self._state(k, h, prev)
             outs.append(prev)
         return torch.stack(outs, dim=-2)
+
+    def split_lookup(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What root_token heads read besides h -> (the root [...] or path [..., K], lookup's (n, token)
+        [..., 2] or None for heads that do not read lookup)."""
+        if not self.config.reads_lookup:
+            return inputs, None
+        root, lookup = inputs[..., :-2], inputs[..., -2:]
+        return (root if self.config.reads_drafts else root[..., 0]), lookup
+
+    def copy_bonus(self, logits: torch.Tensor, z: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:
+        """Head 1's logits [..., V'] with the token lookup found raised by a learned amount: a function
+        of the head's state z [..., H] per matched n-gram length (zero at the start, none without a match)."""
+        n, token = lookup[..., 0].expand(z.shape[:-1]), lookup[..., 1].expand(z.shape[:-1])
+        bonus = self.lookup_bonus(z).gather(-1, n[..., None])  # [..., 1]
+        found = (self.vocab_ids == token[..., None]) & (n > 0)[..., None]  # [..., V']
+        return logits + bonus.to(logits.dtype) * found.to(logits.dtype)
 
     def lookup_input(self, lookup: torch.Tensor, dtype) -> torch.Tensor:
         """lookup [..., 2]: (n, token), the n-gram ending in the root that prompt lookup matched (n = 0:
@@ -228,7 +244,14 @@ class DraftHeads(nn.Module):
         return self
 
     def forward(self, h: torch.Tensor, root: torch.Tensor | None = None, heads: int | None = None) -> torch.Tensor:
-        return self.logits(self.states(h, root, heads))
+        states = self.states(h, root, heads)  # [..., K, H]
+        logits = self.logits(states)  # [..., K, V']
+        if self.config.reads_lookup:
+            lookup = self.split_lookup(root)[1]
+            logits = torch.cat(
+                [self.copy_bonus(logits[..., :1, :], states[..., :1, :], lookup[..., None, :]), logits[..., 1:, :]], -2
+            )
+        return logits
 
     def topk_tokens(
         self,
@@ -300,7 +323,10 @@ class DraftHeads(nn.Module):
             elif self.config.reads_lookup:
                 prev = prev + self.lookup_input(inputs[1:], h.dtype)  # the root's chain start, as ``states``
             z = self._state(k, h.expand(nodes.numel(), -1), prev)  # [I, H]
-            top = self._logits(k, z).topk(top_k, dim=-1).indices  # [I, top_k]
+            logits = self._logits(k, z)  # [I, V']
+            if k == 0 and self.config.reads_lookup:
+                logits = self.copy_bonus(logits, z, inputs[1:])
+            top = logits.topk(top_k, dim=-1).indices  # [I, top_k]
             tokens[children] = self.vocab_ids[top[rows, ranks]]
         return tokens
 
@@ -349,7 +375,9 @@ def random_heads(lm, head_type: str, seed: int = 0, scale: float = 0.02, **kw) -
     """Heads with random (non-zero) block weights: a stand-in for badly trained heads in tests."""
     heads = new_heads(lm, head_type, **kw)
     g = torch.Generator().manual_seed(seed)
-    reads = [heads.lookup_token.weight, heads.lookup_ngram.weight] if heads.config.reads_lookup else []
+    reads = []
+    if heads.config.reads_lookup:
+        reads = [*heads.lookup_token.parameters(), *heads.lookup_ngram.parameters(), *heads.lookup_bonus.parameters()]
     for p in [*heads.blocks.parameters(), *reads]:
         p.data = (torch.randn(p.shape, generator=g) * scale).to(p)
     return heads.to(lm.dtype)

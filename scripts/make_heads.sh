@@ -10,7 +10,9 @@
 # Usage: scripts/make_heads.sh OUT_DIR, with the default model installed and this repository importable.
 # Environment: DEVICE, WEIGHTS, RUNTIME, ANSWERS, GENERATE, PROMPTS, BATCH, MAX_NEW, DISTILL_SECONDS,
 # DISTILL_TOKENS, TRAIN_SECONDS (0 = no limit), EPOCHS, TRAIN_BATCH, LR, TRAIN_ARGS (more `cerberus train`
-# options for every run, e.g. --own-lm-head), CERBERUS_ARGS (for the Cerberus run only, e.g. --reads-drafts), RESUME (1: continue the training runs in RUNS), CURVE, BUDGET,
+# options for every run, e.g. --own-lm-head), CERBERUS_ARGS (for the Cerberus runs only, e.g. --reads-drafts),
+# LOOKUP_STEPS (the lookup adapter's steps; its heads, runs/cerberus-lookup, are the shipped Cerberus heads),
+# RESUME (1: continue the training runs in RUNS), CURVE, BUDGET,
 # DATA, RUNS, CLI,
 # STAGES (any of distill, train, curve; all three by default).
 set -uo pipefail
@@ -57,8 +59,11 @@ fi
 if [[ " $stages " == *" train "* ]]; then
     train medusa --heads-type medusa
     train cerberus --heads-type cerberus ${CERBERUS_ARGS:-}
+    # then what reads prompt lookup, on top of the trained Cerberus heads (which stay as they are)
+    [ -d "$runs/cerberus/heads" ] && train cerberus-lookup --heads-type cerberus ${CERBERUS_ARGS:-} --reads-lookup \
+        --train-only lookup --init-from "$runs/cerberus/heads" --max-steps "${LOOKUP_STEPS:-373}"
     heads=()
-    for t in medusa cerberus; do  # the final heads, or the last checkpoint of a run that ran out of time
+    for t in medusa cerberus cerberus-lookup; do  # the final heads, or the last checkpoint of a run that ran out of time
         if [ -d "$runs/$t/heads" ]; then heads+=("$runs/$t/heads"); elif [ -d "$runs/$t/latest" ]; then heads+=("$runs/$t/latest"); fi
     done
     tar -cf "$out/heads.tar" "${heads[@]}" $(ls "$runs"/*/summary.json 2>/dev/null)

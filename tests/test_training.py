@@ -381,3 +381,21 @@ def test_heads_that_read_lookup_need_shards_with_prompts(tiny_lm, tiny_data, tmp
         save_file({k: v for k, v in shard.items() if not k.startswith("prompt_")}, path)
     with pytest.raises(CerberusError, match="re-run `cerberus distill`"):
         train(tiny_lm, old, tmp_path / "run", _cfg(root_token=True, reads_lookup=True))
+
+
+def test_a_lookup_adapter_leaves_the_heads_it_starts_from_as_they_were(tiny_lm, tiny_data, tmp_path):
+    """``--train-only lookup``: only the weights that read lookup train; the started-from heads' own
+    weights come out bitwise the same, and their training record is kept beside the adapter's."""
+    from cerberus_decoding.heads import load_heads
+
+    train(tiny_lm, tiny_data, tmp_path / "start", _cfg(root_token=True))
+    start_dir = str(tmp_path / "start" / "heads")
+    adapter = _cfg(root_token=True, reads_lookup=True, init_from=start_dir, train_only="lookup", lr=1e-2)
+    train(tiny_lm, tiny_data, tmp_path / "adapter", adapter)
+    start, heads = (load_heads(tmp_path / run / "heads", tiny_lm) for run in ("start", "adapter"))
+    for name, weight in start.state_dict().items():
+        assert torch.equal(heads.state_dict()[name], weight), name
+    assert heads.lookup_bonus.weight.abs().sum() > 0
+    assert heads.config.training["started_from"]["step"] == start.config.training["step"]
+    with pytest.raises(CerberusError, match="--train-only lookup needs --reads-lookup"):
+        train(tiny_lm, tiny_data, tmp_path / "bad", _cfg(root_token=True, init_from=start_dir, train_only="lookup"))

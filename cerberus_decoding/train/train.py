@@ -57,6 +57,9 @@ class TrainConfig:
     save_every: int = 200
     seed: int = 0
     init_from: str = ""  # heads directory to start from (same shapes; ``reads_drafts`` may differ)
+    train_only: str = (
+        ""  # "lookup": with init_from, train only what reads lookup; the started-from heads stay as they are
+    )
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); for tests and time budgets
     max_positions: int = 0  # train on the first N training positions only (0 = all): accuracy vs data size
     precision: str = "float32"  # the heads' matmuls: float32, bfloat16 (autocast) or auto (training_precision)
@@ -341,10 +344,11 @@ def load_trainer_state(path: Path, cfg: TrainConfig, train_positions: int) -> di
     return state
 
 
-def start_from(heads: DraftHeads, path: str | Path, lm) -> None:
+def start_from(heads: DraftHeads, path: str | Path, lm) -> dict:
     """Copy trained heads' weights and head vocabulary into ``heads`` (``--init-from``): they must
-    have been trained for this base model with the same shapes; ``reads_drafts`` may differ (heads
-    with it have the same weights, and learn to read the drafts from there)."""
+    have been trained for this base model with the same shapes; ``reads_drafts`` and ``reads_lookup``
+    may differ (heads with them have the same weights and more, which start at zero or learn from
+    there). -> their training record."""
     from ..heads import load_heads
 
     start = load_heads(path, lm)
@@ -361,6 +365,7 @@ def start_from(heads: DraftHeads, path: str | Path, lm) -> None:
     missing, _ = heads.load_state_dict(weights, strict=False)  # heads that read lookup: its weights start at zero
     if any(not k.startswith("lookup_") for k in missing):
         raise CerberusError(f"--init-from {path}: those heads lack {missing}; train with the same options.")
+    return start.config.training
 
 
 def check_finite_loss(loss: torch.Tensor, step: int) -> None:
@@ -419,9 +424,9 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     )
     heads = DraftHeads(hc)
     heads.attach_base(lm.model)  # LM head rows and, for root_token heads, the input embeddings
-    missed = 0.0
+    missed, started_from = 0.0, None
     if cfg.init_from:
-        start_from(heads, cfg.init_from, lm)
+        started_from = start_from(heads, cfg.init_from, lm)  # their own training record, kept with ours
         missed = vocab_missed(train_y, heads.vocab_ids)
     elif cfg.head_vocab and cfg.head_vocab < weight.shape[0]:
         vocab_ids, missed = frequent_vocab(train_y, cfg.head_vocab, weight.shape[0])
@@ -435,6 +440,11 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         where = target_positions(rows, cfg.num_heads)[train_idx].clamp_min(0)  # no target: its label is IGNORE
         soft = (where, soft_ids, soft_probs)
 
+    if cfg.train_only:
+        if cfg.train_only != "lookup" or not (cfg.reads_lookup and cfg.init_from):
+            raise CerberusError("--train-only lookup needs --reads-lookup and --init-from (the heads it adds to).")
+        for name, p in heads.named_parameters():
+            p.requires_grad_(name.startswith("lookup_"))
     params = [p for p in heads.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_train = train_h.shape[0]
@@ -491,6 +501,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
             "train_positions": n_train,
             "head_vocab_missed": round(missed, 4),
             "eval": history["eval"][-1] if history["eval"] else None,
+            **({"started_from": started_from} if started_from else {}),
         }
         save_heads(core, out / ("heads" if final else "latest"))
 
