@@ -130,7 +130,7 @@ class Decoder:
         self.tree = tree.to(lm.device) if tree is not None else None
         self.method = method or ("ar" if heads is None else heads.config.head_type)
         self.drafter = drafter  # optional extra draft source (prompt lookup), see lookup.py
-        reads_lookup = heads is not None and getattr(heads.config, "reads_lookup", False)
+        reads_lookup = heads is not None and heads.config.reads_lookup
         self.lookup_index = NgramIndex() if reads_lookup else None  # the context's n-grams, for those heads
         self.runtime = lm.runtime
         self.vocab_size = int(lm.model.config.vocab_size)  # valid token ids: [0, vocab_size)

@@ -109,9 +109,8 @@ class DraftHeads(nn.Module):
         if config.reads_lookup:  # zero at the start: untrained, the heads read the root alone
             self.lookup_token = nn.Linear(H, H, bias=False)  # the token lookup proposes, embedded
             self.lookup_ngram = nn.Embedding(NGRAM + 1, H)  # how long the matched n-gram was (0: none)
-            self.lookup_bonus = nn.Linear(
-                H, NGRAM + 1
-            )  # head 1's logit bonus for that token, per n-gram length (0: unused)
+            # head 1's logit bonus for that token, per n-gram length (0: unused)
+            self.lookup_bonus = nn.Linear(H, NGRAM + 1)
             for weight in (self.lookup_token.weight, self.lookup_ngram.weight, *self.lookup_bonus.parameters()):
                 nn.init.zeros_(weight)
         v_head = config.head_vocab_size or config.vocab_size

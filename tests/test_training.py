@@ -397,5 +397,9 @@ def test_a_lookup_adapter_leaves_the_heads_it_starts_from_as_they_were(tiny_lm, 
         assert torch.equal(heads.state_dict()[name], weight), name
     assert heads.lookup_bonus.weight.abs().sum() > 0
     assert heads.config.training["started_from"]["step"] == start.config.training["step"]
-    with pytest.raises(CerberusError, match="--train-only lookup needs --reads-lookup"):
+    with pytest.raises(CerberusError, match="those heads read lookup"):  # the adapter would be dropped
+        train(
+            tiny_lm, tiny_data, tmp_path / "drop", _cfg(root_token=True, init_from=str(tmp_path / "adapter" / "heads"))
+        )
+    with pytest.raises(CerberusError, match="needs --reads-lookup and --init-from"):
         train(tiny_lm, tiny_data, tmp_path / "bad", _cfg(root_token=True, init_from=start_dir, train_only="lookup"))

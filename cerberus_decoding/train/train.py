@@ -29,6 +29,7 @@ from ..heads import (
     save_heads,
     with_lookup,
 )
+from ..lookup import lookup_matches
 from ..models import CerberusError
 
 IGNORE = -100
@@ -57,9 +58,8 @@ class TrainConfig:
     save_every: int = 200
     seed: int = 0
     init_from: str = ""  # heads directory to start from (same shapes; ``reads_drafts`` may differ)
-    train_only: str = (
-        ""  # "lookup": with init_from, train only what reads lookup; the started-from heads stay as they are
-    )
+    # "lookup": with init_from, train only what reads lookup; the started-from heads stay as they are
+    train_only: str = ""
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); for tests and time budgets
     max_positions: int = 0  # train on the first N training positions only (0 = all): accuracy vs data size
     precision: str = "float32"  # the heads' matmuls: float32, bfloat16 (autocast) or auto (training_precision)
@@ -236,8 +236,6 @@ def head_inputs(roots: torch.Tensor, labels: torch.Tensor, reads_drafts: bool) -
 def answer_lookup(prompts: list[list[int]], tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """[N, 2]: what prompt lookup finds at every answer position (``lookup.lookup_matches``), given
     each answer's prompt ids (``prompts[row]``)."""
-    from ..lookup import lookup_matches
-
     ids, row_ids = tokens.tolist(), rows.tolist()
     out, start = [], 0
     while start < len(ids):
@@ -362,7 +360,9 @@ def start_from(heads: DraftHeads, path: str | Path, lm) -> dict:
         )
     heads.set_vocab(start.vocab_ids.cpu(), lm.model.get_output_embeddings().weight.detach().float().cpu())
     weights = {k: v.float() if v.is_floating_point() else v for k, v in start.state_dict().items()}
-    missing, _ = heads.load_state_dict(weights, strict=False)  # heads that read lookup: its weights start at zero
+    missing, unexpected = heads.load_state_dict(weights, strict=False)  # reading lookup: its weights start at zero
+    if unexpected:
+        raise CerberusError(f"--init-from {path}: those heads read lookup; train with --reads-lookup to keep it.")
     if any(not k.startswith("lookup_") for k in missing):
         raise CerberusError(f"--init-from {path}: those heads lack {missing}; train with the same options.")
     return start.config.training
@@ -442,7 +442,10 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
 
     if cfg.train_only:
         if cfg.train_only != "lookup" or not (cfg.reads_lookup and cfg.init_from):
-            raise CerberusError("--train-only lookup needs --reads-lookup and --init-from (the heads it adds to).")
+            raise CerberusError(
+                f"--train-only {cfg.train_only}: the one choice is 'lookup', which needs --reads-lookup and "
+                "--init-from (the heads it adds to)."
+            )
         for name, p in heads.named_parameters():
             p.requires_grad_(name.startswith("lookup_"))
     params = [p for p in heads.parameters() if p.requires_grad]
