@@ -119,6 +119,7 @@ class DraftHeads(nn.Module):
             self.lm_heads = nn.ModuleList(nn.Linear(H, v_head, bias=False) for _ in range(K))
         self.register_buffer("shared_weight", torch.empty(0), persistent=False)  # [V', H]
         self.packed_logits = None  # pack_for: shared_weight (or each own LM head) in a faster format, inference only
+        self.packed_lookup_token = None  # pack_for: lookup_token in that format (``reads_lookup``)
         self.register_buffer("embed_weight", torch.empty(0), persistent=False)  # [V, H], root_token only
         self.graphs: dict = {}  # (k, heads, rootless, dtype) or ("draft", tree, dtype) -> a captured call (CUDA graphs)
         if lm_head_weight is not None:
@@ -191,7 +192,8 @@ class DraftHeads(nn.Module):
         none) and the token that followed it -> [..., H], what the chain's start adds for it"""
         n, token = lookup[..., 0], lookup[..., 1]
         found = F.embedding(token.clamp_min(0), self.embed_weight).to(dtype) * (n > 0)[..., None].to(dtype)
-        return self.lookup_token(found) + self.lookup_ngram(n).to(dtype)
+        linear = self.lookup_token if self.packed_lookup_token is None else self.packed_lookup_token
+        return linear(found) + self.lookup_ngram(n).to(dtype)
 
     def _state(self, k: int, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """Head k's state: h [..., H] and (Cerberus) what its chain passes it, prev [..., H] -> [..., H]"""
@@ -236,6 +238,8 @@ class DraftHeads(nn.Module):
         for blocks in self.blocks:
             for block in blocks:
                 block.packed = packed(block.linear.weight, block.linear.bias)
+        if self.config.reads_lookup:
+            self.packed_lookup_token = packed(self.lookup_token.weight)
         if self.config.own_lm_head:
             self.packed_logits = [packed(head.weight) for head in self.lm_heads]
         else:

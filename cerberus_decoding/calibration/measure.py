@@ -191,7 +191,8 @@ def observe(
     lookup = torch.full((int(lm.model.config.vocab_size),), -1, dtype=torch.long, device=device)
     lookup[heads.vocab_ids.to(device)] = torch.arange(heads.vocab_ids.numel(), device=device)
     seq = torch.tensor(ids + [-1] * (num_heads + 2), device=device)  # padded: -1 past the end
-    found = torch.tensor(lookup_matches(list(prompt_ids), list(answer_ids)), device=device).reshape(-1, 2)  # [T, 2]
+    if heads.config.reads_lookup:  # what prompt lookup finds at each root [T, 2]
+        found = torch.tensor(lookup_matches(list(prompt_ids), list(answer_ids)), device=device).reshape(-1, 2)
     ranks, h_ent, l_ent = [], [], []
     for a in range(0, states.shape[0], chunk):
         h = states[a : a + chunk]  # [c, H]

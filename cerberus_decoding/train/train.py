@@ -236,14 +236,10 @@ def head_inputs(roots: torch.Tensor, labels: torch.Tensor, reads_drafts: bool) -
 def answer_lookup(prompts: list[list[int]], tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """[N, 2]: what prompt lookup finds at every answer position (``lookup.lookup_matches``), given
     each answer's prompt ids (``prompts[row]``)."""
-    ids, row_ids = tokens.tolist(), rows.tolist()
-    out, start = [], 0
-    while start < len(ids):
-        end = start
-        while end < len(ids) and row_ids[end] == row_ids[start]:
-            end += 1
-        out += lookup_matches(prompts[row_ids[start]], ids[start:end])
-        start = end
+    answer_rows, lengths = rows.unique_consecutive(return_counts=True)
+    out = []
+    for row, answer in zip(answer_rows.tolist(), tokens.split(lengths.tolist()), strict=True):
+        out += lookup_matches(prompts[row], answer.tolist())
     return torch.tensor(out, dtype=torch.long).reshape(-1, 2)
 
 
