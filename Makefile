@@ -44,9 +44,11 @@ $(ANSWERS): $(ANSWERS_XZ)
 	mkdir -p data && xz -dkc $(ANSWERS_XZ) > $@
 
 heads: $(STAMP) $(ANSWERS)
-	CLI=$(BIN)/cerberus DEVICE=cpu WEIGHTS=float32 BATCH=256 GENERATE=0 TRAIN_SECONDS=0 RESUME=1 STAGES="distill train" \
+	# shards of 256 answers here: the last 4 are the last 1,024 answers, kept for the lookup adapter
+	CLI=$(BIN)/cerberus DEVICE=cpu WEIGHTS=float32 BATCH=256 ADAPTER_SHARDS=4 GENERATE=0 TRAIN_SECONDS=0 RESUME=1 STAGES="distill train" \
 		ANSWERS=$(ANSWERS) scripts/make_heads.sh out/heads-cpu
-	for t in medusa cerberus; do rm -rf $(HEADS_DIR)/$$t && cp -r runs/$$t/heads $(HEADS_DIR)/$$t && \
+	for t in medusa cerberus; do run=runs/$$t; [ $$t = medusa ] || run=runs/cerberus-lookup; \
+		rm -rf $(HEADS_DIR)/$$t && cp -r $$run/heads $(HEADS_DIR)/$$t && \
 		$(BIN)/cerberus calibrate --heads $(HEADS_DIR)/$$t --device cpu --into-heads || exit 1; done
 
 heads-gpu: $(ANSWERS)

@@ -47,7 +47,7 @@ def tree_accepts(
 ) -> torch.Tensor:
     """[N] draft tokens ``tree`` accepts per step at every position of the answers (bonus not counted):
     the longest prefix of a leaf's path (``tree.paths``) that equals the answer's next tokens.
-    ``lookup`` [N, 2]: what prompt lookup found at each position (heads that read it)."""
+    ``lookup`` [N, 1 + T]: what prompt lookup found at each position (heads that read it)."""
     leaf_paths = [[n for n in path if n < tree.size] for path in tree.paths.tolist()]  # node ids by depth
     token_ids, row_ids = tokens.tolist(), rows.tolist()
     accepted = torch.zeros(hidden.shape[0])
@@ -100,7 +100,8 @@ def main() -> None:
         inputs = head_inputs(tokens, labels, heads.config.reads_drafts)
         lookup = None
         if heads.config.reads_lookup:
-            lookup = answer_lookup([chat_ids(lm.tokenizer, p.text) for p in prompts], tokens, rows)  # [N, 2]
+            prompt_ids = [chat_ids(lm.tokenizer, p.text) for p in prompts]
+            lookup = answer_lookup(prompt_ids, tokens, rows, heads.config)  # [N, 1 + T]
             inputs = with_lookup(inputs, lookup)
         scores = {"all": evaluate(heads, hidden, labels, inputs)}
         accepted = tree_accepts(heads, tree, hidden, tokens, rows, lookup)  # [N], drafted once for every group

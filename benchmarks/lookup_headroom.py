@@ -37,7 +37,7 @@ def main() -> None:
     prompts = [chat_ids(lm.tokenizer, q.turns[0]) for q in load_questions(BUILTIN)]
     heads = load_heads(args.heads or default_heads_dir(lm, "cerberus"), lm).eval()
     labels = head_labels(tokens, rows, heads.config.num_heads)
-    lookup = answer_lookup(prompts, tokens, rows)  # [N, 2]
+    lookup = answer_lookup(prompts, tokens, rows, heads.config)  # [N, 1 + T]
     inputs = head_inputs(tokens, labels, heads.config.reads_drafts)
     if heads.config.reads_lookup:
         inputs = with_lookup(inputs, lookup)

@@ -610,6 +610,12 @@ def train(
     max_positions: int = typer.Option(
         0, "--max-positions", min=0, help="Train on the first N distilled positions only (0 = all): accuracy vs size."
     ),
+    shards: str = typer.Option(
+        "",
+        "--shards",
+        help="Train on these of the data's shards, START:STOP in name order (a Python slice): e.g. ':-1' all but "
+        "the last, '-1:' the last (what the lookup adapter trains on: answers the heads never saw).",
+    ),
     loss_decay: float = typer.Option(0.8, "--loss-decay", min=0.0, help="Head k's loss weighs DECAY**k."),
     soft_targets: int = typer.Option(
         0, "--soft-targets", min=0, help="Also learn the base model's top-K distribution at each target (0 = off)."
@@ -660,6 +666,7 @@ def train(
         save_every=save_every,
         max_steps=max_steps,
         max_positions=max_positions,
+        shards=shards,
         loss_decay=loss_decay,
         soft_targets=soft_targets,
         soft_weight=soft_weight,

@@ -131,7 +131,7 @@ class Decoder:
         self.method = method or ("ar" if heads is None else heads.config.head_type)
         self.drafter = drafter  # optional extra draft source (prompt lookup), see lookup.py
         reads_lookup = heads is not None and heads.config.reads_lookup
-        self.lookup_index = NgramIndex() if reads_lookup else None  # the context's n-grams, for those heads
+        self.lookup_index = NgramIndex(heads.config.lookup_max_ngram) if reads_lookup else None  # for those heads
         self.runtime = lm.runtime
         self.vocab_size = int(lm.model.config.vocab_size)  # valid token ids: [0, vocab_size)
         self.tokenizer = lm.tokenizer
@@ -287,7 +287,8 @@ class Decoder:
             self.heads_calls += 1
             lookup = None
             if self.lookup_index is not None:  # heads that read what prompt lookup finds after the root
-                lookup = torch.tensor(first_match(self.lookup_index, int(root)), device=root.device)
+                found = first_match(self.lookup_index, int(root), self.heads.config.lookup_tokens)
+                lookup = torch.tensor(found, device=root.device)
             return self.heads.draft(hidden, root, self.tree, self.runtime.cuda_graphs, lookup)
 
         if self.drafter is not None:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lookup import NGRAM
+from .lookup import HEADS_NGRAM, NGRAM
 from .models import CerberusError, process_alive
 from .runtime import capture
 
@@ -58,6 +58,8 @@ class HeadsConfig:
     root_token: bool = False  # cerberus only: the chain starts from the root token's embedding
     reads_drafts: bool = False  # root_token heads: head k >= 2 also reads the token head k - 1 drafted
     reads_lookup: bool = False  # root_token heads: the chain also reads what prompt lookup found after the root
+    lookup_tokens: int = 1  # reads_lookup: how many of lookup's tokens are read; head k's logits raise the k-th
+    lookup_max_ngram: int = NGRAM  # reads_lookup: the longest n-gram matched (the match's length n is read up to it)
     base_model: dict = field(default_factory=dict)
     gate: str = "logits"  # default gate for this checkpoint: hidden | logits | off
     gate_threshold: float = float("inf")
@@ -98,6 +100,8 @@ class DraftHeads(nn.Module):
             raise CerberusError("reads_drafts needs root_token heads (the drafts continue the root's chain).")
         if config.reads_lookup and not config.root_token:
             raise CerberusError("reads_lookup needs root_token heads (the lookup continues the root).")
+        if config.reads_lookup and not 1 <= config.lookup_tokens <= config.num_heads:
+            raise CerberusError(f"lookup_tokens must be 1..num_heads ({config.num_heads}); got {config.lookup_tokens}.")
         self.config = config
         H, K, L = config.hidden_size, config.num_heads, config.num_layers
         sequential = config.head_type == "cerberus"
@@ -108,9 +112,11 @@ class DraftHeads(nn.Module):
         )
         if config.reads_lookup:  # zero at the start: untrained, the heads read the root alone
             self.lookup_token = nn.Linear(H, H, bias=False)  # the token lookup proposes, embedded
-            self.lookup_ngram = nn.Embedding(NGRAM + 1, H)  # how long the matched n-gram was (0: none)
-            # head 1's logit bonus for that token, per n-gram length (0: unused)
-            self.lookup_bonus = nn.Linear(H, NGRAM + 1)
+            self.lookup_ngram = nn.Embedding(
+                config.lookup_max_ngram + 1, H
+            )  # how long the matched n-gram was (0: none)
+            # head k's logit bonus for lookup's k-th token, per n-gram length (0: unused) [T * (n_max + 1)]
+            self.lookup_bonus = nn.Linear(H, config.lookup_tokens * (config.lookup_max_ngram + 1))
             for weight in (self.lookup_token.weight, self.lookup_ngram.weight, *self.lookup_bonus.parameters()):
                 nn.init.zeros_(weight)
         v_head = config.head_vocab_size or config.vocab_size
@@ -172,24 +178,30 @@ class DraftHeads(nn.Module):
         return torch.stack(outs, dim=-2)
 
     def split_lookup(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What root_token heads read besides h -> (the root [...] or path [..., K], lookup's (n, token)
-        [..., 2] or None for heads that do not read lookup)."""
+        """What root_token heads read besides h -> (the root [...] or path [..., K], lookup's
+        (n, t_1 .. t_T) [..., 1 + T] or None for heads that do not read lookup)."""
         if not self.config.reads_lookup:
             return inputs, None
-        root, lookup = inputs[..., :-2], inputs[..., -2:]
+        root, lookup = inputs[..., : -1 - self.config.lookup_tokens], inputs[..., -1 - self.config.lookup_tokens :]
         return (root if self.config.reads_drafts else root[..., 0]), lookup
 
-    def copy_bonus(self, logits: torch.Tensor, z: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:
-        """Head 1's logits [..., V'] with the token lookup found raised by a learned amount: a function
-        of the head's state z [..., H] per matched n-gram length (zero at the start, none without a match)."""
-        n, token = lookup[..., 0].expand(z.shape[:-1]), lookup[..., 1].expand(z.shape[:-1])
-        bonus = self.lookup_bonus(z).gather(-1, n[..., None])  # [..., 1]
-        found = (self.vocab_ids == token[..., None]) & (n > 0)[..., None]  # [..., V']
+    def copy_bonus(self, logits: torch.Tensor, z: torch.Tensor, lookup: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Heads first .. first + J - 1's logits [..., J, V'] with lookup's token for each (its
+        ``first + j + 1``-th) raised by a learned amount: a function of the head's state z [..., J, H]
+        per matched n-gram length (zero at the start, none without a match). lookup [..., 1 + T]."""
+        J, T, lengths = logits.shape[-2], self.config.lookup_tokens, self.config.lookup_max_ngram + 1
+        weight = self.lookup_bonus.weight.view(T, lengths, -1)[first : first + J].to(z.dtype)  # [J, n_max + 1, H]
+        bias = self.lookup_bonus.bias.view(T, lengths)[first : first + J].to(z.dtype)
+        per_length = torch.einsum("...jh,jnh->...jn", z, weight) + bias  # [..., J, n_max + 1]
+        n = lookup[..., 0, None, None].expand(*z.shape[:-1], 1)  # [..., J, 1]
+        bonus = per_length.gather(-1, n)  # [..., J, 1]
+        token = lookup[..., 1 + first : 1 + first + J].expand(z.shape[:-1])  # [..., J]
+        found = (self.vocab_ids == token[..., None]) & (n > 0)  # [..., J, V']
         return logits + bonus.to(logits.dtype) * found.to(logits.dtype)
 
     def lookup_input(self, lookup: torch.Tensor, dtype) -> torch.Tensor:
-        """lookup [..., 2]: (n, token), the n-gram ending in the root that prompt lookup matched (n = 0:
-        none) and the token that followed it -> [..., H], what the chain's start adds for it"""
+        """lookup [..., 1 + T]: (n, t_1 .. t_T), the n-gram ending in the root that prompt lookup matched
+        (n = 0: none) and the tokens that followed it -> [..., H], what the chain's start adds for t_1"""
         n, token = lookup[..., 0], lookup[..., 1]
         found = F.embedding(token.clamp_min(0), self.embed_weight).to(dtype) * (n > 0)[..., None].to(dtype)
         linear = self.lookup_token if self.packed_lookup_token is None else self.packed_lookup_token
@@ -250,9 +262,9 @@ class DraftHeads(nn.Module):
         states = self.states(h, root, heads)  # [..., K, H]
         logits = self.logits(states)  # [..., K, V']
         if self.config.reads_lookup:
-            lookup = self.split_lookup(root)[1]
+            lookup, J = self.split_lookup(root)[1], min(self.config.lookup_tokens, logits.shape[-2])
             logits = torch.cat(
-                [self.copy_bonus(logits[..., :1, :], states[..., :1, :], lookup[..., None, :]), logits[..., 1:, :]], -2
+                [self.copy_bonus(logits[..., :J, :], states[..., :J, :], lookup), logits[..., J:, :]], -2
             )
         return logits
 
@@ -266,7 +278,7 @@ class DraftHeads(nn.Module):
         lookup: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """h [H], root [] or [1] -> [K, k] token ids, best first ([heads, k]: only the heads a tree reaches).
-        ``lookup`` [2]: what prompt lookup found after the root (``reads_lookup`` heads: ``lookup.first_match``).
+        ``lookup`` [1 + T]: what prompt lookup found after the root (``reads_lookup`` heads: ``lookup.first_match``).
         ``graphs``: on CUDA, replayed from a CUDA graph per (k, heads): ~30 small kernels, whose
         launches bound the call there (0.8 ms a step on an H200). Inference only: a graph keeps
         the weights it was captured with."""
@@ -278,7 +290,7 @@ class DraftHeads(nn.Module):
         return self._replay(key, lambda h, root: self._topk_tokens(h, k, root, heads), h, root)
 
     def inputs(self, root: torch.Tensor, lookup: torch.Tensor | None) -> torch.Tensor:
-        """What ``states`` reads besides h at one position: the root [] (and lookup's (n, token): [3])."""
+        """What ``states`` reads besides h at one position: the root [] (and lookup's (n, t_1 .. t_T): [2 + T])."""
         if not self.config.reads_lookup:
             return root.reshape(())
         if lookup is None:
@@ -305,11 +317,11 @@ class DraftHeads(nn.Module):
     def draft(self, h: torch.Tensor, root: torch.Tensor, tree, graphs=False, lookup=None) -> torch.Tensor:
         """h [H], root [1] -> the tree's node tokens [N+1], the root first. Heads that read drafts
         run once per node with children, depth by depth: a node's children are the top tokens of the
-        head at its depth given the node's own token and its parent's head state. ``lookup`` [2]:
+        head at its depth given the node's own token and its parent's head state. ``lookup`` [1 + T]:
         what prompt lookup found after the root (``reads_lookup`` heads)."""
         if not self.config.reads_drafts:
             return tree.candidates(root, self.topk_tokens(h, tree.top_k, root, tree.num_heads, graphs, lookup))
-        inputs = self.inputs(root, lookup).reshape(-1)  # [1] or [3]
+        inputs = self.inputs(root, lookup).reshape(-1)  # [1] or [2 + T]
         if not (graphs and h.is_cuda):
             return self._draft(h, inputs, tree)
         key = ("draft", tuple(tree.choices), h.dtype)  # a tree's shape: its own graph
@@ -327,8 +339,8 @@ class DraftHeads(nn.Module):
                 prev = prev + self.lookup_input(inputs[1:], h.dtype)  # the root's chain start, as ``states``
             z = self._state(k, h.expand(nodes.numel(), -1), prev)  # [I, H]
             logits = self._logits(k, z)  # [I, V']
-            if k == 0 and self.config.reads_lookup:
-                logits = self.copy_bonus(logits, z, inputs[1:])
+            if self.config.reads_lookup and k < self.config.lookup_tokens:
+                logits = self.copy_bonus(logits[:, None], z[:, None], inputs[1:], first=k)[:, 0]
             top = logits.topk(top_k, dim=-1).indices  # [I, top_k]
             tokens[children] = self.vocab_ids[top[rows, ranks]]
         return tokens
@@ -336,7 +348,7 @@ class DraftHeads(nn.Module):
 
 def with_lookup(inputs: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:
     """What heads that read lookup read besides h, many positions at once: the root [N] or path [N, K]
-    and lookup's (n, token) [N, 2] (``lookup.first_match``) -> [N, 1 or K + 2]."""
+    and lookup's (n, t_1 .. t_T) [N, 1 + T] (``lookup.first_match``) -> [N, 1 or K + 1 + T]."""
     return torch.cat([inputs.reshape(inputs.shape[0], -1), lookup.to(inputs)], 1)
 
 
@@ -363,6 +375,8 @@ def new_heads(
         root_token=root_token,
         reads_drafts=reads_drafts,
         reads_lookup=reads_lookup,
+        lookup_tokens=num_heads if reads_lookup else 1,
+        lookup_max_ngram=HEADS_NGRAM if reads_lookup else NGRAM,
         base_model=model_fingerprint(lm.model, lm.name),
     )
     if seed is not None:

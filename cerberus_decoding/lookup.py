@@ -19,6 +19,7 @@ from .tree import Tree, tree_from_parents
 
 MAX_LEN = 10  # longest chain by default; calibration picks a length 0..MAX_LEN per machine
 NGRAM = 3  # longest n-gram matched
+HEADS_NGRAM = 8  # longest n-gram matched for heads that read lookup: a longer match copies more reliably
 MIN_NGRAM = 2  # shortest n-gram matched, next to the heads and alone
 
 
@@ -62,21 +63,24 @@ class NgramIndex:
         return 0, []
 
 
-def first_match(index: NgramIndex, root: int) -> tuple[int, int]:
-    """(n, token): the longest n-gram ending in ``root`` that ``index`` has seen and the token that
-    followed its latest occurrence, or (0, -1): what heads that read lookup read (``reads_lookup``)."""
-    n, chain = index.match(root, 1)
-    return (n, chain[0]) if chain else (0, -1)
+def first_match(index: NgramIndex, root: int, tokens: int = 1) -> list[int]:
+    """[n, t_1 .. t_tokens]: the longest n-gram ending in ``root`` that ``index`` has seen and the
+    ``tokens`` tokens that followed its latest occurrence (the start of ``pld``'s chain), or
+    [0, -1, ...] when there is none: what heads that read lookup read (``reads_lookup``)."""
+    n, chain = index.match(root, tokens)
+    return [n, *chain] if chain else [0] + [-1] * tokens
 
 
-def lookup_matches(prompt_ids: list[int], answer_ids: list[int], ngram: int = NGRAM) -> list[tuple[int, int]]:
+def lookup_matches(
+    prompt_ids: list[int], answer_ids: list[int], tokens: int = 1, ngram: int = NGRAM
+) -> list[list[int]]:
     """``first_match`` at each position t of an answer (root ``answer_ids[t]``, context the prompt and
     the answer before it), as decoding meets them: what heads that read lookup are trained on."""
     index = NgramIndex(ngram)
     index.reset(prompt_ids)
     out = []
     for root in answer_ids:
-        out.append(first_match(index, root))
+        out.append(first_match(index, root, tokens))
         index.extend([root])
     return out
 

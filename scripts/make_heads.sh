@@ -11,7 +11,8 @@
 # Environment: DEVICE, WEIGHTS, RUNTIME, ANSWERS, GENERATE, PROMPTS, BATCH, MAX_NEW, DISTILL_SECONDS,
 # DISTILL_TOKENS, TRAIN_SECONDS (0 = no limit), EPOCHS, TRAIN_BATCH, LR, TRAIN_ARGS (more `cerberus train`
 # options for every run, e.g. --own-lm-head), CERBERUS_ARGS (for the Cerberus runs only, e.g. --reads-drafts),
-# LOOKUP_STEPS (the lookup adapter's steps; its heads, runs/cerberus-lookup, are the shipped Cerberus heads),
+# ADAPTER_SHARDS (the last N shards, 1 by default, are kept for the lookup adapter: the heads never train on them),
+# LOOKUP_EPOCHS (the adapter's; its heads, runs/cerberus-lookup, are the shipped Cerberus heads),
 # RESUME (1: continue the training runs in RUNS), CURVE, BUDGET,
 # DATA, RUNS, CLI,
 # STAGES (any of distill, train, curve; all three by default).
@@ -57,11 +58,14 @@ if [[ " $stages " == *" distill "* ]]; then
 fi
 
 if [[ " $stages " == *" train "* ]]; then
-    train medusa --heads-type medusa
-    train cerberus --heads-type cerberus ${CERBERUS_ARGS:-}
-    # then what reads prompt lookup, on top of the trained Cerberus heads (which stay as they are)
-    [ -d "$runs/cerberus/heads" ] && train cerberus-lookup --heads-type cerberus ${CERBERUS_ARGS:-} --reads-lookup \
-        --train-only lookup --init-from "$runs/cerberus/heads" --max-steps "${LOOKUP_STEPS:-373}"
+    adapter=${ADAPTER_SHARDS:-1}
+    train medusa --heads-type medusa --shards ":-$adapter"
+    train cerberus --heads-type cerberus ${CERBERUS_ARGS:-} --shards ":-$adapter"
+    # then what reads prompt lookup, on top of the trained Cerberus heads (which stay as they are), on
+    # answers they never saw: on their own training answers they are more often right than on new text,
+    # and an adapter trained there learns to trust lookup too little
+    [ -d "$runs/cerberus/heads" ] && EPOCHS=${LOOKUP_EPOCHS:-2} train cerberus-lookup --heads-type cerberus \
+        ${CERBERUS_ARGS:-} --reads-lookup --train-only lookup --init-from "$runs/cerberus/heads" --shards "-$adapter:"
     heads=()
     for t in medusa cerberus cerberus-lookup; do  # the final heads, or the last checkpoint of a run that ran out of time
         if [ -d "$runs/$t/heads" ]; then heads+=("$runs/$t/heads"); elif [ -d "$runs/$t/latest" ]; then heads+=("$runs/$t/latest"); fi

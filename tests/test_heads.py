@@ -159,23 +159,31 @@ def test_heads_packed_for_a_quantized_model_rank_as_the_unpacked_ones(lm_f32, ow
     assert torch.equal(packed.argmax(-1)[clear], unpacked.argmax(-1)[clear])
 
 
-def test_heads_that_read_drafts_draft_each_node_from_its_own_path(lm_f32):
+@pytest.mark.parametrize("reads_lookup", [False, True])
+def test_heads_that_read_drafts_draft_each_node_from_its_own_path(lm_f32, reads_lookup):
     """``reads_drafts``: a node's children are the top tokens of the head at its depth given the
-    path to it (root, then each ancestor's token), the path the heads read in training."""
+    path to it (root, then each ancestor's token), the path the heads read in training (and, reading
+    lookup, each depth's copy bonus as training adds it)."""
     from cerberus_decoding.tree import DEFAULT_TREE, build_tree
 
-    heads = random_heads(lm_f32, "cerberus", seed=6, scale=0.1, root_token=True, reads_drafts=True)
+    heads = random_heads(
+        lm_f32, "cerberus", seed=6, scale=0.1, root_token=True, reads_drafts=True, reads_lookup=reads_lookup
+    )
     tree = build_tree(DEFAULT_TREE)
     h, root = torch.randn(576, generator=torch.Generator().manual_seed(1)), torch.tensor([42])
-    tokens = heads.draft(h, root, tree)  # [N+1]
+    found = torch.tensor([3, 900, 901, 902, 903]) if reads_lookup else None  # (n, t_1 .. t_4)
+    tokens = heads.draft(h, root, tree, lookup=found)  # [N+1]
     assert tokens[0] == 42 and tokens.shape == (tree.size,)
     for node in range(1, tree.size):
         ancestors = tree.mask[node, :node].nonzero().flatten().tolist()  # the root, ..., the parent
         path = torch.zeros(4, dtype=torch.long)
         path[: len(ancestors)] = tokens[ancestors]
         d = len(ancestors) - 1  # the head that drafts this node
-        ranked = heads.vocab_ids[heads(h, path)[d].topk(tree.top_k).indices]
+        inputs = path if found is None else torch.cat([path, found])
+        ranked = heads.vocab_ids[heads(h, inputs)[d].topk(tree.top_k).indices]
         assert tokens[node] == ranked[tree.choices[node - 1][-1]], node
+    if reads_lookup:
+        return
     a, b = heads(h, torch.tensor([42, 7, 0, 0])), heads(h, torch.tensor([42, 900, 0, 0]))
     torch.testing.assert_close(a[0], b[0])  # head 1 reads the root only
     assert not torch.allclose(a[1], b[1])  # head 2 reads the token head 1 drafted
@@ -207,19 +215,26 @@ def test_reads_lookup_needs_root_token_heads(lm_f32):
 
 def test_heads_that_read_lookup_start_as_heads_that_do_not_and_then_read_it(lm_f32):
     """Untrained, the lookup weights are zero: the heads draft what the same heads without them draft.
-    Trained (here: random), head 1's logits depend on the token lookup found and on the n-gram's length."""
+    Trained (here: random), head 1's logits depend on the token lookup found and on the n-gram's length,
+    and head k's copy bonus reads lookup's k-th token, only that one."""
     plain = random_heads(lm_f32, "cerberus", seed=3, scale=0.1, root_token=True)
     reading = new_heads(lm_f32, "cerberus", root_token=True, reads_lookup=True)
     reading.load_state_dict(plain.state_dict(), strict=False)
     h, root = torch.randn(576, generator=torch.Generator().manual_seed(2)), torch.tensor([42])
-    assert torch.equal(reading.topk_tokens(h, 3, root, lookup=torch.tensor([2, 900])), plain.topk_tokens(h, 3, root))
+    found = torch.tensor([2, 900, 901, 902, 903])  # (n, t_1 .. t_4): one token per head
+    assert reading.config.lookup_tokens == 4
+    assert torch.equal(reading.topk_tokens(h, 3, root, lookup=found), plain.topk_tokens(h, 3, root))
     with pytest.raises(CerberusError, match="prompt lookup"):
         reading.topk_tokens(h, 3, root)  # the engine must pass what lookup found
     heads = random_heads(lm_f32, "cerberus", seed=3, scale=0.1, root_token=True, reads_lookup=True)
-    a, b, c = (heads(h, torch.tensor([42, n, t])) for n, t in ((2, 900), (2, 7), (1, 900)))
+    a, b, c = (heads(h, torch.tensor([42, n, t, 901, 902, 903])) for n, t in ((2, 900), (2, 7), (1, 900)))
     assert not torch.allclose(a[0], b[0]) and not torch.allclose(a[0], c[0])
-    none = heads(h, torch.tensor([42, 0, -1]))  # no match: the token is not read
-    torch.testing.assert_close(none, heads(h, torch.tensor([42, 0, 5])))
+    third = heads(h, torch.tensor([42, 2, 900, 901, 7, 903]))  # another third token: head 3 alone changes
+    assert not torch.allclose(a[2], third[2])
+    torch.testing.assert_close(a[[0, 1, 3]], third[[0, 1, 3]], rtol=0, atol=0)
+    assert a[2].argmax() != third[2].argmax() or a[2, 902] != third[2, 902]  # the bonus sits on the token read
+    none = heads(h, torch.tensor([42, 0, -1, -1, -1, -1]))  # no match: the tokens are not read
+    torch.testing.assert_close(none, heads(h, torch.tensor([42, 0, 5, 6, 7, 8])))
 
 
 @pytest.mark.parametrize("reads_drafts", [False, True])
@@ -249,9 +264,10 @@ def test_heads_that_read_lookup_decode_losslessly_and_read_what_training_reads(t
     result = decoder.generate(ids, SamplingConfig(max_new_tokens=40))
     assert result.speculative_steps > 0
     assert_lossless(tiny_lm, ids, reference, result.token_ids)
-    expected = lookup_matches(ids, result.token_ids)
-    assert [found for _, found in seen] == [expected[t] for t, _ in seen]
-    assert any(n > 0 for _, (n, _) in seen)
+    expected = lookup_matches(ids, result.token_ids, heads.config.lookup_tokens, heads.config.lookup_max_ngram)
+    assert [list(found) for _, found in seen] == [expected[t] for t, _ in seen]
+    assert all(len(found) == 1 + heads.config.num_heads for _, found in seen)
+    assert any(found[0] > 0 for _, found in seen)
 
 
 def test_heads_that_read_lookup_pack_what_reads_it_too(lm_f32):
@@ -260,11 +276,11 @@ def test_heads_that_read_lookup_pack_what_reads_it_too(lm_f32):
     heads = random_heads(lm_f32, "cerberus", seed=7, scale=0.05, root_token=True, reads_lookup=True)
     heads = heads.to(torch.bfloat16).requires_grad_(False)
     h = torch.randn(576, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    inputs = torch.tensor([7, 3, 900])  # root, then lookup's (n, token)
+    inputs = torch.tensor([7, 3, 900, 901, 902, 903])  # root, then lookup's (n, t_1 .. t_4)
     unpacked = heads(h, inputs).float()  # [K, V']
     heads.pack_for("w4a8")
     assert heads.packed_lookup_token.fmt == ("w8a8" if w4a8_available() else "int8")
     heads.lookup_token.weight.zero_()  # the packed copy must be what runs
     packed = heads(h, inputs).float()
     torch.testing.assert_close(packed, unpacked, atol=0.05 * float(unpacked.abs().max()), rtol=0)
-    assert not torch.allclose(packed, heads(h, torch.tensor([7, 3, 5])).float())  # it still reads the token
+    assert not torch.allclose(packed, heads(h, torch.tensor([7, 3, 5, 901, 902, 903])).float())  # it reads t_1

@@ -332,6 +332,26 @@ def test_missing_data_is_a_clear_error(tmp_path):
         train_mod.load_distilled(tmp_path)
 
 
+def test_training_on_some_shards_keeps_the_answers_ids(tiny_lm, tiny_data, tmp_path):
+    """``--shards START:STOP`` loads those shards only; answer ids stay those of all the data (so the
+    prompts and the per-source report still line up), and a bad or empty selection is a clear error."""
+    hidden, tokens, rows = train_mod.load_distilled(tiny_data)
+    n_shards = len(list(tiny_data.glob("shard-*.safetensors")))
+    assert n_shards >= 2
+    last_h, last_t, last_r = train_mod.load_distilled(tiny_data, "-1:")
+    rest_h, rest_t, rest_r = train_mod.load_distilled(tiny_data, ":-1")
+    assert torch.equal(torch.cat([rest_t, last_t]), tokens) and torch.equal(torch.cat([rest_r, last_r]), rows)
+    assert torch.equal(torch.cat([rest_h, last_h]), hidden) and int(last_r.min()) == int(rest_r.max()) + 1
+    for bad in ("5", "a:b", "1:2:3"):
+        with pytest.raises(CerberusError, match="START:STOP"):
+            train_mod.load_distilled(tiny_data, bad)
+    with pytest.raises(CerberusError, match="selects none"):
+        train_mod.load_distilled(tiny_data, f"{n_shards}:")
+    summary = train(tiny_lm, tiny_data, tmp_path / "last", _cfg(shards="-1:", max_steps=2))
+    assert summary["train_positions"] + summary["eval_positions"] == len(last_t)
+    assert summary["config"]["shards"] == "-1:"
+
+
 def test_resuming_on_changed_data_is_refused(tiny_lm, tiny_data, tmp_path):
     """`make heads` resumes its runs: one started on other data must not silently continue."""
     import shutil
@@ -403,3 +423,38 @@ def test_a_lookup_adapter_leaves_the_heads_it_starts_from_as_they_were(tiny_lm, 
         )
     with pytest.raises(CerberusError, match="needs --reads-lookup and --init-from"):
         train(tiny_lm, tiny_data, tmp_path / "bad", _cfg(root_token=True, init_from=start_dir, train_only="lookup"))
+
+
+def test_heads_that_read_lookup_as_before_start_heads_that_read_more_of_it(tiny_lm, tiny_data, tmp_path):
+    """Heads that read only lookup's first token and n-grams up to 3 (trained before 2026-11-29) still
+    load and start a run whose heads read one token each and longer n-grams: head 1's copy bonus and the
+    n-gram rows carry over (the longer lengths start from the longest old one, which meant "at least
+    that long"), the deeper heads' bonuses start at zero."""
+    from dataclasses import replace as replace_config
+
+    from cerberus_decoding.heads import DraftHeads, load_heads, save_heads
+    from cerberus_decoding.lookup import HEADS_NGRAM, NGRAM
+
+    train(tiny_lm, tiny_data, tmp_path / "start", _cfg(root_token=True))
+    adapter = _cfg(root_token=True, reads_lookup=True, init_from=str(tmp_path / "start" / "heads"), lr=1e-2)
+    train(tiny_lm, tiny_data, tmp_path / "adapter", replace(adapter, train_only="lookup"))
+    heads = load_heads(tmp_path / "adapter" / "heads", tiny_lm)
+    assert (heads.config.lookup_tokens, heads.config.lookup_max_ngram) == (heads.config.num_heads, HEADS_NGRAM)
+    old = DraftHeads(replace_config(heads.config, lookup_tokens=1, lookup_max_ngram=NGRAM))
+    state = heads.state_dict()
+    for key in ("lookup_bonus.weight", "lookup_bonus.bias", "lookup_ngram.weight"):
+        rows = state[key].view(-1, HEADS_NGRAM + 1, *state[key].shape[1:])[0]  # head 1's (or the only) rows
+        state[key] = rows[: NGRAM + 1].clone()
+    old.load_state_dict(state)
+    save_heads(old, tmp_path / "old")
+    old = load_heads(tmp_path / "old", tiny_lm)
+    train(tiny_lm, tiny_data, tmp_path / "more", replace(adapter, init_from=str(tmp_path / "old"), max_steps=1, lr=0.0))
+    more = load_heads(tmp_path / "more" / "heads", tiny_lm)
+    bonus = more.lookup_bonus.weight.view(heads.config.num_heads, HEADS_NGRAM + 1, -1)
+    assert torch.equal(bonus[0, : NGRAM + 1], old.lookup_bonus.weight)
+    assert torch.equal(bonus[0, NGRAM + 1 :], old.lookup_bonus.weight[NGRAM].expand(HEADS_NGRAM - NGRAM, -1))
+    assert not bonus[1:].any() and not more.lookup_bonus.bias.view(-1, HEADS_NGRAM + 1)[1:].any()
+    assert torch.equal(more.lookup_ngram.weight[: NGRAM + 1], old.lookup_ngram.weight)
+    assert torch.equal(
+        more.lookup_ngram.weight[NGRAM + 1 :], old.lookup_ngram.weight[NGRAM].expand(HEADS_NGRAM - NGRAM, -1)
+    )

@@ -129,7 +129,9 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
     logits = rt.lm_head(hidden)[0]  # [V]
     hidden = hidden[0]
     root = greedy(logits).view(1)
-    found = torch.tensor([1, int(root)], device=device) if heads.config.reads_lookup else None  # heads that read lookup
+    found = None
+    if heads.config.reads_lookup:  # heads that read lookup: a match, so that every copy bonus runs
+        found = torch.tensor([1] + [int(root)] * heads.config.lookup_tokens, device=device)
     answer = torch.randint(vocab, (128,), generator=g).tolist()  # a mid-length answer to detokenise
     step, spec, by_depth = [], [], [[] for _ in range(k)]
     for _ in range(repeats + 1):
@@ -192,7 +194,9 @@ def observe(
     lookup[heads.vocab_ids.to(device)] = torch.arange(heads.vocab_ids.numel(), device=device)
     seq = torch.tensor(ids + [-1] * (num_heads + 2), device=device)  # padded: -1 past the end
     if heads.config.reads_lookup:  # what prompt lookup finds at each root [T, 2]
-        found = torch.tensor(lookup_matches(list(prompt_ids), list(answer_ids)), device=device).reshape(-1, 2)
+        T = heads.config.lookup_tokens
+        found = lookup_matches(list(prompt_ids), list(answer_ids), T, heads.config.lookup_max_ngram)
+        found = torch.tensor(found, device=device).reshape(-1, 1 + T)
     ranks, h_ent, l_ent = [], [], []
     for a in range(0, states.shape[0], chunk):
         h = states[a : a + chunk]  # [c, H]

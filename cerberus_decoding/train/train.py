@@ -29,7 +29,7 @@ from ..heads import (
     save_heads,
     with_lookup,
 )
-from ..lookup import lookup_matches
+from ..lookup import HEADS_NGRAM, NGRAM, lookup_matches
 from ..models import CerberusError
 
 IGNORE = -100
@@ -62,6 +62,7 @@ class TrainConfig:
     train_only: str = ""
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); for tests and time budgets
     max_positions: int = 0  # train on the first N training positions only (0 = all): accuracy vs data size
+    shards: str = ""  # "START:STOP": train on these of the data's shards (a Python slice, in name order); "": all
     precision: str = "float32"  # the heads' matmuls: float32, bfloat16 (autocast) or auto (training_precision)
 
 
@@ -85,15 +86,25 @@ def training_precision(requested: str, device: torch.device) -> str:
     return "bfloat16" if "avx512_bf16" in flags or "amx_bf16" in flags else "float32"
 
 
-def load_distilled(data_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> hidden [N, H] bf16, tokens [N] long, row [N] long (answer id of each position)."""
+def load_distilled(data_dir: str | Path, shards: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> hidden [N, H] bf16, tokens [N] long, row [N] long (answer id of each position, counted over
+    all the shards, so that ids stay those of ``shard_prompts`` and prompts.jsonl). ``shards``: which
+    shards to load, "START:STOP" (a Python slice in name order; "" = all)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    shards = sorted(Path(data_dir).glob("shard-*.safetensors"))
-    if not shards:
+    paths = sorted(Path(data_dir).glob("shard-*.safetensors"))
+    if not paths:
         raise CerberusError(f"No distilled shards (shard-*.safetensors) in {data_dir}; run `cerberus distill` first.")
+    chosen = set(paths[shard_slice(shards)])
+    if not chosen:
+        raise CerberusError(f"--shards {shards} selects none of the {len(paths)} shards in {data_dir}.")
     hidden, tokens, rows, offset = [], [], [], 0
-    for path in shards:
+    for path in paths:
+        if path not in chosen:  # its answers still count, for the ids of the chosen ones
+            with safe_open(path, "pt") as shard:
+                offset += len(shard.get_tensor("lengths"))
+            continue
         try:
             shard = load_file(path)
         except Exception as e:
@@ -111,6 +122,17 @@ def load_distilled(data_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, to
         rows.append(torch.repeat_interleave(torch.arange(offset, offset + len(lengths)), lengths))
         offset += len(lengths)
     return torch.cat(hidden), torch.cat(tokens), torch.cat(rows)
+
+
+def shard_slice(shards: str) -> slice:
+    """``--shards`` "START:STOP" (either may be empty, negatives count from the end) -> slice."""
+    parts = shards.split(":") if shards else ["", ""]
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return slice(*(int(p) if p.strip() else None for p in parts))
+    except ValueError:
+        raise CerberusError(f"--shards {shards!r}: give START:STOP, e.g. ':-1' (all but the last) or '-1:'.") from None
 
 
 def head_labels(tokens: torch.Tensor, rows: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -233,14 +255,16 @@ def head_inputs(roots: torch.Tensor, labels: torch.Tensor, reads_drafts: bool) -
     return torch.cat([roots[:, None], labels[:, :-1].clamp_min(0)], 1)
 
 
-def answer_lookup(prompts: list[list[int]], tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """[N, 2]: what prompt lookup finds at every answer position (``lookup.lookup_matches``), given
-    each answer's prompt ids (``prompts[row]``)."""
+def answer_lookup(
+    prompts: list[list[int]], tokens: torch.Tensor, rows: torch.Tensor, config: HeadsConfig
+) -> torch.Tensor:
+    """[N, 1 + T]: what heads with ``config`` read of prompt lookup at every answer position
+    (``lookup.lookup_matches``), given each answer's prompt ids (``prompts[row]``)."""
     answer_rows, lengths = rows.unique_consecutive(return_counts=True)
     out = []
     for row, answer in zip(answer_rows.tolist(), tokens.split(lengths.tolist()), strict=True):
-        out += lookup_matches(prompts[row], answer.tolist())
-    return torch.tensor(out, dtype=torch.long).reshape(-1, 2)
+        out += lookup_matches(prompts[row], answer.tolist(), config.lookup_tokens, config.lookup_max_ngram)
+    return torch.tensor(out, dtype=torch.long).reshape(-1, 1 + config.lookup_tokens)
 
 
 def shard_prompts(data_dir: str | Path) -> list[list[int]]:
@@ -356,12 +380,33 @@ def start_from(heads: DraftHeads, path: str | Path, lm) -> dict:
         )
     heads.set_vocab(start.vocab_ids.cpu(), lm.model.get_output_embeddings().weight.detach().float().cpu())
     weights = {k: v.float() if v.is_floating_point() else v for k, v in start.state_dict().items()}
+    if start.config.reads_lookup and heads.config.reads_lookup:
+        carry_lookup(weights, start.config, heads.config)
     missing, unexpected = heads.load_state_dict(weights, strict=False)  # reading lookup: its weights start at zero
     if unexpected:
         raise CerberusError(f"--init-from {path}: those heads read lookup; train with --reads-lookup to keep it.")
     if any(not k.startswith("lookup_") for k in missing):
         raise CerberusError(f"--init-from {path}: those heads lack {missing}; train with the same options.")
     return start.config.training
+
+
+def carry_lookup(weights: dict, theirs: HeadsConfig, ours: HeadsConfig) -> None:
+    """Lookup weights of heads that read fewer of lookup's tokens or shorter n-grams (heads trained
+    before 2026-11-29 read 1 token, n up to 3), in place, in ``ours``' shapes: the longer matches
+    start with their longest length's weights (it meant "at least that long"), the deeper heads'
+    copy bonus at zero."""
+    T0, N0, T, N = theirs.lookup_tokens, theirs.lookup_max_ngram + 1, ours.lookup_tokens, ours.lookup_max_ngram + 1
+    if (T0, N0) == (T, N):
+        return
+    if T0 > T or N0 > N:
+        raise CerberusError("--init-from: those heads read more of lookup than these would; train with their shapes.")
+    longer = [*range(N0), *[N0 - 1] * (N - N0)]  # each new length's row: the old one it starts from
+    for key in ("lookup_bonus.weight", "lookup_bonus.bias"):
+        old = weights[key].view(T0, N0, -1)[:, longer]  # [T0, N, H or 1]
+        new = old.new_zeros(T, N, old.shape[-1])
+        new[:T0] = old
+        weights[key] = new.reshape(T * N, *weights[key].shape[1:])
+    weights["lookup_ngram.weight"] = weights["lookup_ngram.weight"][longer]
 
 
 def check_finite_loss(loss: torch.Tensor, step: int) -> None:
@@ -389,22 +434,13 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
             remove_stale_temp_files(folder)  # left by a run killed mid-write
     torch.manual_seed(cfg.seed)
 
-    hidden, tokens, rows = load_distilled(data_dir)
+    hidden, tokens, rows = load_distilled(data_dir, cfg.shards)
 
     labels = head_labels(tokens, rows, cfg.num_heads)
     held = _split(rows, cfg.holdout, cfg.seed)  # by answer, over all the data: the same for every max_positions
     train_idx = (~held).nonzero()[:, 0]
     if cfg.max_positions:
         train_idx = train_idx[: cfg.max_positions]
-    inputs = head_inputs(tokens, labels, cfg.reads_drafts)  # [N] or [N, K]
-    if cfg.reads_lookup:
-        lookup = answer_lookup(shard_prompts(data_dir), tokens, rows)  # [N, 2]
-        inputs = with_lookup(inputs, lookup)  # [N, 1 or K + 2]
-    train_h, train_y, train_r = hidden[train_idx], labels[train_idx], inputs[train_idx]
-    resumed = load_trainer_state(state_file, cfg, len(train_idx)) if resume and state_file.exists() else None
-    eval_h, eval_y, eval_r = hidden[held], labels[held], inputs[held]
-    groups = prompt_groups(data_dir, rows)
-
     weight = lm.model.get_output_embeddings().weight.detach().float().cpu()  # [V, H]
     hc = HeadsConfig(
         head_type=cfg.head_type,
@@ -416,8 +452,19 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         root_token=cfg.root_token,
         reads_drafts=cfg.reads_drafts,
         reads_lookup=cfg.reads_lookup,
+        lookup_tokens=cfg.num_heads if cfg.reads_lookup else 1,  # each head reads its own token of the chain
+        lookup_max_ngram=HEADS_NGRAM if cfg.reads_lookup else NGRAM,
         base_model=model_fingerprint(lm.model, lm.name),
     )
+    inputs = head_inputs(tokens, labels, cfg.reads_drafts)  # [N] or [N, K]
+    if cfg.reads_lookup:
+        lookup = answer_lookup(shard_prompts(data_dir), tokens, rows, hc)  # [N, 1 + K]
+        inputs = with_lookup(inputs, lookup)  # [N, 1 or K + 1 + K]
+    train_h, train_y, train_r = hidden[train_idx], labels[train_idx], inputs[train_idx]
+    resumed = load_trainer_state(state_file, cfg, len(train_idx)) if resume and state_file.exists() else None
+    eval_h, eval_y, eval_r = hidden[held], labels[held], inputs[held]
+    groups = prompt_groups(data_dir, rows)
+
     heads = DraftHeads(hc)
     heads.attach_base(lm.model)  # LM head rows and, for root_token heads, the input embeddings
     missed, started_from = 0.0, None
