@@ -41,13 +41,13 @@ def main() -> None:
     inputs = head_inputs(tokens, labels, heads.config.reads_drafts)
     if heads.config.reads_lookup:
         inputs = with_lookup(inputs, lookup)
-    head1 = torch.cat(
+    top1 = torch.cat(
         [
-            heads(hidden[i : i + 1024].to(heads.shared_weight.dtype), inputs[i : i + 1024])[:, 0].argmax(-1)
+            heads(hidden[i : i + 1024].to(heads.shared_weight.dtype), inputs[i : i + 1024]).argmax(-1, keepdim=True)
             for i in range(0, len(tokens), 1024)
         ]
-    )
-    head1 = heads.vocab_ids[head1]  # [N] head 1's top-1 token
+    )  # [N, K, 1] columns
+    head1 = heads.token_ids(top1, lookup if heads.config.reads_lookup else None)[:, 0, 0]  # [N] head 1's top-1 token
     valid = labels[:, 0] >= 0
     n, found, y = lookup[valid, 0], lookup[valid, 1], labels[valid, 0]
     head_right, lookup_right = head1[valid] == y, found == y

@@ -127,6 +127,7 @@ class DraftHeads(nn.Module):
         self.packed_logits = None  # pack_for: shared_weight (or each own LM head) in a faster format, inference only
         self.packed_lookup_token = None  # pack_for: lookup_token in that format (``reads_lookup``)
         self.register_buffer("embed_weight", torch.empty(0), persistent=False)  # [V, H], root_token only
+        self.register_buffer("output_weight", torch.empty(0), persistent=False)  # [V, H] base LM head, reads_lookup
         self.graphs: dict = {}  # (k, heads, rootless, dtype) or ("draft", tree, dtype) -> a captured call (CUDA graphs)
         if lm_head_weight is not None:
             self.attach_lm_head(lm_head_weight)
@@ -136,6 +137,8 @@ class DraftHeads(nn.Module):
         self.attach_lm_head(model.get_output_embeddings().weight)
         if self.config.root_token:
             self.embed_weight = model.get_input_embeddings().weight.detach()
+        if self.config.reads_lookup:  # the copy column's rows: any token lookup finds
+            self.output_weight = model.get_output_embeddings().weight.detach()
 
     def attach_lm_head(self, lm_head_weight: torch.Tensor) -> None:
         """Take the base LM head rows of the head vocabulary (frozen, not saved with the heads)."""
@@ -186,18 +189,56 @@ class DraftHeads(nn.Module):
         return (root if self.config.reads_drafts else root[..., 0]), lookup
 
     def copy_bonus(self, logits: torch.Tensor, z: torch.Tensor, lookup: torch.Tensor, first: int = 0) -> torch.Tensor:
-        """Heads first .. first + J - 1's logits [..., J, V'] with lookup's token for each (its
-        ``first + j + 1``-th) raised by a learned amount: a function of the head's state z [..., J, H]
-        per matched n-gram length (zero at the start, none without a match). lookup [..., 1 + T]."""
+        """Heads first .. first + J - 1's logits [..., J, V'] -> [..., J, V' + 1]: lookup's token for
+        each head (``copied``) raised by a learned amount, a function of the head's state z [..., J, H]
+        per matched n-gram length (zero at the start, none without a match), and one more column, the
+        copy column: that token where it lies outside the head vocabulary (its base LM-head logit plus
+        the bonus; -inf elsewhere), so that copies of rare tokens (names, numbers) are drafted too.
+        lookup [..., 1 + T]."""
         J, T, lengths = logits.shape[-2], self.config.lookup_tokens, self.config.lookup_max_ngram + 1
-        weight = self.lookup_bonus.weight.view(T, lengths, -1)[first : first + J].to(z.dtype)  # [J, n_max + 1, H]
-        bias = self.lookup_bonus.bias.view(T, lengths)[first : first + J].to(z.dtype)
-        per_length = torch.einsum("...jh,jnh->...jn", z, weight) + bias  # [..., J, n_max + 1]
+        R = max(0, min(J, T - first))  # the heads here that read a token of lookup (all, but in old heads)
+        weight = self.lookup_bonus.weight.view(T, lengths, -1)[first : first + R].to(z.dtype)  # [R, n_max + 1, H]
+        bias = self.lookup_bonus.bias.view(T, lengths)[first : first + R].to(z.dtype)
+        per_length = torch.einsum("...jh,jnh->...jn", z[..., :R, :], weight) + bias  # [..., R, n_max + 1]
+        per_length = F.pad(per_length, (0, 0, 0, J - R))  # [..., J, n_max + 1]
         n = lookup[..., 0, None, None].expand(*z.shape[:-1], 1)  # [..., J, 1]
         bonus = per_length.gather(-1, n)  # [..., J, 1]
-        token = lookup[..., 1 + first : 1 + first + J].expand(z.shape[:-1])  # [..., J]
-        found = (self.vocab_ids == token[..., None]) & (n > 0)  # [..., J, V']
-        return logits + bonus.to(logits.dtype) * found.to(logits.dtype)
+        token = self.copied(lookup, first, J).expand(z.shape[:-1])  # [..., J]
+        read = (token >= 0) & (n[..., 0] > 0)  # [..., J]
+        found = (self.vocab_ids == token[..., None]) & read[..., None]  # [..., J, V']
+        logits = logits + bonus.to(logits.dtype) * found.to(logits.dtype)
+        outside = read & ~found.any(-1)  # [..., J]
+        row = F.embedding(token.clamp_min(0), self.output_weight).to(z.dtype)  # [..., J, H]
+        copy = ((z * row).sum(-1, keepdim=True) + bonus).masked_fill(~outside[..., None], float("-inf"))
+        return torch.cat([logits, copy.to(logits.dtype)], -1)
+
+    def copied(self, lookup: torch.Tensor, first: int, J: int) -> torch.Tensor:
+        """lookup [..., 1 + T] -> [..., J]: the token of lookup's chain that heads first .. first + J - 1
+        each read (-1: none, past the T tokens read)."""
+        tokens = lookup[..., 1 + first : 1 + min(first + J, self.config.lookup_tokens)]
+        return F.pad(tokens, (0, J - tokens.shape[-1]), value=-1)
+
+    def columns(self, tokens: torch.Tensor, lookup: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [..., K'] (head k's at k) -> their column in the heads' logits [..., K']: the index
+        in the head vocabulary, or for heads that read lookup the copy column V' where the token is the
+        head's copy from outside the vocabulary; -1 where none (what the heads cannot draft)."""
+        index = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=tokens.device)
+        index[self.vocab_ids] = torch.arange(self.vocab_ids.numel(), device=tokens.device)
+        cols = torch.where(tokens >= 0, index[tokens.clamp_min(0)], -1)
+        if not self.config.reads_lookup:
+            return cols
+        copy = self.copied(lookup, 0, tokens.shape[-1])  # [..., K']
+        copied = (cols < 0) & (tokens >= 0) & (tokens == copy) & (lookup[..., :1] > 0)
+        return torch.where(copied, self.vocab_ids.numel(), cols)
+
+    def token_ids(self, cols: torch.Tensor, lookup: torch.Tensor | None = None, first: int = 0) -> torch.Tensor:
+        """Columns of heads first .. first + J - 1's logits [..., J, k] -> token ids [..., J, k] (the copy
+        column: lookup's token for that head)."""
+        ids = self.vocab_ids[cols.clamp_max(self.vocab_ids.numel() - 1)]
+        if not self.config.reads_lookup:
+            return ids
+        copy = self.copied(lookup, first, cols.shape[-2]).expand(cols.shape[:-1])  # [..., J]
+        return torch.where(cols == self.vocab_ids.numel(), copy[..., None], ids)
 
     def lookup_input(self, lookup: torch.Tensor, dtype) -> torch.Tensor:
         """lookup [..., 1 + T]: (n, t_1 .. t_T), the n-gram ending in the root that prompt lookup matched
@@ -261,11 +302,8 @@ class DraftHeads(nn.Module):
     def forward(self, h: torch.Tensor, root: torch.Tensor | None = None, heads: int | None = None) -> torch.Tensor:
         states = self.states(h, root, heads)  # [..., K, H]
         logits = self.logits(states)  # [..., K, V']
-        if self.config.reads_lookup:
-            lookup, J = self.split_lookup(root)[1], min(self.config.lookup_tokens, logits.shape[-2])
-            logits = torch.cat(
-                [self.copy_bonus(logits[..., :J, :], states[..., :J, :], lookup), logits[..., J:, :]], -2
-            )
+        if self.config.reads_lookup:  # [..., K, V' + 1]: the last column, a copy from outside the vocabulary
+            logits = self.copy_bonus(logits, states, self.split_lookup(root)[1])
         return logits
 
     def topk_tokens(
@@ -311,8 +349,8 @@ class DraftHeads(nn.Module):
         return out.clone()
 
     def _topk_tokens(self, h, k: int, root, heads) -> torch.Tensor:
-        idx = self.forward(h, root, heads).topk(k, dim=-1).indices
-        return self.vocab_ids[idx]
+        idx = self.forward(h, root, heads).topk(k, dim=-1).indices  # [K', k]
+        return self.token_ids(idx, self.split_lookup(root)[1] if self.config.reads_lookup else None)
 
     def draft(self, h: torch.Tensor, root: torch.Tensor, tree, graphs=False, lookup=None) -> torch.Tensor:
         """h [H], root [1] -> the tree's node tokens [N+1], the root first. Heads that read drafts
@@ -339,10 +377,11 @@ class DraftHeads(nn.Module):
                 prev = prev + self.lookup_input(inputs[1:], h.dtype)  # the root's chain start, as ``states``
             z = self._state(k, h.expand(nodes.numel(), -1), prev)  # [I, H]
             logits = self._logits(k, z)  # [I, V']
-            if self.config.reads_lookup and k < self.config.lookup_tokens:
-                logits = self.copy_bonus(logits[:, None], z[:, None], inputs[1:], first=k)[:, 0]
+            lookup = inputs[1:] if self.config.reads_lookup else None
+            if lookup is not None:
+                logits = self.copy_bonus(logits[:, None], z[:, None], lookup, first=k)[:, 0]  # [I, V' + 1]
             top = logits.topk(top_k, dim=-1).indices  # [I, top_k]
-            tokens[children] = self.vocab_ids[top[rows, ranks]]
+            tokens[children] = self.token_ids(top[rows, ranks][:, None, None], lookup, first=k)[:, 0, 0]  # head k's
         return tokens
 
 

@@ -210,16 +210,18 @@ def test_the_committed_answers_match_the_shipped_prompt_selection(lm, tmp_path):
     answers = tmp_path / "answers.safetensors"
     answers.write_bytes(lzma.decompress(packed.read_bytes()))
     rows, made_by = read_answers(answers, source)
-    # the shipped heads were trained on all 23 shards (23,552 answers; 5% of them held out)
-    assert len(rows) == 23552 and sum(map(len, rows)) == 3_673_231
+    # the shipped heads were trained on the first 23 shards (23,552 answers; 5% of them held out), their
+    # lookup adapter on the last (1,024 answers the heads never saw)
+    assert len(rows) == 24576 and sum(map(len, rows)) == 3_831_607
     # shards 0-9, 11-16 and 19-22 from the GPU path (transformers', then the lean runtime's padded
-    # batch), shards 10 (an AVX2 CPU) and 17-18 (an AVX-512 CPU) from the CPU path
+    # batch), shards 10 (an AVX2 CPU), 17-18 (an AMD AVX-512 CPU) and 23 (an Intel one) from the CPU path
     assert made_by[10239] == "bfloat16 hf cuda, float32 targets" and made_by[10240] == "int4 lean cpu"
     assert made_by[11264] == made_by[17407] == "bfloat16 lean cuda, float32 targets"
     assert made_by[17408] == made_by[19455] == "int4 lean cpu"
-    assert made_by[19456] == made_by[-1] == "bfloat16 lean cuda, float32 targets"
-    prompts = [ids for p in chosen[:19600] if len(ids := chat_ids(lm.tokenizer, p.text)) <= MAX_PROMPT_TOKENS]
-    for shard in (10, 17):  # a short answer of each CPU machine's shards, regenerated here
+    assert made_by[19456] == made_by[23551] == "bfloat16 lean cuda, float32 targets"
+    assert made_by[23552] == made_by[-1] == "int4 lean cpu"
+    prompts = [ids for p in chosen[:24700] if len(ids := chat_ids(lm.tokenizer, p.text)) <= MAX_PROMPT_TOKENS]
+    for shard in (10, 17, 23):  # a short answer of each CPU machine's shards, regenerated here
         i = min(range(1024 * shard, 1024 * shard + 32), key=lambda i: len(rows[i]))
         assert Decoder(lm).generate(prompts[i], SamplingConfig(max_new_tokens=256)).token_ids == rows[i]
 

@@ -163,7 +163,7 @@ def test_heads_packed_for_a_quantized_model_rank_as_the_unpacked_ones(lm_f32, ow
 def test_heads_that_read_drafts_draft_each_node_from_its_own_path(lm_f32, reads_lookup):
     """``reads_drafts``: a node's children are the top tokens of the head at its depth given the
     path to it (root, then each ancestor's token), the path the heads read in training (and, reading
-    lookup, each depth's copy bonus as training adds it)."""
+    lookup, each depth's copy bonus and copy column as training adds them)."""
     from cerberus_decoding.tree import DEFAULT_TREE, build_tree
 
     heads = random_heads(
@@ -171,7 +171,11 @@ def test_heads_that_read_drafts_draft_each_node_from_its_own_path(lm_f32, reads_
     )
     tree = build_tree(DEFAULT_TREE)
     h, root = torch.randn(576, generator=torch.Generator().manual_seed(1)), torch.tensor([42])
-    found = torch.tensor([3, 900, 901, 902, 903]) if reads_lookup else None  # (n, t_1 .. t_4)
+    found = None
+    if reads_lookup:  # (n, t_1 .. t_4); a reduced vocabulary, so that t_1 and t_3 are copies from outside it
+        heads.set_vocab(torch.arange(2000), lm_f32.model.get_output_embeddings().weight)
+        heads.lookup_bonus.bias.data.view(4, -1)[:, 3] = 100.0  # trusted: each copy is its head's top token
+        found = torch.tensor([3, 5000, 901, 6000, 903])
     tokens = heads.draft(h, root, tree, lookup=found)  # [N+1]
     assert tokens[0] == 42 and tokens.shape == (tree.size,)
     for node in range(1, tree.size):
@@ -180,9 +184,13 @@ def test_heads_that_read_drafts_draft_each_node_from_its_own_path(lm_f32, reads_
         path[: len(ancestors)] = tokens[ancestors]
         d = len(ancestors) - 1  # the head that drafts this node
         inputs = path if found is None else torch.cat([path, found])
-        ranked = heads.vocab_ids[heads(h, inputs)[d].topk(tree.top_k).indices]
+        lookup = None if found is None else found[None]
+        ranked = heads.token_ids(heads(h, inputs)[None, d : d + 1].topk(tree.top_k).indices, lookup, first=d)[0, 0]
         assert tokens[node] == ranked[tree.choices[node - 1][-1]], node
     if reads_lookup:
+        choices = [tuple(c) for c in tree.choices]
+        top_path = [int(tokens[choices.index((0,) * d) + 1]) for d in range(1, 5) if (0,) * d in choices]
+        assert len(top_path) >= 2 and top_path == [5000, 901, 6000, 903][: len(top_path)]  # copies, in or out
         return
     a, b = heads(h, torch.tensor([42, 7, 0, 0])), heads(h, torch.tensor([42, 900, 0, 0]))
     torch.testing.assert_close(a[0], b[0])  # head 1 reads the root only
@@ -268,6 +276,42 @@ def test_heads_that_read_lookup_decode_losslessly_and_read_what_training_reads(t
     assert [list(found) for _, found in seen] == [expected[t] for t, _ in seen]
     assert all(len(found) == 1 + heads.config.num_heads for _, found in seen)
     assert any(found[0] > 0 for _, found in seen)
+
+
+def test_heads_draft_copies_from_outside_their_vocabulary_losslessly(tiny_lm):
+    """A copy lookup found outside the head vocabulary gets the copy column (its base LM-head logit
+    plus the bonus), so heads draft rare copied tokens too: ``columns`` and ``token_ids`` map it both
+    ways, and decoding that drafts such copies still gives the model's own greedy tokens."""
+    from cerberus_decoding.engine import Decoder, SamplingConfig
+    from cerberus_decoding.tree import DEFAULT_TREE, build_tree
+
+    from .conftest import assert_lossless
+
+    heads = random_heads(tiny_lm, "cerberus", seed=4, scale=0.5, root_token=True, reads_lookup=True)
+    ids = [1, 300, 301, 302, 5, 1, 300, 301, 302, 5]
+    reference = Decoder(tiny_lm).generate(ids, SamplingConfig(max_new_tokens=40)).token_ids
+    copyable = sorted(set(ids) | set(reference))  # left out of the head vocabulary: every copy is from outside
+    vocab = torch.tensor([t for t in range(heads.config.vocab_size) if t not in copyable])
+    heads.set_vocab(vocab, tiny_lm.model.get_output_embeddings().weight)
+    heads.lookup_bonus.bias.data.view(heads.config.lookup_tokens, -1)[:, 1:] = 50.0  # every match trusted
+    out, other, inside = copyable[0], copyable[1], int(vocab[3])
+    found = torch.tensor([2, out, inside, out, -1])  # head 4 reads none (past the chain)
+    cols = heads.columns(torch.tensor([out, inside, other, out]), found)
+    assert cols.tolist() == [len(vocab), 3, -1, -1]  # the copy column; in the vocabulary; not the copy; none read
+    assert heads.token_ids(cols[:2, None], found).flatten().tolist() == [out, inside]
+    top = heads.topk_tokens(torch.zeros(heads.config.hidden_size), 2, torch.tensor([5]), lookup=found)
+    assert top[:3, 0].tolist() == [out, inside, out]
+    decoder = Decoder(tiny_lm, heads, build_tree(DEFAULT_TREE))
+    drafted, draft = [], heads.draft
+
+    def spy(*args, **kwargs):
+        drafted.append(draft(*args, **kwargs))
+        return drafted[-1]
+
+    heads.draft = spy
+    result = decoder.generate(ids, SamplingConfig(max_new_tokens=40))
+    assert_lossless(tiny_lm, ids, reference, result.token_ids)
+    assert any(bool(torch.isin(tokens[1:], torch.tensor(copyable)).any()) for tokens in drafted)  # copies drafted
 
 
 def test_heads_that_read_lookup_pack_what_reads_it_too(lm_f32):

@@ -189,9 +189,6 @@ def observe(
     start, end = len(prompt_ids) - 1, len(ids) - 1  # roots are answer tokens start + 1 .. end
     states = states[start:end]  # [T, H]
     num_heads = heads.config.num_heads
-    # token id -> index in the heads' (maybe reduced) vocabulary, -1 when absent
-    lookup = torch.full((int(lm.model.config.vocab_size),), -1, dtype=torch.long, device=device)
-    lookup[heads.vocab_ids.to(device)] = torch.arange(heads.vocab_ids.numel(), device=device)
     seq = torch.tensor(ids + [-1] * (num_heads + 2), device=device)  # padded: -1 past the end
     if heads.config.reads_lookup:  # what prompt lookup finds at each root [T, 2]
         T = heads.config.lookup_tokens
@@ -207,8 +204,8 @@ def observe(
         inputs = path if heads.config.reads_drafts else path[:, 0]
         if heads.config.reads_lookup:  # and what prompt lookup found at each root
             inputs = with_lookup(inputs, found[a : a + h.shape[0]])
-        logits = heads(h, inputs).float()  # [c, K, V']
-        idx = lookup[target.clamp_min(0)]  # [c, K]
+        logits = heads(h, inputs).float()  # [c, K, V'] (+ the copy column, heads that read lookup)
+        idx = heads.columns(target, found[a : a + h.shape[0]] if heads.config.reads_lookup else None)  # [c, K]
         true_logit = logits.gather(-1, idx.clamp_min(0)[..., None])[..., 0]  # [c, K]
         rank = (logits > true_logit[..., None]).sum(-1)  # [c, K]
         rank = torch.where((idx < 0) | (rank >= top_k), torch.full_like(rank, top_k), rank)

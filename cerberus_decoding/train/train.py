@@ -168,16 +168,6 @@ def vocab_missed(labels: torch.Tensor, vocab_ids: torch.Tensor) -> float:
     return 1.0 - float(torch.isin(valid, vocab_ids).float().mean())
 
 
-def to_head_vocab(labels: torch.Tensor, vocab_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Token labels -> indices into the head vocabulary (IGNORE where the token is not in it)."""
-    lookup = torch.full((vocab_size,), IGNORE, dtype=torch.long)
-    lookup[vocab_ids] = torch.arange(vocab_ids.numel())
-    out = labels.clone()
-    valid = labels != IGNORE
-    out[valid] = lookup[labels[valid]]
-    return out
-
-
 def head_loss(
     logits: torch.Tensor, labels: torch.Tensor, decay: float, soft=None, soft_weight: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +218,9 @@ def evaluate(
     for i in range(0, hidden.shape[0], batch):
         h = hidden[i : i + batch].to(device, dtype)
         y = labels[i : i + batch].to(device)
-        top5 = heads.vocab_ids[heads(h, roots[i : i + batch].to(device)).topk(5, dim=-1).indices]  # [B, K, 5] ids
+        r = roots[i : i + batch].to(device)
+        lookup = heads.split_lookup(r)[1] if heads.config.reads_lookup else None
+        top5 = heads.token_ids(heads(h, r).topk(5, dim=-1).indices, lookup)  # [B, K, 5] ids
         valid = y != IGNORE
         right = (top5[..., 0] == y) & valid  # [B, K]
         hit1 += right.sum(0)
@@ -476,7 +468,9 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         heads.set_vocab(vocab_ids, weight)
     elif cfg.own_lm_head:
         heads.init_own_lm_heads()
-    train_targets = to_head_vocab(train_y, heads.vocab_ids, weight.shape[0])
+    found = heads.split_lookup(train_r)[1] if cfg.reads_lookup else None  # a copy lookup found: the copy column
+    train_targets = heads.columns(train_y, found)
+    train_targets = train_targets.masked_fill(train_targets < 0, IGNORE)
     soft = None
     if cfg.soft_targets:  # [N, K] positions -> the base model's top-k there, gathered per batch
         soft_ids, soft_probs = teacher_topk(hidden, weight[heads.vocab_ids], cfg.soft_targets)
