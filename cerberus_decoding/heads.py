@@ -112,9 +112,8 @@ class DraftHeads(nn.Module):
         )
         if config.reads_lookup:  # zero at the start: untrained, the heads read the root alone
             self.lookup_token = nn.Linear(H, H, bias=False)  # the token lookup proposes, embedded
-            self.lookup_ngram = nn.Embedding(
-                config.lookup_max_ngram + 1, H
-            )  # how long the matched n-gram was (0: none)
+            # how long the matched n-gram was (0: none)
+            self.lookup_ngram = nn.Embedding(config.lookup_max_ngram + 1, H)
             # head k's logit bonus for lookup's k-th token, per n-gram length (0: unused) [T * (n_max + 1)]
             self.lookup_bonus = nn.Linear(H, config.lookup_tokens * (config.lookup_max_ngram + 1))
             for weight in (self.lookup_token.weight, self.lookup_ngram.weight, *self.lookup_bonus.parameters()):
@@ -197,14 +196,14 @@ class DraftHeads(nn.Module):
         lookup [..., 1 + T]."""
         J, T, lengths = logits.shape[-2], self.config.lookup_tokens, self.config.lookup_max_ngram + 1
         R = max(0, min(J, T - first))  # the heads here that read a token of lookup (all, but in old heads)
-        weight = self.lookup_bonus.weight.view(T, lengths, -1)[first : first + R].to(z.dtype)  # [R, n_max + 1, H]
-        bias = self.lookup_bonus.bias.view(T, lengths)[first : first + R].to(z.dtype)
-        per_length = torch.einsum("...jh,jnh->...jn", z[..., :R, :], weight) + bias  # [..., R, n_max + 1]
-        per_length = F.pad(per_length, (0, 0, 0, J - R))  # [..., J, n_max + 1]
-        n = lookup[..., 0, None, None].expand(*z.shape[:-1], 1)  # [..., J, 1]
-        bonus = per_length.gather(-1, n)  # [..., J, 1]
+        n = lookup[..., 0]  # [...]
+        # each head's bonus row for this n only (a batched matmul over all lengths is slow on CPUs)
+        weight = self.lookup_bonus.weight.view(T, lengths, -1)[first : first + R, n].movedim(0, -2)  # [..., R, H]
+        bias = self.lookup_bonus.bias.view(T, lengths)[first : first + R, n].movedim(0, -1)  # [..., R]
+        bonus = (z[..., :R, :] * weight.to(z.dtype)).sum(-1) + bias.to(z.dtype)  # [..., R]
+        bonus = F.pad(bonus, (0, J - R)).expand(z.shape[:-1])[..., None]  # [..., J, 1]
         token = self.copied(lookup, first, J).expand(z.shape[:-1])  # [..., J]
-        read = (token >= 0) & (n[..., 0] > 0)  # [..., J]
+        read = (token >= 0) & (n[..., None] > 0)  # [..., J]
         found = (self.vocab_ids == token[..., None]) & read[..., None]  # [..., J, V']
         logits = logits + bonus.to(logits.dtype) * found.to(logits.dtype)
         outside = read & ~found.any(-1)  # [..., J]
