@@ -390,6 +390,14 @@ def with_lookup(inputs: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:
     return torch.cat([inputs.reshape(inputs.shape[0], -1), lookup.to(inputs)], 1)
 
 
+def lookup_reads(reads_lookup: bool, num_heads: int) -> dict:
+    """What new heads read of lookup: one token of its chain per head, matches up to HEADS_NGRAM long
+    (HeadsConfig's defaults are what heads written before 2026-11-29 read)."""
+    if not reads_lookup:
+        return {}
+    return {"lookup_tokens": num_heads, "lookup_max_ngram": HEADS_NGRAM}
+
+
 def new_heads(
     lm,
     head_type: str = "cerberus",
@@ -413,8 +421,7 @@ def new_heads(
         root_token=root_token,
         reads_drafts=reads_drafts,
         reads_lookup=reads_lookup,
-        lookup_tokens=num_heads if reads_lookup else 1,
-        lookup_max_ngram=HEADS_NGRAM if reads_lookup else NGRAM,
+        **lookup_reads(reads_lookup, num_heads),
         base_model=model_fingerprint(lm.model, lm.name),
     )
     if seed is not None:

@@ -190,7 +190,7 @@ def observe(
     states = states[start:end]  # [T, H]
     num_heads = heads.config.num_heads
     seq = torch.tensor(ids + [-1] * (num_heads + 2), device=device)  # padded: -1 past the end
-    if heads.config.reads_lookup:  # what prompt lookup finds at each root [T, 2]
+    if heads.config.reads_lookup:  # what prompt lookup finds at each root [T, 1 + lookup_tokens]
         T = heads.config.lookup_tokens
         found = lookup_matches(list(prompt_ids), list(answer_ids), T, heads.config.lookup_max_ngram)
         found = torch.tensor(found, device=device).reshape(-1, 1 + T)

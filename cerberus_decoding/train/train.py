@@ -24,12 +24,13 @@ from ..heads import (
     DraftHeads,
     HeadsConfig,
     _atomic_write,
+    lookup_reads,
     model_fingerprint,
     remove_stale_temp_files,
     save_heads,
     with_lookup,
 )
-from ..lookup import HEADS_NGRAM, NGRAM, lookup_matches
+from ..lookup import lookup_matches
 from ..models import CerberusError
 
 IGNORE = -100
@@ -444,8 +445,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
         root_token=cfg.root_token,
         reads_drafts=cfg.reads_drafts,
         reads_lookup=cfg.reads_lookup,
-        lookup_tokens=cfg.num_heads if cfg.reads_lookup else 1,  # each head reads its own token of the chain
-        lookup_max_ngram=HEADS_NGRAM if cfg.reads_lookup else NGRAM,
+        **lookup_reads(cfg.reads_lookup, cfg.num_heads),
         base_model=model_fingerprint(lm.model, lm.name),
     )
     inputs = head_inputs(tokens, labels, cfg.reads_drafts)  # [N] or [N, K]
