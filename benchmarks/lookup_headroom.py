@@ -4,11 +4,12 @@
 
 At every answer position (root = the model's token there, context = the prompt and the answer before
 it) lookup's first token (``lookup.first_match``: the token after the latest earlier occurrence of the
-longest n-gram, up to 3, ending in the root) is set beside head 1's top-1 (the shipped Cerberus heads
-by default). Prints, per matched n-gram length, how often a match exists and is right, how often
-head 1 is right there, and the top-1 of two fixed rules that trust lookup at n >= 2 or n >= 1, the
-headroom that heads reading lookup (``--reads-lookup``, docs/training.md) learn to use. ``--data``:
-the answers ``benchmarks/head_accuracy.py --data`` keeps (made there on first use).
+longest n-gram ending in the root, as long as the heads read: up to 8 for heads written since
+2026-11-29) is set beside head 1's top-1 (the shipped Cerberus heads by default). Prints, per matched
+n-gram length, how often a match exists and is right, how often head 1 is right there, and the
+top-1 of two fixed rules that trust lookup at n >= 2 or n >= 1, the headroom that heads reading
+lookup (``--reads-lookup``, docs/training.md) learn to use. ``--data``: the answers
+``benchmarks/head_accuracy.py --data`` keeps (made there on first use).
 """
 
 from __future__ import annotations

@@ -590,8 +590,8 @@ def train(
     reads_lookup: bool = typer.Option(
         False,
         "--reads-lookup",
-        help="Cerberus with --root-token: the chain also reads the token prompt lookup found after the root "
-        "(docs/training.md).",
+        help="Cerberus with --root-token: the heads also read what prompt lookup found after the root (head k "
+        "its k-th token, also from outside the head vocabulary; docs/training.md).",
     ),
     init_from: Path | None = typer.Option(
         None, "--init-from", help="Start from these trained heads (same options; --reads-drafts may be added)."

@@ -116,7 +116,7 @@ class DraftHeads(nn.Module):
             self.lookup_ngram = nn.Embedding(config.lookup_max_ngram + 1, H)
             # head k's logit bonus for lookup's k-th token, per n-gram length (0: unused) [T * (n_max + 1)]
             self.lookup_bonus = nn.Linear(H, config.lookup_tokens * (config.lookup_max_ngram + 1))
-            for weight in (self.lookup_token.weight, self.lookup_ngram.weight, *self.lookup_bonus.parameters()):
+            for weight in self.lookup_parameters():
                 nn.init.zeros_(weight)
         v_head = config.head_vocab_size or config.vocab_size
         self.register_buffer("vocab_ids", torch.arange(v_head), persistent=True)  # [V'] token ids
@@ -130,6 +130,10 @@ class DraftHeads(nn.Module):
         self.graphs: dict = {}  # (k, heads, rootless, dtype) or ("draft", tree, dtype) -> a captured call (CUDA graphs)
         if lm_head_weight is not None:
             self.attach_lm_head(lm_head_weight)
+
+    def lookup_parameters(self) -> list[nn.Parameter]:
+        """The weights that read lookup (``reads_lookup``; what ``--train-only lookup`` trains)."""
+        return [p for name, p in self.named_parameters() if name.startswith("lookup_")]
 
     def attach_base(self, model) -> None:
         """Take what the heads borrow from the base model: LM head rows and (root_token) embeddings."""
@@ -437,10 +441,7 @@ def random_heads(lm, head_type: str, seed: int = 0, scale: float = 0.02, **kw) -
     """Heads with random (non-zero) block weights: a stand-in for badly trained heads in tests."""
     heads = new_heads(lm, head_type, **kw)
     g = torch.Generator().manual_seed(seed)
-    reads = []
-    if heads.config.reads_lookup:
-        reads = [*heads.lookup_token.parameters(), *heads.lookup_ngram.parameters(), *heads.lookup_bonus.parameters()]
-    for p in [*heads.blocks.parameters(), *reads]:
+    for p in [*heads.blocks.parameters(), *heads.lookup_parameters()]:
         p.data = (torch.randn(p.shape, generator=g) * scale).to(p)
     return heads.to(lm.dtype)
 

@@ -62,8 +62,7 @@ if [[ " $stages " == *" train "* ]]; then
     train medusa --heads-type medusa --shards ":-$adapter"
     train cerberus --heads-type cerberus ${CERBERUS_ARGS:-} --shards ":-$adapter"
     # then what reads prompt lookup, on top of the trained Cerberus heads (which stay as they are), on
-    # answers they never saw: on their own training answers they are more often right than on new text,
-    # and an adapter trained there learns to trust lookup too little
+    # answers they never saw, as on new text (docs/training.md, "Every head copies")
     [ -d "$runs/cerberus/heads" ] && EPOCHS=${LOOKUP_EPOCHS:-2} train cerberus-lookup --heads-type cerberus \
         ${CERBERUS_ARGS:-} --reads-lookup --train-only lookup --init-from "$runs/cerberus/heads" --shards "-$adapter:"
     heads=()

@@ -483,8 +483,9 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
                 f"--train-only {cfg.train_only}: the one choice is 'lookup', which needs --reads-lookup and "
                 "--init-from (the heads it adds to)."
             )
-        for name, p in heads.named_parameters():
-            p.requires_grad_(name.startswith("lookup_"))
+        heads.requires_grad_(False)
+        for p in heads.lookup_parameters():
+            p.requires_grad_(True)
     params = [p for p in heads.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_train = train_h.shape[0]
