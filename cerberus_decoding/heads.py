@@ -125,6 +125,7 @@ class DraftHeads(nn.Module):
         self.register_buffer("shared_weight", torch.empty(0), persistent=False)  # [V', H]
         self.packed_logits = None  # pack_for: shared_weight (or each own LM head) in a faster format, inference only
         self.packed_lookup_token = None  # pack_for: lookup_token in that format (``reads_lookup``)
+        self.kernel_draft = None  # pack_for: what the CPU kernels' draft_topk takes besides one position's inputs
         self.register_buffer("embed_weight", torch.empty(0), persistent=False)  # [V, H], root_token only
         self.register_buffer("output_weight", torch.empty(0), persistent=False)  # [V, H] base LM head, reads_lookup
         self.graphs: dict = {}  # (k, heads, rootless, dtype) or ("draft", tree, dtype) -> a captured call (CUDA graphs)
@@ -225,14 +226,19 @@ class DraftHeads(nn.Module):
         """Token ids [..., K'] (head k's at k) -> their column in the heads' logits [..., K']: the index
         in the head vocabulary, or for heads that read lookup the copy column V' where the token is the
         head's copy from outside the vocabulary; -1 where none (what the heads cannot draft)."""
-        index = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=tokens.device)
-        index[self.vocab_ids] = torch.arange(self.vocab_ids.numel(), device=tokens.device)
+        index = self.column_of().to(tokens.device)
         cols = torch.where(tokens >= 0, index[tokens.clamp_min(0)], -1)
         if not self.config.reads_lookup:
             return cols
         copy = self.copied(lookup, 0, tokens.shape[-1])  # [..., K']
         copied = (cols < 0) & (tokens >= 0) & (tokens == copy) & (lookup[..., :1] > 0)
         return torch.where(copied, self.vocab_ids.numel(), cols)
+
+    def column_of(self) -> torch.Tensor:
+        """[V] each token's column in the head vocabulary (-1: outside it)"""
+        index = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=self.vocab_ids.device)
+        index[self.vocab_ids] = torch.arange(self.vocab_ids.numel(), device=self.vocab_ids.device)
+        return index
 
     def token_ids(self, cols: torch.Tensor, lookup: torch.Tensor | None = None, first: int = 0) -> torch.Tensor:
         """Columns of heads first .. first + J - 1's logits [..., J, k] -> token ids [..., J, k] (the copy
@@ -300,7 +306,30 @@ class DraftHeads(nn.Module):
             self.packed_logits = [packed(head.weight) for head in self.lm_heads]
         else:
             self.packed_logits = packed(self.shared_weight)
+        self.kernel_draft = self._kernel_draft()
         return self
+
+    def _kernel_draft(self) -> tuple | None:
+        """The arguments of the CPU kernels' ``draft_topk`` that stay the same from draft to draft, or
+        None where it does not run these heads (heads that read drafts or have their own LM heads, or
+        a projection our kernels do not run): then ``topk_tokens`` runs the same ops from Python."""
+        from .runtime.formats import kernel_projection
+
+        if self.config.reads_drafts or self.config.own_lm_head:
+            return None
+        layers = [self.packed_lookup_token] if self.config.reads_lookup else []
+        layers += [block.packed for blocks in self.blocks for block in blocks] + [self.packed_logits]
+        projections = [kernel_projection(layer) for layer in layers]
+        if any(p is None for p in projections):
+            return None
+        none = torch.empty(0)
+        lookup = (none,) * 4
+        if self.config.reads_lookup:
+            bonus = self.lookup_bonus
+            lookup = (self.lookup_ngram.weight, bonus.weight, bonus.bias, self.output_weight)
+        embed = self.embed_weight if self.config.root_token else none
+        columns = [list(column) for column in zip(*projections, strict=True)]  # kinds, packed, scales, biases
+        return layers[0].kernels, embed, columns, lookup, self.column_of()
 
     def forward(self, h: torch.Tensor, root: torch.Tensor | None = None, heads: int | None = None) -> torch.Tensor:
         states = self.states(h, root, heads)  # [..., K, H]
@@ -323,12 +352,41 @@ class DraftHeads(nn.Module):
         ``graphs``: on CUDA, replayed from a CUDA graph per (k, heads): ~30 small kernels, whose
         launches bound the call there (0.8 ms a step on an H200). Inference only: a graph keeps
         the weights it was captured with."""
+        if self.kernel_draft is not None and h.dim() == 1 and root is not None:  # one op instead of ~60
+            return self._kernel_topk(h, k, root, heads, lookup)
         if root is not None:
             root = self.inputs(root, lookup)
         if not (graphs and h.is_cuda):
             return self._topk_tokens(h, k, root, heads)
         key = (k, heads, root is None, h.dtype)
         return self._replay(key, lambda h, root: self._topk_tokens(h, k, root, heads), h, root)
+
+    def _kernel_topk(self, h, k: int, root: torch.Tensor, heads: int | None, lookup) -> torch.Tensor:
+        """``topk_tokens`` at one position on the CPU kernels' ``draft_topk`` (``pack_for``): the same
+        ops, the same tokens (tests/test_heads.py)."""
+        ops, embed, (kinds, packed, scales, biases), tables, column = self.kernel_draft
+        if self.config.reads_lookup and lookup is None:
+            raise CerberusError("These heads read what prompt lookup found after the root; pass it.")
+        found = lookup.to(torch.long).contiguous() if self.config.reads_lookup else torch.empty(0, dtype=torch.long)
+        heads = self.config.num_heads if heads is None else min(heads, self.config.num_heads)
+        sequential = self.config.head_type == "cerberus"
+        return ops.draft_topk(
+            h,
+            embed,
+            int(root),
+            found,
+            kinds,
+            packed,
+            scales,
+            biases,
+            *tables,
+            self.vocab_ids,
+            column,
+            sequential,
+            self.config.num_layers,
+            heads,
+            k,
+        )
 
     def inputs(self, root: torch.Tensor, lookup: torch.Tensor | None) -> torch.Tensor:
         """What ``states`` reads besides h at one position: the root [] (and lookup's (n, t_1 .. t_T): [2 + T])."""

@@ -328,3 +328,44 @@ def test_heads_that_read_lookup_pack_what_reads_it_too(lm_f32):
     packed = heads(h, inputs).float()
     torch.testing.assert_close(packed, unpacked, atol=0.05 * float(unpacked.abs().max()), rtol=0)
     assert not torch.allclose(packed, heads(h, torch.tensor([7, 3, 5, 901, 902, 903])).float())  # it reads t_1
+
+
+@pytest.mark.parametrize("fmt", ["w4a8", "int4"])
+@pytest.mark.parametrize("kind", ["cerberus-lookup", "cerberus", "medusa"])
+def test_kernel_draft_drafts_the_tokens_the_python_ops_draft(lm_f32, fmt, kind):
+    """Packed for a quantized model, heads draft one position with the CPU kernels' ``draft_topk``
+    (one op instead of ~60): bitwise the same ops, so the same tokens as the Python path, at every
+    head count and rank, with and without a lookup match, copies from outside the vocabulary included."""
+    from cerberus_decoding.runtime import cpu_kernels
+    from cerberus_decoding.tree import DEFAULT_TREE, build_tree
+
+    kernels = cpu_kernels.load()
+    if kernels is None or not (w4a8_available() if fmt == "w4a8" else kernels.quantized_matmuls()):
+        pytest.skip(f"the CPU kernels for {fmt} are not built here")
+    reads_lookup = kind == "cerberus-lookup"
+    extra = {"root_token": True, "reads_lookup": reads_lookup} if kind != "medusa" else {}
+    heads = random_heads(lm_f32, kind.split("-")[0], seed=8, scale=0.1, **extra)
+    if reads_lookup:  # a reduced vocabulary (copies from outside it), and matches trusted or distrusted by a lot
+        heads.set_vocab(torch.arange(0, 49152, 6), lm_f32.model.get_output_embeddings().weight)
+        heads.lookup_bonus.bias.data.normal_(0, 20, generator=torch.Generator().manual_seed(0))
+    heads = heads.to(torch.bfloat16).requires_grad_(False).pack_for(fmt)
+    assert heads.kernel_draft is not None
+    g = torch.Generator().manual_seed(1)
+    for trial in range(12):
+        h = torch.randn(576, generator=g).to(torch.bfloat16)
+        root = torch.randint(0, 49152, (1,), generator=g)
+        n = trial % 4 * 2  # 0: no match
+        found = torch.tensor([n, 12, 13, 600, 7]) if n else torch.tensor([0, -1, -1, -1, -1])  # 13, 7: outside
+        lookup = found if reads_lookup else None
+        kernel = heads.kernel_draft
+        fast = [heads.topk_tokens(h, k, root, n_heads, lookup=lookup) for n_heads in (1, 2, 4) for k in (1, 3)]
+        fast_tree = heads.draft(h, root, build_tree(DEFAULT_TREE), lookup=lookup)
+        heads.kernel_draft = None  # the Python ops
+        slow = [heads.topk_tokens(h, k, root, n_heads, lookup=lookup) for n_heads in (1, 2, 4) for k in (1, 3)]
+        slow_tree = heads.draft(h, root, build_tree(DEFAULT_TREE), lookup=lookup)
+        heads.kernel_draft = kernel
+        assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True)), trial
+        assert torch.equal(fast_tree, slow_tree)
+    if reads_lookup:
+        with pytest.raises(CerberusError, match="pass it"):
+            heads.topk_tokens(h, 1, root)

@@ -13,6 +13,8 @@
 // w4a8_linear: int4 weights x each row's activations rounded to int8, integer dot products;
 // w8a8_linear: the same with int8 weights (w4a8's LM head).
 // argmax_rows: greedy decoding's choice over each row of logits.
+// draft_topk: the draft heads' top tokens at one position, heads.py's ops called from C++.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/argmax.h>
@@ -773,7 +775,7 @@ at::Tensor w8a8_linear(const at::Tensor&, const at::Tensor&) { TORCH_CHECK(false
 // gate/up projection, silu_mul, down projection, residual add; then the final norm. The same ops in
 // the same order as the Python loop, so the same bits; what it saves is the Python and the
 // dispatcher between some 300 op calls a forward (about 1 ms of a 4-5 ms step on a 2-core CPU).
-enum Projection : int64_t { W4A8 = 0, INT4 = 1, INT8 = 2 };
+enum Projection : int64_t { W4A8 = 0, INT4 = 1, INT8 = 2, W8A8 = 3 };
 
 at::Tensor project(const at::Tensor& x, int64_t kind, const at::Tensor& packed, const at::Tensor& scale,
                    const at::Tensor& bias) {
@@ -782,6 +784,7 @@ at::Tensor project(const at::Tensor& x, int64_t kind, const at::Tensor& packed, 
     case W4A8: y = w4a8_linear(x, packed); break;
     case INT4: y = int4_linear(x, packed); break;
     case INT8: y = int8_linear(x, packed, scale); break;
+    case W8A8: y = w8a8_linear(x, packed); break;
     default: TORCH_CHECK(false, "layers: unknown projection kind ", kind);
   }
   return bias.numel() ? at::add(y, bias) : y;
@@ -809,6 +812,87 @@ at::Tensor layers(const at::Tensor& x_in, at::TensorList norms, at::IntArrayRef 
     x = at::add(x, p(3, silu_mul(p(2, rms_norm(x, norms[2 * i + 1], eps)))));
   }
   return rms_norm(x, norms[2 * L], eps);
+}
+
+// ---- the draft heads at one position: DraftHeads.forward, topk and token_ids in one call ----
+// The same ATen ops and projections in the same order as heads.py's Python (so the same bits: tested),
+// without the Python and dispatcher between some 60-100 small ops a draft (0.5-0.6 ms of a 0.85 ms
+// draft on a 2-core CPU, against a 3 ms decoding step). Projections in the order the heads take
+// them: lookup's token (heads that read lookup), then each head's blocks, then the shared LM head.
+at::Tensor draft_topk(const at::Tensor& h, const at::Tensor& embed, int64_t root, const at::Tensor& lookup,
+                      at::IntArrayRef kinds, at::TensorList packed, at::TensorList scales, at::TensorList biases,
+                      const at::Tensor& ngram, const at::Tensor& bonus_weight, const at::Tensor& bonus_bias,
+                      const at::Tensor& output_weight, const at::Tensor& vocab_ids, const at::Tensor& column,
+                      bool sequential, int64_t num_layers, int64_t heads, int64_t top_k) {
+  // h [H]; embed [V, H] (root_token heads, else empty: the chain starts from h); lookup [1 + T] int64
+  // (n, t_1 .. t_T), empty for heads that do not read it; ngram [n_max + 1, H], bonus_weight
+  // [T (n_max + 1), H], bonus_bias [T (n_max + 1)]; output_weight [V, H] the base LM head; vocab_ids
+  // [V'] the head vocabulary; column [V] int64 each token's column in it (-1: outside)
+  // sequential: Cerberus (block 0 of head k reads [h, what head k - 1 passes]), else Medusa (h alone)
+  // -> [heads, top_k] token ids, best first
+  const bool reads_lookup = lookup.numel() > 0;
+  const size_t used = (reads_lookup ? 1 : 0) + heads * num_layers + 1;
+  TORCH_CHECK(h.dim() == 1 && heads >= 1 && num_layers >= 1 && kinds.size() >= used && packed.size() == kinds.size() &&
+                  scales.size() == kinds.size() && biases.size() == kinds.size(),
+              "draft_topk: h [H] and a projection for lookup's token, each block and the LM head");
+  const auto dtype = h.scalar_type();
+  size_t next = 0;
+  const auto project_row = [&](const at::Tensor& x) {  // x [K] -> [N], as heads.Linear runs a 1-d input
+    const size_t j = next++;
+    const at::Tensor y = project(x.reshape({1, -1}).contiguous(), kinds[j], packed[j], scales[j], biases[j]);
+    return y.view({-1});
+  };
+  at::Tensor prev = h;  // what the chain passes the next head
+  int64_t n = 0;
+  if (embed.numel()) {  // root_token: the chain starts at the root's embedding (and lookup's input)
+    prev = at::embedding(embed, at::scalar_tensor(root, lookup.options().dtype(at::kLong))).to(dtype);
+    if (reads_lookup) {
+      n = lookup[0].item<int64_t>();
+      const at::Tensor token = lookup.select(0, 1).clamp_min(0);
+      const at::Tensor found = at::mul(at::embedding(embed, token).to(dtype), lookup.select(0, 0).gt(0).unsqueeze(-1).to(dtype));
+      prev = at::add(prev, at::add(project_row(found), at::embedding(ngram, lookup.select(0, 0)).to(dtype)));
+    }
+  }
+  std::vector<at::Tensor> states;
+  for (int64_t k = 0; k < heads; k++) {
+    at::Tensor z = at::add(h, at::silu(project_row(sequential ? at::cat({h, prev}) : h)));
+    for (int64_t l = 1; l < num_layers; l++) z = at::add(z, at::silu(project_row(z)));
+    states.push_back(z);
+    prev = z;
+  }
+  const at::Tensor z = at::stack(states);  // [J, H]
+  const size_t j = kinds.size() - 1;  // the LM head: last, after every head's blocks (this call may run fewer heads)
+  at::Tensor logits = project(z, kinds[j], packed[j], scales[j], biases[j]);  // [J, V']
+  at::Tensor copy_token;
+  if (reads_lookup) {  // DraftHeads.copy_bonus, first = 0
+    const int64_t J = heads, lengths = ngram.size(0), T = bonus_weight.size(0) / lengths, R = std::min(J, T);
+    const at::Tensor weight = bonus_weight.view({T, lengths, -1}).narrow(0, 0, R).select(1, n);  // [R, H]
+    const at::Tensor bias = bonus_bias.view({T, lengths}).narrow(0, 0, R).select(1, n);  // [R]
+    at::Tensor bonus = at::add(at::sum(at::mul(z.narrow(0, 0, R), weight.to(dtype)), -1), bias.to(dtype));
+    bonus = at::constant_pad_nd(bonus, {0, J - R}).unsqueeze(-1);  // [J, 1]
+    copy_token = at::constant_pad_nd(lookup.narrow(0, 1, R), {0, J - R}, -1);  // [J] lookup's token per head
+    const int64_t* tok = copy_token.data_ptr<int64_t>();
+    const int64_t* col = column.data_ptr<int64_t>();
+    std::vector<bool> outside(J);
+    for (int64_t k = 0; k < J; k++) {  // the bonus on the token's column, or the copy column's logit
+      if (tok[k] < 0 || n <= 0) continue;
+      if (col[tok[k]] >= 0) {
+        auto cell = logits.select(0, k).select(0, col[tok[k]]);
+        cell.copy_(at::add(cell, bonus.select(0, k).select(0, 0)));
+      } else {
+        outside[k] = true;
+      }
+    }
+    const at::Tensor row = at::embedding(output_weight, copy_token.clamp_min(0)).to(dtype);  // [J, H]
+    at::Tensor copy = at::add(at::sum(at::mul(z, row), -1, true), bonus);  // [J, 1]
+    for (int64_t k = 0; k < J; k++)
+      if (!outside[k]) copy.select(0, k).fill_(-INFINITY);
+    logits = at::cat({logits, copy.to(logits.scalar_type())}, -1);
+  }
+  const int64_t V = vocab_ids.size(0);
+  const at::Tensor top = std::get<1>(at::topk(logits, top_k, -1));  // [J, top_k] columns
+  const at::Tensor ids = vocab_ids.index({top.clamp_max(V - 1)});
+  return reads_lookup ? at::where(top.eq(V), copy_token.unsqueeze(-1), ids) : ids;
 }
 
 // ---- argmax of each row (greedy decoding's choice), first index on ties, as torch's ----
@@ -895,6 +979,7 @@ TORCH_LIBRARY(cerberus, m) {
   m.def("w8a8_linear(Tensor x, Tensor packed) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("layers(Tensor x, Tensor[] norms, int[] kinds, Tensor[] packed, Tensor[] scales, Tensor[] biases, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, Tensor slots, int context, Tensor own, Tensor own_count, float eps) -> Tensor");
+  m.def("draft_topk(Tensor h, Tensor embed, int root, Tensor lookup, int[] kinds, Tensor[] packed, Tensor[] scales, Tensor[] biases, Tensor ngram, Tensor bonus_weight, Tensor bonus_bias, Tensor output_weight, Tensor vocab_ids, Tensor column, bool sequential, int num_layers, int heads, int top_k) -> Tensor");
   m.def("quantized_matmuls() -> bool", quantized_matmuls);  // no tensors: one kernel for every device
   m.def("w4a8_matmuls() -> bool", w4a8_matmuls);
 }
@@ -908,4 +993,5 @@ TORCH_LIBRARY_IMPL(cerberus, CPU, m) {
   m.impl("w8a8_linear", w8a8_linear);
   m.impl("argmax_rows", argmax_rows);
   m.impl("layers", layers);
+  m.impl("draft_topk", draft_topk);
 }

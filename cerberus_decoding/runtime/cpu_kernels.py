@@ -4,7 +4,7 @@ A decoding step of a small model on a CPU is bound by per-op overhead as much as
 and ``scaled_dot_product_attention`` gives a tree node's row the one-token step's bits only when
 it is called once per row (docs/runtime.md): about 40 us a call, so every extra row of a
 verification cost another 1.3 ms on the default model. Three ops replace a dozen torch ops a layer,
-three are the quantized formats' matmuls, and one is greedy decoding's argmax:
+four are the quantized formats' matmuls, one is greedy decoding's argmax, and one drafts with the heads:
 
     rope_attention(qkv, cos, sin, k, v, slots, context, own, own_count) -> [n, Hq D]
         RoPE, the rows' keys and values into the cache at ``slots``, and attention for every row at
@@ -18,6 +18,10 @@ three are the quantized formats' matmuls, and one is greedy decoding's argmax:
     layers(x, norms, kinds, packed, scales, biases, cos, sin, k, v, slots, context, own, own_count, eps)
         -> every decoder layer and the final norm, the ops above in LeanLlama._layers's order, called
         from C++ (where every projection runs one of the quantized kernels: ``PROJECTIONS``)
+    draft_topk(h, embed, root, lookup, kinds, packed, scales, biases, ngram, bonus_weight, bonus_bias,
+               output_weight, vocab_ids, column, sequential, num_layers, heads, top_k)
+        -> the draft heads' top-k tokens at one position: DraftHeads.topk_tokens's ops, called from
+        C++ (heads.py, ``DraftHeads.pack_for``)
 
 Each computes a row with arithmetic that depends only on that row's inputs, so a tree node's row
 is bitwise the one-token step at that node by construction. They are built with the machine's own
@@ -39,7 +43,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 HEAD_DIMS = (16, 32, 64, 128)  # the attention's compiled row widths
-PROJECTIONS = ("w4a8", "int4", "int8")  # the ``layers`` op's projection kinds, in cpu_kernels.cpp's order
+# the projection kinds of the ``layers`` and ``draft_topk`` ops, in cpu_kernels.cpp's order
+PROJECTIONS = ("w4a8", "int4", "int8", "w8a8")
 MAX_GROUP = 8  # query heads per kv head
 
 
