@@ -135,11 +135,12 @@ def _feed(runtime, cache, ids, start):
         return runtime.forward(cache, torch.tensor(ids), torch.arange(start, start + len(ids)))
 
 
+@pytest.mark.parametrize("path", [[0, 2, 5], [0, 1, 3]])  # off the main chain; along it (entries in place)
 @pytest.mark.parametrize("runtime,weights", [("lean", "float32"), ("lean", "int4"), ("hf", "float32")])
-def test_compaction_equals_feeding_the_accepted_tokens(tiny_lm: LoadedModel, runtime, weights):
+def test_compaction_equals_feeding_the_accepted_tokens(tiny_lm: LoadedModel, runtime, weights, path):
     rt = build_runtime(tiny_lm.model, weights, runtime)
-    prefix, fed, keep = [5, 9, 13, 200, 7], [42, 43, 44, 45, 46, 47], torch.tensor([0, 2, 5])
-    # feed 6 tokens as a tree where nodes 0 -> 2 -> 5 form a path, then keep that path
+    prefix, fed, keep = [5, 9, 13, 200, 7], [42, 43, 44, 45, 46, 47], torch.tensor(path)
+    # feed 6 tokens as a tree where nodes 0 -> 2 -> 5 and 0 -> 1 -> 3 are paths, then keep one
     tree = tree_from_parents([0, 0, 1, 2, 2])
     tree_cache = rt.new_cache(32, "cpu")
     _feed(rt, tree_cache, prefix, 0)

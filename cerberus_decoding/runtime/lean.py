@@ -65,6 +65,9 @@ class KVCache:
         rows = keep.to(self.k.device)
         src = start + (self.slot_of[rows] if self.slot_of is not None else rows)
         n = rows.numel()
+        if src.device.type == "cpu" and src.tolist() == list(range(start, start + n)):
+            self.length = start + n  # a path along the tree's main chain: already in place (~60 us a step)
+            return
         self.k[:, :, start : start + n] = self.k.index_select(2, src)  # index_select copies first
         self.v[:, :, start : start + n] = self.v.index_select(2, src)
         self.length = start + n
