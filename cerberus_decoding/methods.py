@@ -65,7 +65,9 @@ class EffectiveConfig:
             if self.gate == "off":
                 gate = "gate off"
             elif math.isinf(self.threshold):
-                gate = "never speculates" if self.threshold < 0 else "always speculates"
+                gate = "always speculates" if self.threshold > 0 else "never speculates"
+                if self.threshold < 0 and self.lookup:  # cerberus+lookup: the chains still do
+                    gate = "heads never draft"
             settings.append(f"{gate} ({self.source['threshold' if self.gate != 'off' else 'gate']})")
         if self.lookup is not None:
             chains = f"lookup chains of {self.lookup} tokens" if self.lookup else "no lookup chains"
@@ -105,6 +107,7 @@ def effective_config(
     head_type = head_type_for(method)
     eff = EffectiveConfig(method, weights, None, "off", math.inf, "no heads", {"weights": weights_why})
     choice = calibration[0]["choices"].get(weights) if calibration else None
+    kind = None
     if method in LOOKUP_METHODS:
         kind, calibrated = calibrated_lookup((choice or {}).get("lookup", {}), head_type is not None)
         eff.lookup, eff.source["lookup"] = LOOKUP_MAX_LEN, "method default"
@@ -112,12 +115,12 @@ def effective_config(
             eff.lookup, eff.source["lookup"] = calibrated["max_len"], "calibrated"
         if lookup is not None:
             eff.lookup, eff.source["lookup"] = lookup, "flag"
-        if head_type is not None:
+        if head_type is not None and kind != "solo":  # "solo" next to the heads: they never draft
             eff.lookup_merge, eff.source["lookup_merge"] = True, "method default"
             if calibrated is not None:
                 eff.lookup_merge, eff.source["lookup_merge"] = kind == "merged", "calibrated"
-            if merge is not None:
-                eff.lookup_merge, eff.source["lookup_merge"] = merge, "flag"
+        if head_type is not None and merge is not None:
+            eff.lookup_merge, eff.source["lookup_merge"] = merge, "flag"
     if head_type is None:
         return eff
     eff.tree, eff.gate = DEFAULT_TREE, "logits"
@@ -136,6 +139,8 @@ def effective_config(
         thresholds = {g: float(th) for g, th in choice["thresholds"].items()}
     elif calibration:
         eff.calibration = f"defaults: the calibration has no {weights} choice"
+    if head_type is not None and kind == "solo":  # raced: lookup chains ran faster without the heads
+        eff.threshold, eff.source["threshold"] = -math.inf, "calibrated: lookup chains alone ran faster"
     if tree is not None:
         eff.tree, eff.source["tree"] = tree, "flag"
     if gate is not None:
@@ -157,8 +162,9 @@ def calibrated_lookup(lookups: dict, with_heads: bool) -> tuple[str, dict | None
     """The calibrated lookup chains a method runs: (kind, {"max_len", "tokens_per_s"} or None).
     Alone: "solo". Next to the heads: "merged" into their tree or verified "instead" of it where a
     chain matches, whichever calibration predicts faster (ties: merged; calibrations made before
-    2026-11-27 have no "instead")."""
-    if not with_heads:
+    2026-11-27 have no "instead"); or "solo" where the calibration raced that against chains alone
+    and the heads did not pay (``calibration.run.race_lookup``): then the heads never draft."""
+    if not with_heads or lookups.get("raced", {}).get("winner") == "alone":
         return "solo", lookups.get("solo")
     kinds = [k for k in ("merged", "instead") if k in lookups]
     if not kinds:

@@ -16,6 +16,7 @@ import torch
 
 from cerberus_decoding import methods
 from cerberus_decoding.calibration import choose, files, measure, run
+from cerberus_decoding.engine import SamplingConfig
 from cerberus_decoding.heads import new_heads, random_heads, read_heads_config, save_heads
 from cerberus_decoding.lookup import MAX_LEN, chain_hits
 from cerberus_decoding.methods import build_decoder, choose_weights, default_heads_dir, effective_config
@@ -472,14 +473,60 @@ def test_calibrate_end_to_end(tiny_lm, heads_dir):
     dec = build_decoder(tiny_lm, "cerberus", heads=str(heads_dir))
     assert dec.tree.size == len(choice["tree"]) + 1 and dec.threshold == choice["threshold"]
     # prompt-lookup chains: a length for lookup alone, one merged into the chosen tree and one verified
-    # instead of it; cerberus+lookup runs the faster of the last two
-    assert set(choice["lookup"]) == {"solo", "merged", "instead"}
-    assert all(0 <= c["max_len"] <= MAX_LEN and c["tokens_per_s"] > 0 for c in choice["lookup"].values())
+    # instead of it; cerberus+lookup runs the faster of the last two, raced against chains alone
+    # where its heads speculate (test_cerberus_lookup_is_raced_against_chains_alone)
+    kinds = {"solo", "merged", "instead"}
+    assert set(choice["lookup"]) - {"raced"} == kinds
+    assert ("raced" in choice["lookup"]) == (choice["threshold"] > -math.inf)
+    assert all(0 <= choice["lookup"][k]["max_len"] <= MAX_LEN for k in kinds)
+    assert all(choice["lookup"][k]["tokens_per_s"] > 0 for k in kinds)
+    choice["lookup"].pop("raced", None)  # the predicted choice, as before a race
+    files.write_calibration(files.calibration_path(heads_dir, this_key()), saved)
     both = build_decoder(tiny_lm, "cerberus+lookup", heads=str(heads_dir))
     faster = max(("merged", "instead"), key=lambda k: choice["lookup"][k]["tokens_per_s"])
     assert both.drafter.max_len == choice["lookup"][faster]["max_len"] and both.drafter.merge == (faster == "merged")
     assert both.config.source["lookup"] == both.config.source["lookup_merge"] == "calibrated"
     assert "longest lookup chain: pld" in run.format_summary(saved)
+
+
+@pytest.mark.parametrize(("with_heads", "winner"), [(40.0, "with_heads"), (30.5, "alone")])
+def test_cerberus_lookup_is_raced_against_chains_alone(tiny_lm, heads_dir, monkeypatch, with_heads, winner):
+    """A full calibration runs cerberus+lookup (the heads' tree next to the chains) and lookup chains
+    alone on the same prompts; where the heads do not run RACE_MARGIN faster, cerberus+lookup runs the
+    chains alone (its heads never draft), which says why and gives pld's tokens. Here the race really
+    runs both and its rates are then set: 30 tokens/s alone."""
+    real_choices, real_race = run._choices, run.race
+    forced = lambda *a, **k: [c | {"threshold": math.inf} for c in real_choices(*a, **k)]  # noqa: E731
+    monkeypatch.setattr(run, "_choices", forced)
+    raced = []
+
+    def measured(lm, decoders, *args):
+        rate, used = real_race(lm, decoders, *args)
+        if {name for name, _ in decoders} == {"alone", "with_heads"}:
+            raced.append({name: d.method for name, d in decoders})
+            rate = {"alone": 30.0, "with_heads": with_heads}
+        return rate, used
+
+    monkeypatch.setattr(run, "race", measured)
+    prompts = ["Write a short poem about the sea.", "Why is the sky blue?", "List three colours."]
+    kw = dict(max_new_tokens=24, top_k=4, context=32, n_bins=4, qs=(1, 2, 4), repeats=1)
+    data = run.calibrate(tiny_lm, heads_dir, prompts, budget_seconds=20, **kw)
+    assert raced == [{"alone": "pld", "with_heads": "cerberus+lookup"}]
+    lookup = data["choices"]["float32"]["lookup"]
+    assert lookup["raced"]["winner"] == winner and lookup["raced"]["prompts"] >= 1
+    assert "raced cerberus+lookup" in run.format_summary(data)
+    both = build_decoder(tiny_lm, "cerberus+lookup", heads=str(heads_dir))
+    ids = both.encode("Repeat: red green blue, red green blue, red green blue.")
+    out = both.generate(ids, SamplingConfig(max_new_tokens=24)).token_ids
+    assert out == build_decoder(tiny_lm, "ar").generate(ids, SamplingConfig(max_new_tokens=24)).token_ids
+    if winner == "alone":
+        assert both.threshold == -math.inf and both.heads_calls == 0
+        assert both.drafter.max_len == lookup["solo"]["max_len"]
+        assert "heads never draft (calibrated: lookup chains alone ran faster)" in both.config.why()
+        flagged = build_decoder(tiny_lm, "cerberus+lookup", heads=str(heads_dir), threshold=math.inf)
+        assert flagged.threshold == math.inf and flagged.config.source["threshold"] == "flag"  # flags still win
+    else:
+        assert both.threshold == math.inf and both.heads_calls > 0
 
 
 def test_the_check_races_the_leading_trees_and_keeps_the_fastest_measured(tiny_lm, heads_dir, monkeypatch):

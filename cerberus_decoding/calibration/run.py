@@ -58,6 +58,11 @@ CANDIDATES = 3  # tree sizes the check races on the fastest format, best predict
 # kept a 2-node tree 1% ahead of the 1-node one in its race; the bench ran it at 0.95x AR, and a
 # 1-node tree at 1.04x)
 RACE_MARGIN = 0.03
+# a full calibration keeps this share of its budget to race cerberus+lookup against lookup chains
+# alone (pld): the prediction favoured the heads next to the chains on an Intel AVX-512 CPU (357
+# against 337 tokens/s) where the bench measured the opposite (286 against 304)
+LOOKUP_RACE_SHARE = 0.1
+LOOKUP_KINDS = {"merged": "merged into the tree", "instead": "instead of it"}  # chains next to the heads
 NO_CALIBRATE_ENV = "CERBERUS_NO_CALIBRATE"
 HELD_OUT = "held-out training prompts"  # what the default calibration prompts are, in reports
 
@@ -192,6 +197,18 @@ def check_choices(
         (i, Decoder(lm, heads, build_tree(c["tree"]), gate=c["gate"], threshold=c["threshold"]))
         for i, c in enumerate(choices)
     ]
+    rate, used = race(lm, decoders, prompts, seconds, max_new_tokens)
+    candidates = [
+        {"nodes": len(c["tree"]), "gate": c["gate"], "threshold": c["threshold"], "tokens_per_s": rate[i]}
+        | {"ratio": rate[i] / max(rate["ar"], 1e-9)}
+        for i, c in enumerate(choices)
+    ]
+    return {"prompts": used, "ar_tokens_per_s": rate["ar"], "candidates": candidates}
+
+
+def race(lm: LoadedModel, decoders: list, prompts: list[str], seconds: float, max_new_tokens: int):
+    """Decoders [(name, Decoder)] on the same prompts for ``seconds`` (at least one prompt each), every
+    prompt by all of them in a rotating order -> ({name: tokens/s}, prompts used)."""
     config = SamplingConfig(max_new_tokens=max_new_tokens)
     totals = {name: [0, 0.0] for name, _ in decoders}
     deadline, used, round_s = time.perf_counter() + seconds, 0, 0.0
@@ -209,13 +226,37 @@ def check_choices(
             totals[name][0] += len(result.token_ids)
             totals[name][1] += time.perf_counter() - t0
         used, round_s = used + 1, time.perf_counter() - started
-    rate = {name: n / max(s, 1e-9) for name, (n, s) in totals.items()}
-    candidates = [
-        {"nodes": len(c["tree"]), "gate": c["gate"], "threshold": c["threshold"], "tokens_per_s": rate[i]}
-        | {"ratio": rate[i] / max(rate["ar"], 1e-9)}
-        for i, c in enumerate(choices)
+    return {name: n / max(s, 1e-9) for name, (n, s) in totals.items()}, used
+
+
+def race_lookup(lm: LoadedModel, heads, choice: dict, prompts: list[str], seconds: float, max_new_tokens: int) -> dict:
+    """cerberus+lookup as calibrated (the heads' tree and gate, lookup chains merged into the tree or
+    verified instead of it) against lookup chains alone (pld) on the same prompts -> the lookup
+    choice's "raced" entry: both rates and the winner, "with_heads" only if the heads ran RACE_MARGIN
+    faster (the simpler method wins a tie, as the smaller tree does in the tree race)."""
+    from ..lookup import LookupDrafter
+    from ..methods import calibrated_lookup
+
+    kind, with_heads = calibrated_lookup(choice["lookup"], with_heads=True)
+    alone = choice["lookup"]["solo"]
+    decoders = [
+        ("alone", Decoder(lm, method="pld", drafter=LookupDrafter(max_len=alone["max_len"]))),
+        (
+            "with_heads",
+            Decoder(
+                lm,
+                heads,
+                build_tree(choice["tree"]),
+                gate=choice["gate"],
+                threshold=choice["threshold"],
+                method="cerberus+lookup",
+                drafter=LookupDrafter(max_len=with_heads["max_len"], merge=kind == "merged"),
+            ),
+        ),
     ]
-    return {"prompts": used, "ar_tokens_per_s": rate["ar"], "candidates": candidates}
+    rate, used = race(lm, decoders, prompts, seconds, max_new_tokens)
+    winner = "with_heads" if rate["with_heads"] > (1 + RACE_MARGIN) * rate["alone"] else "alone"
+    return {"kind": kind, "with_heads": rate["with_heads"], "alone": rate["alone"], "prompts": used, "winner": winner}
 
 
 def measured_rate(check: dict) -> float:
@@ -294,7 +335,8 @@ def calibrate(
     order = [best] + ([] if quick else [w for w in choices if w != best and choices[w]["threshold"] > -math.inf])
     for i, weights in enumerate(order):
         flm = lm.with_weights(weights)
-        seconds = max(0.0, start + budget_seconds - time.perf_counter()) / (len(order) - i)
+        reserve = 0.0 if quick else LOOKUP_RACE_SHARE * budget_seconds
+        seconds = max(0.0, start + budget_seconds - reserve - time.perf_counter()) / (len(order) - i)
         heads_w = load_heads(heads_dir, flm).pack_for(weights)
         tried = candidates[weights]
         if tried[0]["threshold"] > -math.inf:  # race the ones that speculate (AR runs in every round)
@@ -336,6 +378,15 @@ def calibrate(
                 kind == "instead",
             )
             choice["lookup"][kind] = {"max_len": length, "tokens_per_s": rate}
+    # the format cerberus+lookup runs: race it against chains alone where its heads speculate (a full
+    # calibration; a quick one keeps the prediction)
+    if not quick and choices[best]["threshold"] > -math.inf:
+        flm = lm.with_weights(best)
+        heads_w = load_heads(heads_dir, flm).pack_for(best)
+        seconds = max(LOOKUP_RACE_SHARE * budget_seconds, start + budget_seconds - time.perf_counter())
+        held_out = prompts[used:] or prompts
+        choices[best]["lookup"]["raced"] = race_lookup(flm, heads_w, choices[best], held_out, seconds, 64)
+        del flm, heads_w
 
     fit, overheads = measured[best]["cost_fit_ms"], measured[best]["overhead_ms"]
     ar_ms, spec_ms = step_costs(fit, overheads, choices[best]["tree"])
@@ -422,9 +473,16 @@ def format_summary(data: dict) -> str:
             "longest lookup chain: "
             + ", ".join(
                 f"{method} {lookup[kind]['max_len']} tokens (predicted {lookup[kind]['tokens_per_s']:.1f} tokens/s)"
-                for method, kind in (("pld", "solo"), ("merged into the tree", "merged"), ("instead of it", "instead"))
+                for method, kind in (("pld", "solo"), *((LOOKUP_KINDS[k], k) for k in ("merged", "instead")))
                 if kind in lookup  # calibrations before 2026-11-27 have no "instead"
             )
+        )
+    if lookup and "raced" in lookup:
+        r = lookup["raced"]
+        lines.append(
+            f"raced cerberus+lookup on {r['prompts']} prompts: with the heads ({LOOKUP_KINDS[r['kind']]}) "
+            f"{r['with_heads']:.1f} tokens/s, chains alone {r['alone']:.1f} -> "
+            + ("with the heads" if r["winner"] == "with_heads" else "cerberus+lookup runs the chains alone")
         )
     ch = data["checks"][data["weights"]]
     raced = ch.get("candidates", [])
