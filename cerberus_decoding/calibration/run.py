@@ -293,7 +293,8 @@ def calibrate(
     ``prompts``, choose, check, and (``write``) save to ``calibration_path``; returns the file's content.
 
     The budget covers everything: the cost curves get at most 35% of it, acceptance runs prompt after
-    prompt until 80% is spent, the check gets the rest (each at least one round or prompt).
+    prompt until 80% is spent, the check gets the rest (each at least one round or prompt), less the
+    10% a full calibration keeps to race cerberus+lookup against lookup chains alone.
     """
     if not prompts:
         raise CerberusError("No calibration prompts.")
