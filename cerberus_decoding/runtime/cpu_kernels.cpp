@@ -884,6 +884,7 @@ at::Tensor draft_topk(const at::Tensor& h, const at::Tensor& embed, int64_t root
     const int64_t* col = column.data_ptr<int64_t>();
     std::vector<bool> outside(J);
     for (int64_t k = 0; k < J; k++) {  // the bonus on the token's column, or the copy column's logit
+      TORCH_CHECK(tok[k] < column.size(0), "draft_topk: lookup's token ", tok[k], " is outside the vocabulary");
       if (tok[k] < 0 || n <= 0) continue;
       if (col[tok[k]] >= 0) {
         auto cell = logits.select(0, k).select(0, col[tok[k]]);
