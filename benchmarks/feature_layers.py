@@ -39,13 +39,13 @@ from cerberus_decoding.models import load_model
 from cerberus_decoding.train.distill import MAX_PROMPT_TOKENS, chat_ids, distill, read_answers
 from cerberus_decoding.train.prompts import Prompt, load_prompts
 from cerberus_decoding.train.train import (
-    IGNORE,
     _lr_factor,
     _split,
     evaluate,
     frequent_vocab,
     head_labels,
     head_loss,
+    head_targets,
 )
 
 LAYERS = [4, 8, 12, 16, 20, 24, 27, 30]  # transformers' hidden_states index; 30 = the final normalized state
@@ -149,8 +149,7 @@ def train(args) -> None:
         del heads.shared_weight
         heads.shared_weight = rows
     fuse = Fuse([int(x) for x in args.layers.split(",") if x], weight.shape[1])
-    targets = heads.columns(labels[train_idx])
-    targets = targets.masked_fill(targets < 0, IGNORE)
+    targets = head_targets(heads, labels[train_idx])
     opt = torch.optim.AdamW([p for m in (heads, fuse) for p in m.parameters() if p.requires_grad], lr=2e-3)
     batch, t0 = 1024, time.perf_counter()
     per_epoch = len(train_idx) // batch

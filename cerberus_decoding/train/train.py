@@ -169,6 +169,13 @@ def vocab_missed(labels: torch.Tensor, vocab_ids: torch.Tensor) -> float:
     return 1.0 - float(torch.isin(valid, vocab_ids).float().mean())
 
 
+def head_targets(heads: DraftHeads, labels: torch.Tensor, lookup: torch.Tensor | None = None) -> torch.Tensor:
+    """Token labels [N, K] -> the heads' logit columns to learn (``DraftHeads.columns``; IGNORE where
+    none: a token the heads cannot draft, or no label)."""
+    cols = heads.columns(labels, lookup)
+    return cols.masked_fill(cols < 0, IGNORE)
+
+
 def head_loss(
     logits: torch.Tensor, labels: torch.Tensor, decay: float, soft=None, soft_weight: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -469,8 +476,7 @@ def train(lm, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resum
     elif cfg.own_lm_head:
         heads.init_own_lm_heads()
     found = heads.split_lookup(train_r)[1] if cfg.reads_lookup else None  # a copy lookup found: the copy column
-    train_targets = heads.columns(train_y, found)
-    train_targets = train_targets.masked_fill(train_targets < 0, IGNORE)
+    train_targets = head_targets(heads, train_y, found)
     soft = None
     if cfg.soft_targets:  # [N, K] positions -> the base model's top-k there, gathered per batch
         soft_ids, soft_probs = teacher_topk(hidden, weight[heads.vocab_ids], cfg.soft_targets)
