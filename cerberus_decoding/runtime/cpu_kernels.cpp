@@ -39,6 +39,8 @@
 #include <cstring>
 #include <type_traits>
 #include <algorithm>
+#include <atomic>
+#include <thread>
 #include <vector>
 #include <immintrin.h>
 
@@ -249,66 +251,90 @@ void attend_row(const float* qf, const T* k, const T* v, const int64_t* own, int
     for (int c = 0; c < C; c++) store16(out + h * D + c * 16, acc[h][c]);
 }
 
+// One layer's attention over n rows, as pointers: rope_rows and attend_items each do part of it
+template <typename T>
+struct Attention {
+  const T *qkv, *cos, *sin;
+  T *k, *v, *out;  // k, v [Hkv, cap, D] one layer's cache; out [n, Hq D]
+  const int64_t *slot, *own, *own_count;
+  int64_t n, Hq, Hkv, cap, E, context;
+  float* qf;  // [n, Hq, D] queries after RoPE
+};
+
+// Rows [r0, r1): RoPE on their queries (into qf) and keys, their keys and values into the cache
 template <typename T, int D>
-void rope_attention_rows(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k,
-                         at::Tensor& v, const at::Tensor& slots, int64_t context, const at::Tensor& own,
-                         const at::Tensor& own_count, at::Tensor& out) {
-  const int64_t n = qkv.size(0), Hkv = k.size(0), cap = k.size(1), E = own.size(1);
-  const int64_t Hq = qkv.size(1) / D - 2 * Hkv;
-  const int rep = Hq / Hkv;
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  const T *x = qkv.data_ptr<T>(), *cp = cos.data_ptr<T>(), *sp = sin.data_ptr<T>();
-  T *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *op = out.data_ptr<T>();
-  const int64_t *slot = slots.data_ptr<int64_t>(), *own_p = own.data_ptr<int64_t>(), *cnt_p = own_count.data_ptr<int64_t>();
-  std::vector<float> qf(n * Hq * D);  // [n, Hq, D] queries after RoPE
+void rope_rows(const Attention<T>& a, int64_t r0, int64_t r1) {
   float kf[D];
-  for (int64_t r = 0; r < n; r++) {  // RoPE, and this forward's keys and values into their cache slots
-    const T* row = x + r * (Hq + 2 * Hkv) * D;
-    for (int64_t h = 0; h < Hq; h++) rope<T, D>(row + h * D, cp + r * D, sp + r * D, qf.data() + (r * Hq + h) * D);
-    for (int64_t h = 0; h < Hkv; h++) {
-      rope<T, D>(row + (Hq + h) * D, cp + r * D, sp + r * D, kf);
-      T* kdst = kp + (h * cap + slot[r]) * D;
-      T* vdst = vp + (h * cap + slot[r]) * D;
-      const T* vsrc = row + (Hq + Hkv + h) * D;
+  for (int64_t r = r0; r < r1; r++) {
+    const T* row = a.qkv + r * (a.Hq + 2 * a.Hkv) * D;
+    const T *c = a.cos + r * D, *s = a.sin + r * D;
+    for (int64_t h = 0; h < a.Hq; h++) rope<T, D>(row + h * D, c, s, a.qf + (r * a.Hq + h) * D);
+    for (int64_t h = 0; h < a.Hkv; h++) {
+      rope<T, D>(row + (a.Hq + h) * D, c, s, kf);
+      T* kdst = a.k + (h * a.cap + a.slot[r]) * D;
+      T* vdst = a.v + (h * a.cap + a.slot[r]) * D;
+      const T* vsrc = row + (a.Hq + a.Hkv + h) * D;
       for (int d = 0; d < D; d++) kdst[d] = static_cast<T>(kf[d]), vdst[d] = vsrc[d];
     }
   }
-  at::parallel_for(0, n * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf;
-    for (int64_t i = begin; i < end; i++) {
-      const int64_t r = i / Hkv, h = i % Hkv;
-      attend_row<T, D>(qf.data() + (r * Hq + h * rep) * D, kp + h * cap * D, vp + h * cap * D, own_p + r * E, cnt_p[r],
-                       context, rep, scale, op + (r * Hq + h * rep) * D, buf);
-    }
-  });
+}
+
+// Items [i0, i1) of the n x Hkv (row, kv head) attention items, once every row's keys are in the cache
+template <typename T, int D>
+void attend_items(const Attention<T>& a, int64_t i0, int64_t i1, std::vector<float>& buf) {
+  const int rep = a.Hq / a.Hkv;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  for (int64_t i = i0; i < i1; i++) {
+    const int64_t r = i / a.Hkv, h = i % a.Hkv;
+    attend_row<T, D>(a.qf + (r * a.Hq + h * rep) * D, a.k + h * a.cap * D, a.v + h * a.cap * D, a.own + r * a.E,
+                     a.own_count[r], a.context, rep, scale, a.out + (r * a.Hq + h * rep) * D, buf);
+  }
+}
+
+// f(std::integral_constant<int, D>{}) for the compiled head dims
+template <typename F>
+void with_head_dim(int64_t D, F&& f) {
+  switch (D) {
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: TORCH_CHECK(false, "rope_attention: head_dim 16, 32, 64 or 128");
+  }
 }
 
 template <typename T>
 void rope_attention_typed(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k,
                           at::Tensor& v, const at::Tensor& slots, int64_t context, const at::Tensor& own,
                           const at::Tensor& own_count, at::Tensor& out) {
-  switch (k.size(2)) {
-    case 16: return rope_attention_rows<T, 16>(qkv, cos, sin, k, v, slots, context, own, own_count, out);
-    case 32: return rope_attention_rows<T, 32>(qkv, cos, sin, k, v, slots, context, own, own_count, out);
-    case 64: return rope_attention_rows<T, 64>(qkv, cos, sin, k, v, slots, context, own, own_count, out);
-    case 128: return rope_attention_rows<T, 128>(qkv, cos, sin, k, v, slots, context, own, own_count, out);
-    default: TORCH_CHECK(false, "rope_attention: head_dim 16, 32, 64 or 128");
-  }
+  const int64_t n = qkv.size(0), Hkv = k.size(0), D = k.size(2);
+  const int64_t Hq = qkv.size(1) / D - 2 * Hkv;
+  std::vector<float> qf(n * Hq * D);
+  const Attention<T> a{qkv.data_ptr<T>(), cos.data_ptr<T>(), sin.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
+                       out.data_ptr<T>(), slots.data_ptr<int64_t>(), own.data_ptr<int64_t>(),
+                       own_count.data_ptr<int64_t>(), n, Hq, Hkv, k.size(1), own.size(1), context, qf.data()};
+  with_head_dim(D, [&](auto dim) {
+    constexpr int DIM = decltype(dim)::value;
+    rope_rows<T, DIM>(a, 0, n);
+    at::parallel_for(0, n * Hkv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf;
+      attend_items<T, DIM>(a, begin, end, buf);
+    });
+  });
 }
 
-at::Tensor rope_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k,
-                          at::Tensor v, const at::Tensor& slots, int64_t context, const at::Tensor& own,
-                          const at::Tensor& own_count) {
-  // qkv [n, (Hq + 2 Hkv) D] (the fused projection's output), cos, sin [n, D] (each row's position),
-  // k, v [Hkv, capacity, D] (one layer's cache), slots [n], own [n, E], own_count [n] -> [n, Hq D]
-  const int64_t D = k.size(2), Hkv = k.size(0), n = qkv.size(0);
-  TORCH_CHECK(qkv.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() && k.is_contiguous() &&
-              v.is_contiguous() && slots.is_contiguous() && own.is_contiguous() && own_count.is_contiguous());
-  TORCH_CHECK(qkv.size(1) % D == 0 && qkv.size(1) / D > 2 * Hkv, "rope_attention: qkv width");
-  const int64_t Hq = qkv.size(1) / D - 2 * Hkv;
+// rope_attention's inputs (k, v one layer's cache [Hkv, capacity, D]) for n rows of qkv [n, width]
+void check_attention(int64_t n, int64_t width, at::ScalarType dtype, const at::Tensor& cos, const at::Tensor& sin,
+                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots, int64_t context,
+                     const at::Tensor& own, const at::Tensor& own_count) {
+  const int64_t D = k.size(2), Hkv = k.size(0);
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && k.is_contiguous() && v.is_contiguous() &&
+              slots.is_contiguous() && own.is_contiguous() && own_count.is_contiguous());
+  TORCH_CHECK(width % D == 0 && width / D > 2 * Hkv, "rope_attention: qkv width");
+  const int64_t Hq = width / D - 2 * Hkv;
   TORCH_CHECK(Hq % Hkv == 0 && Hq / Hkv <= MAX_GROUP, "rope_attention: query heads per kv head");
-  TORCH_CHECK(k.scalar_type() == qkv.scalar_type() && v.scalar_type() == qkv.scalar_type() &&
-              cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type());
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype && cos.scalar_type() == dtype &&
+              sin.scalar_type() == dtype);
   TORCH_CHECK(slots.size(0) == n && own.size(0) == n && own_count.size(0) == n);
   const int64_t cap = k.size(1), E = own.size(1);
   const int64_t *slot = slots.data_ptr<int64_t>(), *own_p = own.data_ptr<int64_t>(), *cnt_p = own_count.data_ptr<int64_t>();
@@ -318,6 +344,17 @@ at::Tensor rope_attention(const at::Tensor& qkv, const at::Tensor& cos, const at
     for (int64_t e = 0; e < cnt_p[r]; e++)
       TORCH_CHECK(own_p[r * E + e] >= 0 && own_p[r * E + e] < cap, "rope_attention: bad slots");
   }
+}
+
+at::Tensor rope_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k,
+                          at::Tensor v, const at::Tensor& slots, int64_t context, const at::Tensor& own,
+                          const at::Tensor& own_count) {
+  // qkv [n, (Hq + 2 Hkv) D] (the fused projection's output), cos, sin [n, D] (each row's position),
+  // k, v [Hkv, capacity, D] (one layer's cache), slots [n], own [n, E], own_count [n] -> [n, Hq D]
+  const int64_t D = k.size(2), Hkv = k.size(0), n = qkv.size(0);
+  TORCH_CHECK(qkv.is_contiguous(), "rope_attention: qkv contiguous");
+  check_attention(n, qkv.size(1), qkv.scalar_type(), cos, sin, k, v, slots, context, own, own_count);
+  const int64_t Hq = qkv.size(1) / D - 2 * Hkv;
   auto out = at::empty({n, Hq * D}, qkv.options());
   if (qkv.scalar_type() == at::kBFloat16) rope_attention_typed<c10::BFloat16>(qkv, cos, sin, k, v, slots, context, own, own_count, out);
   else if (qkv.scalar_type() == at::kFloat) rope_attention_typed<float>(qkv, cos, sin, k, v, slots, context, own, own_count, out);
@@ -326,21 +363,21 @@ at::Tensor rope_attention(const at::Tensor& qkv, const at::Tensor& cos, const at
 }
 
 template <typename T>
+void rms_norm_row(const T* row, const T* w, int64_t H, double eps, T* out) {
+  v16 acc{};
+  for (int64_t i = 0; i < H; i += 16) {
+    v16 a = load16(row + i);
+    acc += a * a;
+  }
+  const float inv = 1.f / std::sqrt(hsum(acc) / static_cast<float>(H) + static_cast<float>(eps));
+  const v16 scale = splat(inv);
+  for (int64_t i = 0; i < H; i += 16) store16(out + i, load16(row + i) * scale * load16(w + i));
+}
+
+template <typename T>
 void rms_norm_typed(const at::Tensor& x, const at::Tensor& w, double eps, at::Tensor& out) {
   const int64_t n = x.size(0), H = x.size(1);
-  const T *xp = x.data_ptr<T>(), *wp = w.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  for (int64_t r = 0; r < n; r++) {
-    const T* row = xp + r * H;
-    v16 acc{};
-    for (int64_t i = 0; i < H; i += 16) {
-      v16 a = load16(row + i);
-      acc += a * a;
-    }
-    const float inv = 1.f / std::sqrt(hsum(acc) / static_cast<float>(H) + static_cast<float>(eps));
-    const v16 scale = splat(inv);
-    for (int64_t i = 0; i < H; i += 16) store16(op + r * H + i, load16(row + i) * scale * load16(wp + i));
-  }
+  for (int64_t r = 0; r < n; r++) rms_norm_row(x.data_ptr<T>() + r * H, w.data_ptr<T>(), H, eps, out.data_ptr<T>() + r * H);
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -356,17 +393,19 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 }
 
 template <typename T>
+void silu_mul_row(const T* x, int64_t I, T* out) {  // x [2I] = [gate, up] -> out [I]
+  for (int64_t i = 0; i < I; i += 16) {
+    v16 g = load16(x + i), u = load16(x + I + i);
+    v16 e = exp_nonpositive(g < 0 ? g : -g);      // e^-|g|, in (0, 1]
+    v16 sig = g < 0 ? e / (1.f + e) : 1.f / (1.f + e);  // sigmoid(g) without overflow
+    store16(out + i, g * sig * u);
+  }
+}
+
+template <typename T>
 void silu_mul_typed(const at::Tensor& x, at::Tensor& out) {
   const int64_t n = x.size(0), I = x.size(1) / 2;
-  const T* xp = x.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  for (int64_t r = 0; r < n; r++)
-    for (int64_t i = 0; i < I; i += 16) {
-      v16 g = load16(xp + r * 2 * I + i), u = load16(xp + r * 2 * I + I + i);
-      v16 e = exp_nonpositive(g < 0 ? g : -g);      // e^-|g|, in (0, 1]
-      v16 sig = g < 0 ? e / (1.f + e) : 1.f / (1.f + e);  // sigmoid(g) without overflow
-      store16(op + r * I + i, g * sig * u);
-    }
+  for (int64_t r = 0; r < n; r++) silu_mul_row(x.data_ptr<T>() + r * 2 * I, I, out.data_ptr<T>() + r * I);
 }
 
 at::Tensor silu_mul(const at::Tensor& x) {
@@ -733,6 +772,36 @@ void w8a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, 
 }
 #endif
 
+// Rows of activations quantized to Q8_0 blocks: a [M, K] int8, and per group d, d sum(a), sum(a) [M, K/32]
+struct Q8Rows {
+  std::vector<int8_t> a;
+  std::vector<float> d, dsum;
+  std::vector<int32_t> asum;
+  Q8Rows(int64_t M, int64_t K) : a(M * K), d(M * K / 32), dsum(M * K / 32), asum(M * K / 32) {}
+  void quantize(const c10::BFloat16* x, int64_t m0, int64_t m1, int64_t K) {  // rows [m0, m1) of x [M, K]
+    const int64_t G = K / 32;
+    for (int64_t m = m0; m < m1; m++)
+      quantize_row_q8(x + m * K, K, a.data() + m * K, d.data() + m * G, dsum.data() + m * G, asum.data() + m * G);
+  }
+};
+
+// Tiles [t0, t1) of y [M, N] = x W^T for quantized rows x [M, K]: every row block over a tile while it is in cache
+template <bool W8>
+void a8_tiles(const uint8_t* w, int64_t t0, int64_t t1, const Q8Rows& x, int64_t M, int64_t K, int64_t N,
+              c10::BFloat16* y) {
+  const int64_t G = K / 32;
+  for (int64_t t = t0; t < t1; t++)
+    for (int64_t m0 = 0; m0 < M; m0 += A8_ROW_BLOCK)
+      with_rows<A8_ROW_BLOCK>(M - m0, [&](auto mb) {
+        constexpr int MB = decltype(mb)::value;
+        const int8_t* am = x.a.data() + m0 * K;
+        if constexpr (W8)
+          w8a8_tile<MB>(w, t, am, x.d.data() + m0 * G, x.asum.data() + m0 * G, K, N, y + m0 * N);
+        else
+          w4a8_tile<MB>(w, t, am, x.d.data() + m0 * G, x.dsum.data() + m0 * G, K, N, y + m0 * N);
+      });
+}
+
 // Both formats with 8-bit activations: each row quantized to Q8_0 blocks, then the tiles
 template <bool W8>
 at::Tensor a8_linear(const at::Tensor& x, const at::Tensor& packed) {
@@ -743,25 +812,10 @@ at::Tensor a8_linear(const at::Tensor& x, const at::Tensor& packed) {
   TORCH_CHECK(K % 32 == 0 && packed.numel() == tiles * G * (W8 ? W8A8_GROUP_BYTES : INT4_GROUP_BYTES), name,
               ": packed weight does not match x");
   auto y = at::empty({M, N}, x.options());
-  std::vector<int8_t> a(M * K);
-  std::vector<float> d(M * G), dsum(M * G);
-  std::vector<int32_t> asum(M * G);
-  const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
-  for (int64_t m = 0; m < M; m++)
-    quantize_row_q8(xp + m * K, K, a.data() + m * K, d.data() + m * G, dsum.data() + m * G, asum.data() + m * G);
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  Q8Rows q8(M, K);
+  q8.quantize(x.data_ptr<c10::BFloat16>(), 0, M, K);
   at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; t++)  // every row block over a tile while it is in cache
-      for (int64_t m0 = 0; m0 < M; m0 += A8_ROW_BLOCK)
-        with_rows<A8_ROW_BLOCK>(M - m0, [&](auto mb) {
-          constexpr int MB = decltype(mb)::value;
-          const int8_t* am = a.data() + m0 * K;
-          if constexpr (W8)
-            w8a8_tile<MB>(w, t, am, d.data() + m0 * G, asum.data() + m0 * G, K, N, yp + m0 * N);
-          else
-            w4a8_tile<MB>(w, t, am, d.data() + m0 * G, dsum.data() + m0 * G, K, N, yp + m0 * N);
-        });
+    a8_tiles<W8>(packed.data_ptr<uint8_t>(), begin, end, q8, M, K, N, y.data_ptr<c10::BFloat16>());
   });
   return y;
 }
@@ -799,6 +853,126 @@ at::Tensor project(const at::Tensor& x, int64_t kind, const at::Tensor& packed, 
   return bias.numel() ? at::add(y, bias) : y;
 }
 
+#if defined(W4A8_VNNI) || defined(W4A8_AVX2)
+// ---- the same layers in one parallel region, where every projection has 8-bit activations ----
+// The op-by-op forward above forks and joins the threads five times a layer (~2 us each with two
+// threads: ~0.3 ms of a 2.3 ms one-token forward on a 2-core CPU) and allocates every result. Here
+// the threads enter once: the forward is a fixed sequence of phases over preallocated buffers, each
+// phase cut into pieces (tile ranges, rows, attention items) that the threads claim, and a phase
+// starts when every piece of the one before is done. Any thread can run any piece and a row's
+// arithmetic is the per-op path's in the same order, so the bits are the same (tested), whichever
+// threads show up: one thread alone runs every piece, so no schedule can deadlock.
+class Phases {
+ public:
+  explicit Phases(int64_t count) : claimed_(count), done_(count) {}
+  // Claim and run pieces of the next phase (work(piece) for piece in [0, pieces)), then wait for all of them
+  template <typename Work>
+  void run(int64_t& phase, int64_t pieces, Work&& work) {
+    const int64_t k = phase++;
+    for (int64_t p; (p = claimed_[k].fetch_add(1, std::memory_order_relaxed)) < pieces;) {
+      work(p);
+      done_[k].fetch_add(1, std::memory_order_release);
+    }
+    for (int spins = 0; done_[k].load(std::memory_order_acquire) < pieces; spins++) {
+      if (spins < 4096) _mm_pause();
+      else std::this_thread::yield();  // the piece's thread is not running: let it
+    }
+  }
+
+ private:
+  std::vector<std::atomic<int64_t>> claimed_, done_;
+};
+
+inline void add_rows(c10::BFloat16* x, const c10::BFloat16* y, int64_t n) {  // x += y, as at::add rounds
+  for (int64_t i = 0; i < n; i++) x[i] = c10::BFloat16(static_cast<float>(x[i]) + static_cast<float>(y[i]));
+}
+
+at::Tensor layers_a8(const at::Tensor& x_in, at::TensorList norms, at::IntArrayRef kinds, at::TensorList packed,
+                     at::TensorList biases, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k, at::Tensor& v,
+                     const at::Tensor& slots, int64_t context, const at::Tensor& own, const at::Tensor& own_count,
+                     double eps) {
+  using bf16 = c10::BFloat16;
+  const int64_t L = k.size(0), M = x_in.size(0), H = x_in.size(1), Hkv = k.size(1), cap = k.size(2), D = k.size(3);
+  struct Proj {
+    const uint8_t* w;
+    const bf16* bias;  // or nullptr
+    int64_t K, N;
+    bool w8;
+  };
+  std::vector<Proj> proj;
+  for (size_t j = 0; j < kinds.size(); j++)
+    proj.push_back({packed[j].data_ptr<uint8_t>(), biases[j].numel() ? biases[j].data_ptr<bf16>() : nullptr,
+                    packed[j].size(1) * 32, packed[j].size(0) * 16, kinds[j] == W8A8});
+  const int64_t Nqkv = proj[0].N, Hq = Nqkv / D - 2 * Hkv, I = proj[3].K;
+  for (int64_t i = 0; i < L; i++)
+    TORCH_CHECK(proj[4 * i].K == H && proj[4 * i].N == Nqkv && proj[4 * i + 1].K == Hq * D && proj[4 * i + 1].N == H &&
+                    proj[4 * i + 2].K == H && proj[4 * i + 2].N == 2 * I && proj[4 * i + 3].K == I &&
+                    proj[4 * i + 3].N == H,
+                "layers: projection shapes do not chain");
+  auto out = at::empty({M, H}, x_in.options());
+  auto buf = [&](int64_t n) { return at::empty({n}, x_in.options()); };
+  at::Tensor x = x_in.clone(), qkv = buf(M * Nqkv), attn = buf(M * Hq * D), mix = buf(M * H), gu = buf(M * 2 * I);
+  at::Tensor h = buf(M * std::max(H, I));  // normalized or gated rows: a projection's input before quantization
+  bf16 *xp = x.data_ptr<bf16>(), *qkvp = qkv.data_ptr<bf16>(), *attnp = attn.data_ptr<bf16>(), *mixp = mix.data_ptr<bf16>(),
+       *gup = gu.data_ptr<bf16>(), *hp = h.data_ptr<bf16>();
+  Q8Rows q8(M, std::max({H, Hq * D, I}));
+  std::vector<float> qf(M * Hq * D);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  Phases phases(10 * L + 1);
+
+  // projection j of the quantized rows into y: a thread's share of the tiles (+ bias)
+  const auto project = [&](int64_t j, int64_t piece, bf16* y) {
+    const Proj& p = proj[j];
+    const int64_t tiles = p.N / 16, t0 = tiles * piece / threads, t1 = tiles * (piece + 1) / threads;
+    if (p.w8) a8_tiles<true>(p.w, t0, t1, q8, M, p.K, p.N, y);
+    else a8_tiles<false>(p.w, t0, t1, q8, M, p.K, p.N, y);
+    if (p.bias)
+      for (int64_t m = 0; m < M; m++) add_rows(y + m * p.N + t0 * 16, p.bias + t0 * 16, (t1 - t0) * 16);
+  };
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    int64_t phase = 0;
+    std::vector<float> scores;
+    for (int64_t i = 0; i < L; i++) {
+      const bf16* attn_norm = norms[2 * i].data_ptr<bf16>();
+      const bf16* mlp_norm = norms[2 * i + 1].data_ptr<bf16>();
+      phases.run(phase, M, [&](int64_t m) {  // row m of the residual stream (+ the last down projection): norm, quantize
+        if (i > 0) add_rows(xp + m * H, mixp + m * H, H);
+        rms_norm_row(xp + m * H, attn_norm, H, eps, hp + m * H);
+        q8.quantize(hp, m, m + 1, H);
+      });
+      phases.run(phase, threads, [&](int64_t piece) { project(4 * i, piece, qkvp); });
+      const Attention<bf16> a{qkvp, cos.data_ptr<bf16>(), sin.data_ptr<bf16>(), k.data_ptr<bf16>() + i * Hkv * cap * D,
+                              v.data_ptr<bf16>() + i * Hkv * cap * D, attnp, slots.data_ptr<int64_t>(),
+                              own.data_ptr<int64_t>(), own_count.data_ptr<int64_t>(), M, Hq, Hkv, cap, own.size(1),
+                              context, qf.data()};
+      with_head_dim(D, [&](auto dim) {
+        constexpr int DIM = decltype(dim)::value;
+        phases.run(phase, M, [&](int64_t m) { rope_rows<bf16, DIM>(a, m, m + 1); });
+        phases.run(phase, M * Hkv, [&](int64_t item) { attend_items<bf16, DIM>(a, item, item + 1, scores); });
+      });
+      phases.run(phase, M, [&](int64_t m) { q8.quantize(attnp, m, m + 1, Hq * D); });
+      phases.run(phase, threads, [&](int64_t piece) { project(4 * i + 1, piece, mixp); });
+      phases.run(phase, M, [&](int64_t m) {
+        add_rows(xp + m * H, mixp + m * H, H);
+        rms_norm_row(xp + m * H, mlp_norm, H, eps, hp + m * H);
+        q8.quantize(hp, m, m + 1, H);
+      });
+      phases.run(phase, threads, [&](int64_t piece) { project(4 * i + 2, piece, gup); });
+      phases.run(phase, M, [&](int64_t m) {
+        silu_mul_row(gup + m * 2 * I, I, hp + m * I);
+        q8.quantize(hp, m, m + 1, I);
+      });
+      phases.run(phase, threads, [&](int64_t piece) { project(4 * i + 3, piece, mixp); });
+    }
+    phases.run(phase, M, [&](int64_t m) {
+      add_rows(xp + m * H, mixp + m * H, H);
+      rms_norm_row(xp + m * H, norms[2 * L].data_ptr<bf16>(), H, eps, out.data_ptr<bf16>() + m * H);
+    });
+  });
+  return out;
+}
+#endif
+
 at::Tensor layers(const at::Tensor& x_in, at::TensorList norms, at::IntArrayRef kinds, at::TensorList packed,
                   at::TensorList scales, at::TensorList biases, const at::Tensor& cos, const at::Tensor& sin,
                   at::Tensor k, at::Tensor v, const at::Tensor& slots, int64_t context, const at::Tensor& own,
@@ -810,6 +984,19 @@ at::Tensor layers(const at::Tensor& x_in, at::TensorList norms, at::IntArrayRef 
   TORCH_CHECK(norms.size() == static_cast<size_t>(2 * L + 1) && kinds.size() == static_cast<size_t>(4 * L) &&
                   packed.size() == kinds.size() && scales.size() == kinds.size() && biases.size() == kinds.size(),
               "layers: 2L + 1 norms and 4L projections for the cache's L layers");
+#if defined(W4A8_VNNI) || defined(W4A8_AVX2)
+  const bool a8 = std::all_of(kinds.begin(), kinds.end(), [](int64_t kind) { return kind == W4A8 || kind == W8A8; });
+  const auto bf16_or_none = [&](const at::Tensor& t) {
+    return t.numel() == 0 || (t.scalar_type() == at::kBFloat16 && t.is_contiguous());
+  };
+  if (a8 && x_in.scalar_type() == at::kBFloat16 && x_in.is_contiguous() && k.is_contiguous() && v.is_contiguous() &&
+      std::all_of(norms.begin(), norms.end(), bf16_or_none) && std::all_of(biases.begin(), biases.end(), bf16_or_none) &&
+      std::all_of(packed.begin(), packed.end(), [](const at::Tensor& t) { return t.is_contiguous(); })) {
+    check_attention(x_in.size(0), packed[0].size(0) * 16, x_in.scalar_type(), cos, sin, k.select(0, 0), v.select(0, 0),
+                    slots, context, own, own_count);
+    return layers_a8(x_in, norms, kinds, packed, biases, cos, sin, k, v, slots, context, own, own_count, eps);
+  }
+#endif
   at::Tensor x = x_in;
   for (int64_t i = 0; i < L; i++) {
     const auto p = [&](int64_t j, const at::Tensor& in) {
