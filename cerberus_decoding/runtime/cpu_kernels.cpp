@@ -19,16 +19,9 @@
 #include <ATen/ops/argmax.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/add.h>
-#include <ATen/ops/cat.h>
-#include <ATen/ops/constant_pad_nd.h>
-#include <ATen/ops/embedding.h>
 #include <ATen/ops/mul.h>
-#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/silu.h>
-#include <ATen/ops/stack.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/topk.h>
-#include <ATen/ops/where.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -416,6 +409,10 @@ at::Tensor silu_mul(const at::Tensor& x) {
   else if (x.scalar_type() == at::kFloat) silu_mul_typed<float>(x, out);
   else TORCH_CHECK(false, "silu_mul: float32 or bfloat16");
   return out;
+}
+
+inline void add_rows(c10::BFloat16* x, const c10::BFloat16* y, int64_t n) {  // x += y, as at::add rounds
+  for (int64_t i = 0; i < n; i++) x[i] = c10::BFloat16(static_cast<float>(x[i]) + static_cast<float>(y[i]));
 }
 
 // f(std::integral_constant<int, m>{}) for a row count m in 1..MAX: the quantized kernels take their
@@ -883,10 +880,6 @@ class Phases {
   std::vector<std::atomic<int64_t>> claimed_, done_;
 };
 
-inline void add_rows(c10::BFloat16* x, const c10::BFloat16* y, int64_t n) {  // x += y, as at::add rounds
-  for (int64_t i = 0; i < n; i++) x[i] = c10::BFloat16(static_cast<float>(x[i]) + static_cast<float>(y[i]));
-}
-
 at::Tensor layers_a8(const at::Tensor& x_in, at::TensorList norms, at::IntArrayRef kinds, at::TensorList packed,
                      at::TensorList biases, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k, at::Tensor& v,
                      const at::Tensor& slots, int64_t context, const at::Tensor& own, const at::Tensor& own_count,
@@ -1015,6 +1008,39 @@ at::Tensor layers(const at::Tensor& x_in, at::TensorList norms, at::IntArrayRef 
 // without the Python and dispatcher between some 60-100 small ops a draft (0.5-0.6 ms of a 0.85 ms
 // draft on a 2-core CPU, against a 3 ms decoding step). Projections in the order the heads take
 // them: lookup's token (heads that read lookup), then each head's blocks, then the shared LM head.
+// Row i of a table [rows, H] (float32 or bfloat16) in bfloat16, rounded as .to(bfloat16) rounds
+void row_bf16(const at::Tensor& table, int64_t i, c10::BFloat16* out) {
+  const int64_t H = table.size(-1);
+  TORCH_CHECK(table.is_contiguous() && i >= 0 && i * H < table.numel(), "draft_topk: row ", i, " outside its table");
+  if (table.scalar_type() == at::kBFloat16) {
+    std::memcpy(out, table.data_ptr<c10::BFloat16>() + i * H, H * sizeof(c10::BFloat16));
+  } else {
+    TORCH_CHECK(table.scalar_type() == at::kFloat, "draft_topk: float32 or bfloat16 tables");
+    const float* row = table.data_ptr<float>() + i * H;
+    for (int64_t j = 0; j < H; j++) out[j] = c10::BFloat16(row[j]);
+  }
+}
+
+inline c10::BFloat16 add_bf16(c10::BFloat16 a, c10::BFloat16 b) {  // as at::add rounds
+  return c10::BFloat16(static_cast<float>(a) + static_cast<float>(b));
+}
+
+// torch.topk(row, k) (largest first) as ATen's CPU kernel selects it, ties included: (value, index)
+// pairs in index order, std::partial_sort where k * 64 <= n, else std::nth_element and a sort of
+// the first k - 1; NaN counts as the largest -> the k indices, best first
+void topk_row(std::vector<std::pair<float, int64_t>>& queue, int64_t k, int64_t* out) {
+  const auto larger = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+    return (std::isnan(a.first) && !std::isnan(b.first)) || a.first > b.first;
+  };
+  if (k * 64 <= static_cast<int64_t>(queue.size())) {
+    std::partial_sort(queue.begin(), queue.begin() + k, queue.end(), larger);
+  } else {
+    std::nth_element(queue.begin(), queue.begin() + k - 1, queue.end(), larger);
+    std::sort(queue.begin(), queue.begin() + k - 1, larger);
+  }
+  for (int64_t j = 0; j < k; j++) out[j] = queue[j].second;
+}
+
 at::Tensor draft_topk(const at::Tensor& h, const at::Tensor& embed, int64_t root, const at::Tensor& lookup,
                       at::IntArrayRef kinds, at::TensorList packed, at::TensorList scales, at::TensorList biases,
                       const at::Tensor& ngram, const at::Tensor& bonus_weight, const at::Tensor& bonus_bias,
@@ -1026,70 +1052,113 @@ at::Tensor draft_topk(const at::Tensor& h, const at::Tensor& embed, int64_t root
   // [V'] the head vocabulary; column [V] int64 each token's column in it (-1: outside)
   // sequential: Cerberus (block 0 of head k reads [h, what head k - 1 passes]), else Medusa (h alone)
   // -> [heads, top_k] token ids, best first
+  // Glue (rows of tables, concatenations, adds, the top-k) runs on raw rows with the rounding of the
+  // ATen ops it replaces; SiLU and the bonus's sums stay ATen's (their own arithmetic).
+  using bf16 = c10::BFloat16;
   const bool reads_lookup = lookup.numel() > 0;
   const size_t used = (reads_lookup ? 1 : 0) + heads * num_layers + 1;
-  TORCH_CHECK(h.dim() == 1 && heads >= 1 && num_layers >= 1 && kinds.size() >= used && packed.size() == kinds.size() &&
-                  scales.size() == kinds.size() && biases.size() == kinds.size(),
+  TORCH_CHECK(h.dim() == 1 && h.is_contiguous() && heads >= 1 && num_layers >= 1 && kinds.size() >= used &&
+                  packed.size() == kinds.size() && scales.size() == kinds.size() && biases.size() == kinds.size(),
               "draft_topk: h [H] and a projection for lookup's token, each block and the LM head");
-  const auto dtype = h.scalar_type();
+  TORCH_CHECK(h.scalar_type() == at::kBFloat16, "draft_topk: bfloat16 states (the 8-bit projections' input)");
+  TORCH_CHECK(!reads_lookup || (lookup.is_contiguous() && lookup.scalar_type() == at::kLong && lookup.numel() >= 2),
+              "draft_topk: lookup [1 + T] int64");
+  const int64_t H = h.size(0), J = heads;
+  const bf16* hp = h.data_ptr<bf16>();
+  const auto row = [&](int64_t width) { return at::empty({1, width}, h.options()); };
   size_t next = 0;
-  const auto project_row = [&](const at::Tensor& x) {  // x [K] -> [N], as heads.Linear runs a 1-d input
+  const auto project_row = [&](const at::Tensor& x) {  // x [1, K] -> [1, N], as heads.Linear runs a row
     const size_t j = next++;
-    const at::Tensor y = project(x.reshape({1, -1}).contiguous(), kinds[j], packed[j], scales[j], biases[j]);
-    return y.view({-1});
+    return project(x, kinds[j], packed[j], scales[j], biases[j]);
   };
-  at::Tensor prev = h;  // what the chain passes the next head
-  int64_t n = 0;
+  at::Tensor prev = h.view({1, H});  // what the chain passes the next head
+  const int64_t* found_by_lookup = reads_lookup ? lookup.data_ptr<int64_t>() : nullptr;  // (n, t_1 .. t_T)
+  const int64_t n = reads_lookup ? found_by_lookup[0] : 0;
   if (embed.numel()) {  // root_token: the chain starts at the root's embedding (and lookup's input)
-    prev = at::embedding(embed, at::scalar_tensor(root, lookup.options().dtype(at::kLong))).to(dtype);
+    prev = row(H);
+    bf16* pp = prev.data_ptr<bf16>();
+    row_bf16(embed, root, pp);
     if (reads_lookup) {
-      n = lookup[0].item<int64_t>();
-      const at::Tensor token = lookup.select(0, 1).clamp_min(0);
-      const at::Tensor found = at::mul(at::embedding(embed, token).to(dtype), lookup.select(0, 0).gt(0).unsqueeze(-1).to(dtype));
-      prev = at::add(prev, at::add(project_row(found), at::embedding(ngram, lookup.select(0, 0)).to(dtype)));
+      at::Tensor found = row(H);  // the token lookup found after the root, zero without a match
+      bf16* fp = found.data_ptr<bf16>();
+      row_bf16(embed, std::max<int64_t>(found_by_lookup[1], 0), fp);
+      const float match = n > 0 ? 1.f : 0.f;
+      for (int64_t j = 0; j < H; j++) fp[j] = bf16(static_cast<float>(fp[j]) * match);
+      const at::Tensor token = project_row(found);
+      std::vector<bf16> length(H);  // the match length's embedding
+      row_bf16(ngram, n, length.data());
+      const bf16* tp = token.data_ptr<bf16>();
+      for (int64_t j = 0; j < H; j++) pp[j] = add_bf16(pp[j], add_bf16(tp[j], length[j]));
     }
   }
-  std::vector<at::Tensor> states;
-  for (int64_t k = 0; k < heads; k++) {
-    at::Tensor z = at::add(h, at::silu(project_row(sequential ? at::cat({h, prev}) : h)));
-    for (int64_t l = 1; l < num_layers; l++) z = at::add(z, at::silu(project_row(z)));
-    states.push_back(z);
-    prev = z;
+  at::Tensor z = at::empty({J, H}, h.options());  // [J, H] each head's state
+  bf16* zp = z.data_ptr<bf16>();
+  for (int64_t k = 0; k < J; k++) {
+    at::Tensor in = h.view({1, H});
+    if (sequential) {  // [h, prev]
+      in = row(2 * H);
+      std::memcpy(in.data_ptr<bf16>(), hp, H * sizeof(bf16));
+      std::memcpy(in.data_ptr<bf16>() + H, prev.data_ptr<bf16>(), H * sizeof(bf16));
+    }
+    at::Tensor zk = z.narrow(0, k, 1);
+    bf16* zkp = zp + k * H;
+    std::memcpy(zkp, hp, H * sizeof(bf16));
+    for (int64_t l = 0; l < num_layers; l++) {  // z = z + silu(block(input)); block 0 reads `in`, the others z
+      const at::Tensor s = at::silu(project_row(l == 0 ? in : zk));
+      add_rows(zkp, s.data_ptr<bf16>(), H);
+    }
+    prev = zk;
   }
-  const at::Tensor z = at::stack(states);  // [J, H]
-  const size_t j = kinds.size() - 1;  // the LM head: last, after every head's blocks (this call may run fewer heads)
-  at::Tensor logits = project(z, kinds[j], packed[j], scales[j], biases[j]);  // [J, V']
-  at::Tensor copy_token;
+  const size_t last = kinds.size() - 1;  // the LM head: last, after every head's blocks (this call may run fewer heads)
+  const at::Tensor logits = project(z, kinds[last], packed[last], scales[last], biases[last]);  // [J, V']
+  bf16* lp = logits.data_ptr<bf16>();
+  const int64_t V = vocab_ids.size(0);
+  TORCH_CHECK(logits.size(1) == V && vocab_ids.scalar_type() == at::kLong && vocab_ids.is_contiguous(),
+              "draft_topk: the LM head's columns are the head vocabulary");
+  std::vector<int64_t> copy_token(J, -1);  // lookup's token per head
+  std::vector<float> copy(J, -INFINITY);  // the copy column's logit per head
   if (reads_lookup) {  // DraftHeads.copy_bonus, first = 0
-    const int64_t J = heads, lengths = ngram.size(0), T = bonus_weight.size(0) / lengths, R = std::min(J, T);
+    const int64_t lengths = ngram.size(0), T = bonus_weight.size(0) / lengths, R = std::min(J, T);
+    TORCH_CHECK(lookup.numel() >= 1 + R, "draft_topk: lookup holds fewer tokens than the heads read");
     const at::Tensor weight = bonus_weight.view({T, lengths, -1}).narrow(0, 0, R).select(1, n);  // [R, H]
-    const at::Tensor bias = bonus_bias.view({T, lengths}).narrow(0, 0, R).select(1, n);  // [R]
-    at::Tensor bonus = at::add(at::sum(at::mul(z.narrow(0, 0, R), weight.to(dtype)), -1), bias.to(dtype));
-    bonus = at::constant_pad_nd(bonus, {0, J - R}).unsqueeze(-1);  // [J, 1]
-    copy_token = at::constant_pad_nd(lookup.narrow(0, 1, R), {0, J - R}, -1);  // [J] lookup's token per head
-    const int64_t* tok = copy_token.data_ptr<int64_t>();
+    const at::Tensor bias = bonus_bias.view({T, lengths}).narrow(0, 0, R).select(1, n).to(h.scalar_type()).contiguous();
+    const at::Tensor dot = at::sum(at::mul(z.narrow(0, 0, R), weight.to(h.scalar_type())), -1);  // [R]
+    std::vector<bf16> bonus(J, bf16(0.f));
+    for (int64_t k = 0; k < R; k++) {
+      bonus[k] = add_bf16(dot.data_ptr<bf16>()[k], bias.data_ptr<bf16>()[k]);
+      copy_token[k] = found_by_lookup[1 + k];
+    }
+    at::Tensor rows = at::empty({J, H}, h.options());  // each head's copied token's base LM-head row
     const int64_t* col = column.data_ptr<int64_t>();
     std::vector<bool> outside(J);
     for (int64_t k = 0; k < J; k++) {  // the bonus on the token's column, or the copy column's logit
-      TORCH_CHECK(tok[k] < column.size(0), "draft_topk: lookup's token ", tok[k], " is outside the vocabulary");
-      if (tok[k] < 0 || n <= 0) continue;
-      if (col[tok[k]] >= 0) {
-        auto cell = logits.select(0, k).select(0, col[tok[k]]);
-        cell.copy_(at::add(cell, bonus.select(0, k).select(0, 0)));
-      } else {
-        outside[k] = true;
-      }
+      const int64_t tok = copy_token[k];
+      TORCH_CHECK(tok < column.size(0), "draft_topk: lookup's token ", tok, " is outside the vocabulary");
+      row_bf16(output_weight, std::max<int64_t>(tok, 0), rows.data_ptr<bf16>() + k * H);
+      if (tok < 0 || n <= 0) continue;
+      if (col[tok] >= 0) lp[k * V + col[tok]] = add_bf16(lp[k * V + col[tok]], bonus[k]);
+      else outside[k] = true;
     }
-    const at::Tensor row = at::embedding(output_weight, copy_token.clamp_min(0)).to(dtype);  // [J, H]
-    at::Tensor copy = at::add(at::sum(at::mul(z, row), -1, true), bonus);  // [J, 1]
+    const at::Tensor copy_dot = at::sum(at::mul(z, rows), -1);  // [J]
     for (int64_t k = 0; k < J; k++)
-      if (!outside[k]) copy.select(0, k).fill_(-INFINITY);
-    logits = at::cat({logits, copy.to(logits.scalar_type())}, -1);
+      if (outside[k]) copy[k] = static_cast<float>(add_bf16(copy_dot.data_ptr<bf16>()[k], bonus[k]));
   }
-  const int64_t V = vocab_ids.size(0);
-  const at::Tensor top = std::get<1>(at::topk(logits, top_k, -1));  // [J, top_k] columns
-  const at::Tensor ids = vocab_ids.index({top.clamp_max(V - 1)});
-  return reads_lookup ? at::where(top.eq(V), copy_token.unsqueeze(-1), ids) : ids;
+  auto out = at::empty({J, top_k}, vocab_ids.options());
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t* vocab = vocab_ids.data_ptr<int64_t>();
+  const int64_t width = V + (reads_lookup ? 1 : 0);  // the logits, then the copy column
+  TORCH_CHECK(top_k >= 1 && top_k <= width, "draft_topk: top_k outside 1 ..", width);
+  std::vector<std::pair<float, int64_t>> queue(width);
+  for (int64_t k = 0; k < J; k++) {
+    for (int64_t j = 0; j < V; j++) queue[j] = {static_cast<float>(lp[k * V + j]), j};
+    if (reads_lookup) queue[V] = {copy[k], V};
+    topk_row(queue, top_k, op + k * top_k);
+    for (int64_t j = 0; j < top_k; j++) {
+      const int64_t c = op[k * top_k + j];
+      op[k * top_k + j] = c == V ? copy_token[k] : vocab[c];
+    }
+  }
+  return out;
 }
 
 // ---- argmax of each row (greedy decoding's choice), first index on ties, as torch's ----
