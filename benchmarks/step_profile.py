@@ -54,11 +54,12 @@ def profile(decoder: Decoder, cfg: SamplingConfig) -> tuple[dict, int, int, floa
     originals = [
         (rt, "forward", rt.forward),
         (rt, "lm_head", rt.lm_head),
+        (rt, "lm_head_greedy", rt.lm_head_greedy),
         (verify, "verify_greedy", verify.verify_greedy),
     ]
     originals += [(cls, "compact", cls.compact) for cls in (HFCache, LeanCache)]
     originals += [(decoder.tokenizer, "decode", decoder.tokenizer.decode)]
-    names = ["base forward", "LM head", "verification", "cache compaction", "cache compaction", "detokenise"]
+    names = ["base forward", "LM head", "LM head", "verification", "cache compaction", "cache compaction", "detokenise"]
     if decoder.heads is not None:
         originals.append((decoder.heads, "draft", decoder.heads.draft))
         names.append("draft heads")

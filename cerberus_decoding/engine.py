@@ -185,6 +185,9 @@ class Decoder:
         """Feed the pending token alone -> (fed tokens [1], hidden [H], logits [V], next pending token [1])."""
         pos = torch.tensor([self.cache.length], device=root.device)
         hidden = self.runtime.forward(self.cache, root, pos)  # [1, H]
+        if cfg.temperature <= 0:  # the LM head and its argmax in one call where the runtime fuses them
+            logits, token = self.runtime.lm_head_greedy(hidden)
+            return root, hidden[0], logits[0], token
         logits = self.runtime.lm_head(hidden)[0]
         return root, hidden[0], logits, sample(logits, cfg.temperature, cfg.top_p, generator)
 
@@ -194,7 +197,15 @@ class Decoder:
         pos = self.cache.length
         hidden = self.runtime.forward(self.cache, tokens, pos + tree.depth, tree.mask)  # [N+1, H]
         path, logits, root = verify(
-            tree, tokens, hidden, self.runtime.lm_head, cfg.temperature, cfg.top_p, cfg.acceptance, generator
+            tree,
+            tokens,
+            hidden,
+            self.runtime.lm_head,
+            cfg.temperature,
+            cfg.top_p,
+            cfg.acceptance,
+            generator,
+            self.runtime.lm_head_greedy,
         )
         self.cache.compact(pos, path)
         return tokens[path], hidden[int(path[-1])], logits, root

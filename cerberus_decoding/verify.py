@@ -26,16 +26,18 @@ def verify(
     top_p: float = 1.0,
     acceptance: str = "exact",
     generator: torch.Generator | None = None,
+    lm_head_greedy=None,
 ):
     """tokens [N+1] fed, hidden [N+1, H] their final hidden states ->
     (accepted path: node ids from the root [a+1], logits after its last node [V], next token [1]).
 
     The next token is the one after the path (the caller's next pending token): greedy, drawn from
     the base model's distribution there, or, with exact acceptance after rejected children, from
-    what the rejections left of it.
+    what the rejections left of it. ``lm_head_greedy`` (hidden -> logits and their greedy tokens,
+    the runtime's fused call) serves greedy verification where given.
     """
     if temperature <= 0:
-        return verify_greedy(tree, tokens, hidden, lm_head)
+        return verify_greedy(tree, tokens, hidden, lm_head_greedy or with_greedy(lm_head))
     rows = tree.lm_head_rows  # internal nodes; every node when the tree is small (see tree.py)
     logits = lm_head(hidden[rows])  # [R, V]
     all_logits = logits.new_empty(tree.size, logits.shape[-1])  # [N+1, V]; only these rows are read
@@ -57,14 +59,25 @@ def verify(
     return path, last_logits, next_token
 
 
-def verify_greedy(tree, tokens: torch.Tensor, hidden: torch.Tensor, lm_head):
+def with_greedy(lm_head):
+    """An LM head -> one that also returns each row's greedy token, as runtimes' ``lm_head_greedy``
+    (which do both in one kernel call where they can)."""
+
+    def head(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = lm_head(hidden)
+        return logits, sampling.greedy(logits)
+
+    return head
+
+
+def verify_greedy(tree, tokens: torch.Tensor, hidden: torch.Tensor, lm_head_greedy):
     """``verify`` at temperature 0, on Python lists: one argmax per LM-head row, then a walk down
     the tree. A node is accepted when it equals the argmax at its parent and its parent was
     accepted: exactly the tokens greedy auto-regressive decoding would have produced. (The tensor
     version of this walk cost ~0.3 ms of small ops a step on a CPU.)"""
     rows = tree.lm_head_rows
-    logits = lm_head(hidden[rows])  # [R, V]
-    choice = sampling.greedy(logits).tolist()  # [R] the base model's token after each row's node
+    logits, choice = lm_head_greedy(hidden if rows.numel() == hidden.shape[0] else hidden[rows])  # [R, V], [R]
+    choice = choice.tolist()  # the base model's token after each row's node
     row_of = tree.lm_head_row_of  # node -> its row in ``logits``
     token_ids, children = tokens.tolist(), tree.children
 
@@ -83,8 +96,8 @@ def verify_greedy(tree, tokens: torch.Tensor, hidden: torch.Tensor, lm_head):
     if last in row_of:
         last_logits, next_token = logits[row_of[last]], choice[row_of[last]]
     else:  # an accepted leaf of a large tree: its logits were not computed up front
-        last_logits = lm_head(hidden[last : last + 1])[0]
-        next_token = int(sampling.greedy(last_logits))
+        last_logits, next_token = lm_head_greedy(hidden[last : last + 1])
+        last_logits, next_token = last_logits[0], int(next_token[0])
     device = tokens.device
     return torch.tensor(path, device=device), last_logits, torch.tensor([next_token], device=device)
 

@@ -264,6 +264,31 @@ def test_w8a8_is_q8_0_weights_times_int8_activations_and_gives_each_row_its_own_
         ops.w8a8_linear(torch.zeros(1, k + 32, dtype=torch.bfloat16), layer.packed)
 
 
+@needs_w4a8
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_lm_head_with_its_argmax_gives_the_logits_and_greedys_tokens(threads):
+    """w8a8's fused LM head + argmax (greedy decoding's LM head): the same logits as the layer, and
+    torch's argmax of them, ties across the threads' columns included (the first column wins)."""
+    g = torch.Generator().manual_seed(3)
+    n, k = 4096, 576
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[[7, 2100, 4000]] = w[3000] * 4  # the same largest logit in columns the threads split between them
+    layer = dense(w, "w8a8")
+    x = torch.randn(5, k, generator=g).to(torch.bfloat16)
+    x[0] = w[3000].to(torch.bfloat16)  # rows 0, 1: the repeated column is their maximum
+    x[1] = (w[3000] * 2).to(torch.bfloat16)
+    x[2] = 0  # every logit zero: the first column
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m in range(1, 6):
+            logits, ids = layer.with_argmax(x[:m])
+            assert torch.equal(logits, layer(x[:m])) and torch.equal(ids, logits.float().argmax(-1)), m
+        assert layer.with_argmax(x[:2])[1].tolist() == [7, 7]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_w4a8_without_its_kernel_is_an_error_naming_int4(monkeypatch):
     from cerberus_decoding.models import CerberusError
     from cerberus_decoding.runtime import resolve_weights

@@ -24,7 +24,7 @@ from ..lookup import MAX_LEN, MIN_NGRAM, chain_hits, lookup_matches
 from ..models import LoadedModel
 from ..sampling import greedy
 from ..tree import build_tree
-from ..verify import verify_greedy
+from ..verify import verify_greedy, with_greedy
 
 COST_QS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # Each forward size runs this long before one of its calls is timed: decoding repeats the same few
@@ -83,7 +83,7 @@ def measure_costs(
         ids, pos, mask = inputs[q]
         _sync(device)
         t0 = time.perf_counter()
-        greedy(rt.lm_head(rt.forward(cache, ids, pos, mask)))
+        rt.lm_head_greedy(rt.forward(cache, ids, pos, mask))
         _sync(device)
         return time.perf_counter() - t0
 
@@ -150,7 +150,8 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
         all_logits = rt.lm_head(rt.forward(cache, tokens, context + tree.depth, tree.mask))  # not timed
         _sync(device)
         t3 = time.perf_counter()
-        path, _, _ = verify_greedy(tree, tokens, all_logits, lambda rows: rows)  # the LM head is in the cost curve
+        # the logits as the states: the LM head is in the cost curve
+        path, _, _ = verify_greedy(tree, tokens, all_logits, with_greedy(lambda rows: rows))
         cache.compact(context, path)
         _sync(device)
         t4 = time.perf_counter()

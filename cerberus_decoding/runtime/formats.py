@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import CerberusError
+from ..sampling import greedy
 from . import cpu_kernels
 
 WEIGHTS = ("auto", "float32", "bfloat16", "int8", "int4", "w4a8")
@@ -53,12 +54,21 @@ class Linear:
         self.bias = bias
         self.kernels = None  # torch.ops.cerberus where our int4 / int8 kernel runs this layer
         self.matmul = None  # x [M, K] -> [M, N], set with the weights by the format's constructor
+        self.matmul_argmax = None  # x [M, K] -> ([M, N], [M] each row's first maximum), where one kernel does both
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:  # the kernels take [M, K]
             return self(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
         y = self.matmul(x)
         return y if self.bias is None else y + self.bias
+
+    def with_argmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [M, K] -> (y [M, N], each row's first maximum [M]: ``sampling.greedy(y)``), greedy
+        decoding's LM head: one kernel call where the format has one (w8a8), else the layer then greedy."""
+        if self.matmul_argmax is not None and self.bias is None:
+            return self.matmul_argmax(x)
+        y = self(x)
+        return y, greedy(y)
 
 
 def kernel_projection(layer: Linear) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -165,6 +175,7 @@ def _w8a8(layer: Linear, q: torch.Tensor, scale: torch.Tensor) -> Linear:
     scales = scale.half().view(n // 16, 16, -1).transpose(1, 2).contiguous().view(torch.uint8)  # [N/16, K/32, 32]
     layer.packed = torch.cat([codes.view(torch.uint8), scales], -1).contiguous()
     layer.matmul = lambda x: ops.w8a8_linear(x, layer.packed)
+    layer.matmul_argmax = lambda x: ops.w8a8_linear_argmax(x, layer.packed)
     return layer
 
 

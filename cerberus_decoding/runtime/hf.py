@@ -134,6 +134,11 @@ class HFRuntime:
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden)
 
+    def lm_head_greedy(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[q, H] -> (logits [q, V], greedy's next tokens [q])"""
+        logits = self.lm_head(hidden)
+        return logits, greedy(logits)
+
     def forward_padded(self, ids: torch.Tensor) -> torch.Tensor:
         """Causal forward of B right-padded sequences, no cache: ids [B, T] -> hidden [B, T, H]."""
         with attention_kernels(ids.device):

@@ -181,6 +181,10 @@ class LeanLlama(torch.nn.Module):
         """[q, H] final hidden states -> [q, V] logits"""
         return self.output(hidden)
 
+    def lm_head_greedy(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[q, H] -> (logits [q, V], greedy's next tokens [q]), in one kernel call under w4a8"""
+        return self.output.with_argmax(hidden)
+
     def forward(self, cache: KVCache, ids, positions, tree_mask=None) -> torch.Tensor:
         """ids, positions [q] -> final normalized hidden states [q, H]; K/V written into ``cache``.
 
