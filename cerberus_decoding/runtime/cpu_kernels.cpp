@@ -904,6 +904,7 @@ at::Tensor layers_a8(const at::Tensor& x_in, at::TensorList norms, at::IntArrayR
                     proj[4 * i + 2].K == H && proj[4 * i + 2].N == 2 * I && proj[4 * i + 3].K == I &&
                     proj[4 * i + 3].N == H,
                 "layers: projection shapes do not chain");
+  with_head_dim(D, [](auto) {});  // an unsupported head_dim fails here, not inside the parallel region
   auto out = at::empty({M, H}, x_in.options());
   auto buf = [&](int64_t n) { return at::empty({n}, x_in.options()); };
   at::Tensor x = x_in.clone(), qkv = buf(M * Nqkv), attn = buf(M * Hq * D), mix = buf(M * H), gu = buf(M * 2 * I);
