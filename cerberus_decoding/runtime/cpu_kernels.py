@@ -4,7 +4,8 @@ A decoding step of a small model on a CPU is bound by per-op overhead as much as
 and ``scaled_dot_product_attention`` gives a tree node's row the one-token step's bits only when
 it is called once per row (docs/runtime.md): about 40 us a call, so every extra row of a
 verification cost another 1.3 ms on the default model. Three ops replace a dozen torch ops a layer,
-four are the quantized formats' matmuls, one is greedy decoding's argmax, and one drafts with the heads:
+four are the quantized formats' matmuls, two are greedy decoding's argmax (one with the LM head),
+and one drafts with the heads:
 
     rope_attention(qkv, cos, sin, k, v, slots, context, own, own_count) -> [n, Hq D]
         RoPE, the rows' keys and values into the cache at ``slots``, and attention for every row at
@@ -15,9 +16,11 @@ four are the quantized formats' matmuls, one is greedy decoding's argmax, and on
         (formats.py packs W for them; AVX512-BF16 only: ``quantized_matmuls()`` says whether built)
     w4a8_linear(x, packed) -> x W^T for the w4a8 format (AVX512-VNNI or AVX2: ``w4a8_matmuls()``)
     argmax_rows(logits) -> each row's first maximum (sampling.greedy)
+    w8a8_linear_argmax(x, packed) -> (x W^T, each row's first maximum): greedy's LM head under w4a8
     layers(x, norms, kinds, packed, scales, biases, cos, sin, k, v, slots, context, own, own_count, eps)
         -> every decoder layer and the final norm, the ops above in LeanLlama._layers's order, called
-        from C++ (where every projection runs one of the quantized kernels: ``PROJECTIONS``)
+        from C++ (where every projection runs one of the quantized kernels: ``PROJECTIONS``); where
+        every projection has 8-bit activations (w4a8) the threads run it in one parallel region
     draft_topk(h, embed, root, lookup, kinds, packed, scales, biases, ngram, bonus_weight, bonus_bias,
                output_weight, vocab_ids, column, sequential, num_layers, heads, top_k)
         -> the draft heads' top-k tokens at one position: DraftHeads.topk_tokens's ops, called from
