@@ -38,6 +38,17 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().argmax(-1)
 
 
+def with_greedy(lm_head):
+    """An LM head -> one that also returns each row's greedy token: hidden [q, H] -> (logits [q, V],
+    ids [q]), as runtimes' ``lm_head_greedy`` (which do both in one kernel call where they can)."""
+
+    def head(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = lm_head(hidden)
+        return logits, greedy(logits)
+
+    return head
+
+
 def probabilities(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
     """[..., V] logits -> [..., V] probabilities after temperature and nucleus (top-p) filtering."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import sampling
-from .sampling import probabilities
+from .sampling import probabilities, with_greedy
 
 
 def verify(
@@ -57,17 +57,6 @@ def verify(
     else:
         next_token = sampling.sample(last_logits, temperature, top_p, generator)
     return path, last_logits, next_token
-
-
-def with_greedy(lm_head):
-    """An LM head -> one that also returns each row's greedy token, as runtimes' ``lm_head_greedy``
-    (which do both in one kernel call where they can)."""
-
-    def head(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = lm_head(hidden)
-        return logits, sampling.greedy(logits)
-
-    return head
 
 
 def verify_greedy(tree, tokens: torch.Tensor, hidden: torch.Tensor, lm_head_greedy):

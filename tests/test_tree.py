@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from cerberus_decoding import sampling
 from cerberus_decoding.models import CerberusError
 from cerberus_decoding.tree import DEFAULT_TREE, best_tree, build_tree, expected_length
-from cerberus_decoding.verify import verify_greedy, with_greedy
+from cerberus_decoding.verify import verify_greedy
 
 
 @st.composite
@@ -59,7 +59,7 @@ def test_greedy_acceptance_is_the_longest_agreeing_path(choices, seed):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 3, (tree.size,), generator=g)
     logits = torch.randn(tree.size, 3, generator=g)
-    identity = with_greedy(lambda rows: rows)  # the logits as the states
+    identity = sampling.with_greedy(lambda rows: rows)  # the logits as the states
     path, last_logits, next_token = verify_greedy(tree, tokens, logits, identity)
     assert int(path[0]) == 0
     accepted = path[1:]

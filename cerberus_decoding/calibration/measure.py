@@ -22,9 +22,9 @@ from .. import gate as gating
 from ..heads import with_lookup
 from ..lookup import MAX_LEN, MIN_NGRAM, chain_hits, lookup_matches
 from ..models import LoadedModel
-from ..sampling import greedy
+from ..sampling import greedy, with_greedy
 from ..tree import build_tree
-from ..verify import verify_greedy, with_greedy
+from ..verify import verify_greedy
 
 COST_QS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # Each forward size runs this long before one of its calls is timed: decoding repeats the same few

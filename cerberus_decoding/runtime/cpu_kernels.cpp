@@ -411,8 +411,11 @@ at::Tensor silu_mul(const at::Tensor& x) {
   return out;
 }
 
-inline void add_rows(c10::BFloat16* x, const c10::BFloat16* y, int64_t n) {  // x += y, as at::add rounds
-  for (int64_t i = 0; i < n; i++) x[i] = c10::BFloat16(static_cast<float>(x[i]) + static_cast<float>(y[i]));
+inline c10::BFloat16 add_bf16(c10::BFloat16 a, c10::BFloat16 b) {  // as at::add rounds: the float sum, to nearest even
+  return c10::BFloat16(static_cast<float>(a) + static_cast<float>(b));
+}
+inline void add_rows(c10::BFloat16* x, const c10::BFloat16* y, int64_t n) {  // x += y
+  for (int64_t i = 0; i < n; i++) x[i] = add_bf16(x[i], y[i]);
 }
 
 // f(std::integral_constant<int, m>{}) for a row count m in 1..MAX: the quantized kernels take their
@@ -1024,10 +1027,6 @@ void row_bf16(const at::Tensor& table, int64_t i, c10::BFloat16* out) {
   }
 }
 
-inline c10::BFloat16 add_bf16(c10::BFloat16 a, c10::BFloat16 b) {  // as at::add rounds
-  return c10::BFloat16(static_cast<float>(a) + static_cast<float>(b));
-}
-
 // torch.topk(row, k) (largest first) as ATen's CPU kernel selects it, ties included: (value, index)
 // pairs in index order, std::partial_sort where k * 64 <= n, else std::nth_element and a sort of
 // the first k - 1; NaN counts as the largest -> the k indices, best first
@@ -1131,20 +1130,22 @@ at::Tensor draft_topk(const at::Tensor& h, const at::Tensor& embed, int64_t root
       bonus[k] = add_bf16(dot.data_ptr<bf16>()[k], bias.data_ptr<bf16>()[k]);
       copy_token[k] = found_by_lookup[1 + k];
     }
-    at::Tensor rows = at::empty({J, H}, h.options());  // each head's copied token's base LM-head row
     const int64_t* col = column.data_ptr<int64_t>();
     std::vector<bool> outside(J);
     for (int64_t k = 0; k < J; k++) {  // the bonus on the token's column, or the copy column's logit
       const int64_t tok = copy_token[k];
       TORCH_CHECK(tok < column.size(0), "draft_topk: lookup's token ", tok, " is outside the vocabulary");
-      row_bf16(output_weight, std::max<int64_t>(tok, 0), rows.data_ptr<bf16>() + k * H);
       if (tok < 0 || n <= 0) continue;
       if (col[tok] >= 0) lp[k * V + col[tok]] = add_bf16(lp[k * V + col[tok]], bonus[k]);
       else outside[k] = true;
     }
-    const at::Tensor copy_dot = at::sum(at::mul(z, rows), -1);  // [J]
-    for (int64_t k = 0; k < J; k++)
-      if (outside[k]) copy[k] = static_cast<float>(add_bf16(copy_dot.data_ptr<bf16>()[k], bonus[k]));
+    if (std::find(outside.begin(), outside.end(), true) != outside.end()) {  // a copy from outside the vocabulary
+      at::Tensor rows = at::empty({J, H}, h.options());  // each head's copied token's base LM-head row
+      for (int64_t k = 0; k < J; k++) row_bf16(output_weight, std::max<int64_t>(copy_token[k], 0), rows.data_ptr<bf16>() + k * H);
+      const at::Tensor copy_dot = at::sum(at::mul(z, rows), -1);  // [J]
+      for (int64_t k = 0; k < J; k++)
+        if (outside[k]) copy[k] = static_cast<float>(add_bf16(copy_dot.data_ptr<bf16>()[k], bonus[k]));
+    }
   }
   auto out = at::empty({J, top_k}, vocab_ids.options());
   int64_t* op = out.data_ptr<int64_t>();

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import CerberusError
-from ..sampling import greedy
+from ..sampling import with_greedy
 from . import cpu_kernels
 
 WEIGHTS = ("auto", "float32", "bfloat16", "int8", "int4", "w4a8")
@@ -67,8 +67,7 @@ class Linear:
         decoding's LM head: one kernel call where the format has one (w8a8), else the layer then greedy."""
         if self.matmul_argmax is not None and self.bias is None:
             return self.matmul_argmax(x)
-        y = self(x)
-        return y, greedy(y)
+        return with_greedy(self)(x)
 
 
 def kernel_projection(layer: Linear) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None:

@@ -18,7 +18,7 @@ import inspect
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..sampling import greedy
+from ..sampling import greedy, with_greedy
 from . import attention_kernels, split_answers
 
 
@@ -136,8 +136,7 @@ class HFRuntime:
 
     def lm_head_greedy(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[q, H] -> (logits [q, V], greedy's next tokens [q])"""
-        logits = self.lm_head(hidden)
-        return logits, greedy(logits)
+        return with_greedy(self.lm_head)(hidden)
 
     def forward_padded(self, ids: torch.Tensor) -> torch.Tensor:
         """Causal forward of B right-padded sequences, no cache: ids [B, T] -> hidden [B, T, H]."""
