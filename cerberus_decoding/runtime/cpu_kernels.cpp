@@ -1043,6 +1043,8 @@ void topk_row(std::vector<std::pair<float, int64_t>>& queue, int64_t k, int64_t*
   for (int64_t j = 0; j < k; j++) out[j] = queue[j].second;
 }
 
+int64_t first_max(const c10::BFloat16* x, int64_t n);
+
 at::Tensor draft_topk(const at::Tensor& h, const at::Tensor& embed, int64_t root, const at::Tensor& lookup,
                       at::IntArrayRef kinds, at::TensorList packed, at::TensorList scales, at::TensorList biases,
                       const at::Tensor& ngram, const at::Tensor& bonus_weight, const at::Tensor& bonus_bias,
@@ -1154,6 +1156,13 @@ at::Tensor draft_topk(const at::Tensor& h, const at::Tensor& embed, int64_t root
   TORCH_CHECK(top_k >= 1 && top_k <= width, "draft_topk: top_k outside 1 ..", width);
   std::vector<std::pair<float, int64_t>> queue(width);
   for (int64_t k = 0; k < J; k++) {
+    if (top_k == 1) {  // partial_sort into one place keeps the first largest (a NaN first): first_max's rule
+      int64_t c = first_max(lp + k * V, V);
+      const float best = static_cast<float>(lp[k * V + c]);
+      if (reads_lookup && (copy[k] > best || (std::isnan(copy[k]) && !std::isnan(best)))) c = V;
+      op[k] = c == V ? copy_token[k] : vocab[c];
+      continue;
+    }
     for (int64_t j = 0; j < V; j++) queue[j] = {static_cast<float>(lp[k * V + j]), j};
     if (reads_lookup) queue[V] = {copy[k], V};
     topk_row(queue, top_k, op + k * top_k);
