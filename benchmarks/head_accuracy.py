@@ -53,7 +53,8 @@ def tree_accepts(
     accepted = torch.zeros(hidden.shape[0])
     for i in range(hidden.shape[0]):
         found = None if lookup is None else lookup[i]
-        drafted = heads.draft(hidden[i].to(heads.shared_weight.dtype), tokens[i : i + 1], tree, lookup=found).tolist()
+        h = hidden[i].to(heads.shared_weight.dtype)
+        drafted = heads.draft(h, tokens[i : i + 1], tree, lookup=found)[0].tolist()
         best = 0
         for path in leaf_paths:
             d = 0  # matched depth: the answer position of the next node's token is i + d + 1

@@ -72,6 +72,14 @@ HeadsOpt = typer.Option("default", "--heads", help="Heads dir, 'default' (shippe
 GateOpt = typer.Option(None, "--gate", help="Entropy gate: hidden | logits | off (default: the heads' own).")
 ThresholdOpt = typer.Option(None, "--gate-threshold", help="Speculate when entropy < this (default: the heads').")
 TreeOpt = typer.Option(None, "--tree", help="JSON file with a tree in Medusa 'choices' notation.")
+ConfidenceOpt = typer.Option(
+    None,
+    "--min-confidence",
+    min=0.0,
+    max=1.0,
+    help="Verify only tree nodes the heads give at least this chance of being accepted (0: the whole tree; "
+    "default: calibrated, else 0).",
+)
 CalibrateOpt = typer.Option(
     None,
     "--calibrate/--no-calibrate",
@@ -131,7 +139,7 @@ def open_trace(trace: Path | None):
         fail(f"cannot write --trace {trace}: {e.strerror}; pick a file in an existing directory")
 
 
-def make_decoder(model, weights, runtime, device, method, heads, gate, threshold, tree, calibrate):
+def make_decoder(model, weights, runtime, device, method, heads, gate, threshold, tree, calibrate, min_confidence):
     """Load the model, settle its weight format and build the decoder; say what it runs with and why."""
     from .methods import build_decoder, choose_weights
     from .models import load_model
@@ -140,7 +148,15 @@ def make_decoder(model, weights, runtime, device, method, heads, gate, threshold
     lm = load_model(model, weights.value, device.value, runtime.value)
     lm = choose_weights(lm, weights.value, method.value, heads, calibrate)
     decoder = build_decoder(
-        lm, method.value, heads, gate.value if gate else None, threshold, str(tree) if tree else None, None, calibrate
+        lm,
+        method.value,
+        heads,
+        gate.value if gate else None,
+        threshold,
+        str(tree) if tree else None,
+        None,
+        calibrate,
+        min_confidence,
     )
     typer.secho(decoder.config.why(), dim=True, err=True)
     return decoder
@@ -160,6 +176,7 @@ def generate(
     gate: Gate = GateOpt,
     gate_threshold: float = ThresholdOpt,
     tree: Path = TreeOpt,
+    min_confidence: float = ConfidenceOpt,
     calibrate: bool = CalibrateOpt,
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=1),
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy (lossless)."),
@@ -190,7 +207,9 @@ def generate(
             fail(f"--method {LLAMA_CPP} decodes greedily here: drop --temperature, --stop and --trace")
         return generate_with_llamacpp(prompt, model, device, raw, max_new_tokens, as_json)
     trace_file = open_trace(trace)
-    decoder = make_decoder(model, weights, runtime, device, method, heads, gate, gate_threshold, tree, calibrate)
+    decoder = make_decoder(
+        model, weights, runtime, device, method, heads, gate, gate_threshold, tree, calibrate, min_confidence
+    )
     decoder.trace_entropies = trace_file is not None
     ids = decoder.encode(prompt, raw=raw)
     cfg = SamplingConfig(max_new_tokens, temperature, top_p, seed, list(stop or []), acceptance.value)
@@ -254,6 +273,7 @@ def chat(
     gate: Gate = GateOpt,
     gate_threshold: float = ThresholdOpt,
     tree: Path = TreeOpt,
+    min_confidence: float = ConfidenceOpt,
     calibrate: bool = CalibrateOpt,
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", min=1),
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0),
@@ -266,7 +286,9 @@ def chat(
     from .engine import SamplingConfig
 
     check_options(seed=seed)
-    decoder = make_decoder(model, weights, runtime, device, method, heads, gate, gate_threshold, tree, calibrate)
+    decoder = make_decoder(
+        model, weights, runtime, device, method, heads, gate, gate_threshold, tree, calibrate, min_confidence
+    )
     history = [{"role": "system", "content": system}] if system else []
     typer.secho("Chat started. /reset clears the conversation, /exit or Ctrl-D quits.", err=True)
     while True:
@@ -315,6 +337,7 @@ def serve(
     gate: Gate = GateOpt,
     gate_threshold: float = ThresholdOpt,
     tree: Path = TreeOpt,
+    min_confidence: float = ConfidenceOpt,
     calibrate: bool = CalibrateOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: all interfaces)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
@@ -351,7 +374,9 @@ def serve(
         fail("the API key (--api-key or CERBERUS_API_KEY) is empty; give a key, or unset it to serve without one")
     if any(not name.strip() for name in served_model_name or []):
         fail("--served-model-name must not be empty")
-    decoder = make_decoder(model, weights, runtime, device, method, heads, gate, gate_threshold, tree, calibrate)
+    decoder = make_decoder(
+        model, weights, runtime, device, method, heads, gate, gate_threshold, tree, calibrate, min_confidence
+    )
     names = served_names(served_model_name or [], decoder.lm.name, model)
     run_server(decoder, host, port, names, api_key, max_request_bytes, acceptance.value)
 
@@ -375,6 +400,7 @@ def bench(
     gate: Gate = GateOpt,
     gate_threshold: float = ThresholdOpt,
     tree: Path = TreeOpt,
+    min_confidence: float = ConfidenceOpt,
     calibrate: bool = CalibrateOpt,
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Per turn."),
     limit: int = typer.Option(None, "--limit", min=1, help="First N questions of each category."),
@@ -430,6 +456,7 @@ def bench(
         temperature=temperature,
         seed=seed,
         calibrate=calibrate,
+        min_confidence=min_confidence,
     )
     if run.interrupted:
         typer.secho("interrupted: reporting the questions every method finished", fg=typer.colors.YELLOW, err=True)
@@ -464,6 +491,7 @@ def bench(
     args += ["--gate", gate.value] if gate else []
     args += ["--gate-threshold", str(gate_threshold)] if gate_threshold is not None else []
     args += ["--tree", str(tree)] if tree else []
+    args += ["--min-confidence", str(min_confidence)] if min_confidence is not None else []
     args += ["--temperature", str(temperature), "--seed", str(seed)] if temperature > 0 else []
     args += ["--no-calibrate"] if calibrate is False else []
     results = results_dict(

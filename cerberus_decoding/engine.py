@@ -25,7 +25,7 @@ from .lookup import NgramIndex, first_match
 from .models import CerberusError, LoadedModel
 from .sampling import ACCEPTANCES, DEFAULT_ACCEPTANCE, sample
 from .stops import TextTracker
-from .tree import Tree
+from .tree import Tree, prune
 from .verify import verify
 
 CACHE_ROUND = 256  # KV cache capacity is allocated in multiples of this many tokens
@@ -121,12 +121,16 @@ class Decoder:
         threshold: float = math.inf,
         method: str | None = None,
         drafter=None,
+        min_confidence: float = 0.0,
     ):
         if heads is not None and tree is None:
             raise CerberusError("Draft heads need a tree.")
         if gate not in gating.GATES:
             raise CerberusError(f"Unknown gate {gate!r}; use one of {', '.join(gating.GATES)}.")
+        if not 0.0 <= min_confidence <= 1.0:
+            raise CerberusError(f"min_confidence is a probability, 0 to 1 (got {min_confidence}).")
         self.lm, self.heads, self.gate, self.threshold = lm, heads, gate, threshold
+        self.min_confidence = min_confidence  # verify only draft nodes the heads give at least this chance
         self.tree = tree.to(lm.device) if tree is not None else None
         self.method = method or ("ar" if heads is None else heads.config.head_type)
         self.drafter = drafter  # optional extra draft source (prompt lookup), see lookup.py
@@ -294,19 +298,20 @@ class Decoder:
         """The tree of this step and its tokens, or None for a plain AR step."""
         heads_on = self.heads is not None and gating.speculate(self.gate, self.threshold, h_ent, l_ent)
 
-        def drafts() -> torch.Tensor:  # [N+1] the tree's tokens; the drafter runs the heads only if it needs them
+        def drafts():  # (tree, tokens [N+1]) the heads draft, or None; the drafter runs them only if it needs them
             self.heads_calls += 1
             lookup = None
             if self.lookup_index is not None:  # heads that read what prompt lookup finds after the root
                 found = first_match(self.lookup_index, int(root), self.heads.config.lookup_tokens)
                 lookup = torch.tensor(found, device=root.device)
-            return self.heads.draft(hidden, root, self.tree, self.runtime.cuda_graphs, lookup)
+            tokens, confidence = self.heads.draft(hidden, root, self.tree, self.runtime.cuda_graphs, lookup)
+            return prune(self.tree, tokens, confidence, self.min_confidence)
 
         if self.drafter is not None:
             return self.drafter.draft(root, self.tree, drafts) if heads_on else self.drafter.draft(root, None, None)
         if not heads_on:
             return None
-        return self.tree, drafts()
+        return drafts()
 
 
 def _eos_ids(lm: LoadedModel) -> set[int]:

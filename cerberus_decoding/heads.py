@@ -338,7 +338,7 @@ class DraftHeads(nn.Module):
             logits = self.copy_bonus(logits, states, self.split_lookup(root)[1])
         return logits
 
-    def topk_tokens(
+    def topk(
         self,
         h: torch.Tensor,
         k: int,
@@ -346,8 +346,9 @@ class DraftHeads(nn.Module):
         heads: int | None = None,
         graphs=False,
         lookup: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """h [H], root [] or [1] -> [K, k] token ids, best first ([heads, k]: only the heads a tree reaches).
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [H], root [] or [1] -> ([K, k] token ids, best first; [K, k] float32 their probabilities
+        under each head's softmax) ([heads, k]: only the heads a tree reaches).
         ``lookup`` [1 + T]: what prompt lookup found after the root (``reads_lookup`` heads: ``lookup.first_match``).
         ``graphs``: on CUDA, replayed from a CUDA graph per (k, heads): ~30 small kernels, whose
         launches bound the call there (0.8 ms a step on an H200). Inference only: a graph keeps
@@ -357,13 +358,27 @@ class DraftHeads(nn.Module):
         if root is not None:
             root = self.inputs(root, lookup)
         if not (graphs and h.is_cuda):
-            return self._topk_tokens(h, k, root, heads)
+            return self._topk(h, k, root, heads)
         key = (k, heads, root is None, h.dtype)
-        return self._replay(key, lambda h, root: self._topk_tokens(h, k, root, heads), h, root)
+        return self._replay(key, lambda h, root: self._topk(h, k, root, heads), h, root)
 
-    def _kernel_topk(self, h, k: int, root: torch.Tensor, heads: int | None, lookup) -> torch.Tensor:
-        """``topk_tokens`` at one position on the CPU kernels' ``draft_topk`` (``pack_for``): the same
-        ops, the same tokens (tests/test_heads.py)."""
+    def topk_tokens(
+        self,
+        h: torch.Tensor,
+        k: int,
+        root: torch.Tensor | None = None,
+        heads: int | None = None,
+        graphs=False,
+        lookup: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``topk``'s token ids alone"""
+        return self.topk(h, k, root, heads, graphs, lookup)[0]
+
+    def _kernel_topk(
+        self, h, k: int, root: torch.Tensor, heads: int | None, lookup
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``topk`` at one position on the CPU kernels' ``draft_topk`` (``pack_for``): the same ops,
+        the same tokens (tests/test_heads.py)."""
         ops, embed, (kinds, packed, scales, biases), tables, column = self.kernel_draft
         if self.config.reads_lookup and lookup is None:
             raise CerberusError("These heads read what prompt lookup found after the root; pass it.")
@@ -396,7 +411,7 @@ class DraftHeads(nn.Module):
             raise CerberusError("These heads read what prompt lookup found after the root; pass it.")
         return torch.cat([root.reshape(1), lookup.to(root)])
 
-    def _replay(self, key, body, h: torch.Tensor, root: torch.Tensor | None) -> torch.Tensor:
+    def _replay(self, key, body, h: torch.Tensor, root: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """``body(h, root)`` replayed from the CUDA graph captured for ``key`` on its first call."""
         if key not in self.graphs:
             h_in, root_in = h.clone(), None if root is None else root.clone()  # the replays' input buffers
@@ -407,28 +422,35 @@ class DraftHeads(nn.Module):
         if root_in is not None:
             root_in.copy_(root)
         graph.replay()
-        return out.clone()
+        return tuple(o.clone() for o in out)
 
-    def _topk_tokens(self, h, k: int, root, heads) -> torch.Tensor:
-        idx = self.forward(h, root, heads).topk(k, dim=-1).indices  # [K', k]
-        return self.token_ids(idx, self.split_lookup(root)[1] if self.config.reads_lookup else None)
+    def _topk(self, h, k: int, root, heads) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.forward(h, root, heads)  # [K', V' (+ 1)]
+        top = logits.topk(k, dim=-1)  # [K', k]
+        probs = (top.values.float() - logits.float().logsumexp(-1, keepdim=True)).exp()
+        return self.token_ids(top.indices, self.split_lookup(root)[1] if self.config.reads_lookup else None), probs
 
-    def draft(self, h: torch.Tensor, root: torch.Tensor, tree, graphs=False, lookup=None) -> torch.Tensor:
-        """h [H], root [1] -> the tree's node tokens [N+1], the root first. Heads that read drafts
-        run once per node with children, depth by depth: a node's children are the top tokens of the
-        head at its depth given the node's own token and its parent's head state. ``lookup`` [1 + T]:
-        what prompt lookup found after the root (``reads_lookup`` heads)."""
+    def draft(
+        self, h: torch.Tensor, root: torch.Tensor, tree, graphs=False, lookup=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [H], root [1] -> (the tree's node tokens [N+1], the root first; each node's confidence
+        [N+1] float32: the product of the heads' probabilities along its path, the root's 1).
+        Heads that read drafts run once per node with children, depth by depth: a node's children
+        are the top tokens of the head at its depth given the node's own token and its parent's head
+        state. ``lookup`` [1 + T]: what prompt lookup found after the root (``reads_lookup`` heads)."""
         if not self.config.reads_drafts:
-            return tree.candidates(root, self.topk_tokens(h, tree.top_k, root, tree.num_heads, graphs, lookup))
+            tokens, probs = self.topk(h, tree.top_k, root, tree.num_heads, graphs, lookup)
+            return tree.candidates(root, tokens), tree.confidence(probs)
         inputs = self.inputs(root, lookup).reshape(-1)  # [1] or [2 + T]
         if not (graphs and h.is_cuda):
             return self._draft(h, inputs, tree)
         key = ("draft", tuple(tree.choices), h.dtype)  # a tree's shape: its own graph
         return self._replay(key, lambda h, inputs: self._draft(h, inputs, tree), h, inputs)
 
-    def _draft(self, h: torch.Tensor, inputs: torch.Tensor, tree) -> torch.Tensor:
+    def _draft(self, h: torch.Tensor, inputs: torch.Tensor, tree) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = inputs.new_empty(tree.size)  # [N+1]
         tokens[:1] = inputs[:1]
+        confidence = torch.ones(tree.size, device=h.device)  # [N+1]
         z = None  # the head states of the depth above [I', H]
         for k, (nodes, up, children, rows, ranks, top_k) in enumerate(tree.levels):
             prev = F.embedding(tokens[nodes], self.embed_weight).to(h.dtype)  # [I, H] the nodes' own tokens
@@ -441,9 +463,11 @@ class DraftHeads(nn.Module):
             lookup = inputs[1:] if self.config.reads_lookup else None
             if lookup is not None:
                 logits = self.copy_bonus(logits[:, None], z[:, None], lookup, first=k)[:, 0]  # [I, V' + 1]
-            top = logits.topk(top_k, dim=-1).indices  # [I, top_k]
-            tokens[children] = self.token_ids(top[rows, ranks][:, None, None], lookup, first=k)[:, 0, 0]  # head k's
-        return tokens
+            top = logits.topk(top_k, dim=-1)  # [I, top_k]
+            tokens[children] = self.token_ids(top.indices[rows, ranks][:, None, None], lookup, first=k)[:, 0, 0]
+            probs = (top.values.float() - logits.float().logsumexp(-1, keepdim=True)).exp()  # [I, top_k]
+            confidence[children] = confidence[nodes][rows] * probs[rows, ranks]
+        return tokens, confidence
 
 
 def with_lookup(inputs: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:

@@ -206,22 +206,24 @@ class LookupDrafter:
     def extend(self, new_ids: list[int]) -> None:
         self.index.extend(new_ids)
 
-    def draft(self, root: torch.Tensor, heads_tree: Tree | None, drafts: Callable[[], torch.Tensor] | None):
-        """root [1], the heads' tree and ``drafts()``, which runs the heads -> that tree's tokens [N+1]
+    def draft(self, root: torch.Tensor, heads_tree: Tree | None, drafts: Callable[[], tuple | None] | None):
+        """root [1], the heads' tree and ``drafts()``, which runs the heads -> (the tree they drafted:
+        the heads' tree or part of it, its tokens [N+1]) or None (no node worth verifying)
         (None, None: the gate chose no heads this step) -> (tree, tokens [N+1]) or None."""
         self.stats["steps"] += 1
         r = int(root)
         min_n = self.min_ngram if heads_tree is not None else self.solo_ngram
         _, chain = self.index.match(r, self.max_len, min_n)  # max_len 0: always empty
         if not chain:
-            return None if heads_tree is None else (heads_tree, drafts())
+            return None if heads_tree is None else drafts()
         self.stats["chains"] += 1
-        if heads_tree is None or not self.merge:
+        drafted = drafts() if heads_tree is not None and self.merge else None
+        if drafted is None:
             parents, tokens = list(range(len(chain))), [r, *chain]
         else:
-            heads_tokens = drafts().tolist()  # [N+1]
+            tree, heads_tokens = drafted
             budget = self.budget or heads_tree.size + self.max_len
-            parents, tokens, shared = union_tree(heads_tree.parent[1:].tolist(), heads_tokens, chain, budget)
+            parents, tokens, shared = union_tree(tree.parent[1:].tolist(), heads_tokens.tolist(), chain, budget)
             self.stats["shared"] += shared
         return self._tree(parents, root.device), torch.tensor(tokens, device=root.device)
 

@@ -56,6 +56,7 @@ class EffectiveConfig:
     source: dict[str, str] = field(default_factory=dict)  # setting -> why
     lookup: int | None = None  # longest prompt-lookup chain (LOOKUP_METHODS; 0: none), else None
     lookup_merge: bool | None = None  # cerberus+lookup: chain merged into the tree, or verified instead of it
+    min_confidence: float = 0.0  # verify only tree nodes the heads give at least this chance (0: all)
 
     def why(self) -> str:
         settings = [f"weights {self.weights} ({self.source['weights']})"]
@@ -69,6 +70,10 @@ class EffectiveConfig:
                 if self.threshold < 0 and self.lookup:  # cerberus+lookup: the chains still do
                     gate = "heads never draft"
             settings.append(f"{gate} ({self.source['threshold' if self.gate != 'off' else 'gate']})")
+            if self.min_confidence > 0:
+                settings.append(
+                    f"verifies nodes of confidence >= {self.min_confidence:g} ({self.source['min_confidence']})"
+                )
         if self.lookup is not None:
             chains = f"lookup chains of {self.lookup} tokens" if self.lookup else "no lookup chains"
             settings.append(f"{chains} ({self.source['lookup']})")
@@ -92,12 +97,14 @@ def effective_config(
     tree: list | None = None,
     lookup: int | None = None,
     merge: bool | None = None,
+    min_confidence: float | None = None,
 ) -> EffectiveConfig:
     """Every setting from, in rising precedence: the method's defaults, the checkpoint's defaults,
     the calibration for this machine and weight format, and the caller's flags (None: not given).
 
     Two settings are part of a method's definition rather than defaults: ``cerberus-nogate`` never
-    gates, and ``medusa`` (the baseline) runs ungated unless a gate is asked for.
+    gates, and ``medusa`` (the baseline) runs ungated and verifies its whole tree unless a gate or
+    a ``min_confidence`` is asked for.
     ``calibration``: (the calibration file's content, whether it shipped with the heads; for a method
     without heads, the Cerberus heads' calibration, which also measures lookup chains alone).
     ``lookup``: the longest prompt-lookup chain (LOOKUP_METHODS only); ``merge``: whether
@@ -124,7 +131,7 @@ def effective_config(
     if head_type is None:
         return eff
     eff.tree, eff.gate = DEFAULT_TREE, "logits"
-    eff.source |= dict.fromkeys(("tree", "gate", "threshold"), "method default")
+    eff.source |= dict.fromkeys(("tree", "gate", "threshold", "min_confidence"), "method default")
     eff.calibration = "defaults: no calibration"
     if checkpoint is not None:
         eff.gate, eff.threshold = checkpoint.gate, checkpoint.gate_threshold
@@ -137,6 +144,8 @@ def effective_config(
         eff.tree, eff.gate, eff.threshold = choice["tree"], choice["gate"], float(choice["threshold"])
         eff.source |= dict.fromkeys(("tree", "gate", "threshold"), "calibrated")
         thresholds = {g: float(th) for g, th in choice["thresholds"].items()}
+        if method != "medusa" and "min_confidence" in choice:
+            eff.min_confidence, eff.source["min_confidence"] = float(choice["min_confidence"]), "calibrated"
     elif calibration:
         eff.calibration = f"defaults: the calibration has no {weights} choice"
     if head_type is not None and kind == "solo":  # raced: lookup chains ran faster without the heads
@@ -153,6 +162,8 @@ def effective_config(
         eff.gate, eff.source["gate"] = "off", "cerberus-nogate never gates"
     if threshold is not None:
         eff.threshold, eff.source["threshold"] = threshold, "flag"
+    if min_confidence is not None:
+        eff.min_confidence, eff.source["min_confidence"] = min_confidence, "flag"
     if eff.gate == "off":
         eff.threshold = math.inf
     return eff
@@ -234,9 +245,10 @@ def build_decoder(
     tree: str | list | None = None,
     lookup: dict | None = None,
     calibrate: bool | None = None,
+    min_confidence: float | None = None,
 ) -> Decoder:
     """``heads``: a checkpoint directory, ``default`` (shipped for the model) or ``none`` (untrained).
-    ``gate`` / ``threshold`` / ``tree``: flags (None: not given; see ``effective_config``).
+    ``gate`` / ``threshold`` / ``tree`` / ``min_confidence``: flags (None: not given; see ``effective_config``).
     ``lookup``: LookupDrafter options for ``pld`` and ``cerberus+lookup`` (its ``max_len`` and
     ``merge`` override the calibrated chain length and mode). ``calibrate``: run a quick calibration
     when the heads have none for this machine (None: unless $CERBERUS_NO_CALIBRATE). The decoder's
@@ -280,6 +292,7 @@ def build_decoder(
         choices,
         lookup.get("max_len"),
         lookup.get("merge"),
+        min_confidence,
     )
     built = build_tree(eff.tree)
     if built.num_heads > draft.config.num_heads:
@@ -291,6 +304,15 @@ def build_decoder(
             f"The tree asks for rank {built.top_k - 1}, but the heads choose among {draft.vocab_ids.numel()} tokens; "
             f"use ranks below {draft.vocab_ids.numel()}."
         )
-    decoder = Decoder(lm, draft, built, gate=eff.gate, threshold=eff.threshold, method=method, drafter=drafter(eff))
+    decoder = Decoder(
+        lm,
+        draft,
+        built,
+        gate=eff.gate,
+        threshold=eff.threshold,
+        method=method,
+        drafter=drafter(eff),
+        min_confidence=eff.min_confidence,
+    )
     decoder.config = eff
     return decoder

@@ -108,13 +108,55 @@ class Tree:
     def to(self, device) -> Tree:
         for name in ("mask", "depth", "parent", "head", "rank", "paths", "internal"):
             setattr(self, name, getattr(self, name).to(device))
-        self.__dict__.pop("lm_head_rows", None)  # cached on the old device
-        self.__dict__.pop("levels", None)
+        for name in ("lm_head_rows", "levels", "subtrees"):  # cached on the old device
+            self.__dict__.pop(name, None)
         return self
+
+    @cached_property
+    def subtrees(self) -> dict[tuple[int, ...], Tree]:
+        """``subtree``'s trees so far (a step's pruned tree is one of a few shapes)"""
+        return {}
+
+    def subtree(self, nodes: tuple[int, ...]) -> Tree:
+        """The tree of ``nodes`` (ascending node ids, the root and each node's parent among them),
+        its nodes in their order here: a step's tokens ``tokens[list(nodes)]`` line up with it."""
+        tree = self.subtrees.get(nodes)
+        if tree is None:
+            index = {node: i for i, node in enumerate(nodes)}
+            parents = [index[p] for p in self.parent[list(nodes[1:])].tolist()]
+            tree = tree_from_parents(parents, [self.choices[n - 1] for n in nodes[1:]]).to(self.mask.device)
+            self.subtrees[nodes] = tree
+        return tree
 
     def candidates(self, root: torch.Tensor, topk_tokens: torch.Tensor) -> torch.Tensor:
         """root [1], topk_tokens [K, k] -> node tokens [N+1]"""
         return torch.cat([root.view(1), topk_tokens[self.head, self.rank]])
+
+    def confidence(self, topk_probs: torch.Tensor) -> torch.Tensor:
+        """topk_probs [K, k] (the heads' probabilities of their top-k tokens) -> [N+1] each node's
+        product of them along its path (the heads' estimate that verification accepts it), root 1"""
+        p = topk_probs[self.head, self.rank].float()  # [N]
+        return torch.where(self.mask[:, 1:], p, 1.0).prod(-1)
+
+
+def prune(tree: Tree, tokens: torch.Tensor, confidence: torch.Tensor, min_confidence: float):
+    """A step's drafted tree cut to the nodes worth verifying: those the heads give at least
+    ``min_confidence`` of being accepted (``confidence`` [N+1], ``DraftHeads.draft``; 0 keeps every
+    node) -> (tree, its tokens), or None when no draft node is left: the step is a plain AR step."""
+    if min_confidence <= 0:
+        return tree, tokens
+    keep = [True] + (confidence[1:] >= min_confidence).tolist()
+    for node, children in enumerate(tree.children):  # a node needs its parent (a product: it is never
+        for child in children:  # less sure of a parent than of its child, but rounding is not ours)
+            keep[child] = keep[child] and keep[node]
+    nodes = tuple(i for i, k in enumerate(keep) if k)
+    if len(nodes) == 1:
+        return None
+    if len(nodes) == tree.size:
+        return tree, tokens
+    if len(tree.subtrees) >= 1024:  # shapes are few in practice; never let the memo grow unbounded
+        tree.subtrees.clear()
+    return tree.subtree(nodes), tokens[list(nodes)]
 
 
 def build_tree(choices) -> Tree:

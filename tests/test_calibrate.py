@@ -112,6 +112,26 @@ def test_the_choice_is_the_known_best_of_a_synthetic_table():
     assert len(ungated) == 1 and ungated[0]["threshold"] == math.inf and ungated[0]["tree"] == trees[3]
 
 
+def test_the_race_takes_the_smallest_tree_the_prediction_cannot_tell_from_the_best():
+    """Predictions within PREDICTION_MARGIN of the best are within their own error: the smallest such
+    tree races second, the smallest of all last, and the rest follow by prediction."""
+    predicted = {1: 100.0, 2: 150.0, 3: 191.0, 4: 198.0, 5: 200.0, 6: 199.0}
+    trees = {n: [[0] * d for d in range(1, n + 1)] for n in predicted}
+
+    def sizes(k: int) -> list[int]:
+        rows = [
+            {"weights": "w", "nodes": n, "gate": gate, "threshold": math.inf, "min_confidence": 0.0}
+            | {"tokens_per_s": rate, "ar_tokens_per_s": 100.0, "speculative_share": 1.0}
+            for gate in ("logits", "hidden")
+            for n, rate in predicted.items()
+        ]
+        return [len(c["tree"]) for c in run._choices(rows, trees, "w", ungated=False, n=k)]
+
+    assert sizes(3) == [5, 3, 1] and sizes(4) == [5, 3, 6, 1] and sizes(2) == [5, 1] and sizes(1) == [5]
+    predicted[3] = 189.0  # 5.5% below the best: the prediction tells them apart
+    assert sizes(3) == [5, 4, 1]
+
+
 def test_a_tree_pays_for_the_heads_it_reaches():
     """Deep heads that cost more than the tokens they add: the choice stops at depth 1."""
     formats, ranks, entropies = synthetic_calibration()
@@ -121,6 +141,43 @@ def test_a_tree_pays_for_the_heads_it_reaches():
     assert max(len(c) for c in trees[best["nodes"]]) == 1
     # confident half: 2 tokens per (11 + 1) ms; the other half: AR steps of 10 ms
     assert best["tokens_per_s"] == pytest.approx(1000 * 3 / 22)
+
+
+def test_pruned_steps_verify_only_the_confident_nodes():
+    """Per position: the nodes whose path probability reaches the threshold are verified, and the
+    step yields one token plus the deepest verified node on the true path."""
+    choices = [[0], [1], [0, 0]]
+    ranks = np.array([[0, 0], [1, 0], [0, 0], [0, 5]])  # [T, K] the true tokens' ranks
+    probs = np.array(  # [T, K, 2] each head's top-2 probabilities
+        [[[0.9, 0.05], [0.8, 0.1]], [[0.5, 0.4], [0.1, 0.05]], [[0.3, 0.2], [0.9, 0.1]], [[0.9, 0.1], [0.5, 0.2]]]
+    )
+    tokens, nodes = choose.pruned_steps(ranks, probs, choices, 0.35)
+    # t0: [0] 0.9, [1] 0.05, [0, 0] 0.72 -> [0], [0, 0] verified, both right: 3 tokens
+    # t1: [0] 0.5, [1] 0.4, [0, 0] 0.05 -> [0], [1]; the truth is [1]: 2 tokens
+    # t2: nothing reaches 0.35 -> an AR step: 1 token; t3: [0], [0, 0] 0.45; head 2 wrong: 2 tokens
+    assert tokens.tolist() == [3, 2, 1, 2] and nodes.tolist() == [2, 2, 0, 2]
+
+
+def test_pruning_wins_where_the_heads_know_when_they_are_right():
+    """Heads sure where they are right and unsure where wrong, each verified row 40% of a step:
+    verifying only the confident nodes beats every unpruned choice; without the probabilities there
+    is no such row."""
+    formats, ranks, entropies = synthetic_calibration()
+    formats = {"steep": formats["steep"] | {"cost_ms": {1: 10.0, 2: 14.0, 4: 22.0, 8: 38.0, 16: 70.0}}}
+    good = ranks[:, 0] == 0
+    top = np.array([[0.9, 0.05] + [0.005] * 8, [0.2] + [0.1] * 8 + [0.0]])  # confident, unsure: top-10 probabilities
+    probs = top[np.where(good, 0, 1)][:, None, :].repeat(3, axis=1)  # [T, 3 heads, 10]
+    entropies["logits"] = entropies["hidden"]  # no gate can tell the positions apart
+    steep = {"steep": formats["steep"]}
+    rows, trees = choose.predict_table(steep, ranks, entropies, top_k=10, n_bins=4, probs=probs)
+    best = choose.best_row(rows)
+    assert best["min_confidence"] > 0.2 and best["threshold"] == math.inf and best["nodes"] == 3
+    assert best["tokens_per_s"] > max(r["tokens_per_s"] for r in rows if r["min_confidence"] == 0) * 1.3
+    # the confident half: 4 tokens for a 4-token verification (22 ms), the rest AR steps of 10 ms
+    assert best["tokens_per_s"] == pytest.approx(1000 * 5 / 32)
+    assert all(r["min_confidence"] == 0 for r in choose.predict_table(steep, ranks, entropies, 10, 4)[0])
+    choice = run._choices(rows, trees, "steep", ungated=False, n=1)[0]
+    assert choice["min_confidence"] == best["min_confidence"] and choice["tree"] == trees[3]
 
 
 def test_the_loaded_format_stays_unless_another_is_clearly_faster():
@@ -180,6 +237,9 @@ def test_observe_ranks_match_the_heads_logits(tiny_lm):
             else:
                 want = int((logits[t, d] > logits[t, d, ids[t + d + 2]]).sum())
                 assert obs["ranks"][i, d] == want
+            # what pruning reads: each head's probabilities of its best tokens, best first
+            top = logits[t, d].float().softmax(-1).sort(descending=True).values[:50000]
+            assert np.allclose(obs["probs"][i, d], top.numpy(), rtol=1e-4, atol=1e-8)
     assert len(obs["hidden"]) == len(obs["logits"]) == len(answer)
 
 
@@ -638,6 +698,12 @@ def test_the_effective_configuration_follows_the_precedence(tiny_lm, heads_dir):
     medusa = effective_config("medusa", "float32", "flag", ckpt, cal)
     assert medusa.gate == "off" and medusa.threshold == math.inf and medusa.tree == [[0], [1], [0, 0]]
     assert effective_config("medusa", "float32", "flag", ckpt, cal, gate="logits").threshold == 1.25
+    pruned = (fake_calibration("k", min_confidence=0.2), False)
+    eff = effective_config("cerberus", "float32", "flag", ckpt, pruned)
+    assert eff.min_confidence == 0.2 and "confidence >= 0.2 (calibrated)" in eff.why()
+    assert effective_config("cerberus", "float32", "flag", ckpt, pruned, min_confidence=0.0).min_confidence == 0
+    assert effective_config("medusa", "float32", "flag", ckpt, pruned).min_confidence == 0  # the baseline: whole trees
+    assert effective_config("medusa", "float32", "flag", ckpt, pruned, min_confidence=0.3).min_confidence == 0.3
     ar = effective_config("ar", "int4", "auto: default for the device, no calibration", None, cal)
     assert ar.tree is None and "weights int4 (auto: default" in ar.why()
     assert json.loads(json.dumps(medusa.to_json()))["threshold"] == "inf"

@@ -59,6 +59,8 @@ def test_directory_without_config(tmp_path):
         ["--method", "magic"],
         ["--top-p", "0"],
         ["--acceptance", "lossy"],
+        ["--min-confidence", "1.5"],
+        ["--min-confidence", "-0.1"],
     ],
 )
 def test_bad_option_values(args):

@@ -176,8 +176,9 @@ def test_heads_that_read_drafts_draft_each_node_from_its_own_path(lm_f32, reads_
         heads.set_vocab(torch.arange(2000), lm_f32.model.get_output_embeddings().weight)
         heads.lookup_bonus.bias.data.view(4, -1)[:, 3] = 100.0  # trusted: each copy is its head's top token
         found = torch.tensor([3, 5000, 901, 6000, 903])
-    tokens = heads.draft(h, root, tree, lookup=found)  # [N+1]
+    tokens, confidence = heads.draft(h, root, tree, lookup=found)  # [N+1], [N+1]
     assert tokens[0] == 42 and tokens.shape == (tree.size,)
+    assert confidence[0] == 1 and ((confidence >= 0) & (confidence <= 1)).all()
     for node in range(1, tree.size):
         ancestors = tree.mask[node, :node].nonzero().flatten().tolist()  # the root, ..., the parent
         path = torch.zeros(4, dtype=torch.long)
@@ -185,8 +186,13 @@ def test_heads_that_read_drafts_draft_each_node_from_its_own_path(lm_f32, reads_
         d = len(ancestors) - 1  # the head that drafts this node
         inputs = path if found is None else torch.cat([path, found])
         lookup = None if found is None else found[None]
-        ranked = heads.token_ids(heads(h, inputs)[None, d : d + 1].topk(tree.top_k).indices, lookup, first=d)[0, 0]
-        assert tokens[node] == ranked[tree.choices[node - 1][-1]], node
+        logits = heads(h, inputs)[None, d : d + 1].float()  # [1, 1, V' (+ 1)]
+        ranked = heads.token_ids(logits.topk(tree.top_k).indices, lookup, first=d)[0, 0]
+        rank = tree.choices[node - 1][-1]
+        assert tokens[node] == ranked[rank], node
+        # its confidence: its parent's times this head's probability of its token
+        p = logits.softmax(-1)[0, 0].topk(tree.top_k).values[rank]
+        assert torch.allclose(confidence[node], confidence[ancestors[-1]] * p, rtol=1e-4), node
     if reads_lookup:
         choices = [tuple(c) for c in tree.choices]
         top_path = [int(tokens[choices.index((0,) * d) + 1]) for d in range(1, 5) if (0,) * d in choices]
@@ -311,7 +317,7 @@ def test_heads_draft_copies_from_outside_their_vocabulary_losslessly(tiny_lm):
     heads.draft = spy
     result = decoder.generate(ids, SamplingConfig(max_new_tokens=40))
     assert_lossless(tiny_lm, ids, reference, result.token_ids)
-    assert any(bool(torch.isin(tokens[1:], torch.tensor(copyable)).any()) for tokens in drafted)  # copies drafted
+    assert any(bool(torch.isin(tokens[1:], torch.tensor(copyable)).any()) for tokens, _ in drafted)  # copies drafted
 
 
 def test_heads_that_read_lookup_pack_what_reads_it_too(lm_f32):
@@ -396,14 +402,17 @@ def test_kernel_draft_drafts_the_tokens_the_python_ops_draft(lm_f32, fmt, kind):
         found = torch.tensor([n, 12, 13, 600, 7]) if n else torch.tensor([0, -1, -1, -1, -1])  # 13, 7: outside
         lookup = found if reads_lookup else None
         kernel = heads.kernel_draft
-        fast = [heads.topk_tokens(h, k, root, n_heads, lookup=lookup) for n_heads in (1, 2, 4) for k in (1, 3)]
+        fast = [heads.topk(h, k, root, n_heads, lookup=lookup) for n_heads in (1, 2, 4) for k in (1, 3)]
         fast_tree = heads.draft(h, root, build_tree(DEFAULT_TREE), lookup=lookup)
         heads.kernel_draft = None  # the Python ops
-        slow = [heads.topk_tokens(h, k, root, n_heads, lookup=lookup) for n_heads in (1, 2, 4) for k in (1, 3)]
+        slow = [heads.topk(h, k, root, n_heads, lookup=lookup) for n_heads in (1, 2, 4) for k in (1, 3)]
         slow_tree = heads.draft(h, root, build_tree(DEFAULT_TREE), lookup=lookup)
         heads.kernel_draft = kernel
-        assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True)), trial
-        assert torch.equal(fast_tree, slow_tree)
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(fast, slow, strict=True)), trial
+        assert torch.equal(fast_tree[0], slow_tree[0])
+        # the probabilities: each head's softmax (its own summation order, so to rounding)
+        assert all(torch.allclose(a[1], b[1], rtol=1e-4, atol=1e-7) for a, b in zip(fast, slow, strict=True)), trial
+        assert torch.allclose(fast_tree[1], slow_tree[1], rtol=1e-4, atol=1e-7)
     if reads_lookup:
         with pytest.raises(CerberusError, match="pass it"):
             heads.topk_tokens(h, 1, root)

@@ -202,11 +202,18 @@ def test_drafter_chain_and_union():
     assert drafter.draft(torch.tensor([9]), None, None) is None  # no match: a plain AR step
     heads = build_tree(DEFAULT_TREE)
     ranked = torch.tensor([[4, 7, 8, 9], [5, 7, 8, 9], [0, 7, 8, 9], [0, 7, 8, 9]])
-    tree, tokens = drafter.draft(torch.tensor([3]), heads, lambda: heads.candidates(torch.tensor([3]), ranked))
+    tree, tokens = drafter.draft(torch.tensor([3]), heads, lambda: (heads, heads.candidates(torch.tensor([3]), ranked)))
     assert tree.size == heads.size + 2  # 4, 5 shared with the heads' [0], [0, 0]; 6, 1 appended
     assert tokens[: heads.size].tolist() == heads.candidates(torch.tensor([3]), ranked).tolist()
-    tree, tokens = drafter.draft(torch.tensor([9]), heads, lambda: heads.candidates(torch.tensor([9]), ranked))
+    tree, tokens = drafter.draft(torch.tensor([9]), heads, lambda: (heads, heads.candidates(torch.tensor([9]), ranked)))
     assert tree is heads
+    # the heads' tree pruned to [0], [0, 0] this step: the chain joins what is left; all pruned: the chain alone
+    small = heads.subtree((0, 1, 5))
+    tree, tokens = drafter.draft(torch.tensor([3]), heads, lambda: (small, torch.tensor([3, 4, 5])))
+    assert tokens.tolist() == [3, 4, 5, 6, 1] and tree.parent.tolist() == [0, 0, 1, 2, 3]
+    tree, tokens = drafter.draft(torch.tensor([3]), heads, lambda: None)
+    assert tokens.tolist() == [3, 4, 5, 6, 1] and tree.parent.tolist() == [0, 0, 1, 2, 3]
+    assert drafter.draft(torch.tensor([9]), heads, lambda: None) is None  # no chain, nothing drafted: AR
     solo = LookupDrafter(max_len=4, solo_ngram=2)
     solo.reset([1, 2, 3, 4, 5, 6, 1, 2])
     assert solo.draft(torch.tensor([3]), None, None) is not None  # (2, 3) matched
@@ -223,7 +230,7 @@ def test_a_chain_can_replace_the_heads_tree_and_then_the_heads_do_not_run():
 
     def drafts():  # the heads' tree tokens after the root 9 (the only root the heads run for here)
         calls.append(1)
-        return heads.candidates(torch.tensor([9]), ranked())
+        return heads, heads.candidates(torch.tensor([9]), ranked())
 
     drafter = LookupDrafter(max_len=4, merge=False)
     drafter.reset([1, 2, 3, 4, 5, 6, 1, 2])

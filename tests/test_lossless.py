@@ -67,6 +67,14 @@ def test_w4a8_speculative_greedy_is_bitwise_ar():
     untrained = build_decoder(w4a8, "cerberus-nogate", heads="none", tree=TREE)
     ids, reference = next(iter(references.values()))
     assert untrained.generate(ids, CONFIG).token_ids == reference
+    # trees pruned to the nodes the heads are confident of: a different tree each step, some AR steps
+    pruned = build_decoder(w4a8, "cerberus-nogate", heads="default", tree=TREE, min_confidence=0.3)
+    sizes = set()
+    for ids, reference in references.values():
+        result = pruned.generate(ids, CONFIG)
+        assert result.token_ids == reference
+        sizes |= {step.candidates for step in result.steps}
+    assert 0 in sizes and len(sizes) >= 3 and max(sizes) <= len(TREE)
 
 
 @pytest.mark.parametrize("method", ["medusa", "cerberus-nogate"])

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from cerberus_decoding import sampling
 from cerberus_decoding.models import CerberusError
-from cerberus_decoding.tree import DEFAULT_TREE, best_tree, build_tree, expected_length
+from cerberus_decoding.tree import DEFAULT_TREE, best_tree, build_tree, expected_length, prune
 from cerberus_decoding.verify import verify_greedy
 
 
@@ -50,6 +50,34 @@ def test_tree_buffers(choices):
         assert all(path[d] == path[-1][: d + 1] for d in range(len(path)))
         got.add(path[-1])
     assert got == leaves
+
+
+@given(trees(), st.integers(0, 10_000), st.sampled_from([0.0, 0.05, 0.2, 0.5, 0.9, 1.0]))
+@settings(max_examples=150, deadline=None)
+def test_pruning_keeps_exactly_the_confident_nodes_as_a_tree_whose_tokens_line_up(choices, seed, threshold):
+    """A node's confidence is the product of the heads' probabilities along its path; pruning keeps the
+    nodes at or above the threshold (the rest: whole subtrees), as a tree of their own whose buffers
+    are those of the same choices built from scratch, their tokens in its order."""
+    tree = build_tree(choices)
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.rand(tree.num_heads, tree.top_k, generator=g).sort(-1, descending=True).values  # [K, k]
+    tokens = torch.randperm(1000, generator=g)[: tree.size]  # [N+1], distinct
+    confidence = tree.confidence(probs)
+    for i, c in enumerate([()] + tree.choices):
+        expected = torch.tensor([float(probs[d, r]) for d, r in enumerate(c)]).prod()
+        assert torch.allclose(confidence[i], expected), c
+    pruned = prune(tree, tokens, confidence, threshold)
+    kept = [c for i, c in enumerate(tree.choices, start=1) if confidence[i] >= threshold or threshold == 0]
+    if not kept:
+        assert pruned is None
+        return
+    small, small_tokens = pruned
+    assert small.choices == [tuple(c) for c in build_tree(kept).choices] == sorted(kept, key=lambda c: (len(c), c))
+    rebuilt = build_tree(kept)
+    for name in ("mask", "depth", "parent", "head", "rank", "paths", "internal"):
+        assert torch.equal(getattr(small, name), getattr(rebuilt, name)), name
+    token_of = {c: int(tokens[i]) for i, c in enumerate([()] + tree.choices)}
+    assert small_tokens.tolist() == [token_of[c] for c in [()] + small.choices]
 
 
 @given(trees(), st.integers(0, 10_000))

@@ -49,6 +49,7 @@ def benchmark(
     temperature: float = 0.0,
     seed: int = 0,
     calibrate: bool | None = None,
+    min_confidence: float | None = None,
 ) -> BenchRun:
     """Build every method on ``lm`` (ar always included) and measure them; Ctrl-C returns a partial run.
 
@@ -56,7 +57,7 @@ def benchmark(
     method once per acceptance rule (``cerberus[exact]``, ``cerberus[typical]``)."""
     names = parse_methods(methods, temperature)
     runners, reference, configs = build_runners(
-        lm, names, max_new_tokens, heads, gate, threshold, tree, temperature, seed, calibrate
+        lm, names, max_new_tokens, heads, gate, threshold, tree, temperature, seed, calibrate, min_confidence
     )
     run = run_bench(runners, reference, questions, warmup, repeats, progress)
     run.configs = configs

@@ -220,6 +220,7 @@ def build_runners(
     temperature: float = 0.0,
     seed: int = 0,
     calibrate: bool | None = None,
+    min_confidence: float | None = None,
 ):
     """-> (runners by method, the reference ar decoder used to encode prompts for everyone, the
     effective configuration of each of our methods).
@@ -241,7 +242,9 @@ def build_runners(
             runners[name] = llamacpp_runner(lm, reference.eos_ids, max_new_tokens)
         else:  # build_decoder validates the name and the heads
             if method not in decoders:
-                decoders[method] = build_decoder(lm, method, heads, gate, threshold, tree, calibrate=calibrate)
+                decoders[method] = build_decoder(
+                    lm, method, heads, gate, threshold, tree, calibrate=calibrate, min_confidence=min_confidence
+                )
             rule = acceptance or DEFAULT_ACCEPTANCE
             runners[name] = engine_runner(decoders[method], max_new_tokens, temperature, rule, seed)
             configs[name] = decoders[method].config

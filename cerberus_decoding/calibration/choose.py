@@ -1,4 +1,4 @@
-"""Choose the weight format, tree and gate threshold with the best predicted tokens/s.
+"""Choose the weight format, tree, gate threshold and pruning with the best predicted tokens/s.
 
 The prediction is a table: for every weight format measured (its cost curve and per-step overheads),
 every tree size N (``best_tree(accuracy, N)``, Medusa's greedy construction) and every gate threshold
@@ -7,7 +7,10 @@ candidate of both entropies, the tokens/s decoding would reach over the calibrat
     tokens/s = sum(accepted_t if entropy_t < threshold else 1) / sum(spec_ms(N) if ... else ar_ms)
 
 where ``accepted_t`` is exact, not modelled: one plus the depth of the deepest tree node whose rank
-path matches the true tokens' ranks at position t. The choice is the table's argmax.
+path matches the true tokens' ranks at position t. Ungated rows also try each ``min_confidence`` in
+CONFIDENCES: at position t only the nodes the heads' probabilities give that chance are verified
+(``tree.prune``), so a step costs the verification of those alone (an AR step and the heads'
+draft when none is left). The choice is the table's argmax.
 """
 
 from __future__ import annotations
@@ -49,8 +52,12 @@ def cost_at(costs: dict, q):
 def step_costs(costs: dict, overheads: dict, choices) -> tuple[float, float]:
     """(AR step ms, speculative step ms with this tree: its verification, and the heads it reaches)."""
     ar = cost_at(costs, 1) + overheads["step"]
-    heads_ms = overheads["heads"][max(len(c) for c in choices) - 1]
-    return ar, cost_at(costs, len(choices) + 1) + overheads["step"] + overheads["spec"] + heads_ms
+    return ar, cost_at(costs, len(choices) + 1) + overheads["step"] + overheads["spec"] + draft_ms(overheads, choices)
+
+
+def draft_ms(overheads: dict, choices) -> float:
+    """The heads drafting this tree (a step runs only the heads its tree reaches)."""
+    return overheads["heads"][max(len(c) for c in choices) - 1]
 
 
 def accuracy_table(ranks: np.ndarray, top_k: int, prior: float = 10.0) -> list[list[float]]:
@@ -127,20 +134,46 @@ def threshold_candidates(values: np.ndarray, n_bins: int) -> list[float]:
     return sorted({-math.inf, math.inf, *(float(e) for e in edges)})
 
 
+# min_confidence candidates (0: verify the whole tree), for trees of up to PRUNED_SIZES nodes
+CONFIDENCES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+PRUNED_SIZES = 32
+
+
+def pruned_steps(ranks: np.ndarray, probs: np.ndarray, choices, min_confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """What a greedy step at each position yields and verifies when the tree is pruned to the nodes
+    whose confidence (the product of the heads' probabilities along the node's path, ``probs``
+    [T, K, k] from ``measure.observe``) is at least ``min_confidence`` -> (tokens [T], root and bonus
+    included; draft nodes verified [T], 0: an AR step)."""
+    kept = np.ones((len(ranks), len(choices)), dtype=bool)
+    matched = np.ones_like(kept)
+    for i, c in enumerate(choices):
+        confidence = np.prod([probs[:, d, r] for d, r in enumerate(c)], axis=0)
+        kept[:, i] = confidence >= min_confidence
+        matched[:, i] = (ranks[:, : len(c)] == np.array(c)).all(axis=1)
+    depth = np.array([len(c) for c in choices])
+    return 1 + np.where(kept & matched, depth, 0).max(axis=1), kept.sum(axis=1)
+
+
 def tree_sizes(costs: dict, limit: int = 63) -> list[int]:
     """Tree sizes N whose verification (N + 1 tokens) lies inside the measured cost curve."""
     return list(range(1, min(limit, max(int(q) for q in costs) - 1) + 1))
 
 
 def predict_table(
-    formats: dict[str, dict], ranks: np.ndarray, entropies: dict[str, np.ndarray], top_k: int, n_bins: int = 10
+    formats: dict[str, dict],
+    ranks: np.ndarray,
+    entropies: dict[str, np.ndarray],
+    top_k: int,
+    n_bins: int = 10,
+    probs: np.ndarray | None = None,
 ) -> tuple[list[dict], dict[int, list[list[int]]]]:
-    """The predicted tokens/s of every (weights, tree size, gate, threshold), and the tree of each size.
+    """The predicted tokens/s of every (weights, tree size, gate, threshold, min_confidence), and the
+    tree of each size.
 
     ``formats``: weights -> {"cost_ms": {q: ms}, "overhead_ms": {"step", "spec", "heads"}} as measured.
-    ``ranks`` [T, K], ``entropies`` {gate: [T]}: ``measure.observe`` over the calibration answers.
-    Rows are ordered from less to more work (smaller trees, lower thresholds) so that ``best_row``
-    breaks ties towards less work.
+    ``ranks`` [T, K], ``entropies`` {gate: [T]}, ``probs`` [T, K, top_k] (None: no pruning rows):
+    ``measure.observe`` over the calibration answers. Rows are ordered from less to more work
+    (smaller trees, lower thresholds, then pruning) so that ``best_row`` breaks ties towards less work.
     """
     accuracy = accuracy_table(ranks, top_k)
     full = (ranks >= 0).all(axis=1)  # positions where every head has a true token
@@ -151,26 +184,47 @@ def predict_table(
     trees = {n: t for n, t in trees.items() if len(t) == n}  # the table holds fewer nodes than that
     accepted = {n: accepted_lengths(ranks[full], t) for n, t in trees.items()}
     candidates = {g: threshold_candidates(entropies[g][full], n_bins) for g in ENTROPY_GATES}
+    pruned = {}  # (n, min_confidence) -> (tokens [T], nodes verified [T])
+    if probs is not None:
+        for n in (n for n in trees if n <= PRUNED_SIZES):
+            for c in CONFIDENCES[1:]:
+                pruned[n, c] = pruned_steps(ranks[full], probs[full], trees[n], c)
     rows = []
     for weights, m in formats.items():
         fit = monotone_costs(m["cost_ms"])
         for n in (n for n in trees if n in tree_sizes(fit)):
             ar_ms, spec_ms = step_costs(fit, m["overhead_ms"], trees[n])
+            row = {"weights": weights, "nodes": n, "ar_tokens_per_s": 1000.0 / ar_ms}
             for gate in ENTROPY_GATES:
                 values = entropies[gate][full]
                 for th in candidates[gate]:
                     rate = gated_rate(values, accepted[n], spec_ms, ar_ms, th)
+                    share = float((values < th).mean())
                     rows.append(
-                        {
-                            "weights": weights,
-                            "nodes": n,
+                        row
+                        | {
                             "gate": gate,
                             "threshold": th,
+                            "min_confidence": 0.0,
                             "tokens_per_s": rate,
-                            "ar_tokens_per_s": 1000.0 / ar_ms,
-                            "speculative_share": float((values < th).mean()),
+                            "speculative_share": share,
                         }
                     )
+            for c in (c for c in CONFIDENCES[1:] if (n, c) in pruned):  # always drafts, verifies what is left
+                tokens, nodes = pruned[n, c]
+                spec = cost_at(fit, nodes + 1) + m["overhead_ms"]["step"] + m["overhead_ms"]["spec"]
+                ms = np.where(nodes > 0, spec, ar_ms) + draft_ms(m["overhead_ms"], trees[n])
+                rate = 1000.0 * float(tokens.sum() / ms.sum())
+                rows.append(
+                    row
+                    | {
+                        "gate": ENTROPY_GATES[0],
+                        "threshold": math.inf,
+                        "min_confidence": c,
+                        "tokens_per_s": rate,
+                        "speculative_share": float((nodes > 0).mean()),
+                    }
+                )
     return rows, trees
 
 
@@ -221,7 +275,7 @@ def lookup_rate(
     accepted, speculate, nodes, heads_ms = np.ones(n), np.zeros(n, dtype=bool), 0, 0.0
     if merged is not None:
         accepted, speculate, tree = merged
-        nodes, heads_ms = len(tree), overheads["heads"][max(len(c) for c in tree) - 1]
+        nodes, heads_ms = len(tree), draft_ms(overheads, tree)
     chain = (hits >= 0) & (length > 0)
     if instead:
         speculate = speculate & ~chain

@@ -142,7 +142,7 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
             rt.lm_head_greedy(rt.forward(cache, root, torch.tensor([context], device=device)))  # untimed
             _sync(device)
             t0 = time.perf_counter()
-            tokens = heads.draft(hidden, root, by_d[d - 1], rt.cuda_graphs, found)  # [N+1], as decoding runs them
+            tokens, _ = heads.draft(hidden, root, by_d[d - 1], rt.cuda_graphs, found)  # [N+1], as decoding runs them
             _sync(device)
             by_depth[d - 1].append(time.perf_counter() - t0)
         _sync(device)
@@ -180,6 +180,8 @@ def observe(
 
     ``ranks`` [T, K]: rank of the true token t + d + 2 among head d's logits; ``top_k`` when it is
     not in the top-k (or outside the heads' vocabulary), -1 when the answer ends before it.
+    ``probs`` [T, K, top_k]: head d's probabilities of its top-k tokens, best first (what a step's
+    pruning reads: ``tree.prune``).
     ``hidden`` / ``logits`` [T]: the two entropies the gate can read at t.
     ``lookup`` [T]: how many tokens of the prompt-lookup chain at t are right (``lookup.chain_hits``
     with the drafter's defaults: the longest chain calibration considers), -1 where none matches.
@@ -199,7 +201,7 @@ def observe(
         T = heads.config.lookup_tokens
         found = lookup_matches(list(prompt_ids), list(answer_ids), T, heads.config.lookup_max_ngram)
         found = torch.tensor(found, device=device).reshape(-1, 1 + T)
-    ranks, h_ent, l_ent = [], [], []
+    ranks, probs, h_ent, l_ent = [], [], [], []
     for a in range(0, states.shape[0], chunk):
         h = states[a : a + chunk]  # [c, H]
         t = torch.arange(start + a, start + a + h.shape[0], device=device)  # [c] absolute positions
@@ -215,12 +217,14 @@ def observe(
         rank = (logits > true_logit[..., None]).sum(-1)  # [c, K]
         rank = torch.where((idx < 0) | (rank >= top_k), torch.full_like(rank, top_k), rank)
         ranks.append(torch.where(target < 0, torch.full_like(rank, -1), rank).cpu())
+        probs.append(logits.softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1).values.cpu())  # [c, K, top_k]
         base = rt.lm_head(h)  # [c, V]
         h_ent += [gating.entropy(x) for x in h]
         l_ent += [gating.entropy(x) for x in base]
     hits = chain_hits(list(prompt_ids), list(answer_ids), MAX_LEN, MIN_NGRAM)
     return {
         "ranks": torch.cat(ranks).numpy(),
+        "probs": torch.cat(probs).numpy(),
         "hidden": np.array(h_ent),
         "logits": np.array(l_ent),
         "lookup": np.array(hits, dtype=np.int64),

@@ -52,6 +52,11 @@ QUICK_QS = (1, 2, 4, 8, 16, 32)
 # AR under a tolerance of 0.97; the bench then ran it at 0.94x)
 CHECK_TOLERANCE = 1.0
 CANDIDATES = 3  # tree sizes the check races on the fastest format, best predicted first (quick: 2)
+# tree sizes predicted within this share of the best are within the prediction's own error (it runs
+# 10-40% above what the races measure): the race takes the smallest of them second (an Intel AVX-512
+# calibration predicted 3- to 12-node trees within 3.1% of each other; racing the three best
+# predicted, 6, 5 and 4 nodes, it kept a 5-node tree the bench ran at 1.15x AR, a 3-node one 1.22x)
+PREDICTION_MARGIN = 0.05
 # a raced tree must run this much faster than a smaller one to be chosen over it: the race decodes a
 # few prompts (a few % of noise), and they come from the heads' training distribution, where the
 # heads accept more than on users' questions, which favours larger trees (an AVX-512 calibration
@@ -131,7 +136,7 @@ def _observe_prompts(lm, heads, prompts, max_new_tokens, top_k, deadline, progre
 
     decoder = Decoder(lm, method="ar")
     config = SamplingConfig(max_new_tokens=max_new_tokens)
-    obs = {"ranks": [], "lookup": [], **{g: [] for g in ENTROPY_GATES}}
+    obs = {"ranks": [], "probs": [], "lookup": [], **{g: [] for g in ENTROPY_GATES}}
     answers = []  # positions of each answer, in order (the lookup prediction walks each one)
     used = 0
     bar = tqdm(prompts, desc="acceptance", unit="prompt", disable=not progress, file=sys.stderr)
@@ -157,23 +162,31 @@ def _observe_prompts(lm, heads, prompts, max_new_tokens, top_k, deadline, progre
 
 
 def _choices(rows: list[dict], trees: dict, weights: str, ungated: bool, n: int) -> list[dict]:
-    """The ``n`` best tree sizes for one weight format, best predicted first, each as a decoder
-    configuration with its best threshold, and the best threshold of each gate for the same tree (so
-    ``--gate hidden`` gets a threshold on its own scale). With ``n`` > 1 the smallest tree is always
-    among them (last, if not predicted into the first ``n``): the baseline a larger tree must beat
-    for real. The prediction favours larger trees (calibration prompts are the heads' training
+    """``n`` tree sizes of one weight format to race, the best predicted first, each as a decoder
+    configuration with its best threshold and pruning, and the best threshold of each gate for the
+    same tree (so ``--gate hidden`` gets a threshold on its own scale). With ``n`` > 2 the smallest
+    size predicted within PREDICTION_MARGIN of the best comes second. With ``n`` > 1 the smallest
+    tree is always among them (last, if not among the first ``n``): the baseline a larger tree must
+    beat for real. The prediction favours larger trees (calibration prompts are the heads' training
     distribution): an AVX-512 calibration raced only 2-, 3- and 4-node trees and kept the 2-node
     one, which the bench then ran at 1.00x and 1.06x ``ar`` in two runs; the 1-node tree had won
-    the race before and run at 1.06x."""
-    where = {"weights": weights} | ({"threshold": math.inf} if ungated else {})
+    the race before and run at 1.06x. ``ungated`` (the Medusa baseline): always speculating, whole
+    trees."""
+    where = {"weights": weights} | ({"threshold": math.inf, "min_confidence": 0.0} if ungated else {})
     sizes = sorted({r["nodes"] for r in rows if r["weights"] == weights})
     per_size = [best_row(rows, **where, nodes=size) for size in sizes]
-    ranked = sorted(per_size, key=lambda r: -r["tokens_per_s"])[:n]  # a stable sort: ties keep fewer nodes
+    ranked = sorted(per_size, key=lambda r: -r["tokens_per_s"])  # a stable sort: ties keep fewer nodes
+    if n > 2 and ranked:  # second: the smallest tree the prediction cannot tell from the best
+        close = next(r for r in per_size if r["tokens_per_s"] >= (1 - PREDICTION_MARGIN) * ranked[0]["tokens_per_s"])
+        if close is not ranked[0]:
+            ranked.remove(close)
+            ranked.insert(1, close)
+    ranked = ranked[:n]
     if n > 1 and per_size and per_size[0] not in ranked:
         ranked[-1] = per_size[0]
     out = []
     for best in ranked:
-        same_tree = {"weights": weights, "nodes": best["nodes"]}
+        same_tree = {"weights": weights, "nodes": best["nodes"], "min_confidence": 0.0}  # gated rows
         thresholds = {g: best_row(rows, **same_tree, gate=g)["threshold"] for g in ENTROPY_GATES}
         out.append(
             {
@@ -181,6 +194,7 @@ def _choices(rows: list[dict], trees: dict, weights: str, ungated: bool, n: int)
                 "gate": best["gate"],
                 "threshold": best["threshold"],
                 "thresholds": thresholds,
+                "min_confidence": best["min_confidence"],
                 "predicted": {k: best[k] for k in ("tokens_per_s", "ar_tokens_per_s", "speculative_share")},
             }
         )
@@ -194,13 +208,13 @@ def check_choices(
     least one prompt each), every prompt by all of them in a rotating order: the measured tokens/s
     of AR and of each candidate, and each candidate's ratio to AR."""
     decoders = [("ar", Decoder(lm, method="ar"))] + [
-        (i, Decoder(lm, heads, build_tree(c["tree"]), gate=c["gate"], threshold=c["threshold"]))
+        (i, Decoder(lm, heads, build_tree(c["tree"]), c["gate"], c["threshold"], min_confidence=c["min_confidence"]))
         for i, c in enumerate(choices)
     ]
     rate, used = race(lm, decoders, prompts, seconds, max_new_tokens)
     candidates = [
-        {"nodes": len(c["tree"]), "gate": c["gate"], "threshold": c["threshold"], "tokens_per_s": rate[i]}
-        | {"ratio": rate[i] / max(rate["ar"], 1e-9)}
+        {k: c[k] for k in ("gate", "threshold", "min_confidence")}
+        | {"nodes": len(c["tree"]), "tokens_per_s": rate[i], "ratio": rate[i] / max(rate["ar"], 1e-9)}
         for i, c in enumerate(choices)
     ]
     return {"prompts": used, "ar_tokens_per_s": rate["ar"], "candidates": candidates}
@@ -249,6 +263,7 @@ def race_lookup(lm: LoadedModel, heads, choice: dict, prompts: list[str], second
                 build_tree(choice["tree"]),
                 gate=choice["gate"],
                 threshold=choice["threshold"],
+                min_confidence=choice["min_confidence"],
                 method="cerberus+lookup",
                 drafter=LookupDrafter(max_len=with_heads["max_len"], merge=kind == "merged"),
             ),
@@ -294,7 +309,10 @@ def calibrate(
 
     The budget covers everything: the cost curves get at most 35% of it, acceptance runs prompt after
     prompt until 80% is spent, the check gets the rest (each at least one round or prompt), less the
-    10% a full calibration keeps to race cerberus+lookup against lookup chains alone.
+    10% a full calibration keeps to race cerberus+lookup against lookup chains alone. The races
+    generate answers as long as the observed ones (``max_new_tokens``): heads are right more often
+    later in an answer (the shipped Cerberus heads: 1.85 tokens a step over 128-token answers to the
+    bench questions, 2.23 over 512), so races of shorter answers favour smaller trees.
     """
     if not prompts:
         raise CerberusError("No calibration prompts.")
@@ -320,7 +338,7 @@ def calibrate(
     obs, used = _observe_prompts(lm, heads, prompts, max_new_tokens, top_k, start + 0.8 * budget_seconds, progress)
     ranks = obs["ranks"]
     try:
-        rows, trees = predict_table(measured, ranks, {g: obs[g] for g in ENTROPY_GATES}, top_k, n_bins)
+        rows, trees = predict_table(measured, ranks, {g: obs[g] for g in ENTROPY_GATES}, top_k, n_bins, obs["probs"])
     except ValueError as e:
         raise CerberusError(f"Cannot calibrate: {e}; raise --max-new-tokens or --budget-seconds.") from e
     candidates = {w: _choices(rows, trees, w, ungated, 2 if quick else CANDIDATES) for w in measured}
@@ -344,7 +362,7 @@ def calibrate(
             tried = [c for c in tried if c["threshold"] > -math.inf]
         else:  # predicted: speculation never pays here; nothing to race
             tried = tried[:1]
-        check = check_choices(flm, heads_w, tried, prompts[used:] or prompts, seconds, 64)
+        check = check_choices(flm, heads_w, tried, prompts[used:] or prompts, seconds, max_new_tokens)
         winner = race_winner(tried, check["candidates"])
         choices[weights] = tried[winner]
         check |= {k: check["candidates"][winner][k] for k in ("tokens_per_s", "ratio")}
@@ -386,7 +404,7 @@ def calibrate(
         heads_w = load_heads(heads_dir, flm).pack_for(best)
         seconds = max(LOOKUP_RACE_SHARE * budget_seconds, start + budget_seconds - time.perf_counter())
         held_out = prompts[used:] or prompts
-        choices[best]["lookup"]["raced"] = race_lookup(flm, heads_w, choices[best], held_out, seconds, 64)
+        choices[best]["lookup"]["raced"] = race_lookup(flm, heads_w, choices[best], held_out, seconds, max_new_tokens)
         del flm, heads_w
 
     fit, overheads = measured[best]["cost_fit_ms"], measured[best]["overhead_ms"]

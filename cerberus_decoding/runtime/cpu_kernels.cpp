@@ -1045,7 +1045,26 @@ void topk_row(std::vector<std::pair<float, int64_t>>& queue, int64_t k, int64_t*
 
 int64_t first_max(const c10::BFloat16* x, int64_t n);
 
-at::Tensor draft_topk(const at::Tensor& h, const at::Tensor& embed, int64_t root, const at::Tensor& lookup,
+// A head's softmax over its logits x [V] and the copy column `extra` (-inf: none) -> (the maximum m,
+// sum exp(v - m)): the probability of v is exp(v - m) / sum
+std::pair<float, float> softmax_scale(const c10::BFloat16* x, int64_t V, float extra) {
+  const int64_t body = V / 16 * 16;
+  v16 most = splat(extra);
+  for (int64_t j = 0; j < body; j += 16) {
+    const v16 v = load16(x + j);
+    most = v > most ? v : most;
+  }
+  float m = extra;
+  for (int l = 0; l < 16; l++) m = std::max(m, most[l]);
+  for (int64_t j = body; j < V; j++) m = std::max(m, static_cast<float>(x[j]));
+  v16 sum{};
+  for (int64_t j = 0; j < body; j += 16) sum += exp_nonpositive(load16(x + j) - splat(m));
+  float total = hsum(sum) + (extra > -INFINITY ? std::exp(extra - m) : 0.f);
+  for (int64_t j = body; j < V; j++) total += std::exp(static_cast<float>(x[j]) - m);
+  return {m, total};
+}
+
+std::tuple<at::Tensor, at::Tensor> draft_topk(const at::Tensor& h, const at::Tensor& embed, int64_t root, const at::Tensor& lookup,
                       at::IntArrayRef kinds, at::TensorList packed, at::TensorList scales, at::TensorList biases,
                       const at::Tensor& ngram, const at::Tensor& bonus_weight, const at::Tensor& bonus_bias,
                       const at::Tensor& output_weight, const at::Tensor& vocab_ids, const at::Tensor& column,
@@ -1055,7 +1074,8 @@ at::Tensor draft_topk(const at::Tensor& h, const at::Tensor& embed, int64_t root
   // [T (n_max + 1), H], bonus_bias [T (n_max + 1)]; output_weight [V, H] the base LM head; vocab_ids
   // [V'] the head vocabulary; column [V] int64 each token's column in it (-1: outside)
   // sequential: Cerberus (block 0 of head k reads [h, what head k - 1 passes]), else Medusa (h alone)
-  // -> [heads, top_k] token ids, best first
+  // -> ([heads, top_k] token ids, best first; [heads, top_k] float32 their probabilities under
+  // each head's softmax, the copy column included)
   // Glue (rows of tables, concatenations, adds, the top-k) runs on raw rows with the rounding of the
   // ATen ops it replaces; SiLU and the bonus's sums stay ATen's (their own arithmetic).
   using bf16 = c10::BFloat16;
@@ -1150,28 +1170,33 @@ at::Tensor draft_topk(const at::Tensor& h, const at::Tensor& embed, int64_t root
     }
   }
   auto out = at::empty({J, top_k}, vocab_ids.options());
+  auto probs = at::empty({J, top_k}, vocab_ids.options().dtype(at::kFloat));
   int64_t* op = out.data_ptr<int64_t>();
+  float* pp = probs.data_ptr<float>();
   const int64_t* vocab = vocab_ids.data_ptr<int64_t>();
   const int64_t width = V + (reads_lookup ? 1 : 0);  // the logits, then the copy column
   TORCH_CHECK(top_k >= 1 && top_k <= width, "draft_topk: top_k outside 1 ..", width);
   std::vector<std::pair<float, int64_t>> queue(width);
   for (int64_t k = 0; k < J; k++) {
+    const auto [top, total] = softmax_scale(lp + k * V, V, reads_lookup ? copy[k] : -INFINITY);
     if (top_k == 1) {  // partial_sort into one place keeps the first largest (a NaN first): first_max's rule
       int64_t c = first_max(lp + k * V, V);
-      const float best = static_cast<float>(lp[k * V + c]);
-      if (reads_lookup && (copy[k] > best || (std::isnan(copy[k]) && !std::isnan(best)))) c = V;
+      float best = static_cast<float>(lp[k * V + c]);
+      if (reads_lookup && (copy[k] > best || (std::isnan(copy[k]) && !std::isnan(best)))) c = V, best = copy[k];
+      pp[k] = std::exp(best - top) / total;
       op[k] = c == V ? copy_token[k] : vocab[c];
       continue;
     }
     for (int64_t j = 0; j < V; j++) queue[j] = {static_cast<float>(lp[k * V + j]), j};
     if (reads_lookup) queue[V] = {copy[k], V};
     topk_row(queue, top_k, op + k * top_k);
-    for (int64_t j = 0; j < top_k; j++) {
+    for (int64_t j = 0; j < top_k; j++) {  // queue[j]: the j-th best (value, column)
       const int64_t c = op[k * top_k + j];
+      pp[k * top_k + j] = std::exp(queue[j].first - top) / total;
       op[k * top_k + j] = c == V ? copy_token[k] : vocab[c];
     }
   }
-  return out;
+  return {out, probs};
 }
 
 // ---- argmax of each row (greedy decoding's choice), first index on ties, as torch's ----
@@ -1314,7 +1339,7 @@ TORCH_LIBRARY(cerberus, m) {
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("w8a8_linear_argmax(Tensor x, Tensor packed) -> (Tensor, Tensor)");
   m.def("layers(Tensor x, Tensor[] norms, int[] kinds, Tensor[] packed, Tensor[] scales, Tensor[] biases, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, Tensor slots, int context, Tensor own, Tensor own_count, float eps) -> Tensor");
-  m.def("draft_topk(Tensor h, Tensor embed, int root, Tensor lookup, int[] kinds, Tensor[] packed, Tensor[] scales, Tensor[] biases, Tensor ngram, Tensor bonus_weight, Tensor bonus_bias, Tensor output_weight, Tensor vocab_ids, Tensor column, bool sequential, int num_layers, int heads, int top_k) -> Tensor");
+  m.def("draft_topk(Tensor h, Tensor embed, int root, Tensor lookup, int[] kinds, Tensor[] packed, Tensor[] scales, Tensor[] biases, Tensor ngram, Tensor bonus_weight, Tensor bonus_bias, Tensor output_weight, Tensor vocab_ids, Tensor column, bool sequential, int num_layers, int heads, int top_k) -> (Tensor, Tensor)");
   m.def("quantized_matmuls() -> bool", quantized_matmuls);  // no tensors: one kernel for every device
   m.def("w4a8_matmuls() -> bool", w4a8_matmuls);
 }

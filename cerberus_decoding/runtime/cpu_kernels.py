@@ -23,8 +23,8 @@ and one drafts with the heads:
         every projection has 8-bit activations (w4a8) the threads run it in one parallel region
     draft_topk(h, embed, root, lookup, kinds, packed, scales, biases, ngram, bonus_weight, bonus_bias,
                output_weight, vocab_ids, column, sequential, num_layers, heads, top_k)
-        -> the draft heads' top-k tokens at one position: DraftHeads.topk_tokens's ops, called from
-        C++ (heads.py, ``DraftHeads.pack_for``)
+        -> the draft heads' top-k tokens at one position and their probabilities: DraftHeads.topk's
+        ops, called from C++ (heads.py, ``DraftHeads.pack_for``)
 
 Each computes a row with arithmetic that depends only on that row's inputs, so a tree node's row
 is bitwise the one-token step at that node by construction. They are built with the machine's own
