@@ -312,7 +312,7 @@ class DraftHeads(nn.Module):
     def _kernel_draft(self) -> tuple | None:
         """The arguments of the CPU kernels' ``draft_topk`` that stay the same from draft to draft, or
         None where it does not run these heads (heads that read drafts or have their own LM heads, or
-        a projection our kernels do not run): then ``topk_tokens`` runs the same ops from Python."""
+        a projection our kernels do not run): then ``topk`` runs the same ops from Python."""
         from .runtime.formats import kernel_projection
 
         if self.config.reads_drafts or self.config.own_lm_head:
@@ -361,18 +361,6 @@ class DraftHeads(nn.Module):
             return self._topk(h, k, root, heads)
         key = (k, heads, root is None, h.dtype)
         return self._replay(key, lambda h, root: self._topk(h, k, root, heads), h, root)
-
-    def topk_tokens(
-        self,
-        h: torch.Tensor,
-        k: int,
-        root: torch.Tensor | None = None,
-        heads: int | None = None,
-        graphs=False,
-        lookup: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``topk``'s token ids alone"""
-        return self.topk(h, k, root, heads, graphs, lookup)[0]
 
     def _kernel_topk(
         self, h, k: int, root: torch.Tensor, heads: int | None, lookup

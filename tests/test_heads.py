@@ -34,7 +34,7 @@ def test_reduced_vocabulary_round_trip(lm_f32, tmp_path):
     loaded = load_heads(tmp_path, lm_f32)
     h = torch.randn(lm_f32.model.config.hidden_size)
     assert loaded(h).shape == (4, 5)
-    assert set(loaded.topk_tokens(h, 2).flatten().tolist()) <= {5, 17, 300, 4000, 49000}
+    assert set(loaded.topk(h, 2)[0].flatten().tolist()) <= {5, 17, 300, 4000, 49000}
 
 
 def test_heads_for_another_model_are_refused(lm_f32, tiny_lm, tmp_path):
@@ -106,7 +106,7 @@ def test_root_token_heads_read_the_root_and_round_trip(lm_f32, tmp_path):
     assert "embed_weight" not in (tmp_path / "model.safetensors").read_bytes().decode("latin-1")  # borrowed, not saved
     loaded = load_heads(tmp_path, lm_f32)
     torch.testing.assert_close(loaded(h, torch.tensor([5, 900])), b)
-    assert loaded.topk_tokens(h[0], 3, torch.tensor([900])).shape == (4, 3)
+    assert loaded.topk(h[0], 3, torch.tensor([900]))[0].shape == (4, 3)
 
 
 def test_root_token_needs_cerberus_heads(lm_f32):
@@ -237,9 +237,9 @@ def test_heads_that_read_lookup_start_as_heads_that_do_not_and_then_read_it(lm_f
     h, root = torch.randn(576, generator=torch.Generator().manual_seed(2)), torch.tensor([42])
     found = torch.tensor([2, 900, 901, 902, 903])  # (n, t_1 .. t_4): one token per head
     assert reading.config.lookup_tokens == 4
-    assert torch.equal(reading.topk_tokens(h, 3, root, lookup=found), plain.topk_tokens(h, 3, root))
+    assert torch.equal(reading.topk(h, 3, root, lookup=found)[0], plain.topk(h, 3, root)[0])
     with pytest.raises(CerberusError, match="prompt lookup"):
-        reading.topk_tokens(h, 3, root)  # the engine must pass what lookup found
+        reading.topk(h, 3, root)[0]  # the engine must pass what lookup found
     heads = random_heads(lm_f32, "cerberus", seed=3, scale=0.1, root_token=True, reads_lookup=True)
     a, b, c = (heads(h, torch.tensor([42, n, t, 901, 902, 903])) for n, t in ((2, 900), (2, 7), (1, 900)))
     assert not torch.allclose(a[0], b[0]) and not torch.allclose(a[0], c[0])
@@ -305,7 +305,7 @@ def test_heads_draft_copies_from_outside_their_vocabulary_losslessly(tiny_lm):
     cols = heads.columns(torch.tensor([out, inside, other, out]), found)
     assert cols.tolist() == [len(vocab), 3, -1, -1]  # the copy column; in the vocabulary; not the copy; none read
     assert heads.token_ids(cols[:2, None], found).flatten().tolist() == [out, inside]
-    top = heads.topk_tokens(torch.zeros(heads.config.hidden_size), 2, torch.tensor([5]), lookup=found)
+    top = heads.topk(torch.zeros(heads.config.hidden_size), 2, torch.tensor([5]), lookup=found)[0]
     assert top[:3, 0].tolist() == [out, inside, out]
     decoder = Decoder(tiny_lm, heads, build_tree(DEFAULT_TREE))
     drafted, draft = [], heads.draft
@@ -355,9 +355,9 @@ def test_kernel_draft_breaks_ties_as_torch_topk_does(lm_f32, kind):
     for trial in range(6):
         h, root = torch.randn(576, generator=g).to(torch.bfloat16), torch.randint(0, 49152, (1,), generator=g)
         kernel = heads.kernel_draft
-        fast = [heads.topk_tokens(h, k, root) for k in (1, 3)]
+        fast = [heads.topk(h, k, root)[0] for k in (1, 3)]
         heads.kernel_draft = None  # the Python ops: torch.topk
-        slow = [heads.topk_tokens(h, k, root) for k in (1, 3)]
+        slow = [heads.topk(h, k, root)[0] for k in (1, 3)]
         heads.kernel_draft = kernel
         assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True)), trial
         assert set(fast[0][:, 0].tolist()) <= {0, 3, 11}  # each head's first tied column
@@ -390,7 +390,7 @@ def test_kernel_draft_drafts_the_tokens_the_python_ops_draft(lm_f32, fmt, kind):
         heads.pack_for(fmt)
         assert heads.kernel_draft is None
         h, lookup = torch.zeros(576, dtype=torch.bfloat16), torch.tensor([2, 12, 13, 600, 7]) if reads_lookup else None
-        assert heads.topk_tokens(h, 3, torch.tensor([5]), lookup=lookup).shape == (4, 3)
+        assert heads.topk(h, 3, torch.tensor([5]), lookup=lookup)[0].shape == (4, 3)
         return
     heads.pack_for(fmt)
     assert heads.kernel_draft is not None
@@ -415,4 +415,4 @@ def test_kernel_draft_drafts_the_tokens_the_python_ops_draft(lm_f32, fmt, kind):
         assert torch.allclose(fast_tree[1], slow_tree[1], rtol=1e-4, atol=1e-7)
     if reads_lookup:
         with pytest.raises(CerberusError, match="pass it"):
-            heads.topk_tokens(h, 1, root)
+            heads.topk(h, 1, root)[0]

@@ -80,6 +80,18 @@ def test_pruning_keeps_exactly_the_confident_nodes_as_a_tree_whose_tokens_line_u
     assert small_tokens.tolist() == [token_of[c] for c in [()] + small.choices]
 
 
+def test_pruning_keeps_a_node_at_the_threshold_and_never_one_without_its_parent():
+    tree = build_tree([[0], [1], [0, 0], [1, 0]])  # nodes: [0], [1], [0, 0], [1, 0]
+    tokens = torch.tensor([9, 1, 2, 3, 4])
+    at = prune(tree, tokens, tree.confidence(torch.tensor([[0.5, 0.25], [0.5, 0.5]])), 0.25)  # exact products
+    assert at[0].choices == [(0,), (1,), (0, 0)] and at[1].tolist() == [9, 1, 2, 3]  # [1, 0]: 0.125
+    # a confidence the heads' products never give (a child surer than its parent): the child goes too
+    orphan = prune(tree, tokens, torch.tensor([1.0, 0.9, 0.1, 0.8, 0.8]), 0.5)
+    assert orphan[0].choices == [(0,), (0, 0)] and orphan[1].tolist() == [9, 1, 3]
+    assert prune(tree, tokens, torch.tensor([1.0, 0.1, 0.1, 0.1, 0.1]), 0.5) is None  # an AR step
+    assert prune(tree, tokens, torch.zeros(5), 0.0) == (tree, tokens)  # 0: the whole tree, always
+
+
 @given(trees(), st.integers(0, 10_000))
 @settings(max_examples=100, deadline=None)
 def test_greedy_acceptance_is_the_longest_agreeing_path(choices, seed):
