@@ -53,7 +53,7 @@ def test_speculative_sampling_is_reproducible_with_a_seed(lm, acceptance):
     from cerberus_decoding.methods import build_decoder
 
     tree = [[0], [1], [0, 0], [1, 0], [0, 0, 0]]  # explicit: a calibration may pick a one-node tree
-    dec = build_decoder(lm, "cerberus-nogate", heads="default", tree=tree)
+    dec = build_decoder(lm, "cerberus-nogate", heads="default", tree=tree, min_confidence=0.0)
     ids = dec.encode("List the days of the week, then list them again.")
     cfg = SamplingConfig(max_new_tokens=32, temperature=0.8, top_p=0.95, seed=11, acceptance=acceptance)
     a, b = dec.generate(ids, cfg), dec.generate(ids, cfg)

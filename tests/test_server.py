@@ -367,7 +367,9 @@ def test_seeded_sampling_returns_the_same_text_twice(lm, acceptance):
     from cerberus_decoding.methods import build_decoder
     from cerberus_decoding.server import create_app
 
-    decoder = build_decoder(lm, "cerberus-nogate", heads="default", tree=[[0], [1], [0, 0], [0, 0, 0]])
+    decoder = build_decoder(
+        lm, "cerberus-nogate", heads="default", tree=[[0], [1], [0, 0], [0, 0, 0]], min_confidence=0.0
+    )
     body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 24, "temperature": 0.8, "seed": 5}
     if acceptance is not None:
         body["acceptance"] = acceptance

@@ -319,7 +319,8 @@ def test_shipped_default_heads_are_trained_for_the_default_model(lm):
 
     for head_type in ("medusa", "cerberus"):
         method = "medusa" if head_type == "medusa" else "cerberus-nogate"
-        decoder = build_decoder(lm, method, heads="default", tree=DEFAULT_TREE)  # the tree, not calibration's
+        # the whole default tree: neither calibration's tree nor its pruning
+        decoder = build_decoder(lm, method, heads="default", tree=DEFAULT_TREE, min_confidence=0.0)
         assert decoder.heads.config.base_model["name"] == lm.name
         results = [decoder.generate(decoder.encode(p), SamplingConfig(max_new_tokens=48)) for p in PROMPTS[:2]]
         tokens = sum(s.accepted for r in results for s in r.steps)  # the steps' tokens (not the prompt's first)
