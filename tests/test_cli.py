@@ -61,6 +61,7 @@ def test_directory_without_config(tmp_path):
         ["--acceptance", "lossy"],
         ["--min-confidence", "1.5"],
         ["--min-confidence", "-0.1"],
+        ["--min-confidence", "nan"],
     ],
 )
 def test_bad_option_values(args):
