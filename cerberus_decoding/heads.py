@@ -413,9 +413,7 @@ class DraftHeads(nn.Module):
         return tuple(o.clone() for o in out)
 
     def _topk(self, h, k: int, root, heads) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.forward(h, root, heads)  # [K', V' (+ 1)]
-        top = logits.topk(k, dim=-1)  # [K', k]
-        probs = (top.values.float() - logits.float().logsumexp(-1, keepdim=True)).exp()
+        top, probs = topk_probabilities(self.forward(h, root, heads), k)  # [K', k] each
         return self.token_ids(top.indices, self.split_lookup(root)[1] if self.config.reads_lookup else None), probs
 
     def draft(
@@ -451,11 +449,17 @@ class DraftHeads(nn.Module):
             lookup = inputs[1:] if self.config.reads_lookup else None
             if lookup is not None:
                 logits = self.copy_bonus(logits[:, None], z[:, None], lookup, first=k)[:, 0]  # [I, V' + 1]
-            top = logits.topk(top_k, dim=-1)  # [I, top_k]
+            top, probs = topk_probabilities(logits, top_k)  # [I, top_k] each
             tokens[children] = self.token_ids(top.indices[rows, ranks][:, None, None], lookup, first=k)[:, 0, 0]
-            probs = (top.values.float() - logits.float().logsumexp(-1, keepdim=True)).exp()  # [I, top_k]
             confidence[children] = confidence[nodes][rows] * probs[rows, ranks]
         return tokens, confidence
+
+
+def topk_probabilities(logits: torch.Tensor, k: int):
+    """logits [..., V] -> (their top k, ``torch.topk``'s (values, indices) [..., k]; the softmax
+    probabilities of those k [..., k] float32)"""
+    top = logits.topk(k, dim=-1)
+    return top, (top.values.float() - logits.float().logsumexp(-1, keepdim=True)).exp()
 
 
 def with_lookup(inputs: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:

@@ -122,6 +122,8 @@ class Tree:
         its nodes in their order here: a step's tokens ``tokens[list(nodes)]`` line up with it."""
         tree = self.subtrees.get(nodes)
         if tree is None:
+            if len(self.subtrees) >= 1024:  # shapes are few in practice; never let the memo grow unbounded
+                self.subtrees.clear()
             index = {node: i for i, node in enumerate(nodes)}
             parents = [index[p] for p in self.parent[list(nodes[1:])].tolist()]
             tree = tree_from_parents(parents, [self.choices[n - 1] for n in nodes[1:]]).to(self.mask.device)
@@ -154,8 +156,6 @@ def prune(tree: Tree, tokens: torch.Tensor, confidence: torch.Tensor, min_confid
         return None
     if len(nodes) == tree.size:
         return tree, tokens
-    if len(tree.subtrees) >= 1024:  # shapes are few in practice; never let the memo grow unbounded
-        tree.subtrees.clear()
     return tree.subtree(nodes), tokens[list(nodes)]
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .. import gate as gating
-from ..heads import with_lookup
+from ..heads import topk_probabilities, with_lookup
 from ..lookup import MAX_LEN, MIN_NGRAM, chain_hits, lookup_matches
 from ..models import LoadedModel
 from ..sampling import greedy, with_greedy
@@ -217,7 +217,7 @@ def observe(
         rank = (logits > true_logit[..., None]).sum(-1)  # [c, K]
         rank = torch.where((idx < 0) | (rank >= top_k), torch.full_like(rank, top_k), rank)
         ranks.append(torch.where(target < 0, torch.full_like(rank, -1), rank).cpu())
-        probs.append(logits.softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1).values.cpu())  # [c, K, top_k]
+        probs.append(topk_probabilities(logits, min(top_k, logits.shape[-1]))[1].cpu())  # [c, K, top_k]
         base = rt.lm_head(h)  # [c, V]
         h_ent += [gating.entropy(x) for x in h]
         l_ent += [gating.entropy(x) for x in base]

@@ -1045,23 +1045,15 @@ void topk_row(std::vector<std::pair<float, int64_t>>& queue, int64_t k, int64_t*
 
 int64_t first_max(const c10::BFloat16* x, int64_t n);
 
-// A head's softmax over its logits x [V] and the copy column `extra` (-inf: none) -> (the maximum m,
-// sum exp(v - m)): the probability of v is exp(v - m) / sum
-std::pair<float, float> softmax_scale(const c10::BFloat16* x, int64_t V, float extra) {
+// A head's softmax denominator: sum exp(v - m) over its logits x [V] and the copy column `extra`
+// (-inf: none), m their maximum; the probability of v is exp(v - m) / sum
+float exp_sum(const c10::BFloat16* x, int64_t V, float extra, float m) {
   const int64_t body = V / 16 * 16;
-  v16 most = splat(extra);
-  for (int64_t j = 0; j < body; j += 16) {
-    const v16 v = load16(x + j);
-    most = v > most ? v : most;
-  }
-  float m = extra;
-  for (int l = 0; l < 16; l++) m = std::max(m, most[l]);
-  for (int64_t j = body; j < V; j++) m = std::max(m, static_cast<float>(x[j]));
   v16 sum{};
   for (int64_t j = 0; j < body; j += 16) sum += exp_nonpositive(load16(x + j) - splat(m));
   float total = hsum(sum) + (extra > -INFINITY ? std::exp(extra - m) : 0.f);
   for (int64_t j = body; j < V; j++) total += std::exp(static_cast<float>(x[j]) - m);
-  return {m, total};
+  return total;
 }
 
 std::tuple<at::Tensor, at::Tensor> draft_topk(const at::Tensor& h, const at::Tensor& embed, int64_t root, const at::Tensor& lookup,
@@ -1178,12 +1170,14 @@ std::tuple<at::Tensor, at::Tensor> draft_topk(const at::Tensor& h, const at::Ten
   TORCH_CHECK(top_k >= 1 && top_k <= width, "draft_topk: top_k outside 1 ..", width);
   std::vector<std::pair<float, int64_t>> queue(width);
   for (int64_t k = 0; k < J; k++) {
-    const auto [top, total] = softmax_scale(lp + k * V, V, reads_lookup ? copy[k] : -INFINITY);
-    if (top_k == 1) {  // partial_sort into one place keeps the first largest (a NaN first): first_max's rule
-      int64_t c = first_max(lp + k * V, V);
-      float best = static_cast<float>(lp[k * V + c]);
-      if (reads_lookup && (copy[k] > best || (std::isnan(copy[k]) && !std::isnan(best)))) c = V, best = copy[k];
-      pp[k] = std::exp(best - top) / total;
+    // the first largest column (a NaN first), then the copy column if larger: the top-1 of torch.topk
+    // (partial_sort into one place keeps the first largest), and the softmax's maximum
+    int64_t c = first_max(lp + k * V, V);
+    float top = static_cast<float>(lp[k * V + c]);
+    if (reads_lookup && (copy[k] > top || (std::isnan(copy[k]) && !std::isnan(top)))) c = V, top = copy[k];
+    const float total = exp_sum(lp + k * V, V, reads_lookup ? copy[k] : -INFINITY, top);
+    if (top_k == 1) {
+      pp[k] = 1.f / total;  // exp(top - top) / total
       op[k] = c == V ? copy_token[k] : vocab[c];
       continue;
     }
