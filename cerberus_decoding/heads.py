@@ -354,7 +354,7 @@ class DraftHeads(nn.Module):
         launches bound the call there (0.8 ms a step on an H200). Inference only: a graph keeps
         the weights it was captured with."""
         if self.kernel_draft is not None and h.dim() == 1 and root is not None:  # one op instead of ~60
-            return self._kernel_topk(h, k, root, heads, lookup)
+            return self._kernel(h, k, root, heads, lookup)
         if root is not None:
             root = self.inputs(root, lookup)
         if not (graphs and h.is_cuda):
@@ -362,18 +362,20 @@ class DraftHeads(nn.Module):
         key = (k, heads, root is None, h.dtype)
         return self._replay(key, lambda h, root: self._topk(h, k, root, heads), h, root)
 
-    def _kernel_topk(
-        self, h, k: int, root: torch.Tensor, heads: int | None, lookup
+    def _kernel(
+        self, h, k: int, root: torch.Tensor, heads: int | None, lookup, tree=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``topk`` at one position on the CPU kernels' ``draft_topk`` (``pack_for``): the same ops,
-        the same tokens (tests/test_heads.py)."""
+        the same tokens (tests/test_heads.py); with a ``tree``, ``draft``'s result from ``draft_tree``
+        (the tree's tokens and confidences gathered in the op: five small torch ops fewer a step)."""
         ops, embed, (kinds, packed, scales, biases), tables, column = self.kernel_draft
         if self.config.reads_lookup and lookup is None:
             raise CerberusError("These heads read what prompt lookup found after the root; pass it.")
         found = lookup.to(torch.long).contiguous() if self.config.reads_lookup else torch.empty(0, dtype=torch.long)
         heads = self.config.num_heads if heads is None else min(heads, self.config.num_heads)
         sequential = self.config.head_type == "cerberus"
-        return ops.draft_topk(
+        op, nodes = (ops.draft_topk, ()) if tree is None else (ops.draft_tree, tree.kernel_nodes)
+        return op(
             h,
             embed,
             int(root),
@@ -389,6 +391,7 @@ class DraftHeads(nn.Module):
             self.config.num_layers,
             heads,
             k,
+            *nodes,
         )
 
     def inputs(self, root: torch.Tensor, lookup: torch.Tensor | None) -> torch.Tensor:
@@ -425,6 +428,8 @@ class DraftHeads(nn.Module):
         are the top tokens of the head at its depth given the node's own token and its parent's head
         state. ``lookup`` [1 + T]: what prompt lookup found after the root (``reads_lookup`` heads)."""
         if not self.config.reads_drafts:
+            if self.kernel_draft is not None and h.dim() == 1:
+                return self._kernel(h, tree.top_k, root, tree.num_heads, lookup, tree)
             tokens, probs = self.topk(h, tree.top_k, root, tree.num_heads, graphs, lookup)
             return tree.candidates(root, tokens), tree.confidence(probs)
         inputs = self.inputs(root, lookup).reshape(-1)  # [1] or [2 + T]

@@ -10,11 +10,13 @@ class TextTracker:
         self.ids: list[int] = []
         self.text = ""  # shown so far: never contains a stop string or a pending prefix of one
         self.stopped = False  # a stop string was found
+        self.splits = decodes_piecewise(tokenizer)
+        self.decoded, self.decoded_ids = "", 0  # the text of ids[:decoded_ids], where decoding may restart
 
     def add(self, ids: list[int], final: bool = False) -> str:
         """Take new token ids; return the new text that can be shown. ``final``: no more will come."""
         self.ids.extend(ids)
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        full = self._decode()
         cut = self._first_stop(full)
         if cut is not None:
             full, final, self.stopped = full[:cut], True, True
@@ -25,6 +27,18 @@ class TextTracker:
         delta = full[len(self.text) :] if full.startswith(self.text) else ""
         self.text = self.text + delta
         return delta
+
+    def _decode(self) -> str:
+        """The text of every id so far: tokenizer.decode of them all, or, where it decodes piecewise,
+        the text up to the last whole character plus the decode of the ids after it (decoding them
+        all again each step cost 0.1-0.25 ms at 128-1,024 tokens on a CPU)."""
+        if not self.splits:
+            return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        tail = self.tokenizer.decode(self.ids[self.decoded_ids :], skip_special_tokens=True)
+        full = self.decoded + tail
+        if not tail.endswith("\ufffd"):  # whole characters: what follows cannot change them
+            self.decoded, self.decoded_ids = full, len(self.ids)
+        return full
 
     def _first_stop(self, full: str) -> int | None:
         """Where the earliest stop string starts; shown text cannot hold one (see ``_pending_prefix``)."""
@@ -40,3 +54,18 @@ class TextTracker:
                     best = n
                     break
         return best
+
+
+def decodes_piecewise(tokenizer) -> bool:
+    """True where decoding ids a + b gives decode(a) + decode(b) whenever a's bytes end on a whole
+    UTF-8 character: a byte-level BPE decoder (each token its bytes; Llama 3, Qwen2, SmolLM) without
+    the clean-up of spaces before punctuation, which reads across tokens. SentencePiece decoders
+    drop the first token's leading space, so those tokenizers are decoded whole."""
+    from tokenizers import decoders
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return (
+        backend is not None
+        and isinstance(backend.decoder, decoders.ByteLevel)
+        and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+    )

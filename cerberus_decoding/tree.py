@@ -73,6 +73,12 @@ class Tree:
             out[parent].append(node)
         return out
 
+    @cached_property
+    def kernel_nodes(self) -> tuple[list[int], list[int]]:
+        """Each node's index in the heads' flattened top-k [K * top_k] and its parent, nodes 1..N:
+        what the CPU kernels' ``draft_tree`` gathers (``candidates`` and ``confidence`` in one op)"""
+        return (self.head * self.top_k + self.rank).tolist(), self.parent[1:].tolist()
+
     @property
     def size(self) -> int:
         """Number of nodes including the root (tokens fed to one verification forward)."""
@@ -113,22 +119,26 @@ class Tree:
         return self
 
     @cached_property
-    def subtrees(self) -> dict[tuple[int, ...], Tree]:
-        """``subtree``'s trees so far (a step's pruned tree is one of a few shapes)"""
+    def subtrees(self) -> dict[tuple[int, ...], tuple[Tree, torch.Tensor]]:
+        """``subtree``'s trees so far and their nodes as an index (a step's pruned tree is one of a few shapes)"""
         return {}
 
     def subtree(self, nodes: tuple[int, ...]) -> Tree:
         """The tree of ``nodes`` (ascending node ids, the root and each node's parent among them),
         its nodes in their order here: a step's tokens ``tokens[list(nodes)]`` line up with it."""
-        tree = self.subtrees.get(nodes)
-        if tree is None:
+        return self._subtree(nodes)[0]
+
+    def _subtree(self, nodes: tuple[int, ...]) -> tuple[Tree, torch.Tensor]:
+        """``subtree`` and ``nodes`` as an index tensor on the tree's device"""
+        found = self.subtrees.get(nodes)
+        if found is None:
             if len(self.subtrees) >= 1024:  # shapes are few in practice; never let the memo grow unbounded
                 self.subtrees.clear()
             index = {node: i for i, node in enumerate(nodes)}
             parents = [index[p] for p in self.parent[list(nodes[1:])].tolist()]
             tree = tree_from_parents(parents, [self.choices[n - 1] for n in nodes[1:]]).to(self.mask.device)
-            self.subtrees[nodes] = tree
-        return tree
+            found = self.subtrees[nodes] = tree, torch.tensor(nodes, device=self.mask.device)
+        return found
 
     def candidates(self, root: torch.Tensor, topk_tokens: torch.Tensor) -> torch.Tensor:
         """root [1], topk_tokens [K, k] -> node tokens [N+1]"""
@@ -147,7 +157,8 @@ def prune(tree: Tree, tokens: torch.Tensor, confidence: torch.Tensor, min_confid
     node) -> (tree, its tokens), or None when no draft node is left: the step is a plain AR step."""
     if min_confidence <= 0:
         return tree, tokens
-    keep = [True] + (confidence[1:] >= min_confidence).tolist()
+    keep = [c >= min_confidence for c in confidence.tolist()]  # on the host: fewer ops than on tensors
+    keep[0] = True
     for node, children in enumerate(tree.children):  # a node needs its parent (a product: it is never
         for child in children:  # less sure of a parent than of its child, but rounding is not ours)
             keep[child] = keep[child] and keep[node]
@@ -156,7 +167,8 @@ def prune(tree: Tree, tokens: torch.Tensor, confidence: torch.Tensor, min_confid
         return None
     if len(nodes) == tree.size:
         return tree, tokens
-    return tree.subtree(nodes), tokens[list(nodes)]
+    subtree, index = tree._subtree(nodes)
+    return subtree, tokens.index_select(0, index)
 
 
 def build_tree(choices) -> Tree:

@@ -480,6 +480,47 @@ def test_text_tracker_holds_back_a_possible_stop_string():
     assert tracker.add([ord(c) for c in " you. How can"]) == " you. " and tracker.stopped
 
 
+def test_text_tracker_decodes_new_tokens_only_and_still_gives_the_whole_decode(lm):
+    """The default (byte-level) tokenizer is decoded piecewise, the new tokens after the last whole
+    character: over random ids (characters split across tokens, special tokens, a genuine U+FFFD)
+    fed in random chunks, the streamed text is exactly tokenizer.decode of them all, and the
+    tracker re-decodes only a short tail."""
+    from cerberus_decoding.stops import TextTracker, decodes_piecewise
+
+    tok = lm.tokenizer
+    assert decodes_piecewise(tok)
+    byte_pieces = [i for i in range(tok.vocab_size) if "\ufffd" in tok.decode([i])]  # partial characters
+    specials = list(tok.all_special_ids) + tok(["\ufffd"], add_special_tokens=False)["input_ids"][0]
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        ids = []
+        for _ in range(120):
+            pool = (byte_pieces, specials, range(tok.vocab_size))[int(torch.randint(0, 3, (1,), generator=g))]
+            ids.append(int(pool[int(torch.randint(0, len(pool), (1,), generator=g))]))
+        tracker, shown, fed = TextTracker(tok, []), [], 0
+        while fed < len(ids):
+            n = int(torch.randint(1, 5, (1,), generator=g))
+            shown.append(tracker.add(ids[fed : fed + n], final=fed + n >= len(ids)))
+            fed += n
+        assert "".join(shown) == tracker.text == tok.decode(ids, skip_special_tokens=True), trial
+    text = "Café crème 🍰🎉, naïve résumé — 東京タワー! " * 8  # characters of 2-4 bytes, split across tokens
+    tracker, longest = TextTracker(tok, []), 0
+    for i in tok(text, add_special_tokens=False)["input_ids"]:
+        tracker.add([i])
+        longest = max(longest, len(tracker.ids) - tracker.decoded_ids)
+    assert tracker.text == text and longest <= 4  # it re-decodes a character's tokens, never the answer
+
+    class Sentencepiece:  # a decoder that reads across tokens: decoded whole every time
+        backend_tokenizer = None
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids)).strip()
+
+    assert not decodes_piecewise(Sentencepiece()) and not decodes_piecewise(object())
+    tracker = TextTracker(Sentencepiece(), [])
+    assert tracker.add([1]) + tracker.add([2, 3], final=True) == "1 2 3"
+
+
 # ---- 9, 10: the GGUF conversion's notice goes to stderr; a killed conversion's leftovers go away -----------
 def test_conversion_notice_goes_to_stderr(tmp_path, monkeypatch, capsys):
     import transformers

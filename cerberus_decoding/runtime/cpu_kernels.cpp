@@ -1193,6 +1193,36 @@ std::tuple<at::Tensor, at::Tensor> draft_topk(const at::Tensor& h, const at::Ten
   return {out, probs};
 }
 
+// draft_topk's tokens and probabilities gathered into a tree's nodes: node i + 1 is the rank of the
+// head at its depth that nodes[i] = head * top_k + rank names, parents[i] its parent (0: the root)
+// -> (node tokens [N+1], the root first; each node's confidence [N+1] float32: the product of the
+// probabilities along its path, multiplied from the root down as DraftHeads._draft does, the root 1)
+std::tuple<at::Tensor, at::Tensor> draft_tree(const at::Tensor& h, const at::Tensor& embed, int64_t root, const at::Tensor& lookup,
+                      at::IntArrayRef kinds, at::TensorList packed, at::TensorList scales, at::TensorList biases,
+                      const at::Tensor& ngram, const at::Tensor& bonus_weight, const at::Tensor& bonus_bias,
+                      const at::Tensor& output_weight, const at::Tensor& vocab_ids, const at::Tensor& column,
+                      bool sequential, int64_t num_layers, int64_t heads, int64_t top_k, at::IntArrayRef nodes,
+                      at::IntArrayRef parents) {
+  const auto [ids, probs] = draft_topk(h, embed, root, lookup, kinds, packed, scales, biases, ngram, bonus_weight, bonus_bias,
+                                       output_weight, vocab_ids, column, sequential, num_layers, heads, top_k);
+  const int64_t N = static_cast<int64_t>(nodes.size());
+  TORCH_CHECK(N >= 1 && static_cast<int64_t>(parents.size()) == N, "draft_tree: a parent for each of at least one node");
+  auto tokens = at::empty({N + 1}, ids.options());
+  auto confidence = at::empty({N + 1}, probs.options());
+  int64_t* tp = tokens.data_ptr<int64_t>();
+  float* cp = confidence.data_ptr<float>();
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  const float* pp = probs.data_ptr<float>();
+  tp[0] = root, cp[0] = 1.f;
+  for (int64_t i = 0; i < N; i++) {
+    TORCH_CHECK(nodes[i] >= 0 && nodes[i] < ids.numel() && parents[i] >= 0 && parents[i] <= i,
+                "draft_tree: node ", i + 1, " outside the heads' top-k or after its parent");
+    tp[i + 1] = ip[nodes[i]];
+    cp[i + 1] = cp[parents[i]] * pp[nodes[i]];
+  }
+  return {tokens, confidence};
+}
+
 // ---- argmax of each row (greedy decoding's choice), first index on ties, as torch's ----
 // torch's argmax over a 49k vocabulary took 60-90 us a row (bfloat16 converted to float first);
 // one vector pass takes ~12 on AVX-512. Built for AVX2 the same loop took 200 us (GCC splits each
@@ -1334,6 +1364,7 @@ TORCH_LIBRARY(cerberus, m) {
   m.def("w8a8_linear_argmax(Tensor x, Tensor packed) -> (Tensor, Tensor)");
   m.def("layers(Tensor x, Tensor[] norms, int[] kinds, Tensor[] packed, Tensor[] scales, Tensor[] biases, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, Tensor slots, int context, Tensor own, Tensor own_count, float eps) -> Tensor");
   m.def("draft_topk(Tensor h, Tensor embed, int root, Tensor lookup, int[] kinds, Tensor[] packed, Tensor[] scales, Tensor[] biases, Tensor ngram, Tensor bonus_weight, Tensor bonus_bias, Tensor output_weight, Tensor vocab_ids, Tensor column, bool sequential, int num_layers, int heads, int top_k) -> (Tensor, Tensor)");
+  m.def("draft_tree(Tensor h, Tensor embed, int root, Tensor lookup, int[] kinds, Tensor[] packed, Tensor[] scales, Tensor[] biases, Tensor ngram, Tensor bonus_weight, Tensor bonus_bias, Tensor output_weight, Tensor vocab_ids, Tensor column, bool sequential, int num_layers, int heads, int top_k, int[] nodes, int[] parents) -> (Tensor, Tensor)");
   m.def("quantized_matmuls() -> bool", quantized_matmuls);  // no tensors: one kernel for every device
   m.def("w4a8_matmuls() -> bool", w4a8_matmuls);
 }
@@ -1349,4 +1380,5 @@ TORCH_LIBRARY_IMPL(cerberus, CPU, m) {
   m.impl("w8a8_linear_argmax", w8a8_linear_argmax);
   m.impl("layers", layers);
   m.impl("draft_topk", draft_topk);
+  m.impl("draft_tree", draft_tree);
 }

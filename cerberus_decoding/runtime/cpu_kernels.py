@@ -25,6 +25,8 @@ and one drafts with the heads:
                output_weight, vocab_ids, column, sequential, num_layers, heads, top_k)
         -> the draft heads' top-k tokens at one position and their probabilities: DraftHeads.topk's
         ops, called from C++ (heads.py, ``DraftHeads.pack_for``)
+    draft_tree(..., top_k, nodes, parents) -> the same gathered into a tree's nodes: their tokens
+        and confidences (DraftHeads.draft; Tree.candidates and Tree.confidence in the op)
 
 Each computes a row with arithmetic that depends only on that row's inputs, so a tree node's row
 is bitwise the one-token step at that node by construction. They are built with the machine's own
