@@ -186,18 +186,18 @@ class Decoder:
         return hidden[-1]
 
     def _ar_step(self, root: torch.Tensor, cfg: SamplingConfig, generator):
-        """Feed the pending token alone -> (fed tokens [1], hidden [H], logits [V], next pending token [1])."""
+        """Feed the pending token alone -> (fed token ids [1 id], hidden [H], logits [V], next pending token [1])."""
         pos = torch.tensor([self.cache.length], device=root.device)
         hidden = self.runtime.forward(self.cache, root, pos)  # [1, H]
         if cfg.temperature <= 0:  # the LM head and its argmax in one call where the runtime fuses them
             logits, token = self.runtime.lm_head_greedy(hidden)
-            return root, hidden[0], logits[0], token
+            return root.tolist(), hidden[0], logits[0], token
         logits = self.runtime.lm_head(hidden)[0]
-        return root, hidden[0], logits, sample(logits, cfg.temperature, cfg.top_p, generator)
+        return root.tolist(), hidden[0], logits, sample(logits, cfg.temperature, cfg.top_p, generator)
 
     def _spec_step(self, tree: Tree, tokens: torch.Tensor, cfg: SamplingConfig, generator):
-        """Feed pending token + tree, keep the accepted path ->
-        (fed tokens [a+1]: pending + accepted drafts, hidden [H], logits [V], next pending token [1])."""
+        """Feed pending token + tree, keep the accepted path -> (fed token ids, a list of a+1: pending
+        + accepted drafts; hidden [H], logits [V], next pending token [1])."""
         pos = self.cache.length
         hidden = self.runtime.forward(self.cache, tokens, pos + tree.depth, tree.mask)  # [N+1, H]
         path, logits, root = verify(
@@ -212,7 +212,8 @@ class Decoder:
             self.runtime.lm_head_greedy,
         )
         self.cache.compact(pos, path)
-        return tokens[path], hidden[int(path[-1])], logits, root
+        token_ids = tokens.tolist()
+        return [token_ids[node] for node in path], hidden[path[-1]], logits, root
 
     # ---- generation ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -272,7 +273,7 @@ class Decoder:
                 fed, hidden, logits, root = self._ar_step(root, cfg, generator)
             else:
                 fed, hidden, logits, root = self._spec_step(*drafts, cfg, generator)
-            fed_ids = fed.tolist()  # the pending token (already shown) and the accepted drafts
+            fed_ids = fed  # the pending token (already shown) and the accepted drafts
             self.cached_ids.extend(fed_ids)
             if self.drafter is not None:
                 self.drafter.extend(fed_ids)

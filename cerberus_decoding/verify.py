@@ -29,7 +29,7 @@ def verify(
     lm_head_greedy=None,
 ):
     """tokens [N+1] fed, hidden [N+1, H] their final hidden states ->
-    (accepted path: node ids from the root [a+1], logits after its last node [V], next token [1]).
+    (accepted path: node ids from the root, a list of a+1; logits after its last node [V]; next token [1]).
 
     The next token is the one after the path (the caller's next pending token): greedy, drawn from
     the base model's distribution there, or, with exact acceptance after rejected children, from
@@ -49,8 +49,8 @@ def verify(
         accepted, residual = accept_exact(tree, tokens, all_logits, temperature, top_p, generator)
     else:
         raise ValueError(f"Unknown acceptance {acceptance!r}; use exact or typical.")
-    path = torch.cat([accepted.new_zeros(1), accepted])
-    last = int(path[-1])
+    path = [0, *accepted.tolist()]
+    last = path[-1]
     last_logits = all_logits[last] if last in tree.lm_head_row_of else lm_head(hidden[last : last + 1])[0]
     if residual is not None:
         next_token = sampling.draw(residual, generator)
@@ -87,8 +87,7 @@ def verify_greedy(tree, tokens: torch.Tensor, hidden: torch.Tensor, lm_head_gree
     else:  # an accepted leaf of a large tree: its logits were not computed up front
         last_logits, next_token = lm_head_greedy(hidden[last : last + 1])
         last_logits, next_token = last_logits[0], int(next_token[0])
-    device = tokens.device
-    return torch.tensor(path, device=device), last_logits, torch.tensor([next_token], device=device)
+    return path, last_logits, torch.tensor([next_token], device=tokens.device)
 
 
 def accept_exact(tree, tokens, logits, temperature, top_p, generator):

@@ -139,7 +139,7 @@ def _feed(runtime, cache, ids, start):
 @pytest.mark.parametrize("runtime,weights", [("lean", "float32"), ("lean", "int4"), ("hf", "float32")])
 def test_compaction_equals_feeding_the_accepted_tokens(tiny_lm: LoadedModel, runtime, weights, path):
     rt = build_runtime(tiny_lm.model, weights, runtime)
-    prefix, fed, keep = [5, 9, 13, 200, 7], [42, 43, 44, 45, 46, 47], torch.tensor(path)
+    prefix, fed, keep = [5, 9, 13, 200, 7], [42, 43, 44, 45, 46, 47], path
     # feed 6 tokens as a tree where nodes 0 -> 2 -> 5 and 0 -> 1 -> 3 are paths, then keep one
     tree = tree_from_parents([0, 0, 1, 2, 2])
     tree_cache = rt.new_cache(32, "cpu")
@@ -149,7 +149,7 @@ def test_compaction_equals_feeding_the_accepted_tokens(tiny_lm: LoadedModel, run
     tree_cache.compact(5, keep)
     chain_cache = rt.new_cache(32, "cpu")  # the same prompt, then the accepted tokens one at a time
     _feed(rt, chain_cache, prefix, 0)
-    for i, k in enumerate(keep.tolist()):
+    for i, k in enumerate(keep):
         _feed(rt, chain_cache, [fed[k]], 5 + i)
     assert tree_cache.length == chain_cache.length == 8
     # the next token's hidden state is the same through either cache (bitwise where the format's

@@ -113,8 +113,8 @@ def test_greedy_acceptance_is_the_longest_agreeing_path(choices, seed):
         return all(tokens[index[nd[: d + 1]]] == pred[index[nd[:d]]] for d in range(len(nd)))
 
     best = max((len(nodes[i]) for i in range(1, tree.size) if ok(i)), default=0)
-    assert accepted.numel() == best
-    last = int(accepted[-1]) if best else 0
+    assert len(accepted) == best
+    last = accepted[-1] if best else 0
     assert ok(last)
     assert [nodes[int(a)] for a in accepted] == [nodes[last][: d + 1] for d in range(best)]
 

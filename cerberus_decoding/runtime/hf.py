@@ -84,16 +84,16 @@ class KVCache(Cache):
             layer.length = min(layer.length, length)
 
     @torch.inference_mode()
-    def compact(self, start: int, keep: torch.Tensor) -> None:
+    def compact(self, start: int, keep: list[int]) -> None:
         """Keep entries ``[0, start)`` plus ``start + keep`` (ascending offsets), moved to follow them.
 
         ``keep`` indexes the entries written by the last forward (e.g. the accepted tree path).
         """
-        n = keep.numel()
+        n = len(keep)
         for layer in self.layers:
             if not layer.is_initialized:
                 continue
-            src = keep.to(layer.keys.device) + start
+            src = torch.tensor(keep, device=layer.keys.device) + start
             # index_select copies first, so overlapping source and target ranges are safe
             layer.keys[:, :, start : start + n] = layer.keys.index_select(2, src)
             layer.values[:, :, start : start + n] = layer.values.index_select(2, src)

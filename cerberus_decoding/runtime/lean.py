@@ -53,24 +53,23 @@ class KVCache:
         self.layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))  # per-layer views
         self.capacity = capacity
         self.length = 0
-        self.slot_of: torch.Tensor | None = None  # row -> offset of the last tree forward's entries
+        self.slot_of: list[int] | None = None  # row -> offset of the last tree forward's entries (None: the row's own)
         self.graphs: dict = {}  # q -> _StepGraph (LeanLlama.cuda_graphs), freed with the cache
 
     def truncate(self, length: int) -> None:
         """Forget every entry from ``length`` on (a rejected draft, or an edited chat history)."""
         self.length = min(self.length, length)
 
-    def compact(self, start: int, keep: torch.Tensor) -> None:
-        """Keep entries ``[0, start)`` plus the rows ``keep`` of the last forward, moved to follow them."""
-        rows = keep.to(self.k.device)
-        src = start + (self.slot_of[rows] if self.slot_of is not None else rows)
-        n = rows.numel()
-        if src.device.type == "cpu" and src.tolist() == list(range(start, start + n)):
-            self.length = start + n  # a path along the tree's main chain: already in place (~60 us a step)
-            return
-        self.k[:, :, start : start + n] = self.k.index_select(2, src)  # index_select copies first
-        self.v[:, :, start : start + n] = self.v.index_select(2, src)
+    def compact(self, start: int, keep: list[int]) -> None:
+        """Keep entries ``[0, start)`` plus the rows ``keep`` (ascending) of the last forward, moved to follow them."""
+        src = keep if self.slot_of is None else [self.slot_of[row] for row in keep]  # offsets after ``start``
+        n = len(keep)
         self.length = start + n
+        if src == list(range(n)):
+            return  # a path along the tree's main chain: already in place
+        index = torch.tensor(src, device=self.k.device) + start
+        self.k[:, :, start : start + n] = self.k.index_select(2, index)  # index_select copies first
+        self.v[:, :, start : start + n] = self.v.index_select(2, index)
 
 
 class LeanLlama(torch.nn.Module):
@@ -200,7 +199,7 @@ class LeanLlama(torch.nn.Module):
         rows = self._tree_rows(tree_mask) if tree_mask is not None and not masked else None
         slots = torch.arange(q) if rows is None else rows.slots
         slots = (slots + start).to(ids.device)
-        cache.slot_of = None if rows is None else rows.slots.to(ids.device)
+        cache.slot_of = None if rows is None else rows.slot_of
         # under 'masked' a one-token step reads the cache under a mask too: the kernel its tree rows run
         block = rows is None and (q > 1 or self.tree_attention == "masked")
         causal_prompt = start == 0 and tree_mask is None
@@ -527,6 +526,7 @@ class _TreeRows:
         order = chain + [r for r in range(q) if r not in chain]
         self.slots = torch.empty(q, dtype=torch.long)  # [q] row r's entry is at context + slots[r]
         self.slots[order] = torch.arange(q)
+        self.slot_of = None if order == list(range(q)) else self.slots.tolist()  # KVCache.slot_of
         self.chain = [(r, i) for i, r in enumerate(chain)]  # (row, slot)
         self.off_chain = [(r, torch.tensor(ancestors[r], device=device)) for r in order[len(chain) :]]
         # for the kernel: [q, depth + 1] each row's ancestors' and its own slots after the context, and their count
