@@ -23,6 +23,7 @@ from ..heads import topk_probabilities, with_lookup
 from ..lookup import MAX_LEN, MIN_NGRAM, chain_hits, lookup_matches
 from ..models import LoadedModel
 from ..sampling import greedy, with_greedy
+from ..stops import TextTracker
 from ..tree import build_tree
 from ..verify import verify_greedy
 
@@ -109,7 +110,7 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
     """Milliseconds a step spends outside the verification forward (medians).
 
     ``step``: what every step pays (the gate's entropy, timed for the logits, the dearer of the two;
-    detokenising the answer so far).
+    showing a step's new tokens after a mid-length answer, stops.TextTracker).
     ``spec``: what only a speculative step pays besides the heads (path selection, compaction),
     measured on a tree with ``top_k`` ranks at depth 1 and a chain through every head.
     ``heads``: the heads drafting such a tree of depth d = 1..K (a step runs only the heads its tree
@@ -134,7 +135,7 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
     found = None
     if heads.config.reads_lookup:  # heads that read lookup: a match, so that every copy bonus runs
         found = torch.tensor([1] + [int(root)] * heads.config.lookup_tokens, device=device)
-    answer = torch.randint(vocab, (128,), generator=g).tolist()  # a mid-length answer to detokenise
+    answer = torch.randint(vocab, (128,), generator=g).tolist()  # a mid-length answer: its last 2 tokens shown
     step, spec, by_depth = [], [], [[] for _ in range(k)]
     for _ in range(repeats + 1):
         for d in range(1, k + 1):
@@ -145,10 +146,12 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
             tokens, _ = heads.draft(hidden, root, by_d[d - 1], rt.cuda_graphs, found)  # [N+1], as decoding runs them
             _sync(device)
             by_depth[d - 1].append(time.perf_counter() - t0)
+        shown = TextTracker(tokenizer, [])
+        shown.add(answer[:-2])  # the answer so far, shown
         _sync(device)
         t0 = time.perf_counter()
         gating.entropy(logits)
-        tokenizer.decode(answer, skip_special_tokens=True)
+        shown.add(answer[-2:])
         t1 = time.perf_counter()
         cache.truncate(context)
         all_logits = rt.lm_head(rt.forward(cache, tokens, context + tree.depth, tree.mask))  # not timed
