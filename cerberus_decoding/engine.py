@@ -269,11 +269,10 @@ class Decoder:
             t0 = time.perf_counter()
             h_ent, l_ent = self._entropies(hidden, logits)
             drafts = self._draft(hidden, root, h_ent, l_ent)
-            if drafts is None:
-                fed, hidden, logits, root = self._ar_step(root, cfg, generator)
+            if drafts is None:  # fed_ids: the pending token (already shown) and the accepted drafts
+                fed_ids, hidden, logits, root = self._ar_step(root, cfg, generator)
             else:
-                fed, hidden, logits, root = self._spec_step(*drafts, cfg, generator)
-            fed_ids = fed  # the pending token (already shown) and the accepted drafts
+                fed_ids, hidden, logits, root = self._spec_step(*drafts, cfg, generator)
             self.cached_ids.extend(fed_ids)
             if self.drafter is not None:
                 self.drafter.extend(fed_ids)

@@ -180,6 +180,30 @@ def test_pruning_wins_where_the_heads_know_when_they_are_right():
     assert choice["min_confidence"] == best["min_confidence"] and choice["tree"] == trees[3]
 
 
+def test_gate_and_pruning_together_where_each_catches_what_the_other_cannot():
+    """A third of the positions: heads right and sure, the model sure (entropy 0.5); a third: heads
+    sure but wrong where the model is unsure (3.0: pruning cannot see it, the gate can); a third:
+    heads unsure and wrong where the model is sure (the gate cannot see it, pruning can). The best
+    row gates and prunes, and a gated-off step skips the draft too."""
+    formats, _, entropies = synthetic_calibration()
+    steep = {"steep": formats["steep"] | {"cost_ms": {1: 10.0, 2: 14.0, 4: 22.0, 8: 38.0, 16: 70.0}}}
+    kind = np.arange(60) % 3  # 0: right and sure, 1: sure but wrong (unsure model), 2: unsure and wrong
+    ranks = np.where(kind[:, None] == 0, 0, 10).repeat(3, axis=1)
+    entropies = {"logits": np.where(kind == 1, 3.0, 0.5), "hidden": np.random.default_rng(0).uniform(0, 1, 60)}
+    top = np.array([[0.9, 0.05] + [0.005] * 8, [0.2] + [0.1] * 8 + [0.0]])  # sure, unsure: top-10 probabilities
+    probs = top[np.where(kind == 2, 1, 0)][:, None, :].repeat(3, axis=1)  # [T, 3 heads, 10]
+    rows, trees = choose.predict_table(steep, ranks, entropies, top_k=10, n_bins=4, probs=probs)
+    best = choose.best_row(rows)
+    assert best["gate"] == "logits" and best["threshold"] == 3.0 and best["min_confidence"] > 0.2
+    # per three positions: 4 tokens in a 4-token verification (22 ms), two AR steps (10 ms each)
+    assert best["tokens_per_s"] == pytest.approx(1000 * 6 / 42)
+    gate_only = max(r["tokens_per_s"] for r in rows if r["min_confidence"] == 0)
+    prune_only = max(r["tokens_per_s"] for r in rows if r["threshold"] == math.inf and r["min_confidence"] > 0)
+    assert best["tokens_per_s"] > 1.25 * max(gate_only, prune_only)
+    choice = run._choices(rows, trees, "steep", ungated=False, n=1)[0]
+    assert (choice["gate"], choice["threshold"], choice["min_confidence"]) == ("logits", 3.0, best["min_confidence"])
+
+
 def test_the_loaded_format_stays_unless_another_is_clearly_faster():
     predicted = {"int4": 37.81, "int8": 37.84, "float32": 15.0}
     assert choose.fastest_format(predicted, "int4") == "int4"  # 0.1% is timing noise

@@ -210,21 +210,27 @@ def predict_table(
                             "speculative_share": share,
                         }
                     )
-            for c in (c for c in CONFIDENCES[1:] if (n, c) in pruned):  # always drafts, verifies what is left
+            for c in (c for c in CONFIDENCES[1:] if (n, c) in pruned):  # drafts, verifies what is left
                 tokens, nodes = pruned[n, c]
                 spec = cost_at(fit, nodes + 1) + m["overhead_ms"]["step"] + m["overhead_ms"]["spec"]
-                ms = np.where(nodes > 0, spec, ar_ms) + draft_ms(m["overhead_ms"], trees[n])
-                rate = 1000.0 * float(tokens.sum() / ms.sum())
-                rows.append(
-                    row
-                    | {
-                        "gate": ENTROPY_GATES[0],
-                        "threshold": math.inf,
-                        "min_confidence": c,
-                        "tokens_per_s": rate,
-                        "speculative_share": float((nodes > 0).mean()),
-                    }
-                )
+                drafted_ms = np.where(nodes > 0, spec, ar_ms) + draft_ms(m["overhead_ms"], trees[n])
+                # always drafting, then each gate's finite thresholds: a gated-off step is an AR step
+                # that skips the draft too (pruning cannot tell the heads' confident mistakes apart)
+                gates = [(ENTROPY_GATES[0], math.inf)]
+                gates += [(g, th) for g in ENTROPY_GATES for th in candidates[g] if math.isfinite(th)]
+                for gate, th in gates:
+                    on = entropies[gate][full] < th
+                    rate = 1000.0 * float(np.where(on, tokens, 1.0).sum() / np.where(on, drafted_ms, ar_ms).sum())
+                    rows.append(
+                        row
+                        | {
+                            "gate": gate,
+                            "threshold": th,
+                            "min_confidence": c,
+                            "tokens_per_s": rate,
+                            "speculative_share": float((on & (nodes > 0)).mean()),
+                        }
+                    )
     return rows, trees
 
 
