@@ -55,6 +55,12 @@ def step_costs(costs: dict, overheads: dict, choices) -> tuple[float, float]:
     return ar, cost_at(costs, len(choices) + 1) + overheads["step"] + overheads["spec"] + draft_ms(overheads, choices)
 
 
+def gate_ms(overheads: dict, gate: str, threshold: float) -> float:
+    """What every step pays for a gate: its entropy where the threshold is finite (an infinite one
+    decides without it; files before the twenty-fifth session counted the logits' in ``step``)."""
+    return overheads.get("entropy", {}).get(gate, 0.0) if math.isfinite(threshold) else 0.0
+
+
 def draft_ms(overheads: dict, choices) -> float:
     """The heads drafting this tree (a step runs only the heads its tree reaches)."""
     return overheads["heads"][max(len(c) for c in choices) - 1]
@@ -198,7 +204,8 @@ def predict_table(
             for gate in ENTROPY_GATES:
                 values = entropies[gate][full]
                 for th in candidates[gate]:
-                    rate = gated_rate(values, accepted[n], spec_ms, ar_ms, th)
+                    entropy_ms = gate_ms(m["overhead_ms"], gate, th)
+                    rate = gated_rate(values, accepted[n], spec_ms + entropy_ms, ar_ms + entropy_ms, th)
                     share = float((values < th).mean())
                     rows.append(
                         row
@@ -220,7 +227,8 @@ def predict_table(
                 gates += [(g, th) for g in ENTROPY_GATES for th in candidates[g] if math.isfinite(th)]
                 for gate, th in gates:
                     on = entropies[gate][full] < th
-                    rate = 1000.0 * float(np.where(on, tokens, 1.0).sum() / np.where(on, drafted_ms, ar_ms).sum())
+                    ms = np.where(on, drafted_ms, ar_ms) + gate_ms(m["overhead_ms"], gate, th)
+                    rate = 1000.0 * float(np.where(on, tokens, 1.0).sum() / ms.sum())
                     rows.append(
                         row
                         | {

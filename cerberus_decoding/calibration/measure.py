@@ -109,8 +109,8 @@ def measure_costs(
 def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, repeats: int = 5) -> dict:
     """Milliseconds a step spends outside the verification forward (medians).
 
-    ``step``: what every step pays (the gate's entropy, timed for the logits, the dearer of the two;
-    showing a step's new tokens after a mid-length answer, stops.TextTracker).
+    ``step``: what every step pays (showing its new tokens after a mid-length answer, stops.TextTracker).
+    ``entropy``: what a step pays for each gate's entropy ({"hidden", "logits"}), where it is gated.
     ``spec``: what only a speculative step pays besides the heads (path selection, compaction),
     measured on a tree with ``top_k`` ranks at depth 1 and a chain through every head.
     ``heads``: the heads drafting such a tree of depth d = 1..K (a step runs only the heads its tree
@@ -137,6 +137,7 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
         found = torch.tensor([1] + [int(root)] * heads.config.lookup_tokens, device=device)
     answer = torch.randint(vocab, (128,), generator=g).tolist()  # a mid-length answer: its last 2 tokens shown
     step, spec, by_depth = [], [], [[] for _ in range(k)]
+    entropy: dict[str, list[float]] = {"hidden": [], "logits": []}
     for _ in range(repeats + 1):
         for d in range(1, k + 1):
             cache.truncate(context)
@@ -149,8 +150,11 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
         shown = TextTracker(tokenizer, [])
         shown.add(answer[:-2])  # the answer so far, shown
         _sync(device)
+        for gate, x in (("hidden", hidden), ("logits", logits)):
+            t0 = time.perf_counter()
+            gating.entropy(x)
+            entropy[gate].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        gating.entropy(logits)
         shown.add(answer[-2:])
         t1 = time.perf_counter()
         cache.truncate(context)
@@ -166,6 +170,7 @@ def measure_overheads(lm: LoadedModel, heads, top_k: int, context: int = 300, re
         spec.append(t4 - t3)
     return {  # first round: warm-up
         "step": _median_ms(step[1:]),
+        "entropy": {gate: _median_ms(t[1:]) for gate, t in entropy.items()},
         "spec": _median_ms(spec[1:]),
         "heads": [_median_ms(t[1:]) for t in by_depth],
     }

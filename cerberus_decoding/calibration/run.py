@@ -37,6 +37,7 @@ from .choose import (
     best_row,
     entropy_bins,
     fastest_format,
+    gate_ms,
     monotone_costs,
     predict_table,
     step_costs,
@@ -385,12 +386,14 @@ def calibrate(
         m = measured[weights]
         speculate = obs[choice["gate"]] < choice["threshold"]
         merged = (accepted_lengths(ranks, choice["tree"]), speculate, choice["tree"])
+        entropy_ms = gate_ms(m["overhead_ms"], choice["gate"], choice["threshold"])  # the tree's gate, every step
+        gated = m["overhead_ms"] | {"step": m["overhead_ms"]["step"] + entropy_ms}
         choice["lookup"] = {}
         for kind, tree in (("solo", None), ("merged", merged), ("instead", merged)):
             length, rate = best_lookup_length(
                 obs["lookup"],
                 m["cost_fit_ms"],
-                m["overhead_ms"],
+                m["overhead_ms"] if tree is None else gated,
                 LOOKUP_MAX_LEN,
                 tree,
                 obs["answers"],
