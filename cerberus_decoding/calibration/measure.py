@@ -28,11 +28,14 @@ from ..tree import build_tree
 from ..verify import verify_greedy
 
 COST_QS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-# Each forward size runs this long before one of its calls is timed: decoding repeats the same few
+# Each forward size runs this long before its calls are timed: decoding repeats the same few
 # small sizes back to back, and a CPU needs tens of milliseconds to settle after other work (on an
 # Intel AVX-512 VM one-token steps took 6-8 ms right after a 64-token forward or a 50 ms pause, and
 # ~3.3 ms from about the seventh step on; docs/calibrate.md).
 SETTLE_S = 0.05
+# calls timed per size and round: one call a round let a burst of other work set a median (a
+# calibration read q = 1 at 3.9 ms, above q = 2, against 2.7-2.8 in the runs before and after)
+TIMED_CALLS = 3
 
 
 def _sync(device: torch.device) -> None:
@@ -61,8 +64,8 @@ def measure_costs(
     tree mask like a speculative step (a chain: the mask's shape, not its pattern, sets the cost).
 
     Rounds go over all q in turn so that load from other processes spreads over every q instead
-    of inflating a few; in each round a q runs for ``SETTLE_S`` seconds before one of its calls is
-    timed, as decoding repeats the same few q back to back. After two rounds, stops once
+    of inflating a few; in each round a q runs for ``SETTLE_S`` seconds before ``TIMED_CALLS`` of its
+    calls are timed, as decoding repeats the same few q back to back. After two rounds, stops once
     ``time_limit`` seconds have passed.
     """
     from tqdm import tqdm
@@ -99,7 +102,7 @@ def measure_costs(
             once(q)  # untimed: the steps before a timed one are the same q, as in decoding
             while time.perf_counter() < settled:
                 once(q)
-            samples[q].append(once(q))
+            samples[q] += [once(q) for _ in range(TIMED_CALLS)]
         if time_limit is not None and r >= 1 and time.perf_counter() - start > time_limit:
             break
     return {q: _median_ms(s) for q, s in samples.items()}
