@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 # float32 generate, the baseline before the lean runtime, in the same run
 demo: $(STAMP)
 	$(BIN)/cerberus bench --questions builtin --limit 1 --categories writing,coding,extraction,summarization,math_reasoning,rag \
-		--methods ar,hf,pld,cerberus,cerberus+lookup,medusa --max-new-tokens 96 --warmup 1 --repeats 1 --out bench-out/demo
+		--methods ar,hf,pld,cerberus,cerberus+lookup,medusa --max-new-tokens 256 --warmup 1 --repeats 1 --out bench-out/demo
 
 test: $(STAMP)
 	$(BIN)/ruff check cerberus_decoding tests benchmarks
