@@ -10,7 +10,7 @@ class TextTracker:
         self.ids: list[int] = []
         self.text = ""  # shown so far: never contains a stop string or a pending prefix of one
         self.stopped = False  # a stop string was found
-        self.splits = decodes_piecewise(tokenizer)
+        self.piecewise = decodes_piecewise(tokenizer)
         self.decoded, self.decoded_ids = "", 0  # the text of ids[:decoded_ids], where decoding may restart
 
     def add(self, ids: list[int], final: bool = False) -> str:
@@ -32,7 +32,7 @@ class TextTracker:
         """The text of every id so far: tokenizer.decode of them all, or, where it decodes piecewise,
         the text up to the last whole character plus the decode of the ids after it (decoding them
         all again each step cost 0.1-0.25 ms at 128-1,024 tokens on a CPU)."""
-        if not self.splits:
+        if not self.piecewise:
             return self.tokenizer.decode(self.ids, skip_special_tokens=True)
         tail = self.tokenizer.decode(self.ids[self.decoded_ids :], skip_special_tokens=True)
         full = self.decoded + tail

@@ -123,13 +123,10 @@ class Tree:
         """``subtree``'s trees so far and their nodes as an index (a step's pruned tree is one of a few shapes)"""
         return {}
 
-    def subtree(self, nodes: tuple[int, ...]) -> Tree:
+    def subtree(self, nodes: tuple[int, ...]) -> tuple[Tree, torch.Tensor]:
         """The tree of ``nodes`` (ascending node ids, the root and each node's parent among them),
-        its nodes in their order here: a step's tokens ``tokens[list(nodes)]`` line up with it."""
-        return self._subtree(nodes)[0]
-
-    def _subtree(self, nodes: tuple[int, ...]) -> tuple[Tree, torch.Tensor]:
-        """``subtree`` and ``nodes`` as an index tensor on the tree's device"""
+        its nodes in their order here, and ``nodes`` as an index on the tree's device: a step's
+        tokens ``tokens.index_select(0, index)`` line up with it."""
         found = self.subtrees.get(nodes)
         if found is None:
             if len(self.subtrees) >= 1024:  # shapes are few in practice; never let the memo grow unbounded
@@ -167,7 +164,7 @@ def prune(tree: Tree, tokens: torch.Tensor, confidence: torch.Tensor, min_confid
         return None
     if len(nodes) == tree.size:
         return tree, tokens
-    subtree, index = tree._subtree(nodes)
+    subtree, index = tree.subtree(nodes)
     return subtree, tokens.index_select(0, index)
 
 

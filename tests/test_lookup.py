@@ -208,7 +208,7 @@ def test_drafter_chain_and_union():
     tree, tokens = drafter.draft(torch.tensor([9]), heads, lambda: (heads, heads.candidates(torch.tensor([9]), ranked)))
     assert tree is heads
     # the heads' tree pruned to [0], [0, 0] this step: the chain joins what is left; all pruned: the chain alone
-    small = heads.subtree((0, 1, 5))
+    small = heads.subtree((0, 1, 5))[0]
     tree, tokens = drafter.draft(torch.tensor([3]), heads, lambda: (small, torch.tensor([3, 4, 5])))
     assert tokens.tolist() == [3, 4, 5, 6, 1] and tree.parent.tolist() == [0, 0, 1, 2, 3]
     tree, tokens = drafter.draft(torch.tensor([3]), heads, lambda: None)
