@@ -36,8 +36,9 @@ PROMPTS = [
 
 @pytest.fixture(scope="session")
 def lm() -> LoadedModel:
-    """The default model as users get it: lean runtime, int4 weights (the fast format on a CPU)."""
-    return load_model("default", "int4", "cpu")
+    """The default model as users get it: lean runtime, the CPU's default format (w4a8 where its
+    kernel is built, else int4: runtime.resolve_weights; every shipped calibration picks it too)."""
+    return load_model("default", "auto", "cpu")
 
 
 def references_for(lm: LoadedModel, prompts: list[str], max_new_tokens: int) -> dict[str, tuple[list[int], list[int]]]:
@@ -50,7 +51,7 @@ def references_for(lm: LoadedModel, prompts: list[str], max_new_tokens: int) -> 
 
 @pytest.fixture(scope="session")
 def references(lm) -> dict[str, tuple[list[int], list[int]]]:
-    """Greedy int4 AR on 8 real prompts x 128 tokens: what every lossless test compares against."""
+    """Greedy AR in ``lm``'s format on 8 real prompts x 128 tokens: what the lossless tests compare against."""
     return references_for(lm, PROMPTS[:8], 128)
 
 

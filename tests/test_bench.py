@@ -6,6 +6,7 @@ import json
 from collections import Counter
 
 import pytest
+import torch
 
 from cerberus_decoding.bench import (
     BUILTIN_CATEGORIES,
@@ -31,6 +32,7 @@ from cerberus_decoding.bench.run import (
     top2_logits,
 )
 from cerberus_decoding.models import CerberusError
+from cerberus_decoding.runtime import resolve_weights
 
 METRICS = {"tokens_per_second", "speedup", "mean_accepted", "speculative_share", "mismatches", "ties", "ttft_ms"}
 
@@ -276,9 +278,10 @@ def test_tiny_bench_run_writes_results_report_and_charts(tmp_path):
     )
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
+    auto = resolve_weights("auto", torch.device("cpu"), "lean")  # untrained heads: no calibration
     assert {"model", "device", "weights", "runtime", "hardware", "max_new_tokens", "questions"} <= set(results)
     assert results["model"] == "SmolLM2-135M-Instruct" and results["device"] == "cpu"
-    assert results["weights"] == "int4" and results["runtime"] == "lean" and results["dtype"] == "bfloat16"
+    assert results["weights"] == auto and results["runtime"] == "lean" and results["dtype"] == "bfloat16"
     assert results["max_new_tokens"] == 8 and results["questions"] == 2
     assert list(results["methods"]) == ["ar", "hf", "medusa"]
     # transformers' generate runs the float32 model: compared by agreement, not counted as mismatches
@@ -295,7 +298,7 @@ def test_tiny_bench_run_writes_results_report_and_charts(tmp_path):
     assert set(results["configs"]) == {"ar", "medusa"}
     medusa = results["configs"]["medusa"]
     assert medusa["gate"] == "off" and medusa["calibration"] == "defaults: no calibration"
-    assert medusa["why"].startswith("medusa: weights int4 (auto: default for the device, no calibration)")
+    assert medusa["why"].startswith(f"medusa: weights {auto} (auto: default for the device, no calibration)")
     assert medusa["why"] in (out / "report.md").read_text()
     assert methods["ar"]["speedup"] == 1.0 and methods["hf"]["mean_accepted"] == 1.0
     assert methods["hf"]["speculative_share"] is None and methods["medusa"]["speculative_share"] > 0

@@ -758,7 +758,7 @@ def test_auto_weights_take_the_calibrated_fastest_format(lm):
     files.write_calibration(files.calibration_path(lm_heads, key), data)
     chosen = choose_weights(lm, "auto", "cerberus", heads)
     assert chosen.weights == "float32" and chosen.weights_why == "auto: calibrated fastest on this machine"
-    assert choose_weights(lm, "int4", "cerberus", heads).weights == "int4"  # a flag wins
+    assert choose_weights(lm.with_weights("int4"), "int4", "cerberus", heads).weights == "int4"  # a flag wins
     assert choose_weights(lm, "auto", "cerberus", heads, calibrate=False).weights == "float32"  # found, not made
 
 

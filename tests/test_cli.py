@@ -89,7 +89,8 @@ def test_generate_json_and_stdin(lm):
     from cerberus_decoding.methods import choose_weights
 
     # --weights auto: the format calibrated fastest on this machine (ar reads the Cerberus heads'
-    # shipped calibration: w4a8 on an AVX-512 machine), else the device's default, int4 on a CPU
+    # shipped calibration: w4a8 on every CPU of this fleet), else the device's default (w4a8 where
+    # its kernel is built, else int4)
     auto = choose_weights(lm, "auto", "ar", "default", calibrate=False).weights
     assert auto in ("int4", "w4a8")  # the shipped calibrations pick one of the 4-bit formats on these CPUs
     result = run("generate", "--json", "-n", "8", stdin="Name a fruit.")

@@ -97,8 +97,9 @@ QUESTIONS = [
 
 
 def test_lean_batched_distillation_gives_exactly_the_greedy_answers_of_generate(lm, references):
-    """The CPU path: int4, 3 rows decoded together while finished rows take new prompts. Every answer
-    is bitwise the one greedy generation gives for that prompt alone (no tie allowance)."""
+    """The CPU path: the default 4-bit format, 3 rows decoded together while finished rows take new
+    prompts. Every answer is bitwise the one greedy generation gives for that prompt alone (no tie
+    allowance)."""
     chosen = list(references.values())[:5]  # the last two join as rows finish
     rows = generate_rows(lm.runtime, [ids for ids, _ in chosen], 128, lm.tokenizer.eos_token_id, 3, False, lm.device)
     for (_, want), (tokens, hidden) in zip(chosen, rows, strict=True):
@@ -221,9 +222,10 @@ def test_the_committed_answers_match_the_shipped_prompt_selection(lm, tmp_path):
     assert made_by[19456] == made_by[23551] == "bfloat16 lean cuda, float32 targets"
     assert made_by[23552] == made_by[-1] == "int4 lean cpu"
     prompts = [ids for p in chosen[:24700] if len(ids := chat_ids(lm.tokenizer, p.text)) <= MAX_PROMPT_TOKENS]
+    int4 = Decoder(lm.with_weights("int4"))
     for shard in (10, 17, 23):  # a short answer of each CPU machine's shards, regenerated here
         i = min(range(1024 * shard, 1024 * shard + 32), key=lambda i: len(rows[i]))
-        assert Decoder(lm).generate(prompts[i], SamplingConfig(max_new_tokens=256)).token_ids == rows[i]
+        assert int4.generate(prompts[i], SamplingConfig(max_new_tokens=256)).token_ids == rows[i]
 
 
 def test_a_bfloat16_run_stores_float32_targets_along_its_own_answers(tiny_lm, tmp_path):

@@ -105,11 +105,14 @@ def test_bfloat16_layers_give_each_row_its_bits_alone(shape):
 
 
 @pytest.mark.slow
-def test_default_model_int4_rows_equal_one_token_steps_bitwise(lm):
+def test_default_model_4bit_rows_equal_one_token_steps_bitwise(lm):
+    """The default model in int4 and in w4a8 (where its kernel is built): a tree's rows are the
+    one-token steps' bits."""
     ids = Decoder(lm).encode(PROMPTS[0])
     tokens = torch.randint(1000, (TREE.size,), generator=torch.Generator().manual_seed(1)).tolist()
-    tree_rows, singles = rows_vs_one_token_steps(lm.runtime, ids, tokens)
-    assert torch.equal(tree_rows, singles)
+    for weights in ("int4", "w4a8") if w4a8_available() else ("int4",):
+        tree_rows, singles = rows_vs_one_token_steps(lm.with_weights(weights).runtime, ids, tokens)
+        assert torch.equal(tree_rows, singles), weights
 
 
 def test_masked_tree_attention_matches_one_token_steps(tiny_lm):
@@ -261,7 +264,7 @@ def test_w4a8_lm_head_is_the_ggufs_own_q8_0_blocks(lm_f32):
 
 def test_weight_format_errors():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_weights("auto", cpu, "lean") == "int4"
+    assert resolve_weights("auto", cpu, "lean") == ("w4a8" if w4a8_available() else "int4")
     assert resolve_weights("auto", cuda, "lean") == "bfloat16"
     assert resolve_weights("auto", cpu, "hf") == "float32"
     for weights, device, runtime, hint in [
