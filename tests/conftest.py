@@ -41,6 +41,12 @@ def lm() -> LoadedModel:
     return load_model("default", "auto", "cpu")
 
 
+@pytest.fixture(scope="session")
+def lm_int4(lm) -> LoadedModel:
+    """The default model in int4, packed once for the suite (``lm`` itself where int4 is the default)."""
+    return lm.with_weights("int4")
+
+
 def references_for(lm: LoadedModel, prompts: list[str], max_new_tokens: int) -> dict[str, tuple[list[int], list[int]]]:
     """prompt -> (its ids, greedy AR's new tokens) in ``lm``'s format."""
     from cerberus_decoding.engine import Decoder, SamplingConfig

@@ -751,14 +751,14 @@ def test_the_effective_configuration_follows_the_precedence(tiny_lm, heads_dir):
     assert json.loads(json.dumps(medusa.to_json()))["threshold"] == "inf"
 
 
-def test_auto_weights_take_the_calibrated_fastest_format(lm):
+def test_auto_weights_take_the_calibrated_fastest_format(lm, lm_int4):
     lm_heads = default_heads_dir(lm, "cerberus")
     heads, key = str(lm_heads), this_key()
     data = fake_calibration(key) | {"weights": "float32"}
     files.write_calibration(files.calibration_path(lm_heads, key), data)
     chosen = choose_weights(lm, "auto", "cerberus", heads)
     assert chosen.weights == "float32" and chosen.weights_why == "auto: calibrated fastest on this machine"
-    assert choose_weights(lm.with_weights("int4"), "int4", "cerberus", heads).weights == "int4"  # a flag wins
+    assert choose_weights(lm_int4, "int4", "cerberus", heads).weights == "int4"  # a flag wins
     assert choose_weights(lm, "auto", "cerberus", heads, calibrate=False).weights == "float32"  # found, not made
 
 

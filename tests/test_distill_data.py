@@ -195,7 +195,7 @@ d.distill(lm, {prompts!r}, {str(out)!r}, batch_size=4, max_new_tokens=48, source
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file left behind
 
 
-def test_the_committed_answers_match_the_shipped_prompt_selection(lm, tmp_path):
+def test_the_committed_answers_match_the_shipped_prompt_selection(lm, lm_int4, tmp_path):
     """`make heads` rebuilds the heads' data from the committed answers: they must belong to the
     selection that corpus/heads.mix makes (the identifier carries a digest of the prompts), and the
     CPU path's answers are the int4 runtime's own greedy answers to those prompts."""
@@ -222,7 +222,7 @@ def test_the_committed_answers_match_the_shipped_prompt_selection(lm, tmp_path):
     assert made_by[19456] == made_by[23551] == "bfloat16 lean cuda, float32 targets"
     assert made_by[23552] == made_by[-1] == "int4 lean cpu"
     prompts = [ids for p in chosen[:24700] if len(ids := chat_ids(lm.tokenizer, p.text)) <= MAX_PROMPT_TOKENS]
-    int4 = Decoder(lm.with_weights("int4"))
+    int4 = Decoder(lm_int4)
     for shard in (10, 17, 23):  # a short answer of each CPU machine's shards, regenerated here
         i = min(range(1024 * shard, 1024 * shard + 32), key=lambda i: len(rows[i]))
         assert int4.generate(prompts[i], SamplingConfig(max_new_tokens=256)).token_ids == rows[i]

@@ -108,7 +108,7 @@ def test_bad_sampling_options_are_rejected(ar, bad):
     "turns",
     [("Name three fruits.", "And three vegetables?"), ("Write a haiku about rain.", "Now one about snow.")],
 )
-def test_chat_cache_reuse_gives_the_same_output(lm, turns):
+def test_chat_cache_reuse_gives_the_same_output(lm_int4, turns):
     """A second chat turn reuses the first turn's cached K/V. Those were computed token by token (the
     row kernel: bfloat16 query and keys into float scores), where a fresh prefill computes them in
     one block (torch's attention, another rounding), so in int4 the reply is the fresh one up to a
@@ -117,7 +117,7 @@ def test_chat_cache_reuse_gives_the_same_output(lm, turns):
     8.125: 2.5 steps). w4a8 rounds each row's activations to 8 bits, which can turn that rounding
     into a larger logit difference (a divergence at a gap of 0.375 measured): README, `chat`.
     Speculative decoding is not concerned: it is bitwise AR (test_lossless)."""
-    ar = Decoder(lm.with_weights("int4"))
+    ar = Decoder(lm_int4)
     history = [{"role": "user", "content": turns[0]}]
     first = ar.generate(ar.encode(history), SamplingConfig(max_new_tokens=24), reuse_cache=True)
     history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": turns[1]}]

@@ -48,7 +48,7 @@ def test_default_format_speculative_greedy_is_bitwise_ar(lm, references, method)
     assert sum(accepted) / len(accepted) > 1.3  # trained heads really draft (not a no-op engine)
 
 
-def test_both_4bit_formats_are_bitwise_ar_with_every_drafter_and_pruned_trees(lm):
+def test_both_4bit_formats_are_bitwise_ar_with_every_drafter_and_pruned_trees(lm_int4):
     """int4 (int4 weights x bfloat16 activations) and w4a8 (x int8 activations: each row quantizes
     its own, so verification rows are still the one-token steps' bits), the one the test above does
     not run: 4 prompts x 128 tokens, every drafting method, untrained heads, trees pruned by the heads'
@@ -57,7 +57,7 @@ def test_both_4bit_formats_are_bitwise_ar_with_every_drafter_and_pruned_trees(lm
     if not w4a8_available():
         with pytest.raises(CerberusError, match="AVX512-VNNI or AVX2.*--weights int4"):
             load_model("default", "w4a8", "cpu")
-    fmt = lm.with_weights("int4") if lm.weights == "w4a8" else lm
+    fmt = lm_int4
     references = references_for(fmt, PROMPTS[:4], N_TOKENS)
     accepted = []
     for method in ("cerberus-nogate", "medusa", "cerberus+lookup"):
