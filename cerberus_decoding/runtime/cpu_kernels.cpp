@@ -110,23 +110,25 @@ inline float hsum(v16 x) {  // a fixed pairwise fold of the 16 lanes
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// e^x for x <= 0 (Cephes' expf polynomial), 0 below -87, on 16 lanes.
-inline v16 exp_nonpositive(v16 x) {
-  const v16 big = v16{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  v16 n = (x * 1.44269504088896341f + big) - big;
-  v16 r = x - n * 0.693359375f - n * -2.12194440e-4f;
-  v16 p = v16{} + 1.9875691500e-4f;
+// e^x for x <= 0 (Cephes' expf polynomial), 0 below -87, on the lanes of a vector type (v16, or
+// __m256 on the AVX2 attention path)
+template <typename V>
+inline V exp_nonpositive(V x) {
+  const V big = V{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  V n = (x * 1.44269504088896341f + big) - big;
+  V r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  V p = V{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  typedef int32_t i16x __attribute__((vector_size(64)));
-  i16x e = (__builtin_convertvector(n, i16x) + 127) << 23;
-  v16 scale;
-  std::memcpy(&scale, &e, 64);
-  return x < -87.f ? v16{} : p * scale;
+  typedef int32_t lanes __attribute__((vector_size(sizeof(V))));
+  lanes e = (__builtin_convertvector(n, lanes) + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &e, sizeof(V));
+  return x < -87.f ? V{} : p * scale;
 }
 
 // RoPE (rotate-half, sign folded into `sin`) of one head x [D] -> float y [D]
@@ -210,24 +212,6 @@ inline __m256 sum8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// e^x for x <= 0 on 8 lanes: exp_nonpositive's polynomial, 0 below -87
-inline __m256 exp8_nonpositive(__m256 x) {
-  const __m256 big = _mm256_set1_ps(12582912.f);
-  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), big), big);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_NLT_UQ);  // x < -87: 0
-  return _mm256_and_ps(keep, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
-
 // Each head's scores s [rep, padded] (keys n_keys.. are padding) -> their softmax, in place
 inline void avx2_softmax(float* s, int64_t n_keys, int rep, int64_t padded) {
   for (int h = 0; h < rep; h++) {
@@ -242,7 +226,7 @@ inline void avx2_softmax(float* s, int64_t n_keys, int rep, int64_t padded) {
     const __m256 mv = _mm256_set1_ps(m);
     __m256 total = _mm256_setzero_ps();
     for (int64_t j = 0; j < padded; j += 8) {
-      const __m256 p = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sh + j), mv));
+      const __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sh + j), mv));
       _mm256_storeu_ps(sh + j, p);
       total = _mm256_add_ps(total, p);
     }
