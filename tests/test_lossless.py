@@ -57,21 +57,20 @@ def test_both_4bit_formats_are_bitwise_ar_with_every_drafter_and_pruned_trees(lm
     if not w4a8_available():
         with pytest.raises(CerberusError, match="AVX512-VNNI or AVX2.*--weights int4"):
             load_model("default", "w4a8", "cpu")
-    fmt = lm_int4
-    references = references_for(fmt, PROMPTS[:4], N_TOKENS)
+    references = references_for(lm_int4, PROMPTS[:4], N_TOKENS)
     accepted = []
     for method in ("cerberus-nogate", "medusa", "cerberus+lookup"):
-        decoder = build_decoder(fmt, method, heads="default", tree=TREE, lookup=CHAINS, min_confidence=0.0)
+        decoder = build_decoder(lm_int4, method, heads="default", tree=TREE, lookup=CHAINS, min_confidence=0.0)
         for ids, reference in references.values():
             result = decoder.generate(ids, CONFIG)
             assert result.token_ids == reference, method
             accepted.append(result.mean_accepted)
     assert sum(accepted) / len(accepted) > 1.3  # trained heads really draft
-    untrained = build_decoder(fmt, "cerberus-nogate", heads="none", tree=TREE)
+    untrained = build_decoder(lm_int4, "cerberus-nogate", heads="none", tree=TREE)
     ids, reference = next(iter(references.values()))
     assert untrained.generate(ids, CONFIG).token_ids == reference
     # trees pruned to the nodes the heads are confident of: a different tree each step, some AR steps
-    pruned = build_decoder(fmt, "cerberus-nogate", heads="default", tree=TREE, min_confidence=0.3)
+    pruned = build_decoder(lm_int4, "cerberus-nogate", heads="default", tree=TREE, min_confidence=0.3)
     sizes = set()
     for ids, reference in references.values():
         result = pruned.generate(ids, CONFIG)

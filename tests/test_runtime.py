@@ -105,14 +105,15 @@ def test_bfloat16_layers_give_each_row_its_bits_alone(shape):
 
 
 @pytest.mark.slow
-def test_default_model_4bit_rows_equal_one_token_steps_bitwise(lm):
-    """The default model in int4 and in w4a8 (where its kernel is built): a tree's rows are the
-    one-token steps' bits."""
+def test_default_model_4bit_rows_equal_one_token_steps_bitwise(lm, lm_int4):
+    """The default model in int4 and in w4a8 (where its kernel is built: ``lm``'s format then): a
+    tree's rows are the one-token steps' bits."""
     ids = Decoder(lm).encode(PROMPTS[0])
     tokens = torch.randint(1000, (TREE.size,), generator=torch.Generator().manual_seed(1)).tolist()
-    for weights in ("int4", "w4a8") if w4a8_available() else ("int4",):
-        tree_rows, singles = rows_vs_one_token_steps(lm.with_weights(weights).runtime, ids, tokens)
-        assert torch.equal(tree_rows, singles), weights
+    assert lm.weights == ("w4a8" if w4a8_available() else "int4")
+    for model in {lm_int4.weights: lm_int4, lm.weights: lm}.values():
+        tree_rows, singles = rows_vs_one_token_steps(model.runtime, ids, tokens)
+        assert torch.equal(tree_rows, singles), model.weights
 
 
 def test_masked_tree_attention_matches_one_token_steps(tiny_lm):
