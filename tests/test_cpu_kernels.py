@@ -123,6 +123,19 @@ def test_rms_norm_and_silu_mul_match_torch_and_are_row_wise(dtype):
         assert torch.equal(ops.silu_mul(gate_up[r : r + 1])[0], ops.silu_mul(gate_up)[r])
 
 
+@needs_kernels
+def test_silu_mul_over_every_bfloat16_gate():
+    """Every bfloat16 value as the gate (infinities, NaN, subnormals, both signs) times up = 1 and
+    up = -3: torch's SiLU rounded to bfloat16, NaN where it is NaN (on AVX2 the op runs on 256-bit
+    halves with its own rounding to bfloat16, this covers every lane value)."""
+    gates = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # [65536]
+    for up in (1.0, -3.0):
+        x = torch.cat([gates, torch.full_like(gates, up)])[None]
+        out = ops.silu_mul(x)[0].float()
+        ref = (F.silu(gates.float()) * up).bfloat16().float()
+        torch.testing.assert_close(out, ref, rtol=1.6e-2, atol=1e-30, equal_nan=True)
+
+
 def test_kernels_that_cannot_be_built_fall_back_to_torch_ops(tiny_lm, monkeypatch, capsys):
     from torch.utils import cpp_extension
 
