@@ -40,8 +40,6 @@
 namespace {
 constexpr int MAX_GROUP = 8;  // query heads per kv head
 typedef float v16 __attribute__((vector_size(64)));  // GCC lowers it to one AVX-512 or two AVX2 registers
-typedef uint32_t u16x __attribute__((vector_size(64)));
-typedef uint16_t h16 __attribute__((vector_size(32)));
 
 // The quantized matmuls stream their weights once per call, and with several rows a call does
 // enough arithmetic per cache line that the hardware prefetchers fall behind: each group asks for
@@ -93,38 +91,45 @@ inline v16 splat(float x) {
 }
 
 inline void store16(float* y, v16 x) { std::memcpy(y, &x, 64); }
-#if defined(__AVX2__) && !defined(__AVX512F__)
-#define NATIVE_HALVES 1  // AVX2: the element-wise helpers below work on v16's two 256-bit halves
-#endif
-#if !defined(NATIVE_HALVES)
-inline void store16(c10::BFloat16* y, v16 x) {  // round to nearest even, as c10::BFloat16 does
-  u16x b;
-  std::memcpy(&b, &x, 64);
+
+// The lanes of a vector type (v16, or __m256) to bfloat16: round to nearest even, NaN to 0x7FC0, as
+// c10::BFloat16 does
+template <int BYTES>
+struct Bf16Lanes {  // a vector's lanes as 32-bit patterns, and their bfloat16 halves
+  typedef uint32_t bits __attribute__((vector_size(BYTES)));
+  typedef uint16_t halves __attribute__((vector_size(BYTES / 2)));
+};
+template <typename V>
+inline void store_bf16(c10::BFloat16* y, V x) {
+  using bits = typename Bf16Lanes<sizeof(V)>::bits;
+  using halves = typename Bf16Lanes<sizeof(V)>::halves;
+  bits b;
+  std::memcpy(&b, &x, sizeof(V));
   b = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-  b = x != x ? u16x{} + 0x7FC0u : b;  // NaN stays NaN
-  h16 h = __builtin_convertvector(b, h16);
-  std::memcpy(y, &h, 32);
+  b = x != x ? bits{} + 0x7FC0u : b;  // NaN stays NaN
+  const halves h = __builtin_convertvector(b, halves);
+  std::memcpy(y, &h, sizeof(V) / 2);
 }
-#else
-// Under AVX2 a v16 is two 256-bit registers, and GCC lowers comparisons and selects on it lane by
-// lane (SiLU over a row of 1536 took 11-15 us as an op, 4-6 us on the halves): the element-wise
-// helpers work on the native halves instead, with the same arithmetic in every lane.
+
+#if defined(__AVX2__)
 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
 inline __m256 load8(const c10::BFloat16* x) {  // bfloat16 is the high half of a float
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))), 16));
 }
 inline void store8(float* y, __m256 x) { _mm256_storeu_ps(y, x); }
-inline void store8(c10::BFloat16* y, __m256 x) {  // round to nearest even, NaN to 0x7FC0, as c10::BFloat16 does
-  const __m256i b = _mm256_castps_si256(x);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), odd), 16);
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(y), _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
-}
+inline void store8(c10::BFloat16* y, __m256 x) { store_bf16(y, x); }
+#endif
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// Under AVX2 a v16 is two 256-bit registers, and GCC lowers comparisons and selects on it lane by
+// lane (SiLU over a row of 1536 took 11-15 us as an op, 4-6 us on the halves): the element-wise
+// helpers work on the native halves instead, with the same arithmetic in every lane.
+#define NATIVE_HALVES 1
 inline void store16(c10::BFloat16* y, v16 x) {
   store8(y, __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7));
   store8(y + 8, __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15));
 }
+#else
+inline void store16(c10::BFloat16* y, v16 x) { store_bf16(y, x); }
 #endif
 
 inline float hsum(v16 x) {  // a fixed pairwise fold of the 16 lanes
@@ -843,8 +848,7 @@ void quantize_row_q8(const c10::BFloat16* x, int64_t K, int8_t* a, float* d, flo
   for (int64_t g = 0; g < K / 32; g++) {
     __m256 v[4], top = _mm256_setzero_ps();
     for (int j = 0; j < 4; j++) {
-      const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + g * 32 + 8 * j));
-      v[j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+      v[j] = load8(x + g * 32 + 8 * j);
       top = _mm256_max_ps(_mm256_andnot_ps(sign, v[j]), top);
     }
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
