@@ -898,28 +898,33 @@ void w4a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, 
   const int64_t G = K / 32;
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   a8_tile<MB, INT4_GROUP_BYTES>(w, tile, K, N, y, [&](const uint8_t* wg, int64_t g, int h, __m256* out) {
-    __m256i q[8];
-    for (int i = 0; i < 4; i++) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * i + 32 * h));
-      q[2 * i] = _mm256_and_si256(v, low);
-      q[2 * i + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    // Half the group's chunks at a time: four weight registers instead of eight leave the row block's
+    // sums in registers (with all eight GCC spilled them; 0.88x the time per row at 2-16 rows)
+    __m256i isum[MB];
+    for (int half = 0; half < 2; half++) {
+      __m256i q[4];
+      for (int i = 0; i < 2; i++) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * (2 * half + i) + 32 * h));
+        q[2 * i] = _mm256_and_si256(v, low);
+        q[2 * i + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; m++) {  // four 16-bit pair sums of at most 2 * 15 * 127 each: no overflow
+        const int32_t* am = reinterpret_cast<const int32_t*>(a + m * K + g * 32 + 16 * half);
+        const __m256i p = _mm256_madd_epi16(
+            _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(q[0], _mm256_set1_epi32(am[0])),
+                                              _mm256_maddubs_epi16(q[1], _mm256_set1_epi32(am[1]))),
+                             _mm256_add_epi16(_mm256_maddubs_epi16(q[2], _mm256_set1_epi32(am[2])),
+                                              _mm256_maddubs_epi16(q[3], _mm256_set1_epi32(am[3])))),
+            ones);
+        isum[m] = half == 0 ? p : _mm256_add_epi32(isum[m], p);
+      }
     }
     const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 256 + 16 * h)));
     const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 288 + 16 * h)));
 #pragma GCC unroll 8
     for (int m = 0; m < MB; m++) {
-      const int32_t* am = reinterpret_cast<const int32_t*>(a + m * K + g * 32);
-      __m256i p[2];
-      for (int half = 0; half < 2; half++) {  // four 16-bit pair sums of at most 2 * 15 * 127 each: no overflow
-        const int c = 4 * half;
-        p[half] = _mm256_add_epi16(
-            _mm256_add_epi16(_mm256_maddubs_epi16(q[c], _mm256_set1_epi32(am[c])),
-                             _mm256_maddubs_epi16(q[c + 1], _mm256_set1_epi32(am[c + 1]))),
-            _mm256_add_epi16(_mm256_maddubs_epi16(q[c + 2], _mm256_set1_epi32(am[c + 2])),
-                             _mm256_maddubs_epi16(q[c + 3], _mm256_set1_epi32(am[c + 3]))));
-      }
-      const __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(p[0], ones), _mm256_madd_epi16(p[1], ones));
-      out[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(s, _mm256_set1_ps(d[m * G + g])), out[m]);
+      out[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), _mm256_mul_ps(s, _mm256_set1_ps(d[m * G + g])), out[m]);
       out[m] = _mm256_fmadd_ps(mn, _mm256_set1_ps(dsum[m * G + g]), out[m]);
     }
   });
