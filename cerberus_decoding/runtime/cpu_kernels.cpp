@@ -898,8 +898,8 @@ void w4a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, 
   const int64_t G = K / 32;
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   a8_tile<MB, INT4_GROUP_BYTES>(w, tile, K, N, y, [&](const uint8_t* wg, int64_t g, int h, __m256* out) {
-    // Half the group's chunks at a time: four weight registers instead of eight leave the row block's
-    // sums in registers (with all eight GCC spilled them; 0.88x the time per row at 2-16 rows)
+    // Half the group's chunks at a time: with all eight weight vectors live GCC spilled them and
+    // reloaded them for every row of the block; four stay in registers (0.88x the time per row at 2-16 rows)
     __m256i isum[MB];
     for (int half = 0; half < 2; half++) {
       __m256i q[4];
