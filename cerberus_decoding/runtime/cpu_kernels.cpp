@@ -898,26 +898,26 @@ void w4a8_tile(const uint8_t* w, int64_t tile, const int8_t* a, const float* d, 
   const int64_t G = K / 32;
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   a8_tile<MB, INT4_GROUP_BYTES>(w, tile, K, N, y, [&](const uint8_t* wg, int64_t g, int h, __m256* out) {
-    // Half the group's chunks at a time: with all eight weight vectors live GCC spilled them and
+    // Four of the group's eight chunks a pass: with all eight weight vectors live GCC spilled them and
     // reloaded them for every row of the block; four stay in registers (0.88x the time per row at 2-16 rows)
     __m256i isum[MB];
-    for (int half = 0; half < 2; half++) {
+    for (int pass = 0; pass < 2; pass++) {  // chunks 4 pass .. 4 pass + 3 (h: the tile's column half)
       __m256i q[4];
       for (int i = 0; i < 2; i++) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * (2 * half + i) + 32 * h));
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * (2 * pass + i) + 32 * h));
         q[2 * i] = _mm256_and_si256(v, low);
         q[2 * i + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
       }
 #pragma GCC unroll 8
       for (int m = 0; m < MB; m++) {  // four 16-bit pair sums of at most 2 * 15 * 127 each: no overflow
-        const int32_t* am = reinterpret_cast<const int32_t*>(a + m * K + g * 32 + 16 * half);
+        const int32_t* am = reinterpret_cast<const int32_t*>(a + m * K + g * 32 + 16 * pass);
         const __m256i p = _mm256_madd_epi16(
             _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(q[0], _mm256_set1_epi32(am[0])),
                                               _mm256_maddubs_epi16(q[1], _mm256_set1_epi32(am[1]))),
                              _mm256_add_epi16(_mm256_maddubs_epi16(q[2], _mm256_set1_epi32(am[2])),
                                               _mm256_maddubs_epi16(q[3], _mm256_set1_epi32(am[3])))),
             ones);
-        isum[m] = half == 0 ? p : _mm256_add_epi32(isum[m], p);
+        isum[m] = pass == 0 ? p : _mm256_add_epi32(isum[m], p);
       }
     }
     const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 256 + 16 * h)));
