@@ -340,8 +340,10 @@ def test_heads_that_read_lookup_pack_what_reads_it_too(lm_f32):
 def test_kernel_draft_breaks_ties_as_torch_topk_does(lm_f32, kind):
     """Exact ties at the top of a head's logits (equal LM-head rows): each head drafts the first tied
     column, and the kernel's draft picks the tokens torch.topk picks, for one token a head (its own
-    first-maximum scan) and for three. Where the w4a8 kernels are not built, the Python draft (the
-    one that runs there) is held to the first rule and w4a8 packing is refused."""
+    first-maximum scan) and for two to eight (its heap skips blocks no larger than the heap's top),
+    also where the LM-head rows sit on a coarse grid and ties fill every head's top k. Where the w4a8
+    kernels are not built, the Python draft (the one that runs there) is held to the first rule and
+    w4a8 packing is refused."""
     from cerberus_decoding.runtime import cpu_kernels
 
     heads = random_heads(lm_f32, kind, seed=8, scale=0.1).to(torch.bfloat16).requires_grad_(False)
@@ -357,15 +359,21 @@ def test_kernel_draft_breaks_ties_as_torch_topk_does(lm_f32, kind):
         with pytest.raises(CerberusError, match="use --weights int4"):
             heads.pack_for("w4a8")
     g = torch.Generator().manual_seed(2)
-    for trial in range(6):
+    ks = (1, 2, 3, 8)
+    for trial in range(12):
+        if trial == 6:  # LM-head rows on a coarse grid: ties everywhere, in and below every head's top k
+            heads.shared_weight.copy_(torch.randint(-2, 3, heads.shared_weight.shape, generator=g) * 0.25)
+            if built:
+                heads.pack_for("w4a8")
         h, root = torch.randn(576, generator=g).to(torch.bfloat16), torch.randint(0, 49152, (1,), generator=g)
         kernel = heads.kernel_draft
         heads.kernel_draft = None  # the Python ops: torch.topk
-        slow = [heads.topk(h, k, root)[0] for k in (1, 3)]
+        slow = [heads.topk(h, k, root)[0] for k in ks]
         heads.kernel_draft = kernel
-        assert set(slow[0][:, 0].tolist()) <= {0, 3, 11}, trial  # each head's first tied column
+        if trial < 6:
+            assert set(slow[0][:, 0].tolist()) <= {0, 3, 11}, trial  # each head's first tied column
         if built:
-            fast = [heads.topk(h, k, root)[0] for k in (1, 3)]
+            fast = [heads.topk(h, k, root)[0] for k in ks]
             assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True)), trial
 
 

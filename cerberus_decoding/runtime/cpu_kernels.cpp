@@ -1211,20 +1211,52 @@ void row_bf16(const at::Tensor& table, int64_t i, c10::BFloat16* out) {
   }
 }
 
-// torch.topk(row, k) (largest first) as ATen's CPU kernel selects it, ties included: (value, index)
-// pairs in index order, std::partial_sort where k * 64 <= n, else std::nth_element and a sort of
-// the first k - 1; NaN counts as the largest -> the k indices, best first
-void topk_row(std::vector<std::pair<float, int64_t>>& queue, int64_t k, int64_t* out) {
-  const auto larger = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+// torch.topk(row, k) (largest first) as ATen's CPU kernel selects it, ties included, over the logits
+// x [V] and, where extra_col, the copy column's `extra` as column V: (value, index) pairs in index
+// order, std::partial_sort where k * 64 <= n, else std::nth_element and a sort of the first k - 1;
+// NaN counts as the largest -> queue[0, k): the k (value, column) pairs, best first
+void topk_row(const c10::BFloat16* x, int64_t V, bool extra_col, float extra, int64_t k,
+              std::vector<std::pair<float, int64_t>>& queue) {
+  using Pair = std::pair<float, int64_t>;
+  const auto larger = [](const Pair& a, const Pair& b) {
     return (std::isnan(a.first) && !std::isnan(b.first)) || a.first > b.first;
   };
-  if (k * 64 <= static_cast<int64_t>(queue.size())) {
-    std::partial_sort(queue.begin(), queue.begin() + k, queue.end(), larger);
-  } else {
+  const int64_t n = V + (extra_col ? 1 : 0);
+  const auto at = [&](int64_t j) { return Pair{j < V ? static_cast<float>(x[j]) : extra, j}; };
+  if (k * 64 > n) {
+    queue.resize(n);
+    for (int64_t j = 0; j < n; j++) queue[j] = at(j);
     std::nth_element(queue.begin(), queue.begin() + k - 1, queue.end(), larger);
     std::sort(queue.begin(), queue.begin() + k - 1, larger);
+    return;
   }
-  for (int64_t j = 0; j < k; j++) out[j] = queue[j].second;
+  // std::partial_sort is a heap of the first k, each later pair larger than the heap's top swapped in
+  // (pop_heap with the pair at the heap's end: the same steps), then sort_heap. Pairs no larger than
+  // the top leave it as it is, so blocks of eight with none larger (or NaN) are skipped: the same
+  // steps as over every pair (~4 us a head instead of ~50: queue of n pairs, a heap over all of them)
+  queue.resize(k + 1);
+  for (int64_t j = 0; j < k; j++) queue[j] = at(j);
+  std::make_heap(queue.begin(), queue.begin() + k, larger);
+  const auto offer = [&](int64_t j) {
+    const Pair p = at(j);
+    if (!larger(p, queue[0])) return;
+    queue[k] = p;
+    std::pop_heap(queue.begin(), queue.begin() + k + 1, larger);
+  };
+  int64_t j = k;
+#if defined(__AVX2__)
+  for (; j + 8 <= V; j += 8) {
+    const __m256 v = load8(x + j);
+    const __m256 top = _mm256_set1_ps(queue[0].first);  // a NaN top: no pair is larger, none passes
+    const __m256 pass = _mm256_or_ps(_mm256_cmp_ps(v, top, _CMP_GT_OQ),
+                                     _mm256_and_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q), _mm256_cmp_ps(top, top, _CMP_ORD_Q)));
+    if (_mm256_movemask_ps(pass) == 0) continue;
+    for (int64_t i = j; i < j + 8; i++) offer(i);
+  }
+#endif
+  for (; j < n; j++) offer(j);
+  queue.resize(k);
+  std::sort_heap(queue.begin(), queue.end(), larger);
 }
 
 int64_t first_max(const c10::BFloat16* x, int64_t n);
@@ -1352,7 +1384,7 @@ std::tuple<at::Tensor, at::Tensor> draft_topk(const at::Tensor& h, const at::Ten
   const int64_t* vocab = vocab_ids.data_ptr<int64_t>();
   const int64_t width = V + (reads_lookup ? 1 : 0);  // the logits, then the copy column
   TORCH_CHECK(top_k >= 1 && top_k <= width, "draft_topk: top_k outside 1 ..", width);
-  std::vector<std::pair<float, int64_t>> queue(width);
+  std::vector<std::pair<float, int64_t>> queue;
   for (int64_t k = 0; k < J; k++) {
     // the first largest column (a NaN first), then the copy column if larger: the top-1 of torch.topk
     // (partial_sort into one place keeps the first largest), and the softmax's maximum
@@ -1365,11 +1397,9 @@ std::tuple<at::Tensor, at::Tensor> draft_topk(const at::Tensor& h, const at::Ten
       op[k] = c == V ? copy_token[k] : vocab[c];
       continue;
     }
-    for (int64_t j = 0; j < V; j++) queue[j] = {static_cast<float>(lp[k * V + j]), j};
-    if (reads_lookup) queue[V] = {copy[k], V};
-    topk_row(queue, top_k, op + k * top_k);
+    topk_row(lp + k * V, V, reads_lookup, copy[k], top_k, queue);
     for (int64_t j = 0; j < top_k; j++) {  // queue[j]: the j-th best (value, column)
-      const int64_t c = op[k * top_k + j];
+      const int64_t c = queue[j].second;
       pp[k * top_k + j] = std::exp(queue[j].first - top) / total;
       op[k * top_k + j] = c == V ? copy_token[k] : vocab[c];
     }
@@ -1410,7 +1440,8 @@ std::tuple<at::Tensor, at::Tensor> draft_tree(const at::Tensor& h, const at::Ten
 // ---- argmax of each row (greedy decoding's choice), first index on ties, as torch's ----
 // torch's argmax over a 49k vocabulary took 60-90 us a row (bfloat16 converted to float first);
 // one vector pass takes ~12 on AVX-512. Built for AVX2 the same loop took 200 us (GCC splits each
-// 16-lane vector in two, badly), so there the op is torch's argmax.
+// 16-lane vector in two, badly), so there bfloat16 rows take first_max's eight-lane loop and float32
+// rows torch's argmax.
 #if defined(__AVX512F__)
 template <typename T>
 int64_t argmax_row(const T* x, int64_t V) {
@@ -1448,14 +1479,17 @@ int64_t argmax_row(const T* x, int64_t V) {
 at::Tensor argmax_rows(const at::Tensor& x) {
   // x [R, V] float32 or bfloat16 -> [R] int64: each row's first maximum
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) > 0, "argmax_rows: x [R, V], contiguous");
-#if !defined(__AVX512F__)
-  return at::argmax(x.to(at::kFloat), 1);
-#else
   const int64_t R = x.size(0), V = x.size(1);
+#if !defined(__AVX512F__)
+  if (x.scalar_type() != at::kBFloat16) return at::argmax(x.to(at::kFloat), 1);
+  auto out = at::empty({R}, x.options().dtype(at::kLong));
+  for (int64_t r = 0; r < R; r++) out.data_ptr<int64_t>()[r] = first_max(x.data_ptr<c10::BFloat16>() + r * V, V);
+  return out;
+#else
   auto out = at::empty({R}, x.options().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();
   if (x.scalar_type() == at::kBFloat16) {
-    for (int64_t r = 0; r < R; r++) o[r] = argmax_row(x.data_ptr<c10::BFloat16>() + r * V, V);
+    for (int64_t r = 0; r < R; r++) o[r] = first_max(x.data_ptr<c10::BFloat16>() + r * V, V);
   } else if (x.scalar_type() == at::kFloat) {
     for (int64_t r = 0; r < R; r++) o[r] = argmax_row(x.data_ptr<float>() + r * V, V);
   } else {
@@ -1470,6 +1504,37 @@ int64_t first_max(const c10::BFloat16* x, int64_t n) {
 #if defined(__AVX512F__)
   return argmax_row(x, n);
 #else
+#if defined(__AVX2__)
+  // eight lanes, each keeping its maximum where first met; a NaN anywhere: the scalar loop finds the first
+  // (this ran as the scalar loop: ~25 us per thread and LM-head row, 8 us per head's draft)
+  const int64_t body = n / 8 * 8;
+  __m256 mx = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+  __m256i at = _mm256_set1_epi32(-1), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t i = 0; i < body; i += 8) {
+    const __m256 v = load8(x + i);
+    const __m256 bigger = _mm256_cmp_ps(v, mx, _CMP_GT_OQ);
+    mx = _mm256_blendv_ps(mx, v, bigger);
+    at = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(at), _mm256_castsi256_ps(lane), bigger));
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    lane = _mm256_add_epi32(lane, _mm256_set1_epi32(8));
+  }
+  if (_mm256_movemask_ps(nan) == 0) {
+    alignas(32) float m8[8];
+    alignas(32) int32_t at8[8];
+    _mm256_store_ps(m8, mx);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(at8), at);
+    float m = -INFINITY;
+    int64_t best = 0;  // stays 0 if every value is -inf
+    for (int l = 0; l < 8; l++)  // the largest lane value, at its first index
+      if (at8[l] >= 0 && (m8[l] > m || (m8[l] == m && at8[l] < best))) m = m8[l], best = at8[l];
+    for (int64_t i = body; i < n; i++) {
+      const float v = static_cast<float>(x[i]);
+      if (v != v) return i;
+      if (v > m) m = v, best = i;
+    }
+    return best;
+  }
+#endif
   int64_t best = 0;
   float m = -INFINITY;
   for (int64_t i = 0; i < n; i++) {
