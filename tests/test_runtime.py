@@ -91,6 +91,28 @@ def test_all_layers_in_one_kernel_op_give_the_per_op_bits(lm, weights, arch):
         assert torch.equal(fused, loop)
 
 
+def test_a_prompt_is_fed_as_its_one_token_steps_bitwise(lm):
+    """In w4a8, whose projections run our kernels, a prompt is fed as chains of PROMPT_CHUNK rows (three
+    here, after a cached prefix): each row gets the hidden state and writes the K/V entries of the
+    one-token step at it, so a chat turn that reuses the cache equals a fresh run."""
+    from cerberus_decoding.runtime.lean import PROMPT_CHUNK
+
+    rt = LeanLlama(tiny_model(lm.tokenizer, "llama"), "w4a8") if w4a8_available() else None
+    if rt is None or not rt.chained_prompts:  # torch's matmuls: one causal block (near-tie rule, test_engine)
+        pytest.skip("our kernels do not run every projection here")
+    n = 2 * PROMPT_CHUNK + 9
+    ids = torch.randint(5000, (n,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        prompt = rt.new_cache(n, "cpu")
+        hidden = torch.cat(
+            [rt.forward(prompt, ids[:5], torch.arange(5)), rt.forward(prompt, ids[5:], torch.arange(5, n))]
+        )
+        steps = rt.new_cache(n, "cpu")
+        singles = torch.cat([rt.forward(steps, ids[i : i + 1], torch.tensor([i])) for i in range(n)])
+    assert torch.equal(hidden, singles)
+    assert torch.equal(prompt.k, steps.k) and torch.equal(prompt.v, steps.v)
+
+
 @pytest.mark.parametrize("shape", [(960, 576), (3072, 576), (576, 1536)])  # the default model's projections
 def test_bfloat16_layers_give_each_row_its_bits_alone(shape):
     """Up to 32 rows. oneDNN's bfloat16 matmul is not row-invariant for the 1536-wide down

@@ -17,7 +17,11 @@ one-token step at that node. Three ways to compute it (``tree_attention``):
   tests/test_runtime.py).
 
   With row-invariant projections (formats.py) the whole forward is then row-for-row identical to
-  decoding the accepted path one token at a time.
+  decoding the accepted path one token at a time. In w4a8, whose projections run our kernels too
+  (``chained_prompts``), a prompt is fed the same way, as chains of ``PROMPT_CHUNK`` rows: its K/V
+  entries are the bits decoding it token by token writes (a chat turn that reuses them equals a
+  fresh run), and on a CPU this is faster than one causal block under torch's attention up to a
+  few thousand tokens (docs/runtime.md).
 
   ``masked`` (CUDA default): on CUDA a step of a small model is bound by kernel launches, not
   arithmetic, and one attention call per row and layer makes a verification cost grow with the tree
@@ -42,6 +46,7 @@ from .formats import INT4_FORMATS, Linear, activation_dtype, dense, int4_from_bl
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 TREE_ATTENTION = ("kernel", "rows", "masked")  # exact, one call / exact, a call per row / one masked call (CUDA)
+PROMPT_CHUNK = 128  # rows of a prompt per chain on the kernel path (64 and 32 measured slower)
 
 
 class KVCache:
@@ -163,6 +168,10 @@ class LeanLlama(torch.nn.Module):
         self.cuda_graphs = cuda_graphs_default()  # replay CUDA steps (and the heads: engine) from graphs
         self.tree_rows: dict = {}  # tree mask -> _TreeRows: ~0.1 ms of Python a verification, the same few trees
         self.stack = self._kernel_stack() if self.tree_attention == "kernel" else None
+        # prompts fed as chains of rows, each computed as its one-token step: w4a8, whose projections
+        # run our kernels (row-invariant by construction) on every CPU that has them; int4 and int8
+        # keep one causal block, so that their answers stay the same with torch's kernels and ours
+        self.chained_prompts = self.stack is not None and weights == "w4a8"
 
     def _kernel_stack(self) -> tuple | None:
         """The weights as the ``layers`` kernel op takes them (norms, kinds, packed, scales, biases),
@@ -193,6 +202,12 @@ class LeanLlama(torch.nn.Module):
         q, start = ids.numel(), cache.length
         if start + q > cache.capacity:
             raise CerberusError(f"KV cache overflow: {start + q} > {cache.capacity} entries")
+        if tree_mask is None and q > 1 and self.chained_prompts:  # a prompt: chains, each row as its step
+            hidden = []
+            for s in range(0, q, PROMPT_CHUNK):
+                n = min(PROMPT_CHUNK, q - s)
+                hidden.append(self.forward(cache, ids[s : s + n], positions[s : s + n], _chain(n)))
+            return torch.cat(hidden)
         if self.cuda_graphs and ids.is_cuda and start > 0 and (q == 1 or tree_mask is not None):
             return self._replay(cache, ids, positions, tree_mask)
         masked = tree_mask is not None and self.tree_attention == "masked"
@@ -534,6 +549,11 @@ class _TreeRows:
         self.own = torch.zeros(q, int(self.own_count.max()), dtype=torch.long)
         for r, a in enumerate(ancestors):
             self.own[r, : len(a)] = self.slots[a]
+
+
+def _chain(n: int) -> torch.Tensor:
+    """[n, n] the tree mask of a chain: each row attends to itself and the rows before it"""
+    return torch.ones(n, n, dtype=torch.bool).tril()
 
 
 def _own_entry(start: int) -> tuple[torch.Tensor, torch.Tensor]:
