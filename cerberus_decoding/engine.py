@@ -226,8 +226,9 @@ class Decoder:
     ) -> Result:
         """Generate after ``prompt_ids``. ``on_text`` gets each new piece of text; returning False
         stops generation. ``reuse_cache`` keeps the K/V of a shared prefix from the last call (chat):
-        those were computed step by step, a fresh prefill computes them in one block, so the output
-        equals a fresh call's up to near-ties of the logits (tests/test_engine.py)."""
+        those were computed step by step; in w4a8 a fresh prefill computes each row as that step
+        (``runtime.chained_prompts``), so the output equals a fresh call's; elsewhere it computes them
+        in one block, and the output equals a fresh call's up to near-ties (tests/test_engine.py)."""
         cfg = config or SamplingConfig()
         cfg.validate()
         self.check_fits(len(prompt_ids))
