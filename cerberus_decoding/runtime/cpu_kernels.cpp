@@ -226,10 +226,11 @@ void bf16_scores(const float* qf, KeyAt key, int64_t n_keys, int rep, float scal
 #define ATTEND_AVX2 1
 // AVX2 attention over a bfloat16 cache. Two bfloat16 values in a 32-bit lane widen to floats with
 // one instruction each (the high one: mask the low half off; the low one: shift it up), so 16 values
-// of a row come as their even and odd elements, and the query is split the same way once. Per head
-// the scores run 8 keys at a time (8 independent FMA chains, summed across lanes together), the
-// weighted values 16 columns at a time; the generic path spent ~110 ns a key per kv head here,
-// mostly in one horizontal sum per key and GCC's split of 512-bit vectors (measured on AMD Zen 3).
+// of a row come as their even and odd elements, and the query is split the same way once. The scores
+// run 4 keys at a time for up to 3 query heads of a kv head (12 independent FMA chains, each key
+// widened once for them, the lanes summed 4 keys together), the weighted values 32 columns at a time
+// for the same heads; the generic path spent ~110 ns a key per kv head here, mostly in one horizontal
+// sum per key and GCC's split of 512-bit vectors (measured on AMD Zen 3).
 inline void widen_pairs(const c10::BFloat16* x, __m256& even, __m256& odd) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
   even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
@@ -243,11 +244,11 @@ inline void split_pairs(const float* x, __m256& even, __m256& odd) {
   even = _mm256_load_ps(e), odd = _mm256_load_ps(o);
 }
 
-// The lane sums of a[0..7], in that order, each folded in the same fixed order
-inline __m256 sum8(const __m256* a) {
-  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+// The lane sums of a[0..3], in that order, each folded in the same fixed order:
+// ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+inline __m128 sum4(const __m256* a) {
+  const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
 }
 
 // Each head's scores s [rep, padded] (keys n_keys.. are padding) -> their softmax, in place
@@ -275,56 +276,80 @@ inline void avx2_softmax(float* s, int64_t n_keys, int rep, int64_t padded) {
   }
 }
 
-template <int D, typename KeyAt>
-void avx2_scores(const float* qf, KeyAt key, int64_t n_keys, int rep, float scale, float* s, int64_t padded) {
+// Scores of G query heads of one kv head (G <= 3: 12 accumulators), 4 keys at a time: each key is
+// widened once for the group, not once per head (the queries come from L1); every head's products
+// and sums are those of one head alone, in a fixed order, whatever its group
+template <int D, int G, typename KeyAt>
+void avx2_scores_group(const float* qf, KeyAt key, int64_t n_keys, float scale, float* s, int64_t padded) {
   constexpr int P = D / 16;  // 16-value chunks a head
-  for (int h = 0; h < rep; h++) {
-    __m256 qe[P], qo[P];
-    for (int c = 0; c < P; c++) split_pairs(qf + h * D + 16 * c, qe[c], qo[c]);
-    for (int64_t j0 = 0; j0 < n_keys; j0 += 8) {
-      __m256 acc[8];
-      for (int l = 0; l < 8; l++) {  // past the last key: any key (its score is masked afterwards)
-        const c10::BFloat16* kp = key(std::min<int64_t>(j0 + l, n_keys - 1));
-        __m256 e, o;
-        widen_pairs(kp, e, o);
-        acc[l] = _mm256_fmadd_ps(qo[0], o, _mm256_mul_ps(qe[0], e));
-        for (int c = 1; c < P; c++) {
-          widen_pairs(kp + 16 * c, e, o);
-          acc[l] = _mm256_fmadd_ps(qo[c], o, _mm256_fmadd_ps(qe[c], e, acc[l]));
-        }
-      }
-      _mm256_storeu_ps(s + h * padded + j0, _mm256_mul_ps(sum8(acc), _mm256_set1_ps(scale)));
+  alignas(32) float q[G][P][2][8];  // each head's query chunks: even, odd elements
+  for (int h = 0; h < G; h++)
+    for (int c = 0; c < P; c++) {
+      __m256 e, o;
+      split_pairs(qf + h * D + 16 * c, e, o);
+      _mm256_store_ps(q[h][c][0], e), _mm256_store_ps(q[h][c][1], o);
     }
+  for (int64_t j0 = 0; j0 < n_keys; j0 += 4) {
+    __m256 acc[G][4];
+    for (int l = 0; l < 4; l++) {  // past the last key: any key (its score is masked afterwards)
+      const c10::BFloat16* kp = key(std::min<int64_t>(j0 + l, n_keys - 1));
+      __m256 e, o;
+      widen_pairs(kp, e, o);
+      for (int h = 0; h < G; h++)
+        acc[h][l] = _mm256_fmadd_ps(_mm256_load_ps(q[h][0][1]), o, _mm256_mul_ps(_mm256_load_ps(q[h][0][0]), e));
+      for (int c = 1; c < P; c++) {
+        widen_pairs(kp + 16 * c, e, o);
+        for (int h = 0; h < G; h++)
+          acc[h][l] = _mm256_fmadd_ps(_mm256_load_ps(q[h][c][1]), o,
+                                      _mm256_fmadd_ps(_mm256_load_ps(q[h][c][0]), e, acc[h][l]));
+      }
+    }
+    for (int h = 0; h < G; h++) _mm_storeu_ps(s + h * padded + j0, _mm_mul_ps(sum4(acc[h]), _mm_set1_ps(scale)));
   }
 }
 
-// out [rep, D] = the weights s [rep, padded] times the values, 16 columns at a time
-template <int D, typename ValueAt>
-void avx2_weighted_values(const float* s, ValueAt value, int64_t n_keys, int rep, int64_t padded, c10::BFloat16* out) {
-  alignas(64) float y[D];
-  for (int h = 0; h < rep; h++) {
-    const float* sh = s + h * padded;
-    for (int c0 = 0; c0 < D; c0 += 64) {  // at most 4 chunks of 16 columns: 8 accumulators
-      constexpr int C = D < 64 ? D / 16 : 4;
-      __m256 ae[C], ao[C];
-      for (int c = 0; c < C; c++) ae[c] = ao[c] = _mm256_setzero_ps();
-      for (int64_t j = 0; j < n_keys; j++) {
-        const c10::BFloat16* vp = value(j) + c0;
-        const __m256 p = _mm256_broadcast_ss(sh + j);
-        for (int c = 0; c < C; c++) {
-          __m256 e, o;
-          widen_pairs(vp + 16 * c, e, o);
-          ae[c] = _mm256_fmadd_ps(p, e, ae[c]);
-          ao[c] = _mm256_fmadd_ps(p, o, ao[c]);
+// out [G, D] = the weights s [G, padded] times the values, 32 columns a pass (G x 4 accumulators),
+// each value chunk widened once for the group; each column sums over the keys in order, as one head alone
+template <int D, int G, typename ValueAt>
+void avx2_weighted_values_group(const float* s, ValueAt value, int64_t n_keys, int64_t padded, c10::BFloat16* out) {
+  constexpr int C = D < 32 ? 1 : 2;  // 16-column chunks a pass
+  alignas(64) float y[G][D];
+  for (int c0 = 0; c0 < D; c0 += 16 * C) {
+    __m256 ae[G][C], ao[G][C];
+    for (int h = 0; h < G; h++)
+      for (int c = 0; c < C; c++) ae[h][c] = ao[h][c] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n_keys; j++) {
+      const c10::BFloat16* vp = value(j) + c0;
+      for (int c = 0; c < C; c++) {
+        __m256 e, o;
+        widen_pairs(vp + 16 * c, e, o);
+        for (int h = 0; h < G; h++) {
+          const __m256 p = _mm256_broadcast_ss(s + h * padded + j);
+          ae[h][c] = _mm256_fmadd_ps(p, e, ae[h][c]);
+          ao[h][c] = _mm256_fmadd_ps(p, o, ao[h][c]);
         }
       }
-      for (int c = 0; c < C; c++) {  // back to column order: e0 o0 e1 o1 ...
-        const __m256 lo = _mm256_unpacklo_ps(ae[c], ao[c]), hi = _mm256_unpackhi_ps(ae[c], ao[c]);
-        _mm256_store_ps(y + c0 + 16 * c, _mm256_permute2f128_ps(lo, hi, 0x20));
-        _mm256_store_ps(y + c0 + 16 * c + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
-      }
     }
-    for (int c = 0; c < D; c += 16) store16(out + h * D + c, load16(y + c));
+    for (int h = 0; h < G; h++)
+      for (int c = 0; c < C; c++) {  // back to column order: e0 o0 e1 o1 ...
+        const __m256 lo = _mm256_unpacklo_ps(ae[h][c], ao[h][c]), hi = _mm256_unpackhi_ps(ae[h][c], ao[h][c]);
+        _mm256_store_ps(y[h] + c0 + 16 * c, _mm256_permute2f128_ps(lo, hi, 0x20));
+        _mm256_store_ps(y[h] + c0 + 16 * c + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+      }
+  }
+  for (int h = 0; h < G; h++)
+    for (int c = 0; c < D; c += 16) store16(out + h * D + c, load16(y[h] + c));
+}
+
+// f(std::integral_constant<int, G>{}, h0) for the rep query heads in groups of up to 3
+template <typename F>
+void head_groups(int rep, F&& f) {
+  for (int h0 = 0; h0 < rep; h0 += 3) {
+    switch (std::min(3, rep - h0)) {
+      case 3: f(std::integral_constant<int, 3>{}, h0); break;
+      case 2: f(std::integral_constant<int, 2>{}, h0); break;
+      default: f(std::integral_constant<int, 1>{}, h0);
+    }
   }
 }
 #endif
@@ -341,9 +366,13 @@ void attend_row(const float* qf, const T* k, const T* v, const int64_t* own, int
   auto value = [&](int64_t j) { return v + (j < context ? j : own[j - context]) * D; };
 #if defined(ATTEND_AVX2)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    avx2_scores<D>(qf, key, n_keys, rep, scale, s, padded);
+    head_groups(rep, [&](auto g, int h0) {
+      avx2_scores_group<D, decltype(g)::value>(qf + h0 * D, key, n_keys, scale, s + h0 * padded, padded);
+    });
     avx2_softmax(s, n_keys, rep, padded);
-    avx2_weighted_values<D>(s, value, n_keys, rep, padded, out);
+    head_groups(rep, [&](auto g, int h0) {
+      avx2_weighted_values_group<D, decltype(g)::value>(s + h0 * padded, value, n_keys, padded, out + h0 * D);
+    });
     return;
   }
 #endif
