@@ -53,6 +53,17 @@ inline void prefetch_ahead(const uint8_t* p, int64_t bytes) {
   for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_AHEAD + l), _MM_HINT_T0);
 }
 
+// f(std::integral_constant<int, min(m, MAX)>{}) for a count m >= 1: the quantized kernels' row block
+// and the AVX2 attention's group of query heads are template arguments, so that their accumulators
+// are registers
+template <int MAX, typename F>
+inline void with_count(int64_t m, F&& f) {
+  if constexpr (MAX > 1) {
+    if (m < MAX) return with_count<MAX - 1>(m, f);
+  }
+  f(std::integral_constant<int, MAX>{});
+}
+
 template <typename T>
 inline v16 load16(const T* x);
 template <>
@@ -344,13 +355,7 @@ void avx2_weighted_values_group(const float* s, ValueAt value, int64_t n_keys, i
 // f(std::integral_constant<int, G>{}, h0) for the rep query heads in groups of up to 3
 template <typename F>
 void head_groups(int rep, F&& f) {
-  for (int h0 = 0; h0 < rep; h0 += 3) {
-    switch (std::min(3, rep - h0)) {
-      case 3: f(std::integral_constant<int, 3>{}, h0); break;
-      case 2: f(std::integral_constant<int, 2>{}, h0); break;
-      default: f(std::integral_constant<int, 1>{}, h0);
-    }
-  }
+  for (int h0 = 0; h0 < rep; h0 += 3) with_count<3>(rep - h0, [&](auto g) { f(g, h0); });
 }
 #endif
 
@@ -612,16 +617,6 @@ inline void add_rows(c10::BFloat16* x, const c10::BFloat16* y, int64_t n) {  // 
   for (; i < n; i++) x[i] = add_bf16(x[i], y[i]);
 }
 
-// f(std::integral_constant<int, m>{}) for a row count m in 1..MAX: the quantized kernels take their
-// row block as a template argument, so that its accumulators are registers
-template <int MAX, typename F>
-inline void with_rows(int64_t m, F&& f) {
-  if constexpr (MAX > 1) {
-    if (m < MAX) return with_rows<MAX - 1>(m, f);
-  }
-  f(std::integral_constant<int, MAX>{});
-}
-
 // ---- Quantized linear layers: y [M, N] = x [M, K] W^T, x in bfloat16 ----
 // The weights are stored 16 output columns ("a tile") at a time, so that a few instructions turn
 // 32 bytes into bfloat16 pairs of weights (w[k], w[k+1]) for the tile's 16 columns (int4: two such
@@ -727,7 +722,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& packed, const flo
   at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; t++)  // every row block over a tile while it is in cache
       for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK)
-        with_rows<ROW_BLOCK>(M - m0, [&](auto mb) {
+        with_count<ROW_BLOCK>(M - m0, [&](auto mb) {
           quant_tile<INT4, decltype(mb)::value>(w, scale, t, xp + m0 * K, xsum.data() + m0 * G, K, N, yp + m0 * N);
         });
   });
@@ -1005,7 +1000,7 @@ void a8_tiles(const uint8_t* w, int64_t t0, int64_t t1, const Q8Rows& x, int64_t
   const int64_t G = K / 32;
   for (int64_t t = t0; t < t1; t++)
     for (int64_t m0 = 0; m0 < M; m0 += A8_ROW_BLOCK)
-      with_rows<A8_ROW_BLOCK>(M - m0, [&](auto mb) {
+      with_count<A8_ROW_BLOCK>(M - m0, [&](auto mb) {
         constexpr int MB = decltype(mb)::value;
         const int8_t* am = x.a.data() + m0 * K;
         if constexpr (W8)
@@ -1510,22 +1505,18 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   // x [R, V] float32 or bfloat16 -> [R] int64: each row's first maximum
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) > 0, "argmax_rows: x [R, V], contiguous");
   const int64_t R = x.size(0), V = x.size(1);
-#if !defined(__AVX512F__)
-  if (x.scalar_type() != at::kBFloat16) return at::argmax(x.to(at::kFloat), 1);
-  auto out = at::empty({R}, x.options().dtype(at::kLong));
-  for (int64_t r = 0; r < R; r++) out.data_ptr<int64_t>()[r] = first_max(x.data_ptr<c10::BFloat16>() + r * V, V);
-  return out;
-#else
   auto out = at::empty({R}, x.options().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();
-  if (x.scalar_type() == at::kBFloat16) {
+  if (x.scalar_type() == at::kBFloat16) {  // first_max: a vector loop on AVX-512 and AVX2 alike
     for (int64_t r = 0; r < R; r++) o[r] = first_max(x.data_ptr<c10::BFloat16>() + r * V, V);
-  } else if (x.scalar_type() == at::kFloat) {
-    for (int64_t r = 0; r < R; r++) o[r] = argmax_row(x.data_ptr<float>() + r * V, V);
-  } else {
-    TORCH_CHECK(false, "argmax_rows: float32 or bfloat16");
+    return out;
   }
+#if defined(__AVX512F__)
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "argmax_rows: float32 or bfloat16");
+  for (int64_t r = 0; r < R; r++) o[r] = argmax_row(x.data_ptr<float>() + r * V, V);
   return out;
+#else
+  return at::argmax(x.to(at::kFloat), 1);
 #endif
 }
 
