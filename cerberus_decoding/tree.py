@@ -38,6 +38,11 @@ DEFAULT_TREE = [
 
 
 SMALL_TREE = 4  # nodes, root included
+# A leaf's logits are read only when the accepted path ends there, and computed afterwards they cost a
+# second LM-head call: on a 2-core AVX2 CPU a row costs 0.2-0.4 ms inside the call and a second call
+# ~2.2 ms (benchmarks/lm_head_rows.py: up front pays from ~0.13), so a leaf at least this likely to be
+# accepted gets its row up front.
+LIKELY_LEAF = 0.2
 
 
 @dataclass
@@ -52,13 +57,15 @@ class Tree:
     internal: torch.Tensor  # [I] nodes with children: the only ones whose logits verification reads
     top_k: int  # largest rank + 1
     num_heads: int  # deepest depth
+    likely_leaves: bool = False  # every leaf is at least LIKELY_LEAF likely to be accepted (``prune``)
 
     @cached_property
     def lm_head_rows(self) -> torch.Tensor:
         """Rows whose logits verification computes up front: the internal nodes, or every node of a
-        tree of at most SMALL_TREE nodes (one LM-head call of a few rows costs about one of a single
-        row, less than a second call for an accepted leaf)."""
-        return torch.arange(self.size, device=self.internal.device) if self.size <= SMALL_TREE else self.internal
+        tree of at most SMALL_TREE nodes or of likely leaves (a few more rows in the one LM-head call
+        cost less than a second call for an accepted leaf)."""
+        every_row = self.likely_leaves or self.size <= SMALL_TREE
+        return torch.arange(self.size, device=self.internal.device) if every_row else self.internal
 
     @cached_property
     def lm_head_row_of(self) -> dict[int, int]:
@@ -119,22 +126,23 @@ class Tree:
         return self
 
     @cached_property
-    def subtrees(self) -> dict[tuple[int, ...], tuple[Tree, torch.Tensor]]:
+    def subtrees(self) -> dict[tuple, tuple[Tree, torch.Tensor]]:
         """``subtree``'s trees so far and their nodes as an index (a step's pruned tree is one of a few shapes)"""
         return {}
 
-    def subtree(self, nodes: tuple[int, ...]) -> tuple[Tree, torch.Tensor]:
+    def subtree(self, nodes: tuple[int, ...], likely_leaves: bool = False) -> tuple[Tree, torch.Tensor]:
         """The tree of ``nodes`` (ascending node ids, the root and each node's parent among them),
         its nodes in their order here, and ``nodes`` as an index on the tree's device: a step's
         tokens ``tokens.index_select(0, index)`` line up with it."""
-        found = self.subtrees.get(nodes)
+        found = self.subtrees.get((nodes, likely_leaves))
         if found is None:
             if len(self.subtrees) >= 1024:  # shapes are few in practice; never let the memo grow unbounded
                 self.subtrees.clear()
             index = {node: i for i, node in enumerate(nodes)}
             parents = [index[p] for p in self.parent[list(nodes[1:])].tolist()]
             tree = tree_from_parents(parents, [self.choices[n - 1] for n in nodes[1:]]).to(self.mask.device)
-            found = self.subtrees[nodes] = tree, torch.tensor(nodes, device=self.mask.device)
+            tree.likely_leaves = likely_leaves
+            found = self.subtrees[nodes, likely_leaves] = tree, torch.tensor(nodes, device=self.mask.device)
         return found
 
     def candidates(self, root: torch.Tensor, topk_tokens: torch.Tensor) -> torch.Tensor:
@@ -151,7 +159,9 @@ class Tree:
 def prune(tree: Tree, tokens: torch.Tensor, confidence: torch.Tensor, min_confidence: float):
     """A step's drafted tree cut to the nodes worth verifying: those the heads give at least
     ``min_confidence`` of being accepted (``confidence`` [N+1], ``DraftHeads.draft``; 0 keeps every
-    node) -> (tree, its tokens), or None when no draft node is left: the step is a plain AR step."""
+    node) -> (tree, its tokens), or None when no draft node is left: the step is a plain AR step.
+    From ``min_confidence`` LIKELY_LEAF on, its leaves are likely: verification computes their logits
+    up front (``Tree.lm_head_rows``)."""
     if min_confidence <= 0:
         return tree, tokens
     keep = [c >= min_confidence for c in confidence.tolist()]  # on the host: fewer ops than on tensors
@@ -162,10 +172,11 @@ def prune(tree: Tree, tokens: torch.Tensor, confidence: torch.Tensor, min_confid
     nodes = tuple(i for i, k in enumerate(keep) if k)
     if len(nodes) == 1:
         return None
-    if len(nodes) == tree.size:
+    likely_leaves = min_confidence >= LIKELY_LEAF
+    if len(nodes) == tree.size and likely_leaves == tree.likely_leaves:
         return tree, tokens
-    subtree, index = tree.subtree(nodes)
-    return subtree, tokens.index_select(0, index)
+    subtree, index = tree.subtree(nodes, likely_leaves)
+    return subtree, tokens if len(nodes) == tree.size else tokens.index_select(0, index)
 
 
 def build_tree(choices) -> Tree:

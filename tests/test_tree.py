@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from cerberus_decoding import sampling
 from cerberus_decoding.models import CerberusError
-from cerberus_decoding.tree import DEFAULT_TREE, best_tree, build_tree, expected_length, prune
+from cerberus_decoding.tree import DEFAULT_TREE, LIKELY_LEAF, SMALL_TREE, best_tree, build_tree, expected_length, prune
 from cerberus_decoding.verify import verify_greedy
 
 
@@ -90,6 +90,35 @@ def test_pruning_keeps_a_node_at_the_threshold_and_never_one_without_its_parent(
     assert orphan[0].choices == [(0,), (0, 0)] and orphan[1].tolist() == [9, 1, 3]
     assert prune(tree, tokens, torch.tensor([1.0, 0.1, 0.1, 0.1, 0.1]), 0.5) is None  # an AR step
     assert prune(tree, tokens, torch.zeros(5), 0.0) == (tree, tokens)  # 0: the whole tree, always
+
+
+def test_a_pruned_tree_of_likely_leaves_computes_every_lm_head_row_up_front_and_verifies_the_same():
+    """Pruned at LIKELY_LEAF or more, every leaf gets its LM-head row in the one call (no second call
+    when the accepted path ends at a leaf); below it only the internal nodes do. Same path, same token."""
+    tree = build_tree([[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [1]])  # chain: nodes 1, 3, 4, 5; node 2: [1]
+    assert tree.size > SMALL_TREE
+    tokens = torch.tensor([5, 1, 6, 2, 3, 4])
+    confidence = torch.tensor([1.0, 0.9, 0.8, 0.6, 0.5, 0.3])  # every node kept at both thresholds
+    likely, likely_tokens = prune(tree, tokens, confidence, LIKELY_LEAF)
+    unlikely, unlikely_tokens = prune(tree, tokens, confidence, LIKELY_LEAF / 2)
+    assert likely.lm_head_rows.tolist() == list(range(tree.size))
+    assert unlikely.lm_head_rows.tolist() == tree.internal.tolist() == [0, 1, 3, 4]
+    assert likely_tokens.tolist() == unlikely_tokens.tolist() == tokens.tolist()
+    for wanted, path in (([1, 2, 0, 3, 4, 7], [0, 1, 3, 4, 5]), ([1, 2, 0, 9, 0, 0], [0, 1, 3])):
+        hidden = torch.nn.functional.one_hot(torch.tensor(wanted), 10).float()  # row i: node i's next token
+        results = []
+        for t in (likely, unlikely):
+            calls = []
+
+            def lm_head_greedy(h, calls=calls):
+                calls.append(h.shape[0])
+                return h, h.argmax(-1)
+
+            got_path, logits, next_token = verify_greedy(t, tokens, hidden, lm_head_greedy)
+            results.append((got_path, logits.tolist(), next_token.tolist(), len(calls)))
+        (p1, l1, n1, calls_likely), (p2, l2, n2, calls_unlikely) = results
+        assert p1 == p2 == path and l1 == l2 and n1 == n2 == [wanted[path[-1]]]
+        assert calls_likely == 1 and calls_unlikely == (2 if path[-1] == 5 else 1)  # the leaf's second call
 
 
 @given(trees(), st.integers(0, 10_000))
