@@ -2,8 +2,9 @@
 
 ``verify`` owns the rule "the LM head runs only where verification reads it": a node is judged by
 its parent's distribution, so logits are needed at the internal nodes (those with children), plus
-at the last accepted node when it is a leaf (the next token is drawn from them). For a small tree
-all rows go through the LM head in one call, cheaper than a second call for that leaf.
+at the last accepted node when it is a leaf (the next token is drawn from them). For a small tree,
+or one whose leaves are all likely to be accepted (``tree.LIKELY_LEAF``), all rows go through the LM
+head in one call, cheaper than a second call for that leaf.
 
 Three rules: greedy (temperature 0, lossless), exact (recursive rejection sampling, lossless at
 any temperature, docs/sampling.md) and Medusa's typical acceptance (lossy).
@@ -38,7 +39,7 @@ def verify(
     """
     if temperature <= 0:
         return verify_greedy(tree, tokens, hidden, lm_head_greedy or with_greedy(lm_head))
-    rows = tree.lm_head_rows  # internal nodes; every node when the tree is small (see tree.py)
+    rows = tree.lm_head_rows  # internal nodes; every node when the tree is small or its leaves likely (tree.py)
     logits = lm_head(hidden[rows])  # [R, V]
     all_logits = logits.new_empty(tree.size, logits.shape[-1])  # [N+1, V]; only these rows are read
     all_logits[rows] = logits
