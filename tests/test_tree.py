@@ -107,14 +107,14 @@ def test_a_pruned_tree_of_likely_leaves_computes_every_lm_head_row_up_front_and_
     for wanted, path in (([1, 2, 0, 3, 4, 7], [0, 1, 3, 4, 5]), ([1, 2, 0, 9, 0, 0], [0, 1, 3])):
         hidden = torch.nn.functional.one_hot(torch.tensor(wanted), 10).float()  # row i: node i's next token
         results = []
-        for t in (likely, unlikely):
+        for pruned in (likely, unlikely):
             calls = []
 
-            def lm_head_greedy(h, calls=calls):
+            def lm_head_greedy(h, calls=calls):  # one-hot rows: the logits are the hidden states
                 calls.append(h.shape[0])
                 return h, h.argmax(-1)
 
-            got_path, logits, next_token = verify_greedy(t, tokens, hidden, lm_head_greedy)
+            got_path, logits, next_token = verify_greedy(pruned, tokens, hidden, lm_head_greedy)
             results.append((got_path, logits.tolist(), next_token.tolist(), len(calls)))
         (p1, l1, n1, calls_likely), (p2, l2, n2, calls_unlikely) = results
         assert p1 == p2 == path and l1 == l2 and n1 == n2 == [wanted[path[-1]]]
